@@ -1,0 +1,71 @@
+"""A residual MLP backbone for vector data (2-D toys, tests, small action chunks).
+
+FiLM conditioning on ``emb(t) + emb(h) + proj(cond)`` (Perez et al. 2018, as in
+Diffusion Policy's UNet blocks)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from jumpflow.backbones.embeddings import TimeCondEmbedder
+
+
+class ResidualFiLMBlock(nn.Module):
+    def __init__(self, width: int, emb_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.film = nn.Linear(emb_dim, 2 * width)
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        scale, shift = self.film(emb).chunk(2, dim=-1)            # (B, W) each
+        y = self.norm(x) * (1 + scale) + shift                     # (B, W)
+        y = self.fc2(torch.nn.functional.silu(self.fc1(torch.nn.functional.silu(y))))  # (B, W)
+        return x + y                                               # (B, W)
+
+
+class MLP(nn.Module):
+    """``forward(x, t, h, cond) -> (B, *shape)`` for ``x: (B, *shape)`` (flattened inside).
+
+    Args:
+        shape: per-sample data shape, e.g. ``(2,)`` or ``(16, 7)``.
+        width: hidden width; depth: number of residual blocks.
+        cond_dim: width of the condition vector (0: unconditional).
+    """
+
+    def __init__(self, shape, width: int = 256, depth: int = 4, cond_dim: int = 0):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.in_dim = math.prod(self.shape)
+        self.feature_dim = width
+        self.embed = TimeCondEmbedder(width, cond_dim)
+        self.inp = nn.Linear(self.in_dim, width)
+        self.blocks = nn.ModuleList(ResidualFiLMBlock(width, width) for _ in range(depth))
+        self.out_norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, self.in_dim)
+
+    def tokenize(self, x: Tensor) -> Tensor:
+        """``(B, *shape) -> (B, 1, D)``: one token holding the whole vector."""
+        return x.reshape(x.shape[0], 1, self.in_dim)
+
+    def untokenize(self, tokens: Tensor) -> Tensor:
+        return tokens.reshape(tokens.shape[0], *self.shape)
+
+    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None = None, return_features: bool = False):
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"MLP expects inputs of shape (B, {self.shape}), got {tuple(x.shape)}")
+        emb = self.embed(t, h, cond)                               # (B, W)
+        y = self.inp(x.reshape(x.shape[0], -1))                   # (B, W)
+        for block in self.blocks:
+            y = block(y, emb)                                      # (B, W)
+        feats = self.out_norm(y)                                   # (B, W)
+        out = self.out(feats).reshape(x.shape)                     # (B, *shape)
+        if return_features:
+            return out, feats[:, None, :]                          # (B, *shape), (B, 1, W)
+        return out

@@ -1,0 +1,178 @@
+"""Pieces every objective shares, each written once: the loss record, time samplers,
+the jump (Euler / Heun) sampler, hyper-parameter checks and the JVP context."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from jumpflow.timeconv import expand_like, time_grid
+
+
+@dataclass
+class LossOutput:
+    """Result of ``Objective.loss``.
+
+    Attributes:
+        loss: per-sample loss, shape ``(N,)`` (``N`` is the batch, or the number of
+            generated samples for Drifting); the trainer takes its mean.
+        metrics: scalar diagnostics (floats) for logging.
+    """
+
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ConditionalNet(Protocol):
+    """What objectives call: ``net(x, t, h, cond) -> (B, *shape)``.
+
+    A net may also offer ``null_cond(cond) -> cond`` (the null condition for
+    classifier-free guidance), ``aux`` (an ``nn.ModuleDict`` of objective-owned modules,
+    e.g. TVM's EMA target or DTM's head) and, for Transition Matching,
+    ``forward(..., return_features=True) -> (out, features (B, N, F))`` with
+    ``tokenize(x) -> (B, N, P)`` / ``untokenize(tokens, shape)``.
+    """
+
+    def __call__(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None, **kw): ...
+
+
+def require(ok: bool, name: str, message: str) -> None:
+    """Raise ``ValueError`` naming the hyper-parameter ``name`` when ``ok`` is false."""
+    if not ok:
+        raise ValueError(f"{name}: {message}")
+
+
+class TimeSampler:
+    """Samples times in (0, 1): ``uniform`` or ``logit_normal`` (``sigmoid(N(mean, std))``).
+
+    Args:
+        kind: ``"uniform"`` or ``"logit_normal"``.
+        mean, std: of the normal before the sigmoid (logit-normal only).
+        low, high: clamp range, keeps ``t`` away from exactly 0 / 1 where a method needs it.
+    """
+
+    KINDS = ("uniform", "logit_normal")
+
+    def __init__(self, kind: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
+                 low: float = 0.0, high: float = 1.0, name: str = "time_sampler"):
+        require(kind in self.KINDS, f"{name}.kind", f"must be one of {self.KINDS}, got {kind!r}")
+        require(std > 0, f"{name}.std", f"must be > 0, got {std}")
+        require(0.0 <= low < high <= 1.0, f"{name}.low/high", f"need 0 <= low < high <= 1, got {low}, {high}")
+        self.kind, self.mean, self.std, self.low, self.high = kind, float(mean), float(std), low, high
+
+    def __call__(self, n: int, device=None, dtype=torch.float32) -> Tensor:
+        if self.kind == "uniform":
+            t = torch.rand(n, device=device, dtype=dtype)
+        else:
+            t = torch.sigmoid(torch.randn(n, device=device, dtype=dtype) * self.std + self.mean)
+        return t.clamp(self.low, self.high)
+
+    def __repr__(self) -> str:
+        return f"TimeSampler({self.kind}, mean={self.mean}, std={self.std})"
+
+
+def jump_sample(
+    velocity_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+    noise: Tensor,
+    steps: int,
+    average: bool,
+    solver: str = "euler",
+    t_start: float = 1.0,
+) -> Tensor:
+    """Integrate from noise (``t = t_start``) to data (``t = 0``) on a uniform grid.
+
+    ``velocity_fn(z, t, h) -> (B, *shape)``. For an *average*-velocity model (MeanFlow,
+    TVM) each step is the exact jump ``z_r = z_t - (t - r) u(z_t, r, t)`` with ``h = t - r``;
+    for an instantaneous-velocity model (Flow Matching) ``h = 0`` and the step is Euler,
+    or Heun (2 NFE per step, the last step Euler) with ``solver="heun"``.
+    """
+    require(steps >= 1, "steps", f"must be >= 1, got {steps}")
+    require(solver in ("euler", "heun"), "solver", f"must be 'euler' or 'heun', got {solver!r}")
+    require(not (average and solver == "heun"), "solver", "Heun applies to instantaneous velocities only")
+    z = noise
+    grid = time_grid(steps, t_start, 0.0, device=noise.device, dtype=noise.dtype)
+    batch = noise.shape[0]
+    for i in range(steps):
+        t = grid[i].expand(batch)
+        r = grid[i + 1].expand(batch)
+        h = (t - r) if average else torch.zeros_like(t)
+        u = velocity_fn(z, t, h)
+        if solver == "heun" and i < steps - 1:
+            z_euler = z - expand_like(t - r, z) * u
+            u_next = velocity_fn(z_euler, r, torch.zeros_like(r))
+            u = 0.5 * (u + u_next)
+        z = z - expand_like(t - r, z) * u
+    return z
+
+
+@contextlib.contextmanager
+def jvp_context():
+    """Forward-mode AD needs the math attention path (fused SDPA kernels have no forward
+    AD) and must run without autocast."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    with sdpa_kernel([SDPBackend.MATH]), torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
+def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean over all non-batch dims: ``(B, *shape) -> (B,)``."""
+    return (pred - target).pow(2).flatten(1).mean(1)
+
+
+def drop_condition(net, cond: Tensor | None, p_drop: float) -> Tensor | None:
+    """Replace each row of ``cond`` by the net's null condition with probability ``p_drop``."""
+    if cond is None or p_drop <= 0:
+        return cond
+    null_cond = getattr(net, "null_cond", None)
+    if null_cond is None:
+        raise ValueError("class_drop_prob > 0 needs a net with a null condition (null_cond)")
+    drop = torch.rand(cond.shape[0], device=cond.device) < p_drop
+    return torch.where(expand_like(drop, cond), null_cond(cond), cond)
+
+
+class Objective:
+    """Base of every objective. Holds hyper-parameters, never the network.
+
+    Subclasses implement ``loss(net, x, cond) -> LossOutput`` and
+    ``sample(net, noise, cond, steps=1) -> Tensor``; they may offer
+    ``extra_modules(backbone)`` (modules the objective needs inside the generator: a
+    head, an EMA target, a frozen feature map) and ``on_step_end(net)`` (called by the
+    trainer after each optimiser step).
+    """
+
+    name: str = "objective"
+    #: the objective differentiates through the net with forward-mode AD
+    uses_jvp: bool = False
+    #: default number of network evaluations for one sample
+    default_steps: int = 1
+
+    def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sample(self, net, noise: Tensor, cond: Tensor | None, steps: int = 1) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def extra_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+        return {}
+
+    def on_step_end(self, net) -> None:
+        return None
+
+    def guided(self, net, cond: Tensor | None, guidance: float):
+        """A velocity function with classifier-free guidance ``w``: ``u_null + w (u_c - u_null)``."""
+        if cond is None or guidance == 1.0:
+            return lambda z, t, h: net(z, t, h, cond)
+
+        def fn(z, t, h):
+            null = net.null_cond(cond)
+            both = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([h, h]), torch.cat([cond, null]))
+            u_c, u_n = both.chunk(2)
+            return u_n + guidance * (u_c - u_n)
+
+        return fn

@@ -1,0 +1,139 @@
+"""MeanFlow: Geng, Deng, Bai, Kolter, He, "Mean Flows for One-step Generative Modeling"
+(arXiv:2505.13447, 2025). Every knob of the paper's ablation (Table 1) is an argument."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from jumpflow.objectives.base import (LossOutput, Objective, TimeSampler, jump_sample, jvp_context,
+                                      require)
+from jumpflow.timeconv import expand_like, interpolate, velocity
+
+TANGENTS = ("v_0_1", "v_0_0", "v_1_0", "v_1_1")
+
+
+class MeanFlow(Objective):
+    """Average-velocity objective.
+
+    The net models ``u_theta(z_t, r, t) ~ u(z_t, r, t) = 1/(t - r) int_r^t v(z_tau, tau) dtau``
+    (called as ``net(z, t, h, c)`` with ``h = t - r``, or ``h = r`` when
+    ``time_embedding="t_r"``). The MeanFlow identity (paper eq. 6) gives the target::
+
+        u_tgt = v - (t - r) * du/dt,    du/dt = v * d_z u + d_t u          (eq. 8)
+        L = w * || u_theta(z_t, r, t) - sg(u_tgt) ||^2,  w = 1 / sg(||err||^2 + c)^p
+
+    ``du/dt`` is one ``torch.func.jvp`` of ``u_theta`` along the tangent ``(v, 0, 1)`` for
+    ``(z, r, t)``. With guidance folded into training (paper eq. 13-19)::
+
+        v_g = omega * v + kappa * u(z_t, t, t | c) + (1 - omega - kappa) * u(z_t, t, t | null)
+
+    replaces ``v`` (target and tangent) for conditional samples with ``t`` inside the
+    guidance interval; ``class_drop_prob`` of samples train the null condition on ``v``.
+    One-step sample: ``x = eps - u(eps, 0, 1)``; ``steps > 1`` chains exact jumps.
+
+    Shapes: ``x, eps, z_t, u: (B, *shape)``; ``t, r: (B,)``; ``cond: (B, C)`` or ``None``.
+
+    Args:
+        time_sampler: kwargs of ``TimeSampler`` for ``(t, r)`` (paper: logit-normal(-0.4, 1)).
+        ratio_r_neq_t: fraction of the batch with ``r != t`` (paper best: 0.25).
+        tangent: JVP tangent for ``(z, r, t)``: ``"v_0_1"`` (correct), others for ablation.
+        time_embedding: ``"t_h"`` embeds ``(t, t - r)``, ``"t_r"`` embeds ``(t, r)``.
+        adaptive_p, adaptive_c: adaptive loss weight power and constant.
+        omega, kappa: guidance mixing (``omega = 1, kappa = 0``: no guidance).
+        guidance_interval: ``(t_lo, t_hi)`` in which guidance applies.
+        class_drop_prob: probability of training with the null condition.
+    """
+
+    name = "meanflow"
+    uses_jvp = True
+
+    def __init__(self, time_sampler: dict | None = None, ratio_r_neq_t: float = 0.25,
+                 tangent: str = "v_0_1", time_embedding: str = "t_h", adaptive_p: float = 1.0,
+                 adaptive_c: float = 1e-2, omega: float = 1.0, kappa: float = 0.0,
+                 guidance_interval: tuple[float, float] = (0.0, 1.0), class_drop_prob: float = 0.0):
+        self.time_sampler = TimeSampler(**(time_sampler or {"kind": "logit_normal", "mean": -0.4, "std": 1.0}),
+                                        name="time_sampler")
+        require(0.0 <= ratio_r_neq_t <= 1.0, "ratio_r_neq_t", f"must be in [0, 1], got {ratio_r_neq_t}")
+        require(tangent in TANGENTS, "tangent", f"must be one of {TANGENTS}, got {tangent!r}")
+        require(time_embedding in ("t_h", "t_r"), "time_embedding", f"must be 't_h' or 't_r', got {time_embedding!r}")
+        require(adaptive_p >= 0, "adaptive_p", f"must be >= 0, got {adaptive_p}")
+        require(adaptive_c > 0, "adaptive_c", f"must be > 0, got {adaptive_c}")
+        require(omega > 0, "omega", f"must be > 0, got {omega}")
+        require(0.0 <= kappa < 1.0 and omega + kappa <= 1.0 + 1e-9 or kappa == 0.0, "kappa",
+                f"need 0 <= kappa < 1 and omega + kappa <= 1, got omega={omega}, kappa={kappa}")
+        lo, hi = guidance_interval
+        require(0.0 <= lo < hi <= 1.0, "guidance_interval", f"need 0 <= lo < hi <= 1, got {guidance_interval}")
+        require(0.0 <= class_drop_prob < 1.0, "class_drop_prob", f"must be in [0, 1), got {class_drop_prob}")
+        self.ratio_r_neq_t, self.tangent, self.time_embedding = ratio_r_neq_t, tangent, time_embedding
+        self.adaptive_p, self.adaptive_c = adaptive_p, adaptive_c
+        self.omega, self.kappa, self.guidance_interval = omega, kappa, (float(lo), float(hi))
+        self.class_drop_prob = class_drop_prob
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.omega != 1.0 or self.kappa != 0.0
+
+    def _second_time(self, t: Tensor, r: Tensor) -> Tensor:
+        return t - r if self.time_embedding == "t_h" else r
+
+    def sample_times(self, n: int, device, dtype) -> tuple[Tensor, Tensor]:
+        """``(t, r)``: two draws sorted so ``t >= r``; a ``1 - ratio_r_neq_t`` share gets ``r = t``."""
+        a, b = self.time_sampler(n, device, dtype), self.time_sampler(n, device, dtype)
+        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        keep = torch.rand(n, device=device) < self.ratio_r_neq_t
+        return t, torch.where(keep, r, t)
+
+    def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:
+        b = x.shape[0]
+        eps = torch.randn_like(x)                                   # (B, *shape)
+        t, r = self.sample_times(b, x.device, x.dtype)              # (B,), (B,)
+        z = interpolate(x, eps, t)                                  # (B, *shape)
+        v = velocity(x, eps)                                        # (B, *shape)
+
+        dropped = torch.zeros(b, dtype=torch.bool, device=x.device)
+        if cond is not None and self.class_drop_prob > 0:
+            dropped = torch.rand(b, device=x.device) < self.class_drop_prob
+            cond = torch.where(expand_like(dropped, cond), net.null_cond(cond), cond)
+        if cond is not None and self.uses_guidance:
+            v = self._guided_velocity(net, z, t, v, cond, dropped)
+
+        tz, tr, tt = self._tangents(v)
+        def u_fn(z_, r_, t_):
+            return net(z_, t_, self._second_time(t_, r_), cond)
+        with jvp_context():
+            u, dudt = torch.func.jvp(u_fn, (z, r, t), (tz, tr, tt))  # (B, *shape) each
+        u_tgt = (v - expand_like(t - r, u) * dudt).detach()         # (B, *shape)
+        sq = (u - u_tgt).pow(2).flatten(1).mean(1)                  # (B,)
+        weight = (sq.detach() + self.adaptive_c).pow(-self.adaptive_p)
+        loss = weight * sq                                          # (B,)
+        return LossOutput(loss, {"mse": sq.mean().item(), "frac_r_neq_t": (r != t).float().mean().item()})
+
+    def _tangents(self, v: Tensor):
+        b = v.shape[0]
+        one, zero = torch.ones(b, device=v.device, dtype=v.dtype), torch.zeros(b, device=v.device, dtype=v.dtype)
+        tz = v if self.tangent[0] == "v" else torch.zeros_like(v)
+        tr = one if self.tangent.split("_")[1] == "1" else zero
+        tt = one if self.tangent.split("_")[2] == "1" else zero
+        return tz, tr, tt
+
+    @torch.no_grad()
+    def _guided_velocity(self, net, z, t, v, cond, dropped):
+        """Paper eq. 19: mix ``v`` with the model's own conditional / unconditional ``u(z,t,t)``."""
+        h0 = torch.zeros_like(t)
+        null = net.null_cond(cond)
+        both = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([h0, h0]) if self.time_embedding == "t_h"
+                   else torch.cat([t, t]), torch.cat([cond, null]))
+        u_c, u_n = both.chunk(2)
+        v_g = self.omega * v + self.kappa * u_c + (1.0 - self.omega - self.kappa) * u_n
+        lo, hi = self.guidance_interval
+        apply = (~dropped) & (t >= lo) & (t <= hi)
+        return torch.where(expand_like(apply, v), v_g, v)
+
+    @torch.no_grad()
+    def sample(self, net, noise: Tensor, cond: Tensor | None, steps: int = 1) -> Tensor:
+        if self.time_embedding == "t_h":
+            fn = lambda z, t, h: net(z, t, h, cond)  # noqa: E731
+        else:
+            fn = lambda z, t, h: net(z, t, t - h, cond)  # noqa: E731
+        return jump_sample(fn, noise, steps, average=True)
