@@ -1,0 +1,222 @@
+"""The drift field of Drifting Models: Deng et al., "Generative Modeling via Drifting"
+(arXiv 2602.04770, 2026), with a torch kernel (batched over groups; GPU) and a fused numba
+kernel (CPU; parallel over groups).
+
+A *group* is one condition: ``G`` generated samples ``x``, ``P`` positives ``y+`` (data with
+that condition; padded, with a mask) and negatives ``y-``: the generated samples themselves
+(stop-grad, self-pairs masked) and optional extra negatives (unconditional data, for
+guidance) with weight ``w``. For each temperature ``tau``::
+
+    d_ij   = ||x_i - y_j|| / mean(d)                    (per group, valid pairs only)
+    A_ij   = sqrt(softmax_j(-d_ij / tau) * softmax_i(-d_ij / tau))
+    V_tau,i = (sum_{j-} A_ij) sum_{j+} A_ij y_j  -  (sum_{j+} A_ij) sum_{j-} A_ij y_j
+    V      = sum_tau V_tau / rms(V_tau)                 (rms over the whole batch)
+
+Swapping positives and negatives negates ``V`` (anti-symmetry), so ``V = 0`` when ``p = q``.
+``attraction_only`` (ablation) keeps only the kernel-weighted pull
+``sum_{j+} A_ij (y_j - x_i) / sum_{j+} A_ij``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+_NEG_INF = -math.inf
+
+
+def _check(gen: Tensor, pos: Tensor, pos_mask, neg, temperatures) -> None:
+    if gen.dim() != 3 or pos.dim() != 3:
+        raise ValueError(f"drift_field: gen and pos must be (groups, n, d), got {tuple(gen.shape)}, {tuple(pos.shape)}")
+    if gen.shape[0] != pos.shape[0] or gen.shape[2] != pos.shape[2]:
+        raise ValueError(f"drift_field: gen {tuple(gen.shape)} and pos {tuple(pos.shape)} disagree on groups or d")
+    if pos_mask is not None and tuple(pos_mask.shape) != tuple(pos.shape[:2]):
+        raise ValueError(f"drift_field: pos_mask must be {tuple(pos.shape[:2])}, got {tuple(pos_mask.shape)}")
+    if neg is not None and (neg.dim() != 3 or neg.shape[0] != gen.shape[0] or neg.shape[2] != gen.shape[2]):
+        raise ValueError(f"drift_field: neg must be (groups, U, d={gen.shape[2]}), got {tuple(neg.shape)}")
+    if len(temperatures) == 0 or any(t <= 0 for t in temperatures):
+        raise ValueError(f"temperatures: need a non-empty list of positive values, got {list(temperatures)}")
+
+
+def drift_field_torch(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, neg: Tensor | None = None,
+                      neg_weight: float = 1.0, temperatures=(0.02, 0.05, 0.2), gen_as_neg: bool = True,
+                      attraction_only: bool = False) -> Tensor:
+    """Per-temperature raw fields ``(K, groups, G, d)`` (before rms normalisation), in torch."""
+    n_groups, g, d = gen.shape
+    p = pos.shape[1]
+    negs = [gen] if gen_as_neg else []
+    if neg is not None:
+        negs.append(neg)
+    y = torch.cat([pos, *negs], dim=1)                                   # (Gr, M, d)
+    m = y.shape[1]
+    valid = torch.ones(n_groups, g, m, dtype=torch.bool, device=gen.device)
+    if pos_mask is not None:
+        valid[:, :, :p] &= pos_mask[:, None, :]
+    if gen_as_neg:
+        valid[:, :, p:p + g] &= ~torch.eye(g, dtype=torch.bool, device=gen.device)
+    weight = torch.ones(m, dtype=gen.dtype, device=gen.device)          # (M,)
+    if neg is not None:
+        weight[m - neg.shape[1]:] = neg_weight
+    dist = torch.cdist(gen, y)                                          # (Gr, G, M)
+    count = valid.sum((1, 2)).clamp_min(1)
+    mean = (dist * valid).sum((1, 2)) / count                           # (Gr,)
+    dist = dist / mean.clamp_min(1e-12)[:, None, None]
+    out = []
+    for tau in temperatures:
+        logits = torch.where(valid, -dist / tau, torch.full_like(dist, _NEG_INF))
+        row = torch.logsumexp(logits, dim=2, keepdim=True)              # (Gr, G, 1)
+        col = torch.logsumexp(logits, dim=1, keepdim=True)              # (Gr, 1, M)
+        a = torch.exp(logits - 0.5 * (row + col))                       # (Gr, G, M)
+        a = torch.where(valid, a, torch.zeros_like(a)) * weight
+        a_pos, a_neg = a[:, :, :p], a[:, :, p:]
+        s_pos = a_pos.sum(-1, keepdim=True)                             # (Gr, G, 1)
+        s_neg = a_neg.sum(-1, keepdim=True)                             # (Gr, G, 1)
+        if attraction_only:
+            v = (a_pos @ pos) / s_pos.clamp_min(1e-30) - gen * (s_pos > 0)
+        else:
+            v = s_neg * (a_pos @ pos) - s_pos * (a_neg @ y[:, p:])        # (Gr, G, d)
+        out.append(v)
+    return torch.stack(out)                                             # (K, Gr, G, d)
+
+
+@numba.njit(parallel=True, fastmath=False, cache=True)
+def _drift_numba(gen, pos, pos_mask, neg, neg_weight, taus, gen_as_neg, attraction_only):  # pragma: no cover - jit
+    n_groups, g, d = gen.shape
+    p = pos.shape[1]
+    u = neg.shape[1]
+    m = p + (g if gen_as_neg else 0) + u
+    k_taus = taus.shape[0]
+    out = np.zeros((k_taus, n_groups, g, d), dtype=gen.dtype)
+    for grp in numba.prange(n_groups):
+        dist = np.empty((g, m), dtype=gen.dtype)
+        valid = np.zeros((g, m), dtype=np.bool_)
+        wcol = np.ones(m, dtype=gen.dtype)
+        total = 0.0
+        count = 0
+        for i in range(g):
+            for j in range(m):
+                if j < p:
+                    ok = pos_mask[grp, j]
+                    yj = pos[grp, j]
+                elif gen_as_neg and j < p + g:
+                    ok = (j - p) != i
+                    yj = gen[grp, j - p]
+                else:
+                    ok = True
+                    yj = neg[grp, j - p - (g if gen_as_neg else 0)]
+                    wcol[j] = neg_weight
+                acc = 0.0
+                for c in range(d):
+                    diff = gen[grp, i, c] - yj[c]
+                    acc += diff * diff
+                dist[i, j] = math.sqrt(acc)
+                valid[i, j] = ok
+                if ok:
+                    total += dist[i, j]
+                    count += 1
+        mean = total / max(count, 1)
+        if mean < 1e-12:
+            mean = 1e-12
+        row = np.empty(g, dtype=gen.dtype)
+        col = np.empty(m, dtype=gen.dtype)
+        a = np.empty(m, dtype=gen.dtype)
+        for kt in range(k_taus):
+            inv_tau = 1.0 / (taus[kt] * mean)
+            for i in range(g):                       # row log-sum-exp
+                mx = -np.inf
+                for j in range(m):
+                    if valid[i, j] and -dist[i, j] * inv_tau > mx:
+                        mx = -dist[i, j] * inv_tau
+                s = 0.0
+                for j in range(m):
+                    if valid[i, j]:
+                        s += math.exp(-dist[i, j] * inv_tau - mx)
+                row[i] = mx + math.log(s) if s > 0 else -np.inf
+            for j in range(m):                       # column log-sum-exp
+                mx = -np.inf
+                for i in range(g):
+                    if valid[i, j] and -dist[i, j] * inv_tau > mx:
+                        mx = -dist[i, j] * inv_tau
+                s = 0.0
+                for i in range(g):
+                    if valid[i, j]:
+                        s += math.exp(-dist[i, j] * inv_tau - mx)
+                col[j] = mx + math.log(s) if s > 0 else -np.inf
+            for i in range(g):
+                s_pos = 0.0
+                s_neg = 0.0
+                for j in range(m):
+                    if valid[i, j]:
+                        a[j] = math.exp(-dist[i, j] * inv_tau - 0.5 * (row[i] + col[j])) * wcol[j]
+                    else:
+                        a[j] = 0.0
+                    if j < p:
+                        s_pos += a[j]
+                    else:
+                        s_neg += a[j]
+                for j in range(m):
+                    if a[j] == 0.0:
+                        continue
+                    if j < p:
+                        yj = pos[grp, j]
+                        coef = (a[j] / s_pos) if attraction_only else s_neg * a[j]
+                    elif attraction_only:
+                        continue
+                    else:
+                        yj = gen[grp, j - p] if (gen_as_neg and j < p + g) else neg[grp, j - p - (g if gen_as_neg else 0)]
+                        coef = -s_pos * a[j]
+                    for c in range(d):
+                        out[kt, grp, i, c] += coef * yj[c]
+                if attraction_only and s_pos > 0:
+                    for c in range(d):
+                        out[kt, grp, i, c] -= gen[grp, i, c]
+    return out
+
+
+def drift_field_numba(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, neg: Tensor | None = None,
+                      neg_weight: float = 1.0, temperatures=(0.02, 0.05, 0.2), gen_as_neg: bool = True,
+                      attraction_only: bool = False) -> Tensor:
+    """Per-temperature raw fields ``(K, groups, G, d)``, fused numba kernel on the CPU."""
+    dtype = np.float64 if gen.dtype == torch.float64 else np.float32
+    g_np = gen.detach().cpu().numpy().astype(dtype, copy=False)
+    p_np = pos.detach().cpu().numpy().astype(dtype, copy=False)
+    mask = (np.ones(p_np.shape[:2], dtype=np.bool_) if pos_mask is None
+            else pos_mask.detach().cpu().numpy().astype(np.bool_))
+    n_np = (np.zeros((g_np.shape[0], 0, g_np.shape[2]), dtype=dtype) if neg is None
+            else neg.detach().cpu().numpy().astype(dtype, copy=False))
+    taus = np.asarray(list(temperatures), dtype=dtype)
+    out = _drift_numba(np.ascontiguousarray(g_np), np.ascontiguousarray(p_np), mask, np.ascontiguousarray(n_np),
+                       dtype(neg_weight), taus, bool(gen_as_neg), bool(attraction_only))
+    return torch.from_numpy(out).to(device=gen.device, dtype=gen.dtype)
+
+
+def drift_field(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, neg: Tensor | None = None,
+                neg_weight: float = 1.0, temperatures=(0.02, 0.05, 0.2), gen_as_neg: bool = True,
+                attraction_only: bool = False, impl: str = "auto", normalize: bool = True) -> Tensor:
+    """The drift field ``V: (groups, G, d)`` for generated ``gen: (groups, G, d)``.
+
+    Args:
+        pos: positives ``(groups, P, d)``; ``pos_mask: (groups, P)`` marks real ones.
+        neg: extra negatives ``(groups, U, d)`` weighted by ``neg_weight``.
+        temperatures: kernel temperatures on mean-normalised distances.
+        gen_as_neg: use the generated samples (self masked) as negatives.
+        impl: ``"torch"``, ``"numba"`` or ``"auto"`` (numba on CPU, torch on GPU).
+        normalize: divide each temperature's field by its rms over the batch.
+    """
+    _check(gen, pos, pos_mask, neg, temperatures)
+    if impl not in ("auto", "torch", "numba"):
+        raise ValueError(f"impl: must be 'auto', 'torch' or 'numba', got {impl!r}")
+    if impl == "auto":
+        impl = "torch" if gen.is_cuda else "numba"
+    fn = drift_field_numba if impl == "numba" else drift_field_torch
+    with torch.no_grad():
+        per_tau = fn(gen.detach(), pos.detach(), pos_mask, None if neg is None else neg.detach(), neg_weight,
+                     tuple(temperatures), gen_as_neg, attraction_only)       # (K, Gr, G, d)
+        if normalize:
+            rms = per_tau.pow(2).flatten(1).mean(1).sqrt()                    # (K,)
+            per_tau = per_tau / rms.clamp_min(1e-12)[:, None, None, None]
+        return per_tau.sum(0)                                                  # (Gr, G, d)

@@ -1,0 +1,116 @@
+"""DDPM / DDIM: Ho, Jain, Abbeel, "Denoising Diffusion Probabilistic Models" (2020);
+Song, Meng, Ermon, "Denoising Diffusion Implicit Models" (2021); squared-cosine schedule of
+Nichol & Dhariwal (2021). The Diffusion Policy baseline (Chi et al., 2023) the one-step
+objectives replace."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from jumpflow.objectives.base import LossOutput, Objective, drop_condition, per_sample_mse, require
+from jumpflow.timeconv import expand_like
+
+
+def squared_cosine_alphas_cumprod(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """``alpha_bar_k`` for ``k = 0..K-1`` (float64), betas clipped at ``max_beta``."""
+    def f(u):
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    betas = [min(1 - f((k + 1) / num_steps) / f(k / num_steps), max_beta) for k in range(num_steps)]
+    return torch.cumprod(1 - torch.tensor(betas, dtype=torch.float64), 0)
+
+
+class DDPM(Objective):
+    """Epsilon-prediction diffusion with a discrete squared-cosine schedule.
+
+    Training (Ho et al. eq. 14)::
+
+        x_k = sqrt(abar_k) x + sqrt(1 - abar_k) eps,   L = || eps_theta(x_k, t_k) - eps ||^2
+
+    with ``k ~ U{0..K-1}`` and the net called at ``t_k = (k + 1) / K`` (``t = 1`` is the
+    noisiest step, matching jumpflow's convention) and ``h = 0``.
+
+    Sampling at ``steps = S`` uses the ``S`` timesteps ``k_i = floor(i K / S)`` (the leading
+    spacing of Diffusion Policy's schedulers) and, between consecutive ``k -> k'``:
+    ``sampler="ddpm"``: the posterior ``q(x_k' | x_k, x0_hat)`` (ancestral);
+    ``sampler="ddim"``: the deterministic DDIM update (eta = 0)
+    ``x_k' = sqrt(abar_k') x0_hat + sqrt(1 - abar_k') eps_hat``.
+
+    Shapes: ``x, eps: (B, *shape)``; ``cond: (B, C)`` or ``None``.
+
+    Args:
+        num_train_steps: K (Diffusion Policy: 100).
+        sampler: ``"ddpm"`` or ``"ddim"``.
+        clip_sample: clamp ``x0_hat`` to ``[-clip_sample, clip_sample]`` (DP: 1.0; None: off).
+        class_drop_prob, guidance: classifier-free guidance.
+    """
+
+    name = "ddpm"
+    default_steps = 100
+
+    def __init__(self, num_train_steps: int = 100, sampler: str = "ddpm", clip_sample: float | None = 1.0,
+                 class_drop_prob: float = 0.0, guidance: float = 1.0):
+        require(num_train_steps >= 1, "num_train_steps", f"must be >= 1, got {num_train_steps}")
+        require(sampler in ("ddpm", "ddim"), "sampler", f"must be 'ddpm' or 'ddim', got {sampler!r}")
+        require(clip_sample is None or clip_sample > 0, "clip_sample", f"must be > 0 or None, got {clip_sample}")
+        require(0.0 <= class_drop_prob < 1.0, "class_drop_prob", f"must be in [0, 1), got {class_drop_prob}")
+        self.num_train_steps, self.sampler, self.clip_sample = num_train_steps, sampler, clip_sample
+        self.class_drop_prob, self.guidance = class_drop_prob, guidance
+        self.alphas_cumprod = squared_cosine_alphas_cumprod(num_train_steps)   # (K,) float64
+        self.default_steps = num_train_steps
+
+    def net_time(self, k: Tensor) -> Tensor:
+        return (k.double() + 1) / self.num_train_steps
+
+    def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:
+        b = x.shape[0]
+        k = torch.randint(0, self.num_train_steps, (b,), device=x.device)          # (B,)
+        abar = self.alphas_cumprod.to(x.device)[k].to(x.dtype)                     # (B,)
+        eps = torch.randn_like(x)                                                   # (B, *shape)
+        x_k = expand_like(abar.sqrt(), x) * x + expand_like((1 - abar).sqrt(), x) * eps
+        t = self.net_time(k).to(x.dtype)
+        cond = drop_condition(net, cond, self.class_drop_prob)
+        pred = net(x_k, t, torch.zeros_like(t), cond)                               # (B, *shape)
+        loss = per_sample_mse(pred, eps)
+        return LossOutput(loss, {"mse": loss.mean().item()})
+
+    def timesteps(self, steps: int) -> list[int]:
+        """Descending training indices used by an ``steps``-step sampler."""
+        require(1 <= steps <= self.num_train_steps, "steps",
+                f"must be in [1, {self.num_train_steps}], got {steps}")
+        ks = sorted({(i * self.num_train_steps) // steps for i in range(steps)}, reverse=True)
+        return ks
+
+    @torch.no_grad()
+    def sample(self, net, noise: Tensor, cond: Tensor | None, steps: int = 100,
+               sampler: str | None = None) -> Tensor:
+        sampler = sampler or self.sampler
+        fn = self.guided(net, cond, self.guidance)
+        abars = self.alphas_cumprod.to(noise.device)
+        ks = self.timesteps(steps)
+        x = noise
+        b = x.shape[0]
+        for i, k in enumerate(ks):
+            k_prev = ks[i + 1] if i + 1 < len(ks) else -1
+            abar = abars[k].to(x.dtype)
+            abar_prev = abars[k_prev].to(x.dtype) if k_prev >= 0 else torch.ones((), dtype=x.dtype, device=x.device)
+            t = self.net_time(torch.full((b,), k, device=x.device)).to(x.dtype)
+            eps_hat = fn(x, t, torch.zeros_like(t))                                 # (B, *shape)
+            x0 = (x - (1 - abar).sqrt() * eps_hat) / abar.sqrt()                    # (B, *shape)
+            if self.clip_sample is not None:
+                x0 = x0.clamp(-self.clip_sample, self.clip_sample)
+                eps_hat = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+            if sampler == "ddim":
+                x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps_hat
+            else:
+                beta = 1 - abar / abar_prev                                         # effective beta of k -> k'
+                mean = (abar_prev.sqrt() * beta / (1 - abar)) * x0 + \
+                       ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar)) * x
+                if k_prev >= 0:
+                    var = beta * (1 - abar_prev) / (1 - abar)
+                    x = mean + var.sqrt() * torch.randn_like(x)
+                else:
+                    x = mean
+        return x

@@ -1,0 +1,121 @@
+"""Transition Matching, difference variant (DTM): Shaul, Havasi, Lipman et al., "Transition
+Matching: Scalable and Flexible Generative Modeling" (arXiv 2506.23589, 2025)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from jumpflow.backbones.embeddings import ScalarEmbedder
+from jumpflow.objectives.base import LossOutput, Objective, TimeSampler, require
+from jumpflow.timeconv import interpolate
+
+
+class TransitionHead(nn.Module):
+    """Per-token velocity head ``g(features, y_sigma, sigma) -> (B, N, P)`` of the inner flow."""
+
+    def __init__(self, feature_dim: int, token_dim: int, width: int = 256, depth: int = 3):
+        super().__init__()
+        self.sigma_embed = ScalarEmbedder(width)
+        self.inp = nn.Linear(feature_dim + token_dim, width)
+        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(),
+                                                  nn.Linear(width, width)) for _ in range(depth))
+        self.out = nn.Linear(width, token_dim)
+
+    def forward(self, features: Tensor, y: Tensor, sigma: Tensor) -> Tensor:
+        # features: (B, N, F); y: (B, N, P); sigma: (B, N)
+        b, n, _ = y.shape
+        emb = self.sigma_embed(sigma.reshape(-1)).reshape(b, n, -1)       # (B, N, W)
+        hid = self.inp(torch.cat([features, y], dim=-1)) + emb             # (B, N, W)
+        for layer in self.layers:
+            hid = hid + layer(hid)                                         # (B, N, W)
+        return self.out(hid)                                               # (B, N, P)
+
+
+class TransitionMatching(Objective):
+    """Difference Transition Matching.
+
+    ``T`` transitions take noise to data. At time ``t`` the state is
+    ``z_t = (1 - t) x + t eps`` and the *difference* ``Y = x - eps`` moves it one step:
+    ``z_{t - 1/T} = z_t + Y / T``. The backbone gives features of ``z_t``; a small per-token
+    head learns the posterior ``p(Y | z_t)`` by an inner flow matching (paper eq. 12)::
+
+        Y_sigma = (1 - sigma) Y + sigma eta,    eta ~ N(0, I),  sigma ~ U(0, 1)
+        L = || g(phi_theta(z_t, t), Y_sigma, sigma) - (eta - Y) ||^2
+
+    per token. Sampling draws ``Y`` by ``inner_steps`` Euler steps of the head from ``eta``
+    and chains ``steps`` stochastic transitions (backbone NFE = ``steps``).
+
+    Shapes: ``x: (B, *shape)``; tokens ``(B, N, P)`` from ``net.tokenize``; features
+    ``(B, N, F)`` from ``net(..., return_features=True)``.
+
+    Args:
+        transition_steps: ``T`` (training grid ``t in {1/T, ..., 1}`` when ``train_times="discrete"``).
+        inner_steps: Euler steps of the head when sampling.
+        head_width, head_depth: head size.
+        head_samples: ``Y`` draws per backbone pass (amortises the backbone).
+        train_times: ``"discrete"`` (the T-grid) or ``"continuous"`` (``t ~ U(0, 1]``).
+    """
+
+    name = "transition_matching"
+    default_steps = 4
+
+    def __init__(self, transition_steps: int = 4, inner_steps: int = 8, head_width: int = 256, head_depth: int = 3,
+                 head_samples: int = 4, train_times: str = "discrete"):
+        require(transition_steps >= 1, "transition_steps", f"must be >= 1, got {transition_steps}")
+        require(inner_steps >= 1, "inner_steps", f"must be >= 1, got {inner_steps}")
+        require(head_width >= 1 and head_depth >= 1, "head_width/head_depth", "must be >= 1")
+        require(head_samples >= 1, "head_samples", f"must be >= 1, got {head_samples}")
+        require(train_times in ("discrete", "continuous"), "train_times",
+                f"must be 'discrete' or 'continuous', got {train_times!r}")
+        self.transition_steps, self.inner_steps = transition_steps, inner_steps
+        self.head_width, self.head_depth, self.head_samples = head_width, head_depth, head_samples
+        self.train_times = train_times
+        self.default_steps = transition_steps
+        self.inner_sampler = TimeSampler("uniform", name="inner_sampler")
+
+    def extra_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+        shape = getattr(backbone, "shape", None)
+        if shape is None or not hasattr(backbone, "tokenize") or not hasattr(backbone, "feature_dim"):
+            raise ValueError("transition_matching needs a backbone with shape, tokenize() and feature_dim")
+        token_dim = backbone.tokenize(torch.zeros(1, *shape)).shape[-1]
+        return {"transition_head": TransitionHead(backbone.feature_dim, token_dim, self.head_width, self.head_depth)}
+
+    def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:
+        b = x.shape[0]
+        eps = torch.randn_like(x)                                              # (B, *shape)
+        if self.train_times == "discrete":
+            k = torch.randint(1, self.transition_steps + 1, (b,), device=x.device)
+            t = k.to(x.dtype) / self.transition_steps                          # (B,)
+        else:
+            t = 1.0 - torch.rand(b, device=x.device, dtype=x.dtype)            # (B,) in (0, 1]
+        z_t = interpolate(x, eps, t)                                           # (B, *shape)
+        _, feats = net(z_t, t, torch.zeros_like(t), cond, return_features=True)  # (B, N, F)
+        y = net.tokenize(x - eps)                                              # (B, N, P)
+        s = self.head_samples
+        feats = feats.repeat(s, 1, 1)                                          # (S*B, N, F)
+        y = y.repeat(s, 1, 1)                                                  # (S*B, N, P)
+        eta = torch.randn_like(y)                                              # (S*B, N, P)
+        sigma = self.inner_sampler(y.shape[0] * y.shape[1], x.device, x.dtype).reshape(y.shape[:2])  # (S*B, N)
+        y_sigma = (1 - sigma[..., None]) * y + sigma[..., None] * eta          # (S*B, N, P)
+        pred = net.aux["transition_head"](feats, y_sigma, sigma)               # (S*B, N, P)
+        per = (pred - (eta - y)).pow(2).mean((1, 2)).reshape(s, b).mean(0)     # (B,)
+        return LossOutput(per, {"inner_mse": per.mean().item()})
+
+    @torch.no_grad()
+    def sample(self, net, noise: Tensor, cond: Tensor | None, steps: int | None = None) -> Tensor:
+        steps = steps or self.transition_steps
+        require(steps >= 1, "steps", f"must be >= 1, got {steps}")
+        head = net.aux["transition_head"]
+        z = noise
+        b = z.shape[0]
+        for i in range(steps):
+            t = torch.full((b,), 1.0 - i / steps, device=z.device, dtype=z.dtype)
+            _, feats = net(z, t, torch.zeros_like(t), cond, return_features=True)   # (B, N, F)
+            y = torch.randn_like(net.tokenize(z))                                   # (B, N, P) at sigma = 1
+            for j in range(self.inner_steps):
+                sig = 1.0 - j / self.inner_steps
+                sigma = torch.full(y.shape[:2], sig, device=z.device, dtype=z.dtype)
+                y = y - (1.0 / self.inner_steps) * head(feats, y, sigma)            # (B, N, P)
+            z = z + net.untokenize(y) / steps                                       # (B, *shape)
+        return z
