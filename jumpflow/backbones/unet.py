@@ -1,0 +1,338 @@
+"""UNet backbones: Chi et al., "Diffusion Policy" (RSS 2023), ``ConditionalUnet1D`` for action
+chunks (``dims=1``); Ho et al., "Denoising Diffusion Probabilistic Models" (2020) and
+Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis" (ADM, 2021) for images
+(``dims=2``).
+
+Both condition on ``c = emb(t) + emb(h) + proj(cond)`` from ``TimeCondEmbedder`` (the jump
+length ``h`` is embedded in every backbone):
+
+* ``dims=1``: ``x: (B, T, A)``; residual blocks of two ``Conv1d(k=5) -> GroupNorm(8) -> Mish``
+  with FiLM (per-channel scale and bias regressed from ``Mish(c)``) after the first; strided
+  convolutions down, transposed convolutions up, skip connections; ``T`` must be divisible
+  by ``2 ** (len(down_dims) - 1)``.
+* ``dims=2``: ``x: (B, C, H, W)``; ADM residual blocks with scale-shift GroupNorm, attention
+  blocks at the downsampling factors in ``attention_ds``, zero-initialised output layers.
+
+Tokens for Transition Matching are time steps (1-D) or pixels (2-D); ``forward(...,
+return_features=True)`` returns the last decoder block's output, one feature vector per token.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from jumpflow.backbones.dit import ATTENTION_MODES, attention
+from jumpflow.backbones.embeddings import TimeCondEmbedder
+
+
+def _groups(channels: int, max_groups: int) -> int:
+    """The largest group count <= ``max_groups`` that divides ``channels``."""
+    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+
+
+# --------------------------------------------------------------------------------------
+# dims = 1: Diffusion Policy's conditional 1-D UNet
+# --------------------------------------------------------------------------------------
+class Conv1dBlock(nn.Module):
+    """``Conv1d -> GroupNorm -> Mish``, length preserved."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, n_groups: int = 8):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2)
+        self.norm = nn.GroupNorm(_groups(c_out, n_groups), c_out)
+        self.act = nn.Mish()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.norm(self.conv(x)))                          # (B, C_out, T)
+
+
+class FiLMResBlock1D(nn.Module):
+    """Two conv blocks; FiLM ``scale * y + bias`` from the conditioning vector in between."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, kernel_size: int = 5, n_groups: int = 8):
+        super().__init__()
+        self.block1 = Conv1dBlock(c_in, c_out, kernel_size, n_groups)
+        self.block2 = Conv1dBlock(c_out, c_out, kernel_size, n_groups)
+        self.film = nn.Sequential(nn.Mish(), nn.Linear(emb_dim, 2 * c_out))
+        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        y = self.block1(x)                                                # (B, C_out, T)
+        scale, bias = self.film(emb)[:, :, None].chunk(2, dim=1)          # (B, C_out, 1) x2
+        y = self.block2(scale * y + bias)                                 # (B, C_out, T)
+        return y + self.skip(x)                                           # (B, C_out, T)
+
+
+class UNet1D(nn.Module):
+    """Diffusion Policy's ``ConditionalUnet1D`` on ``x: (B, T, A)``.
+
+    Args:
+        shape: ``(T, A)``: horizon and action dimension.
+        cond_dim: width of ``cond`` (the observation features; 0: unconditional).
+        down_dims: channel widths per resolution (DP low-dim: 256/512/1024).
+        kernel_size: convolution width (DP: 5); n_groups: GroupNorm groups (DP: 8).
+        emb_dim: width of the ``(t, h, cond)`` conditioning vector (DP: 256).
+    """
+
+    def __init__(self, shape, cond_dim: int = 0, down_dims=(256, 512, 1024), kernel_size: int = 5,
+                 n_groups: int = 8, emb_dim: int = 256):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        if len(self.shape) != 2:
+            raise ValueError(f"UNet1D takes (horizon, action_dim) shapes, got shape={self.shape}")
+        down_dims = tuple(int(d) for d in down_dims)
+        if not down_dims:
+            raise ValueError("down_dims must name at least one width")
+        horizon, action_dim = self.shape
+        factor = 2 ** (len(down_dims) - 1)
+        if horizon % factor:
+            raise ValueError(f"horizon {horizon} must be divisible by 2**(len(down_dims)-1) = {factor} "
+                             f"(down_dims={down_dims}); pad the chunk or use fewer levels")
+        self.down_dims, self.feature_dim = down_dims, down_dims[0]
+        self.embed = TimeCondEmbedder(emb_dim, cond_dim)
+        block = partial(FiLMResBlock1D, emb_dim=emb_dim, kernel_size=kernel_size, n_groups=n_groups)
+
+        widths = (action_dim, *down_dims)
+        self.down = nn.ModuleList()
+        for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+            last = i == len(down_dims) - 1
+            self.down.append(nn.ModuleList([
+                block(c_in, c_out), block(c_out, c_out),
+                nn.Conv1d(c_out, c_out, 3, stride=2, padding=1) if not last else nn.Identity()]))
+        self.mid = nn.ModuleList([block(down_dims[-1], down_dims[-1]), block(down_dims[-1], down_dims[-1])])
+        self.up = nn.ModuleList()
+        for c_out, c_in in reversed(list(zip(down_dims[:-1], down_dims[1:]))):
+            self.up.append(nn.ModuleList([
+                block(2 * c_in, c_out), block(c_out, c_out),
+                nn.ConvTranspose1d(c_out, c_out, 4, stride=2, padding=1)]))
+        self.final_block = Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups)
+        self.final_conv = nn.Conv1d(down_dims[0], action_dim, 1)
+
+    def tokenize(self, x: Tensor) -> Tensor:
+        """``(B, T, A) -> (B, T, A)``: one token per time step."""
+        return x
+
+    def untokenize(self, tokens: Tensor, shape=None) -> Tensor:
+        return tokens
+
+    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None = None,
+                return_features: bool = False):
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"UNet1D expects inputs of shape (B, {self.shape}), got {tuple(x.shape)}")
+        emb = self.embed(t, h, cond)                                      # (B, E)
+        y = rearrange(x, "b t a -> b a t")                                # (B, A, T)
+        skips = []
+        for res1, res2, down in self.down:
+            y = res2(res1(y, emb), emb)                                   # (B, C_i, T_i)
+            skips.append(y)
+            y = down(y)                                                   # (B, C_i, T_{i+1})
+        for res in self.mid:
+            y = res(y, emb)                                               # (B, C_L, T_L)
+        for res1, res2, up in self.up:
+            y = torch.cat([y, skips.pop()], dim=1)                        # (B, 2 C_i, T_i)
+            y = up(res2(res1(y, emb), emb))                               # (B, C_{i-1}, T_{i-1})
+        feats = rearrange(y, "b c t -> b t c")                            # (B, T, C_0)
+        out = self.final_conv(self.final_block(y))                        # (B, A, T)
+        out = rearrange(out, "b a t -> b t a")                            # (B, T, A)
+        if return_features:
+            return out, feats                                             # (B, T, A), (B, T, C_0)
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# dims = 2: ADM-style image UNet
+# --------------------------------------------------------------------------------------
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock2D(nn.Module):
+    """ADM residual block: GN-SiLU-conv, scale-shift GN from the embedding, SiLU-dropout-zero conv."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(c_in, 32), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * c_out))
+        self.norm2 = nn.GroupNorm(_groups(c_out, 32), c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        y = self.conv1(F.silu(self.norm1(x)))                             # (B, C_out, H, W)
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)    # (B, C_out, 1, 1) x2
+        y = self.norm2(y) * (1 + scale) + shift                           # (B, C_out, H, W)
+        y = self.conv2(self.dropout(F.silu(y)))                           # (B, C_out, H, W)
+        return y + self.skip(x)                                           # (B, C_out, H, W)
+
+
+class AttnBlock2D(nn.Module):
+    """Self-attention over pixels; heads of ``head_channels`` channels; zero-init projection."""
+
+    def __init__(self, channels: int, head_channels: int = 64, attn: str = "auto"):
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.attn = attn
+        self.norm = nn.GroupNorm(_groups(channels, 32), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        hh, ww = x.shape[-2:]
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three h d) x y -> three b h (x y) d",
+                            three=3, h=self.heads)                        # (B, heads, HW, d) x3
+        out = attention(q, k, v, self.attn)                               # (B, heads, HW, d)
+        out = rearrange(out, "b h (x y) d -> b (h d) x y", x=hh, y=ww)    # (B, C, H, W)
+        return x + self.proj(out)                                         # (B, C, H, W)
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        return self.conv(x)                                               # (B, C, H/2, W/2)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class UNet2D(nn.Module):
+    """ADM-style UNet on ``x: (B, C, H, W)``.
+
+    Args:
+        shape: ``(C, H, W)``; H and W divisible by ``2 ** (len(channel_mult) - 1)``.
+        cond_dim: width of ``cond`` (e.g. a class embedding; 0: unconditional).
+        model_channels: base width; channel_mult: width multiplier per resolution.
+        num_res_blocks: residual blocks per resolution (the decoder has one more).
+        attention_ds: downsampling factors at which attention blocks sit (1 = input size).
+        head_channels: channels per attention head; dropout: in residual blocks.
+        attn: attention path, ``"auto"`` | ``"fused"`` | ``"math"`` (as in ``DiT``).
+    """
+
+    def __init__(self, shape, cond_dim: int = 0, model_channels: int = 128, channel_mult=(1, 2, 2, 2),
+                 num_res_blocks: int = 2, attention_ds=(2, 4), head_channels: int = 64,
+                 dropout: float = 0.0, attn: str = "auto"):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        if len(self.shape) != 3:
+            raise ValueError(f"UNet2D takes (C, H, W) shapes, got shape={self.shape}")
+        if attn not in ATTENTION_MODES:
+            raise ValueError(f"attn must be one of {ATTENTION_MODES}, got {attn!r}")
+        c, hh, ww = self.shape
+        channel_mult = tuple(int(m) for m in channel_mult)
+        factor = 2 ** (len(channel_mult) - 1)
+        if hh % factor or ww % factor:
+            raise ValueError(f"image size {hh}x{ww} must be divisible by 2**(len(channel_mult)-1) = {factor}")
+        attention_ds = {int(d) for d in attention_ds}
+        emb_dim = 4 * model_channels
+        self.feature_dim = model_channels
+        self.embed = TimeCondEmbedder(emb_dim, cond_dim)
+        self.inp = nn.Conv2d(c, model_channels, 3, padding=1)
+        res = partial(ResBlock2D, emb_dim=emb_dim, dropout=dropout)
+        att = partial(AttnBlock2D, head_channels=head_channels, attn=attn)
+
+        self.down = nn.ModuleList()
+        skip_ch, ch, ds = [model_channels], model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [res(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_ds:
+                    layers.append(att(ch))
+                self.down.append(nn.ModuleList(layers))
+                skip_ch.append(ch)
+            if level < len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample2D(ch)]))
+                skip_ch.append(ch)
+                ds *= 2
+        self.mid = nn.ModuleList([res(ch, ch), att(ch), res(ch, ch)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skip_ch.pop(), mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_ds:
+                    layers.append(att(ch))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample2D(ch))
+                    ds //= 2
+                self.up.append(nn.ModuleList(layers))
+        self.out_norm = nn.GroupNorm(_groups(ch, 32), ch)
+        self.out = _zero(nn.Conv2d(ch, c, 3, padding=1))
+
+    def set_attention(self, mode: str) -> "UNet2D":
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attn must be one of {ATTENTION_MODES}, got {mode!r}")
+        for m in self.modules():
+            if isinstance(m, AttnBlock2D):
+                m.attn = mode
+        return self
+
+    def tokenize(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, H*W, C)``: one token per pixel."""
+        return rearrange(x, "b c x y -> b (x y) c")
+
+    def untokenize(self, tokens: Tensor, shape=None) -> Tensor:
+        return rearrange(tokens, "b (x y) c -> b c x y", x=self.shape[1], y=self.shape[2])
+
+    @staticmethod
+    def _run(layers: nn.ModuleList, y: Tensor, emb: Tensor) -> Tensor:
+        for layer in layers:
+            y = layer(y, emb)                                             # (B, C', H', W')
+        return y
+
+    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None = None,
+                return_features: bool = False):
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"UNet2D expects inputs of shape (B, {self.shape}), got {tuple(x.shape)}")
+        emb = self.embed(t, h, cond)                                      # (B, E)
+        y = self.inp(x)                                                   # (B, M, H, W)
+        skips = [y]
+        for layers in self.down:
+            y = self._run(layers, y, emb)                                 # (B, C_i, H_i, W_i)
+            skips.append(y)
+        y = self._run(self.mid, y, emb)                                   # (B, C_L, H_L, W_L)
+        for layers in self.up:
+            y = self._run(layers, torch.cat([y, skips.pop()], dim=1), emb)  # (B, C_i, H_i, W_i)
+        out = self.out(F.silu(self.out_norm(y)))                          # (B, C, H, W)
+        if return_features:
+            return out, rearrange(y, "b c x y -> b (x y) c")              # (B, C, H, W), (B, HW, M)
+        return out
+
+
+def UNet(shape, dims: int | None = None, **kwargs) -> nn.Module:
+    """The UNet family: ``dims=1`` -> ``UNet1D`` (action chunks), ``dims=2`` -> ``UNet2D``
+    (images); ``dims`` defaults to ``len(shape) - 1``."""
+    dims = len(tuple(shape)) - 1 if dims is None else int(dims)
+    if dims == 1:
+        return UNet1D(shape, **kwargs)
+    if dims == 2:
+        return UNet2D(shape, **kwargs)
+    raise ValueError(f"dims must be 1 or 2, got {dims}")
+
+
+UNet_models = {
+    "UNet1D-S": partial(UNet, dims=1, down_dims=(64, 128, 256), emb_dim=128),
+    "UNet1D-M": partial(UNet, dims=1, down_dims=(256, 512, 1024), emb_dim=256),   # DP low-dim
+    "UNet1D-L": partial(UNet, dims=1, down_dims=(512, 1024, 2048), emb_dim=256),  # DP image
+    "UNet2D-S": partial(UNet, dims=2, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                        attention_ds=(2, 4)),
+    "UNet2D-B": partial(UNet, dims=2, model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                        attention_ds=(2, 4)),
+}
