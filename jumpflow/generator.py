@@ -98,4 +98,4 @@ class Generator(nn.Module):
                 raise ValueError("generate needs raw_cond or n, and a known sample shape")
             p = next(self.parameters())
             noise = torch.randn((b, *self.shape), generator=generator, device=p.device, dtype=p.dtype)
-        return self.objective.sample(self, noise, cond, steps or self.objective.default_steps)
+        return self.objective.sample(self, noise, cond, self.objective.default_steps if steps is None else steps)

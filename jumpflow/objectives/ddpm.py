@@ -32,8 +32,10 @@ class DDPM(Objective):
     with ``k ~ U{0..K-1}`` and the net called at ``t_k = (k + 1) / K`` (``t = 1`` is the
     noisiest step, matching jumpflow's convention) and ``h = 0``.
 
-    Sampling at ``steps = S`` uses the ``S`` timesteps ``k_i = floor(i K / S)`` (the leading
-    spacing of Diffusion Policy's schedulers) and, between consecutive ``k -> k'``:
+    Sampling at ``steps = S`` uses the ``S`` timesteps ``k_i = round(K - i K / S) - 1``
+    ("trailing" spacing, Lin et al. 2024: the first step always starts from the noisiest
+    step ``K - 1``; Diffusion Policy's "leading" spacing would start DDIM-10 at ``k = 90``
+    and DDPM-1 at ``k = 0``) and, between consecutive ``k -> k'``:
     ``sampler="ddpm"``: the posterior ``q(x_k' | x_k, x0_hat)`` (ancestral);
     ``sampler="ddim"``: the deterministic DDIM update (eta = 0)
     ``x_k' = sqrt(abar_k') x0_hat + sqrt(1 - abar_k') eps_hat``.
@@ -80,8 +82,8 @@ class DDPM(Objective):
         """Descending training indices used by an ``steps``-step sampler."""
         require(1 <= steps <= self.num_train_steps, "steps",
                 f"must be in [1, {self.num_train_steps}], got {steps}")
-        ks = sorted({(i * self.num_train_steps) // steps for i in range(steps)}, reverse=True)
-        return ks
+        k = self.num_train_steps
+        return sorted({int(round(k - i * k / steps)) - 1 for i in range(steps)}, reverse=True)
 
     @torch.no_grad()
     def sample(self, net, noise: Tensor, cond: Tensor | None, steps: int = 100,

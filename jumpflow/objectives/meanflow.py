@@ -98,16 +98,21 @@ class MeanFlow(Objective):
         if cond is not None and self.uses_guidance:
             v = self._guided_velocity(net, z, t, v, cond, dropped)
 
-        tz, tr, tt = self._tangents(v)
-        def u_fn(z_, r_, t_):
-            return net(z_, t_, self._second_time(t_, r_), cond)
-        with jvp_context():
-            u, dudt = torch.func.jvp(u_fn, (z, r, t), (tz, tr, tt))  # (B, *shape) each
-        u_tgt = (v - expand_like(t - r, u) * dudt).detach()         # (B, *shape)
+        u, u_tgt = self.prediction_and_target(net, z, r, t, v, cond)   # (B, *shape) each
         sq = (u - u_tgt).pow(2).flatten(1).mean(1)                  # (B,)
         weight = (sq.detach() + self.adaptive_c).pow(-self.adaptive_p)
         loss = weight * sq                                          # (B,)
         return LossOutput(loss, {"mse": sq.mean().item(), "frac_r_neq_t": (r != t).float().mean().item()})
+
+    def prediction_and_target(self, net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Tensor | None):
+        """``u_theta(z, r, t)`` and ``sg(u_tgt) = sg(v - (t - r) du/dt)`` (paper eq. 10) by one JVP."""
+        tz, tr, tt = self._tangents(v)
+
+        def u_fn(z_, r_, t_):
+            return net(z_, t_, self._second_time(t_, r_), cond)
+        with jvp_context():
+            u, dudt = torch.func.jvp(u_fn, (z, r, t), (tz, tr, tt))  # (B, *shape) each
+        return u, (v - expand_like(t - r, u) * dudt).detach()
 
     def _tangents(self, v: Tensor):
         b = v.shape[0]

@@ -104,7 +104,7 @@ class TransitionMatching(Objective):
 
     @torch.no_grad()
     def sample(self, net, noise: Tensor, cond: Tensor | None, steps: int | None = None) -> Tensor:
-        steps = steps or self.transition_steps
+        steps = self.transition_steps if steps is None else steps
         require(steps >= 1, "steps", f"must be >= 1, got {steps}")
         head = net.aux["transition_head"]
         z = noise

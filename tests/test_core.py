@@ -1,0 +1,354 @@
+"""Property tests of the shared core: time convention, objectives, drift field (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from jumpflow.backbones.mlp import MLP
+from jumpflow.drift import drift_field, drift_field_numba, drift_field_torch
+from jumpflow.generator import ClassEmbedding, Generator
+from jumpflow.objectives import (DDPM, OBJECTIVES, Drifting, FlowMatching, MeanFlow, TerminalVelocityMatching,
+                                 TimeSampler, TransitionMatching)
+from jumpflow.objectives.ddpm import squared_cosine_alphas_cumprod
+from jumpflow.timeconv import interpolate, jump, velocity
+
+torch.set_default_dtype(torch.float32)
+
+
+# ---------------------------------------------------------------- time convention
+def test_time_convention_pinned():
+    x, eps = torch.tensor([[1.0, 2.0]]), torch.tensor([[-3.0, 5.0]])
+    assert torch.equal(interpolate(x, eps, torch.tensor([0.0])), x)          # t = 0 is data
+    assert torch.equal(interpolate(x, eps, torch.tensor([1.0])), eps)        # t = 1 is noise
+    assert torch.equal(velocity(x, eps), eps - x)                           # v = dz/dt
+    # one jump t = 1 -> r = 0 with the exact average velocity lands on data
+    assert torch.allclose(jump(eps, torch.tensor([1.0]), torch.tensor([0.0]), eps - x), x)
+    with pytest.raises(ValueError, match="time must have shape"):
+        interpolate(x, eps, torch.tensor(0.5))
+
+
+# ---------------------------------------------------------------- oracle nets
+class PointOracle(nn.Module):
+    """Exact velocities when the data is the single point ``x0``: every average velocity
+    along the straight path is ``u(z, r, t) = (z - x0) / t``."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+        self.aux = {"tvm_target": lambda z, t, h, c: (z - self.x0) / t[:, None]}
+
+    def forward(self, z, t, h, cond):
+        return (z - self.x0) / t[:, None]
+
+
+class GaussianOracle(nn.Module):
+    """Exact average velocity for 1-D data ``N(m, s^2)``: the flow keeps the normalised
+    coordinate ``n = (z - (1 - t) m) / sigma_t``, ``sigma_t = sqrt((1-t)^2 s^2 + t^2)``."""
+
+    def __init__(self, m, s):
+        super().__init__()
+        self.m, self.s = m, s
+
+    def sigma(self, t):
+        return torch.sqrt((1 - t) ** 2 * self.s ** 2 + t ** 2)
+
+    def flow(self, z, t, r):
+        n = (z - (1 - t)[:, None] * self.m) / self.sigma(t)[:, None]
+        return (1 - r)[:, None] * self.m + self.sigma(r)[:, None] * n
+
+    def forward(self, z, t, h, cond):
+        r = t - h
+        small = h.abs() < 1e-6
+        h_safe = torch.where(small, torch.ones_like(h), h)
+        avg = (z - self.flow(z, t, r)) / h_safe[:, None]
+        inst = self.marginal_velocity(z, t)
+        return torch.where(small[:, None], inst, avg)
+
+    def marginal_velocity(self, z, t):
+        ds = ((t - (1 - t) * self.s ** 2) / self.sigma(t))[:, None]       # d sigma_t / dt
+        n = (z - (1 - t)[:, None] * self.m) / self.sigma(t)[:, None]
+        return -self.m + ds * n
+
+
+def test_meanflow_point_data_loss_zero_and_one_step_exact():
+    x0 = torch.tensor([[0.7, -1.3]], dtype=torch.float64)
+    net = PointOracle(x0)
+    obj = MeanFlow(ratio_r_neq_t=1.0, adaptive_p=0.0)
+    x = x0.expand(64, 2).clone()
+    out = obj.loss(net, x, None)
+    assert out.loss.abs().max() < 1e-20
+    eps = torch.randn(64, 2, dtype=torch.float64)
+    assert torch.allclose(obj.sample(net, eps, None, steps=1), x, atol=1e-12)
+    assert torch.allclose(obj.sample(net, eps, None, steps=3), x, atol=1e-12)
+
+
+def test_meanflow_identity_on_gaussian():
+    """With the marginal velocity, the closed-form average velocity satisfies the MeanFlow
+    identity ``u = v - (t - r) du/dt`` exactly, and its one-step sample is ``m + s eps``."""
+    torch.manual_seed(0)
+    m, s = 0.8, 0.5
+    net = GaussianOracle(m, s)
+    obj = MeanFlow()
+    b = 256
+    t = torch.rand(b, dtype=torch.float64) * 0.9 + 0.05
+    r = t * torch.rand(b, dtype=torch.float64)
+    z = torch.randn(b, 1, dtype=torch.float64)
+    v = net.marginal_velocity(z, t)
+    u, u_tgt = obj.prediction_and_target(net, z, r, t, v, None)
+    assert torch.allclose(u, u_tgt, atol=1e-9)
+    eps = torch.randn(b, 1, dtype=torch.float64)
+    assert torch.allclose(obj.sample(net, eps, None, steps=1), m + s * eps, atol=1e-12)
+
+
+def test_meanflow_wrong_tangent_breaks_identity():
+    m, s = 0.8, 0.5
+    net = GaussianOracle(m, s)
+    t = torch.full((8,), 0.7, dtype=torch.float64)
+    r = torch.full((8,), 0.2, dtype=torch.float64)
+    z = torch.randn(8, 1, dtype=torch.float64)
+    v = net.marginal_velocity(z, t)
+    u, u_tgt = MeanFlow(tangent="v_0_0").prediction_and_target(net, z, r, t, v, None)
+    assert (u - u_tgt).abs().max() > 1e-3
+
+
+def test_jvp_total_derivative_matches_finite_difference():
+    torch.manual_seed(0)
+    net = MLP((3,), width=32, depth=2).double()
+    obj = MeanFlow()
+    b = 5
+    z = torch.randn(b, 3, dtype=torch.float64)
+    t = torch.rand(b, dtype=torch.float64) * 0.8 + 0.1
+    r = t * 0.5
+    v = torch.randn(b, 3, dtype=torch.float64)
+    u, u_tgt = obj.prediction_and_target(net, z, r, t, v, None)
+    e = 1e-5
+
+    def u_at(delta):
+        return net(z + delta * v, t + delta, (t + delta) - r, None)
+    dudt_fd = (u_at(e) - u_at(-e)) / (2 * e)
+    dudt = (v - u_tgt) / (t - r)[:, None]
+    assert torch.allclose(dudt, dudt_fd, rtol=1e-6, atol=1e-8)
+
+
+def test_flow_matching_point_oracle_exact_in_one_euler_step():
+    x0 = torch.tensor([[2.0, -1.0]], dtype=torch.float64)
+    net, obj = PointOracle(x0), FlowMatching(solver="heun")
+    x = x0.expand(16, 2).clone()
+    assert obj.loss(net, x, None).loss.abs().max() < 1e-20
+    eps = torch.randn(16, 2, dtype=torch.float64)
+    assert torch.allclose(FlowMatching().sample(net, eps, None, steps=1), x, atol=1e-12)
+
+
+def test_tvm_point_oracle_loss_zero():
+    x0 = torch.tensor([[0.3, 0.1]], dtype=torch.float64)
+    obj = TerminalVelocityMatching()
+    out = obj.loss(PointOracle(x0), x0.expand(32, 2).clone(), None)
+    assert out.loss.abs().max() < 1e-20
+
+
+def test_tvm_gradient_flows_through_jvp():
+    torch.manual_seed(0)
+    net = Generator(MLP((2,), 32, 2), TerminalVelocityMatching(lambda_fm=0.0))
+    out = net.compute_loss({"x": torch.randn(8, 2)})
+    out.loss.mean().backward()
+    grads = [p.grad for p in net.backbone.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert all(p.grad is None for p in net.aux["tvm_target"].parameters())
+
+
+def test_ddim_100_matches_probability_flow_on_gaussian():
+    """Exact epsilon for data N(m, s^2): DDIM with 100 steps maps noise through the
+    deterministic (probability-flow) limit, which for a Gaussian keeps the normalised
+    coordinate; DDPM with the same net matches the moments."""
+    torch.manual_seed(0)
+    m, s = 0.5, 0.3
+    obj = DDPM(num_train_steps=100, sampler="ddim", clip_sample=None)
+    abar = obj.alphas_cumprod
+
+    class EpsOracle(nn.Module):
+        def forward(self, x, t, h, cond):
+            k = torch.round(t * 100 - 1).long()
+            a = abar[k].to(x.dtype)[:, None]
+            var = a * s ** 2 + 1 - a
+            return (1 - a).sqrt() * (x - a.sqrt() * m) / var
+
+    noise = torch.randn(4000, 1, dtype=torch.float64)
+    x = obj.sample(EpsOracle(), noise, None, steps=100)
+    a_last = abar[-1]
+    n = (noise - a_last.sqrt() * m) / torch.sqrt(a_last * s ** 2 + 1 - a_last)
+    err_100 = (x - (m + s * n)).abs()
+    assert err_100.max() < 0.05 and err_100.mean() < 0.01
+    err_50 = (obj.sample(EpsOracle(), noise, None, steps=50) - (m + s * n)).abs()
+    assert err_100.max() < 0.7 * err_50.max()      # converges to the deterministic limit
+    x_ddpm = obj.sample(EpsOracle(), noise, None, steps=100, sampler="ddpm")
+    assert abs(x_ddpm.mean().item() - m) < 0.03 and abs(x_ddpm.std().item() - s) < 0.03
+    # one DDPM step from pure noise gives the posterior mean only: far too narrow
+    x1 = obj.sample(EpsOracle(), noise, None, steps=1, sampler="ddpm")
+    assert x1.std().item() < 0.5 * s
+
+
+def test_squared_cosine_schedule():
+    a = squared_cosine_alphas_cumprod(100)
+    assert a.shape == (100,) and a.dtype == torch.float64
+    assert torch.all(a[1:] < a[:-1]) and 0.99 < a[0] < 1 and a[-1] < 1e-3
+
+
+# ---------------------------------------------------------------- drift field
+def _drift_case(seed=0, groups=4, g=6, p=5, u=3, d=4):
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    return mk(groups, g, d), mk(groups, p, d), mk(groups, u, d), torch.rand(groups, p, generator=gen) > 0.3
+
+
+@pytest.mark.parametrize("attraction_only", [False, True])
+def test_drift_numba_equals_torch(attraction_only):
+    gen, pos, neg, mask = _drift_case()
+    mask[:, 0] = True
+    a = drift_field_torch(gen, pos, mask, neg, 0.7, (0.02, 0.05, 0.2), True, attraction_only)
+    b = drift_field_numba(gen, pos, mask, neg, 0.7, (0.02, 0.05, 0.2), True, attraction_only)
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    assert torch.allclose(drift_field(gen, pos, mask, neg, impl="torch"), drift_field(gen, pos, mask, neg, impl="numba"),
+                          atol=1e-6)
+
+
+def test_drift_antisymmetric_and_zero_at_equilibrium():
+    gen, pos, neg, _ = _drift_case(1, p=5, u=5)
+    for impl in ("torch", "numba"):
+        v_pq = drift_field(gen, pos, neg=neg, gen_as_neg=False, impl=impl, normalize=False)
+        v_qp = drift_field(gen, neg, neg=pos, gen_as_neg=False, impl=impl, normalize=False)
+        assert torch.allclose(v_pq, -v_qp, atol=1e-12)
+        v_pp = drift_field(gen, pos, neg=pos.clone(), gen_as_neg=False, impl=impl, normalize=False)
+        assert v_pp.abs().max() < 1e-12
+        assert v_pq.abs().max() > 1e-3
+
+
+def test_drift_attracts_towards_positives():
+    gen = torch.zeros(1, 4, 2, dtype=torch.float64) + torch.randn(1, 4, 2, dtype=torch.float64) * 0.01
+    pos = torch.tensor([[[3.0, 0.0]]], dtype=torch.float64)
+    v = drift_field(gen, pos)
+    assert (v[..., 0] > 0).all()
+
+
+def test_drift_rejects_bad_input():
+    gen, pos, neg, _ = _drift_case()
+    with pytest.raises(ValueError, match="temperatures"):
+        drift_field(gen, pos, temperatures=())
+    with pytest.raises(ValueError, match="disagree"):
+        drift_field(gen, pos[:, :, :2])
+    with pytest.raises(ValueError, match="impl"):
+        drift_field(gen, pos, impl="cuda-magic")
+
+
+def test_drifting_groups_by_condition():
+    obj = Drifting(gen_per_group=3, group_by="cond")
+    x = torch.arange(10, dtype=torch.float32)[:, None]
+    cond = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2, 2, 1])[:, None].float()
+    pos, mask, group_cond = obj._groups(x, cond)
+    assert pos.shape == (3, 4, 1) and mask.sum() == 10
+    for gi in range(3):
+        members = x[(cond[:, 0] == group_cond[gi, 0])].flatten().sort().values
+        assert torch.equal(pos[gi][mask[gi]].flatten().sort().values, members)
+
+
+# ---------------------------------------------------------------- every objective
+def _tiny_generator(name, **kw):
+    torch.manual_seed(0)
+    obj = OBJECTIVES[name](**kw)
+    return Generator(MLP((2,), width=64, depth=2, cond_dim=8), obj, ClassEmbedding(2, 8))
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_each_objective_lowers_its_loss(name):
+    """Each objective, trained on a fixed two-point class-conditional problem, lowers its loss."""
+    net = _tiny_generator(name, **({"gen_per_group": 8} if name == "drifting" else {}))
+    x = torch.tensor([[1.0, 1.0], [-1.0, -1.0]]).repeat(16, 1)
+    cond = torch.tensor([0, 1]).repeat(16)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+
+    def eval_loss():
+        torch.manual_seed(123)
+        if name == "drifting":
+            # Drifting's loss is the rms-normalised ||V||^2, constant by construction; what
+            # falls is the distance of its one-step samples to their class's data point.
+            labels = torch.tensor([0, 1]).repeat(32)
+            return (net.generate(labels, steps=1) - x[:2][labels]).norm(dim=1).mean().item()
+        with torch.no_grad() if not net.objective.uses_jvp else torch.enable_grad():
+            return net.compute_loss({"x": x, "cond": cond}).loss.mean().item()
+    before = eval_loss()
+    for _ in range(150):
+        loss = net.compute_loss({"x": x, "cond": cond}).loss.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        net.objective.on_step_end(net)
+    after = eval_loss()
+    assert after < 0.7 * before, (before, after)
+    steps = 1 if name == "drifting" else net.objective.default_steps
+    sample = net.generate(torch.tensor([0, 1] * 32), steps=steps)
+    assert sample.shape == (64, 2) and torch.isfinite(sample).all()
+
+
+@pytest.mark.parametrize("cls,kwargs,field", [
+    (MeanFlow, {"ratio_r_neq_t": -0.1}, "ratio_r_neq_t"),
+    (MeanFlow, {"tangent": "v_2_1"}, "tangent"),
+    (MeanFlow, {"adaptive_c": 0.0}, "adaptive_c"),
+    (MeanFlow, {"guidance_interval": (0.8, 0.2)}, "guidance_interval"),
+    (MeanFlow, {"time_sampler": {"kind": "beta"}}, "time_sampler.kind"),
+    (MeanFlow, {"time_sampler": {"std": -1}}, "time_sampler.std"),
+    (MeanFlow, {"class_drop_prob": 1.5}, "class_drop_prob"),
+    (FlowMatching, {"solver": "rk45"}, "solver"),
+    (FlowMatching, {"class_drop_prob": -0.2}, "class_drop_prob"),
+    (TerminalVelocityMatching, {"target_decay": 1.0}, "target_decay"),
+    (TerminalVelocityMatching, {"lambda_fm": -1.0}, "lambda_fm"),
+    (TransitionMatching, {"transition_steps": 0}, "transition_steps"),
+    (TransitionMatching, {"inner_steps": 0}, "inner_steps"),
+    (TransitionMatching, {"head_samples": 0}, "head_samples"),
+    (Drifting, {"temperatures": []}, "temperatures"),
+    (Drifting, {"temperatures": [0.1, -0.2]}, "temperatures"),
+    (Drifting, {"gen_per_group": 0}, "gen_per_group"),
+    (Drifting, {"group_by": "batch"}, "group_by"),
+    (Drifting, {"n_uncond_neg": -1}, "n_uncond_neg"),
+    (DDPM, {"num_train_steps": 0}, "num_train_steps"),
+    (DDPM, {"sampler": "euler"}, "sampler"),
+])
+def test_invalid_hyperparameters_name_the_field(cls, kwargs, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["flow_matching", "ddpm", "transition_matching"])
+def test_steps_below_one_raise(name):
+    net = _tiny_generator(name)
+    with pytest.raises(ValueError, match="steps"):
+        net.objective.sample(net, torch.randn(2, 2), net.encode(torch.tensor([0, 1])), steps=0)
+
+
+def test_time_sampler_logit_normal_moments():
+    torch.manual_seed(0)
+    t = TimeSampler("logit_normal", mean=-0.4, std=1.0)(200_000)
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean().item() + 0.4) < 0.01 and abs(logit.std().item() - 1.0) < 0.01
+
+
+def test_meanflow_ratio_of_r_neq_t():
+    torch.manual_seed(0)
+    t, r = MeanFlow(ratio_r_neq_t=0.25).sample_times(100_000, "cpu", torch.float32)
+    assert torch.all(t >= r)
+    assert abs((t != r).float().mean().item() - 0.25) < 0.01
+
+
+def test_class_drop_needs_null_condition():
+    obj = FlowMatching(class_drop_prob=0.5)
+    net = Generator(MLP((2,), 16, 1, cond_dim=3), obj, nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="null"):
+        net.compute_loss({"x": torch.randn(4, 2), "cond": torch.randn(4, 3)})
+
+
+def test_nan_in_batch_is_rejected():
+    net = _tiny_generator("flow_matching")
+    with pytest.raises(ValueError, match="NaN"):
+        net.compute_loss({"x": torch.tensor([[math.nan, 0.0]]), "cond": torch.tensor([0])})
