@@ -1,0 +1,88 @@
+"""Scripted-expert success rates (Lift, PickPlaceCan) over fixed seeds -> bench/results/experts.json.
+
+Usage: ``python bench/experts.py [--n-episodes 100] [--tasks Lift PickPlaceCan] [--seed 0]``
+(``--debug``: 3 episodes per task). Episode ``k`` resets with seed ``seed + k`` (the demo
+generator's seeds), runs the expert for at most 400 steps and counts ``info["success"]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def machine_info() -> dict:
+    import torch
+    import mujoco
+    import robosuite
+    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "mujoco": mujoco.__version__, "robosuite": robosuite.__version__}
+
+
+def run_task(task: str, n_episodes: int, seed: int, max_steps: int = 400) -> dict:
+    from jumpflow.envs.experts import make_expert
+    from jumpflow.envs.sim import LOW_DIM_KEYS, RobosuiteSim, default_env_meta
+
+    sim = RobosuiteSim(default_env_meta(task), obs_keys=LOW_DIM_KEYS)
+    expert = make_expert(task, sim.env)
+    succ, lengths, failed_seeds = [], [], []
+    t0 = time.perf_counter()
+    for k in range(n_episodes):
+        obs = sim.reset(seed=seed + k)
+        expert.reset(obs)
+        ok, t = False, 0
+        for t in range(1, max_steps + 1):
+            obs, _, ok = sim.step(expert.act(obs))
+            if ok:
+                break
+        succ.append(ok)
+        lengths.append(t)
+        if not ok:
+            failed_seeds.append(seed + k)
+    sec = time.perf_counter() - t0
+    sim.close()
+    return {"task": sim.task, "n_episodes": n_episodes, "success_rate": float(np.mean(succ)),
+            "mean_length": float(np.mean(lengths)), "seconds_per_episode": sec / n_episodes,
+            "seeds": f"{seed}..{seed + n_episodes - 1}", "failed_seeds": failed_seeds}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", default=["Lift", "PickPlaceCan"])
+    p.add_argument("--n-episodes", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "experts.json"))
+    p.add_argument("--debug", action="store_true", help="3 episodes per task")
+    args = p.parse_args(argv)
+    n = 3 if args.debug else args.n_episodes
+    rows = []
+    for task in args.tasks:
+        rows.append(run_task(task, n, args.seed))
+        r = rows[-1]
+        print(f"{r['task']:<14} n={r['n_episodes']:<4} success={r['success_rate']:.3f} "
+              f"len={r['mean_length']:.1f} {r['seconds_per_episode']:.2f} s/episode", flush=True)
+    result = {"bench": "experts", "machine": machine_info(),
+              "config": {"n_episodes": n, "seed": args.seed, "max_steps": 400, "controller": "OSC_POSE",
+                         "control_freq": 20},
+              "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
+    print(f"\n| task | n_episodes | success_rate |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['task']} | {r['n_episodes']} | {r['success_rate']:.2f} |")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
