@@ -87,10 +87,30 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # Blocks
 # --------------------------------------------------------------------------------------
+class LayerNorm(nn.Module):
+    """LayerNorm without affine whose JVP can be differentiated.
+
+    torch's fused ``layer_norm`` gives wrong second-order derivatives through its forward-AD
+    formula (backward of a JVP; pytorch/pytorch#196700, seen on 2.14.1), which TVM needs.
+    When a forward-mode tangent is present the composite ``(x - mean) / sqrt(var + eps)``
+    runs instead (plain differentiable ops); otherwise the fused kernel.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not has_forward_grad(x):
+            return F.layer_norm(x, (self.dim,), eps=self.eps)             # (..., D)
+        xc = x - x.mean(-1, keepdim=True)                                 # (..., D)
+        return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
+
+
 def make_norm(kind: str, dim: int) -> nn.Module:
     """Pre-norm of a block: never affine (adaLN supplies scale and shift)."""
     if kind == "layernorm":
-        return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        return LayerNorm(dim, eps=1e-6)
     return nn.RMSNorm(dim, elementwise_affine=False, eps=1e-6)
 
 

@@ -1,0 +1,296 @@
+"""Backbones: registry sizes, shapes, tokens, every backbone x every objective, and JVPs
+(float64 finite differences) through DiT and UNet, including a backward through the JVP."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from jumpflow.backbones import BACKBONES, build_backbone, count_params
+from jumpflow.backbones.dit import DiT, attention
+from jumpflow.generator import ClassEmbedding, Generator
+from jumpflow.objectives.base import jvp_context
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "backbone"
+COND_DIM, N_CLASSES = 8, 3
+
+# tiny versions of each family: (registry name, per-sample shape, overrides)
+TINY = {
+    "dit2d": ("DiT-S/2", (4, 8, 8), dict(hidden_size=32, depth=2, num_heads=2)),
+    "dit2d_lipschitz": ("DiT-S/2", (4, 8, 8), dict(hidden_size=32, depth=2, num_heads=2, norm="rmsnorm",
+                                                   qk_norm=True, normalized_modulation=True, swiglu=True,
+                                                   pos_embed="learned")),
+    "dit1d": ("DiT1D-S", (8, 3), dict(hidden_size=32, depth=2, num_heads=2)),
+    "unet1d": ("UNet1D-S", (8, 3), dict(down_dims=(16, 32), emb_dim=32)),
+    "unet2d": ("UNet2D-S", (3, 8, 8), dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                          attention_ds=(1, 2), head_channels=8)),
+    "mlp": ("MLP", (8, 3), dict(width=32, depth=2)),
+}
+
+
+def tiny(key: str, cond_dim: int = COND_DIM, dtype=torch.float32, **extra):
+    name, shape, kw = TINY[key]
+    net = build_backbone(name, shape, cond_dim, **{**kw, **extra}).to(dtype)
+    return net, shape
+
+
+def perturb_(net: torch.nn.Module, std: float = 0.05) -> None:
+    """adaLN-Zero / zero-init output layers make most gradients exactly zero at init; a small
+    perturbation makes every parameter matter, so the checks below are not vacuous."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(std * torch.randn_like(p))
+
+
+def inputs(shape, batch=3, dtype=torch.float32, cond_dim=COND_DIM):
+    x = torch.randn(batch, *shape, dtype=dtype)
+    t = torch.rand(batch, dtype=dtype)
+    h = t * torch.rand(batch, dtype=dtype)
+    cond = torch.randn(batch, cond_dim, dtype=dtype) if cond_dim else None
+    return x, t, h, cond
+
+
+# --------------------------------------------------------------------------------------
+# registry, parameter counts, configs
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, target", [("DiT-B/2", 130e6), ("DiT-XL/2", 675e6)])
+def test_dit_param_counts_match_paper(name, target):
+    n = count_params(name, (4, 32, 32), cond_dim=0)
+    assert abs(n - target) / target < 0.03, (name, n)
+
+
+def test_param_counts_ordered_and_meta_equals_real():
+    dits = [count_params(n, (4, 32, 32)) for n in ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2")]
+    assert dits == sorted(dits)
+    unets = [count_params(n, (16, 7), cond_dim=46) for n in ("UNet1D-S", "UNet1D-M", "UNet1D-L")]
+    assert unets == sorted(unets)
+    assert 55e6 < unets[1] < 75e6          # Diffusion Policy's low-dim UNet is ~65M
+    net, shape = tiny("unet2d")
+    assert count_params(TINY["unet2d"][0], shape, COND_DIM, **TINY["unet2d"][2]) == \
+        sum(p.numel() for p in net.parameters())
+
+
+def test_every_registered_backbone_has_a_config():
+    files = {p.stem for p in CONFIG_DIR.glob("*.yaml")}
+    expected = {n.lower().replace("/", "_").replace("-", "_") for n in BACKBONES}
+    assert expected <= files
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_backbone_configs_instantiate(path):
+    omegaconf = pytest.importorskip("omegaconf")
+    hydra_utils = pytest.importorskip("hydra.utils")
+    backbone_cfg = omegaconf.OmegaConf.load(path)
+    assert backbone_cfg._target_ == "jumpflow.backbones.build_backbone"
+    assert backbone_cfg.name in BACKBONES
+    image = backbone_cfg.name.startswith("DiT-") or "2D" in backbone_cfg.name
+    task = {"shape": [4, 32, 32] if image else [16, 7], "cond_dim": 16}
+    cfg = omegaconf.OmegaConf.create({"task": task, "backbone": backbone_cfg})
+    with torch.device("meta"):
+        net = hydra_utils.instantiate(cfg.backbone)
+    assert tuple(net.shape) == tuple(task["shape"])
+
+
+def test_unknown_name_and_bad_shapes_raise():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("DiT-Q/3", (4, 8, 8))
+    with pytest.raises(ValueError, match="horizon"):
+        build_backbone("UNet1D-S", (10, 7))          # 10 is not divisible by 2**2
+    with pytest.raises(ValueError, match="patch_size"):
+        build_backbone("DiT-S/2", (4, 7, 7), hidden_size=32, depth=1, num_heads=2)
+    net, shape = tiny("dit2d")
+    with pytest.raises(ValueError, match="shape"):
+        net(torch.randn(2, 4, 16, 16), torch.rand(2), torch.rand(2), torch.randn(2, COND_DIM))
+    with pytest.raises(ValueError, match="cond"):
+        net(torch.randn(2, *shape), torch.rand(2), torch.rand(2), None)
+
+
+# --------------------------------------------------------------------------------------
+# shapes, tokens, features
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", list(TINY))
+def test_output_shape_tokens_and_features(key):
+    torch.manual_seed(0)
+    net, shape = tiny(key)
+    x, t, h, cond = inputs(shape)
+    out, feats = net(x, t, h, cond, return_features=True)
+    assert out.shape == x.shape
+    tokens = net.tokenize(x)
+    assert tokens.dim() == 3 and tokens.shape[0] == x.shape[0]
+    assert torch.equal(net.untokenize(tokens), x)                        # exact round trip
+    assert feats.shape == (x.shape[0], tokens.shape[1], net.feature_dim)
+    assert torch.equal(net(x, t, h, cond), out)
+
+
+def test_token_layouts():
+    dit, _ = tiny("dit2d")                       # 2x2 patches of (4, 8, 8): 16 tokens of 16 values
+    assert dit.tokenize(torch.zeros(2, 4, 8, 8)).shape == (2, 16, 16)
+    x = torch.arange(4 * 8 * 8.0).reshape(1, 4, 8, 8)
+    assert torch.equal(dit.tokenize(x)[0, 1, :4], x[0, :, 0, 2])        # token 1 = patch (0, 1), pixel (0, 0)
+    dit1d, _ = tiny("dit1d")                     # one token per time step
+    assert dit1d.tokenize(torch.zeros(2, 8, 3)).shape == (2, 8, 3)
+    unet1d, _ = tiny("unet1d")
+    assert unet1d.tokenize(torch.zeros(2, 8, 3)).shape == (2, 8, 3)
+    unet2d, _ = tiny("unet2d")                   # one token per pixel
+    assert unet2d.tokenize(torch.zeros(2, 3, 8, 8)).shape == (2, 64, 3)
+
+
+@pytest.mark.parametrize("key", ["dit2d", "dit1d", "unet1d", "unet2d", "mlp"])
+def test_h_and_cond_change_the_output(key):
+    torch.manual_seed(0)
+    net, shape = tiny(key)
+    perturb_(net)
+    x, t, h, cond = inputs(shape)
+    base = net(x, t, h, cond)
+    assert not torch.allclose(base, net(x, t, h + 0.3, cond))
+    assert not torch.allclose(base, net(x, t, h, cond + 1.0))
+
+
+def test_dit_starts_as_zero_map():
+    net, shape = tiny("dit2d")
+    x, t, h, cond = inputs(shape)
+    assert torch.count_nonzero(net(x, t, h, cond)) == 0                  # adaLN-Zero
+
+
+def test_attention_paths_agree():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64) for _ in range(3))
+    assert torch.allclose(attention(q, k, v, "fused"), attention(q, k, v, "math"), atol=1e-12)
+    net, shape = tiny("dit2d")
+    perturb_(net)
+    x, t, h, cond = inputs(shape)
+    fused = net.set_attention("fused")(x, t, h, cond)
+    math_ = net.set_attention("math")(x, t, h, cond)
+    assert torch.allclose(fused, math_, atol=1e-5)
+    with pytest.raises(ValueError, match="attn"):
+        net.set_attention("flash")
+
+
+# --------------------------------------------------------------------------------------
+# JVP: equals a central finite difference (float64), through every attention path
+# --------------------------------------------------------------------------------------
+def _jvp_vs_fd(net, shape, context: bool):
+    x, t, h, cond = inputs(shape, dtype=torch.float64)
+    tx, tt, th, tc = torch.randn_like(x), torch.rand_like(t), torch.rand_like(h), torch.randn_like(cond)
+
+    def f(x_, t_, h_, c_):
+        return net(x_, t_, h_, c_)
+
+    if context:
+        with jvp_context():
+            out, jv = torch.func.jvp(f, (x, t, h, cond), (tx, tt, th, tc))
+    else:
+        out, jv = torch.func.jvp(f, (x, t, h, cond), (tx, tt, th, tc))
+    eps = 1e-6
+    with torch.no_grad():
+        fd = (f(x + eps * tx, t + eps * tt, h + eps * th, cond + eps * tc)
+              - f(x - eps * tx, t - eps * tt, h - eps * th, cond - eps * tc)) / (2 * eps)
+    assert torch.allclose(out, f(x, t, h, cond))
+    rel = (jv - fd).norm() / fd.norm()
+    assert fd.norm() > 0 and rel < 1e-6, float(rel)
+
+
+@pytest.mark.parametrize("key", ["dit2d", "dit2d_lipschitz", "dit1d", "unet1d", "unet2d"])
+def test_jvp_matches_finite_difference_float64(key):
+    torch.manual_seed(0)
+    net, shape = tiny(key, dtype=torch.float64)
+    perturb_(net)
+    _jvp_vs_fd(net, shape, context=True)
+
+
+@pytest.mark.parametrize("key, mode", [("dit2d", "auto"), ("dit2d", "math"), ("unet2d", "auto")])
+def test_jvp_without_context_uses_the_math_attention(key, mode):
+    """``attn="auto"`` detects the tangent and leaves the fused kernel (no forward AD on CPU)."""
+    torch.manual_seed(0)
+    net, shape = tiny(key, dtype=torch.float64, attn=mode)
+    perturb_(net)
+    _jvp_vs_fd(net, shape, context=False)
+
+
+def test_forward_ad_dual_tensors_pass_through_dit():
+    from torch.autograd import forward_ad as fwAD
+    torch.manual_seed(0)
+    net, shape = tiny("dit2d", dtype=torch.float64)
+    perturb_(net)
+    x, t, h, cond = inputs(shape, dtype=torch.float64)
+    tx = torch.randn_like(x)
+    with fwAD.dual_level():
+        jv = fwAD.unpack_dual(net(fwAD.make_dual(x, tx), t, h, cond)).tangent
+    _, ref = torch.func.jvp(lambda x_: net(x_, t, h, cond), (x,), (tx,))
+    assert torch.allclose(jv, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("key", ["dit2d", "dit2d_lipschitz", "dit1d", "unet1d", "unet2d"])
+def test_backward_through_jvp_matches_finite_difference(key):
+    """TVM differentiates a loss of the JVP: d/dx ||dF/dh||^2 by backprop vs finite difference."""
+    torch.manual_seed(0)
+    net, shape = tiny(key, dtype=torch.float64)
+    perturb_(net)
+    x, t, h, cond = inputs(shape, dtype=torch.float64)
+
+    def loss_of(x_):
+        with jvp_context():
+            _, dF_dh = torch.func.jvp(lambda h_: net(x_, t, h_, cond), (h,), (torch.ones_like(h),))
+        return dF_dh.pow(2).sum()
+
+    xg = x.clone().requires_grad_(True)
+    loss_of(xg).backward()
+    direction = torch.randn_like(x)
+    eps = 1e-6
+    with torch.no_grad():
+        fd = (loss_of(x + eps * direction) - loss_of(x - eps * direction)) / (2 * eps)
+    analytic = (xg.grad * direction).sum()
+    assert abs(analytic - fd) <= 1e-6 * max(1.0, abs(fd)), (float(analytic), float(fd))
+    # every parameter but the output bias (a constant shift has no derivative) gets a gradient
+    no_grad = {n for n, p in net.named_parameters() if p.grad is None}
+    assert no_grad <= {"final_layer.linear.bias", "final_conv.bias", "out.bias"}, no_grad
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+# --------------------------------------------------------------------------------------
+# every backbone x every objective
+# --------------------------------------------------------------------------------------
+OUTPUT_LAYERS = ("final_layer.linear.", "final_block.", "final_conv.", "out.", "out_norm.")
+
+
+def _objective_names():
+    mod = importlib.import_module("jumpflow.objectives")
+    return sorted(getattr(mod, "OBJECTIVES", {}))
+
+
+@pytest.mark.parametrize("objective", _objective_names())
+@pytest.mark.parametrize("key", list(TINY))
+def test_every_backbone_with_every_objective(key, objective):
+    from jumpflow.objectives import OBJECTIVES
+    torch.manual_seed(0)
+    backbone, shape = tiny(key)
+    perturb_(backbone)
+    obj = OBJECTIVES[objective]()
+    gen = Generator(backbone, obj, ClassEmbedding(N_CLASSES, COND_DIM), shape=shape)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    x = torch.randn(len(labels), *shape)
+    out = gen.compute_loss({"x": x, "cond": labels})
+    assert out.loss.dim() == 1 and torch.isfinite(out.loss).all()
+    out.loss.mean().backward()
+    # Transition Matching reads the backbone's features, never its output layer
+    exempt = OUTPUT_LAYERS if objective == "transition_matching" else ()
+    missing = [n for n, p in backbone.named_parameters() if not n.startswith(exempt) and
+               (p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0)]
+    assert not missing, f"{objective} on {key}: no gradient for {missing[:5]}"
+    obj.on_step_end(gen)
+    steps = 1 if objective == "drifting" else 2
+    sample = gen.generate(labels[:4], steps=steps)
+    assert sample.shape == (4, *shape) and torch.isfinite(sample).all()
+
+
+def test_objective_registry_is_complete():
+    assert set(_objective_names()) >= {"flow_matching", "meanflow", "tvm", "transition_matching",
+                                       "drifting", "ddpm"}
+
+
+def test_dit_is_a_dit():
+    net, _ = tiny("dit1d")
+    assert isinstance(net, DiT) and net.num_tokens == 8
