@@ -1,0 +1,273 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else. Never pickle.
+
+A checkpoint is two files in ``<run_dir>/checkpoints/``:
+
+* ``ckpt_<step>.safetensors``: tensors, keyed ``model.<name>`` (the trained module's state
+  dict), ``ema.<name>`` (the ``AveragedModel``'s state dict, ``ema.module.<name>`` and
+  ``ema.n_averaged``), ``optim.<path>`` (the optimiser's state tensors) and ``rng.<name>``
+  (torch RNG states as uint8 tensors).
+* ``ckpt_<step>.json``: ``step``, the resolved ``config``, the optimiser's non-tensor state
+  (param groups, with tensors replaced by ``{"__tensor__": key}``), the scheduler state,
+  python / numpy RNG states, the data position, and the ``sha256`` and ``size`` of the
+  safetensors file.
+
+Both are written atomically (temporary file in the same folder, ``fsync``, ``os.replace``,
+``fsync`` of the folder), tensors first: a checkpoint exists once its JSON does, so a
+process killed mid-write leaves the previous checkpoint as the latest one. The last
+``keep`` checkpoints are kept. Reading verifies the sha256: a truncated or modified file
+raises :class:`CheckpointError` naming the file (and the previous checkpoint, which stays
+loadable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "jumpflow-checkpoint/1"
+_NAME = re.compile(r"^ckpt_(\d+)\.json$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+# ------------------------------------------------------------------ nested state <-> (tensors, JSON)
+def split_state(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested dict / list / tuple by ``{"__tensor__": key}`` and put
+    it in ``tensors[key]``; dicts with non-string keys become ``{"__items__": [[k, v], ...]}``.
+    The result is JSON-serialisable (given JSON-able leaves)."""
+    if isinstance(state, torch.Tensor):
+        tensors[prefix] = state.detach()
+        return {"__tensor__": prefix}
+    if isinstance(state, dict):
+        if all(isinstance(k, str) for k in state):
+            return {k: split_state(v, f"{prefix}.{k}", tensors) for k, v in state.items()}
+        return {"__items__": [[k, split_state(v, f"{prefix}.{k}", tensors)] for k, v in state.items()]}
+    if isinstance(state, (list, tuple)):
+        out = [split_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(state)]
+        return {"__tuple__": out} if isinstance(state, tuple) else out
+    if state is None or isinstance(state, (bool, int, float, str)):
+        return state
+    raise TypeError(f"cannot checkpoint a value of type {type(state).__name__} at {prefix!r}")
+
+
+def merge_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`split_state`."""
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {"__tensor__"}:
+            return tensors[skeleton["__tensor__"]]
+        if set(skeleton) == {"__items__"}:
+            return {k: merge_state(v, tensors) for k, v in skeleton["__items__"]}
+        if set(skeleton) == {"__tuple__"}:
+            return tuple(merge_state(v, tensors) for v in skeleton["__tuple__"])
+        return {k: merge_state(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [merge_state(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def prefixed(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state_dict.items()}
+
+
+def unprefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+# ------------------------------------------------------------------ atomic files
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _storage_safe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory or are not contiguous: copy those."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().cpu()
+        key = (v.untyped_storage().data_ptr(), v.untyped_storage().nbytes()) if v.numel() else None
+        if key is not None and key in seen or not v.is_contiguous():
+            v = v.clone(memory_format=torch.contiguous_format)
+        elif key is not None:
+            seen.add(key)
+        out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------ save / list / read
+def checkpoint_paths(ckpt_dir: str | Path) -> list[Path]:
+    """JSON files of the complete checkpoints in ``ckpt_dir``, oldest first."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(ckpt_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``.
+
+    Returns the JSON path."""
+    folder = Path(ckpt_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"ckpt_{step:09d}"
+    st_path, js_path = folder / f"{stem}.safetensors", folder / f"{stem}.json"
+    tmp = folder / f".{stem}.safetensors.tmp-{os.getpid()}"
+    save_file(_storage_safe(tensors), str(tmp), metadata={"format": FORMAT, "step": str(step)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    digest, size = _sha256(tmp)
+    os.replace(tmp, st_path)
+    _fsync_dir(folder)
+    meta = dict(meta, format=FORMAT, step=int(step), tensors_file=st_path.name, sha256=digest, size=size)
+    atomic_write_text(js_path, json.dumps(meta, indent=1, allow_nan=True))
+    for old in checkpoint_paths(folder)[:-keep]:
+        old.unlink(missing_ok=True)                       # the JSON first: never half-listed
+        (folder / old.name.replace(".json", ".safetensors")).unlink(missing_ok=True)
+    for stray in folder.glob(".ckpt_*.tmp-*"):            # left by a killed writer
+        if not stray.name.endswith(f"-{os.getpid()}"):
+            stray.unlink(missing_ok=True)
+    return js_path
+
+
+def _previous(path: Path) -> str:
+    older = [p for p in checkpoint_paths(path.parent) if p.name < path.name]
+    return f"; the previous checkpoint {older[-1]} is still usable" if older else ""
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read and verify one checkpoint (its ``.json`` or ``.safetensors`` path).
+
+    Returns ``(tensors, meta)``. Raises :class:`CheckpointError` naming the file when the
+    JSON is unreadable, the tensor file is missing, truncated or modified (size / sha256),
+    or safetensors cannot parse it."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        path = path.with_suffix(".json")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        meta = json.loads(path.read_text())
+        st_path = path.parent / meta["tensors_file"]
+        want_sha, want_size = meta["sha256"], int(meta["size"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint metadata {path} is unreadable ({type(err).__name__}: {err})"
+                              f"{_previous(path)}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not st_path.is_file():
+        raise CheckpointError(f"checkpoint tensor file {st_path} is missing{_previous(path)}")
+    digest, size = _sha256(st_path)
+    if size != want_size:
+        raise CheckpointError(f"checkpoint tensor file {st_path} is truncated or damaged: {size} bytes, "
+                              f"expected {want_size}{_previous(path)}")
+    if digest != want_sha:
+        raise CheckpointError(f"checkpoint tensor file {st_path} was modified: sha256 {digest[:12]}..., "
+                              f"expected {want_sha[:12]}...{_previous(path)}")
+    try:
+        tensors = load_file(str(st_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint tensor file {st_path} cannot be parsed ({err}){_previous(path)}") from None
+    return tensors, meta
+
+
+def latest_valid_checkpoint(ckpt_dir: str | Path, warn=print):
+    """``(path, tensors, meta)`` of the newest checkpoint that verifies, or ``None``.
+
+    A damaged newer checkpoint is reported through ``warn`` (one line naming it) and
+    skipped."""
+    for path in reversed(checkpoint_paths(ckpt_dir)):
+        try:
+            tensors, meta = read_checkpoint(path)
+        except CheckpointError as err:
+            warn(f"warning: skipping damaged checkpoint: {err}")
+            continue
+        return path, tensors, meta
+    return None
+
+
+def resolve_checkpoint(run_dir_or_ckpt: str | Path) -> Path:
+    """A run directory (its newest checkpoint), a ``checkpoints/`` folder, or a checkpoint file."""
+    p = Path(run_dir_or_ckpt)
+    if p.is_file() or p.suffix in (".json", ".safetensors"):
+        return p.with_suffix(".json")
+    for folder in (p / "checkpoints", p):
+        paths = checkpoint_paths(folder)
+        if paths:
+            return paths[-1]
+    raise CheckpointError(f"no checkpoint found in {p}")
+
+
+def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise CheckpointError(f"checkpoint {path}: {what} does not match the model built from the config "
+                              f"({' '.join(first[:2])[:300]})") from None
+
+
+def load_model(run_dir_or_ckpt: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
+    """Rebuild the trained module from a run directory or checkpoint for sampling or evaluation.
+
+    The task, backbone and objective are rebuilt from the resolved config stored in the
+    checkpoint; weights are the EMA copy when present and ``use_ema`` (else the raw model).
+
+    Returns:
+        ``(model, cfg)``: the module in ``eval()`` mode on ``device`` and the config
+        (an ``omegaconf.DictConfig``); ``model.task`` is the task object.
+    """
+    from omegaconf import OmegaConf
+
+    from jumpflow.trainer import build_components
+
+    path = resolve_checkpoint(run_dir_or_ckpt)
+    tensors, meta = read_checkpoint(path)
+    cfg = OmegaConf.create(meta["config"])
+    parts = build_components(cfg)
+    model = parts.model
+    ema_state = unprefixed(tensors, "ema.module")
+    if use_ema and ema_state:
+        load_state_into(model, ema_state, "EMA weights", path)
+    else:
+        load_state_into(model, unprefixed(tensors, "model"), "model weights", path)
+    model.task = parts.task
+    return model.to(device).eval(), cfg

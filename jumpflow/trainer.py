@@ -1,0 +1,576 @@
+"""The one training loop, for toy data, images and policies alike.
+
+Methods differ only in the ``objective`` config, workloads only in the ``task`` config,
+networks only in the ``backbone`` config. One step::
+
+    for each of the grad_accum micro-batches of this rank's share of the global batch:
+        seed the noise RNG from (seed, step, shard)        # shard = rank * grad_accum + micro
+        loss = model.compute_loss(batch).loss.mean() / (world * grad_accum)
+        loss.backward()                                    # (bf16 autocast unless the objective uses JVPs)
+    all-reduce (sum) the gradients across ranks            # no DDP wrapper: JVPs need the bare module
+    clip, AdamW step, warm-up + cosine LR, objective.on_step_end(model), EMA update
+
+Determinism: the seed fixes initialisation, the data order (a ``torch.Generator`` seeded
+from (seed, epoch) permutes the dataset; the global batch of step ``k`` is a fixed slice of
+it, split in contiguous shards), per-item augmentation RNG (seeded from (seed, epoch,
+index)) and the objective's noise (seeded per shard). So a run gives the same parameters
+whether its global batch is computed by one process (``grad_accum = S``) or by ``S``
+processes under ``torchrun``, and ``resume=true`` continues exactly.
+
+Errors in the configuration (values, or constructors of the task, backbone and objective)
+raise :class:`jumpflow.config.ConfigError` before anything is written or trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset
+
+from jumpflow.checkpoint import (CheckpointError, latest_valid_checkpoint, load_state_into, merge_state,
+                                 prefixed, read_checkpoint, save_checkpoint, split_state, unprefixed)
+from jumpflow.config import ConfigError, as_config_error, instantiate_checked, validate_config
+
+_MASK = (1 << 63) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps): distinct tuples, unrelated streams."""
+    z = 0x9E3779B97F4A7C15
+    for v in values:
+        z = (z ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        z ^= z >> 31
+    return z & _MASK
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------ data
+class GlobalBatchSampler:
+    """Yields, forever from ``start_step``, this process's micro-batches as lists of
+    ``(index, item_seed)``.
+
+    Epoch ``e`` is a permutation of the dataset drawn by a ``torch.Generator`` seeded with
+    ``mix_seed(seed, e)``; step ``k`` takes the global batch ``perm[p * B:(p + 1) * B]``
+    (``e, p = divmod(k, N // B)``; the incomplete tail of an epoch is dropped) and splits it
+    into ``shards`` contiguous slices of ``B / shards``; this process gets ``shard_ids``.
+    The data position is therefore a function of the step alone (saved as ``epoch``,
+    ``batch_in_epoch``)."""
+
+    def __init__(self, n: int, batch_size: int, shards: int, shard_ids: list[int], seed: int, start_step: int = 0):
+        if batch_size > n:
+            raise ConfigError("trainer.batch_size", f"{batch_size} is larger than the dataset ({n} items)")
+        if batch_size % shards:
+            raise ConfigError("trainer.batch_size", f"{batch_size} is not divisible by world_size * grad_accum "
+                                                    f"= {shards}")
+        self.n, self.batch_size, self.shards, self.shard_ids = n, batch_size, shards, list(shard_ids)
+        self.seed, self.start_step = seed, start_step
+        self.batches_per_epoch = n // batch_size
+
+    def position(self, step: int) -> dict:
+        epoch, pos = divmod(step, self.batches_per_epoch)
+        return {"epoch": epoch, "batch_in_epoch": pos, "step": step}
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0xDA7A))
+        return torch.randperm(self.n, generator=gen)
+
+    def __iter__(self):
+        step, cached = self.start_step, (None, None)
+        per_shard = self.batch_size // self.shards
+        while True:
+            epoch, pos = divmod(step, self.batches_per_epoch)
+            if cached[0] != epoch:
+                cached = (epoch, self.permutation(epoch).tolist())
+            batch = cached[1][pos * self.batch_size:(pos + 1) * self.batch_size]
+            for s in self.shard_ids:
+                idx = batch[s * per_shard:(s + 1) * per_shard]
+                yield [(i, mix_seed(self.seed, epoch, i, 0x17E5)) for i in idx]
+            step += 1
+
+
+class ItemSeeded(Dataset):
+    """``dataset[(index, seed)]``: seeds python / numpy / torch RNGs, then returns ``dataset[index]``,
+    so random augmentation is a function of the item's seed (any worker, any resume)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, seed = key
+        seed_everything(seed)
+        return self.base[index]
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+# ------------------------------------------------------------------------------ schedules
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total`` (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ema_decay(step: int, decay: float, power: float | None, inv_gamma: float = 1.0, min_decay: float = 0.0,
+              update_after_step: int = 0) -> float:
+    """EMA decay for the update after optimiser step ``step`` (1-based).
+
+    ``power = None``: constant ``decay``. Otherwise Diffusion Policy's warm-up
+    ``1 - (1 + s / inv_gamma) ** -power`` with ``s = step - update_after_step - 1``, clamped to
+    ``[min_decay, decay]``. Up to ``update_after_step`` the EMA copies the model (decay 0)."""
+    if step <= update_after_step:
+        return 0.0
+    if power is None:
+        return decay
+    s = max(0, step - update_after_step - 1)
+    return float(min(decay, max(min_decay, 1.0 - (1.0 + s / inv_gamma) ** -power)))
+
+
+# ------------------------------------------------------------------------------ building
+@dataclass
+class Components:
+    task: Any
+    backbone: nn.Module
+    objective: Any
+    model: nn.Module
+
+
+def build_components(cfg: DictConfig) -> Components:
+    """Task, then backbone (given the task's ``shape`` / ``cond_dim``), then objective, then
+    ``task.build_model``. Seeds ``torch`` with ``cfg.seed`` before the network is built.
+
+    Backbone configs are ``_partial_: true`` and get ``shape`` / ``cond_dim`` from here; a
+    backbone config that names ``shape`` / ``cond_dim`` keys itself (e.g.
+    ``${task.shape}``) has them overwritten with the task's values. Constructor errors
+    become :class:`ConfigError` (``task.<field>``, ``backbone.<field>``, ``objective.<field>``).
+    """
+    task = instantiate_checked(cfg.task, "task")
+    for key in ("shape", "cond_dim"):
+        if not hasattr(task, key):
+            raise ConfigError(f"task.{key}", f"the task {type(task).__name__} does not define {key}")
+    shape, cond_dim = [int(s) for s in task.shape], int(task.cond_dim)
+    with open_dict(cfg):
+        for key, value in (("shape", shape), ("cond_dim", cond_dim)):
+            if key in cfg.backbone:
+                cfg.backbone[key] = value
+    torch.manual_seed(int(cfg.seed))
+    if bool(cfg.backbone.get("_partial_", False)):
+        built = instantiate_checked(cfg.backbone, "backbone")
+        try:
+            backbone = built(shape=tuple(shape), cond_dim=cond_dim)
+        except (ValueError, TypeError) as err:
+            raise as_config_error("backbone", err) from err
+    else:
+        backbone = instantiate_checked(cfg.backbone, "backbone", shape=shape, cond_dim=cond_dim)
+    objective = instantiate_checked(cfg.objective, "objective")
+    try:
+        model = task.build_model(backbone, objective)
+    except (ValueError, TypeError) as err:
+        raise as_config_error("objective", err) from err
+    if not hasattr(model, "compute_loss"):
+        raise ConfigError("task", f"{type(task).__name__}.build_model returned a module without compute_loss")
+    return Components(task, backbone, objective, model)
+
+
+def apply_debug(cfg: DictConfig) -> None:
+    """``debug=true``: a few steps, frequent eval / checkpoints / logs, no workers."""
+    with open_dict(cfg):
+        t = cfg.trainer
+        t.max_steps = min(int(t.max_steps), 6)
+        t.eval_every, t.ckpt_every, t.log_every, t.num_workers = 3, 3, 1, 0
+
+
+# ------------------------------------------------------------------------------ distributed
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+
+def init_distributed(device_cfg: str) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    owns = False
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_cfg != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        owns = True
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+
+def broadcast_str(text: str, info: DistInfo) -> str:
+    """Rank 0's string on every rank (tensors only, no pickling)."""
+    if info.world == 1:
+        return text
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    n = torch.tensor([data.numel()], dtype=torch.int64)
+    dist.broadcast(n, 0)
+    buf = data if info.rank == 0 else torch.zeros(int(n.item()), dtype=torch.uint8)
+    dist.broadcast(buf, 0)
+    return bytes(buf.tolist()).decode()
+
+
+def allreduce_grads(params: list[nn.Parameter], bucket_bytes: int = 32 << 20) -> None:
+    """Sum gradients over ranks (losses are pre-divided by the number of shards)."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    bucket, size = [], 0
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+        if bucket and (g is None or size >= bucket_bytes):
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+            bucket, size = [], 0
+
+
+# ------------------------------------------------------------------------------ logging
+class RunLogger:
+    """JSONL metrics file (always) plus wandb (``logger=wandb``; ``WANDB_MODE`` defaults to
+    ``offline``). Rank 0 only."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, resolved: dict, enabled: bool, run_id: str):
+        self.enabled, self.wandb = enabled, None
+        if not enabled:
+            return
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        if cfg.logger == "wandb":
+            os.environ.setdefault("WANDB_MODE", str(OmegaConf.select(cfg, "wandb.mode", default="offline")))
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self.wandb = wandb.init(project=OmegaConf.select(cfg, "wandb.project", default="jumpflow"),
+                                    entity=OmegaConf.select(cfg, "wandb.entity", default=None),
+                                    name=OmegaConf.select(cfg, "wandb.name", default=None) or run_dir.name,
+                                    dir=str(run_dir), config=resolved, id=run_id, resume="allow")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _say(msg: str) -> None:
+    print(f"jumpflow-train: {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ the loop
+def train(cfg: DictConfig) -> dict:
+    """Run (or resume) training as configured; returns ``{"run_dir", "step", "metrics"}``.
+
+    Raises :class:`ConfigError` for bad configuration before anything is written."""
+    cfg = cfg.copy()
+    if bool(OmegaConf.select(cfg, "debug", default=False)):
+        apply_debug(cfg)
+    validate_config(cfg)
+    info = init_distributed(str(cfg.trainer.device))
+    try:
+        return _train(cfg, info)
+    finally:
+        if info.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: DictConfig, info: DistInfo) -> dict:
+    tcfg, seed = cfg.trainer, int(cfg.seed)
+    if tcfg.device == "auto":
+        device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(tcfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if tcfg.get("cpu_threads"):
+        torch.set_num_threads(int(tcfg.cpu_threads))
+
+    # -- build everything first: configuration errors end the run before any write --------
+    seed_everything(seed)
+    parts = build_components(cfg)
+    task, model, objective = parts.task, parts.model.to(device), parts.objective
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # an interpolation that cannot resolve
+        raise ConfigError(getattr(err, "full_key", "") or "config", str(err).splitlines()[0]) from None
+    run_dir = resolved.get("run_dir")
+    if not run_dir:
+        raise ConfigError("run_dir", "must be set")
+    run_dir = Path(broadcast_str(str(run_dir), info))
+    resolved["run_dir"] = str(run_dir)
+    dataset = task.train_dataset()
+    shards = info.world * int(tcfg.grad_accum)
+    global_batch = int(tcfg.batch_size)
+    GlobalBatchSampler(len(dataset), global_batch, shards, [0], seed)       # checks the batch split
+    use_bf16 = tcfg.precision == "bf16"
+    if use_bf16 and getattr(objective, "uses_jvp", False):
+        if info.rank == 0:
+            _say("note: bf16 autocast is off for this objective (it differentiates with JVPs)")
+        use_bf16 = False
+
+    if info.world > 1:   # same initialisation everywhere (it already is, by the seed)
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, 0)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    ocfg = cfg.optim
+    wd = float(ocfg.weight_decay)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=float(ocfg.lr), betas=tuple(float(b) for b in ocfg.betas),
+                                  eps=float(ocfg.eps))
+    max_steps = int(tcfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_factor, warmup=int(ocfg.warmup_steps), total=max_steps, schedule=str(ocfg.schedule),
+        min_ratio=float(ocfg.min_lr_ratio)))
+    ecfg = cfg.ema
+    ema = None
+    if ecfg.enabled:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(ecfg.decay)), use_buffers=True)
+        decay_at = partial(ema_decay, decay=float(ecfg.decay),
+                           power=None if ecfg.power is None else float(ecfg.power),
+                           inv_gamma=float(ecfg.inv_gamma), min_decay=float(ecfg.min_decay),
+                           update_after_step=int(ecfg.update_after_step))
+
+    # -- resume ------------------------------------------------------------------------------
+    ckpt_dir = run_dir / "checkpoints"
+    step, run_id = 0, None
+    resume = cfg.resume
+    if resume:
+        if isinstance(resume, str) and resume.lower() not in ("true", "latest"):
+            found = (Path(resume), *read_checkpoint(resume))
+        else:
+            found = latest_valid_checkpoint(ckpt_dir, warn=_say if info.rank == 0 else (lambda m: None))
+        if found is None:
+            if info.rank == 0:
+                _say(f"resume: no checkpoint in {ckpt_dir}; starting from step 0")
+        else:
+            path, tensors, meta = found
+            step, run_id = restore_state(path, tensors, meta, model, ema, optimizer, scheduler, cfg)
+            if info.rank == 0:
+                _say(f"resumed from {path} at step {step}")
+    run_id = run_id or f"{run_dir.name}-{mix_seed(seed, time.time_ns()) % 10**8:08d}"
+
+    # -- run directory (rank 0) ----------------------------------------------------------------
+    is_main = info.rank == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    logger = RunLogger(cfg, run_dir, resolved, is_main, run_id)
+
+    sampler = GlobalBatchSampler(len(dataset), global_batch, shards,
+                                 [info.rank * int(tcfg.grad_accum) + m for m in range(int(tcfg.grad_accum))],
+                                 seed, start_step=step)
+    workers = int(tcfg.num_workers)
+    loader = DataLoader(ItemSeeded(dataset), batch_sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        prefetch_factor=2 if workers > 0 else None)
+    batches = iter(loader)
+
+    def evaluate(at: int) -> dict:
+        if not is_main:
+            return {}
+        target = ema.module if ema is not None else model
+        was = target.training
+        target.eval()
+        py, npy = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(mix_seed(seed, at, 0xE7A1))
+            out = task.evaluate(target, str(run_dir), at)
+        random.setstate(py)
+        np.random.set_state(npy)
+        target.train(was)
+        metrics = {f"eval/{k}": float(v) for k, v in (out or {}).items()}
+        logger.log(at, metrics)
+        return metrics
+
+    def checkpoint(at: int) -> None:
+        if is_main:
+            tensors, meta = collect_state(model, ema, optimizer, scheduler, resolved, sampler.position(at),
+                                          info, run_id)
+            save_checkpoint(ckpt_dir, at, tensors, meta, keep=int(tcfg.keep_checkpoints))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=max_steps, initial=step, disable=not (is_main and bool(tcfg.progress)), desc="train",
+               dynamic_ncols=True, mininterval=1.0)
+    accum, eval_every, ckpt_every = int(tcfg.grad_accum), int(tcfg.eval_every), int(tcfg.ckpt_every)
+    log_every = int(tcfg.log_every)
+    grad_clip = None if tcfg.grad_clip is None else float(tcfg.grad_clip)
+    eval_metrics: dict = {}
+    last_saved = step if resume and step > 0 else -1
+    model.train()
+    t_last, steps_since = time.perf_counter(), 0
+    try:
+        while step < max_steps:
+            sums: dict[str, float] = {}
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for micro in range(accum):
+                batch = to_device(next(batches), device)
+                shard = info.rank * accum + micro
+                torch.manual_seed(mix_seed(seed, step, shard, 0x401E))
+                autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 \
+                    else contextlib.nullcontext()
+                with autocast:
+                    out = model.compute_loss(batch)
+                loss = out.loss.float().mean()
+                (loss / shards).backward()
+                loss_sum += loss.detach().double().cpu()
+                for k, v in (out.metrics or {}).items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / accum
+            if info.world > 1:
+                allreduce_grads(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            objective.on_step_end(model)
+            step += 1
+            if ema is not None:
+                ema.multi_avg_fn = get_ema_multi_avg_fn(decay_at(step))
+                ema.update_parameters(model)
+            steps_since += 1
+            bar.update(1)
+
+            if step % log_every == 0 or step == max_steps:
+                loss_val = loss_sum / accum
+                if info.world > 1:
+                    dist.all_reduce(loss_val)
+                    loss_val /= info.world
+                loss_val = float(loss_val)
+                if not math.isfinite(loss_val):
+                    raise FloatingPointError(f"loss is {loss_val} at step {step}")
+                now = time.perf_counter()
+                rate = steps_since / max(now - t_last, 1e-9)
+                t_last, steps_since = now, 0
+                logger.log(step, {"train/loss": loss_val, "train/lr": lr, "train/grad_norm": float(grad_norm),
+                                  "train/it_per_s": rate, **{f"train/{k}": v for k, v in sums.items()}})
+                bar.set_postfix(loss=f"{loss_val:.4g}", refresh=False)
+            if eval_every and step % eval_every == 0:
+                eval_metrics = evaluate(step) or eval_metrics
+            if ckpt_every and step % ckpt_every == 0:
+                checkpoint(step)
+                last_saved = step
+        if last_saved != step:
+            checkpoint(step)
+        if bool(tcfg.eval_at_end) and not (eval_every and step % eval_every == 0):
+            eval_metrics = evaluate(step) or eval_metrics
+    finally:
+        bar.close()
+        logger.close()
+        del batches
+    if info.world > 1:
+        dist.barrier()
+    return {"run_dir": str(run_dir), "step": step, "metrics": eval_metrics}
+
+
+# ------------------------------------------------------------------------------ state
+def _rng_state(info: DistInfo) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    meta = {"python": split_state(random.getstate(), "rng.python", {}),
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+    return tensors, meta
+
+
+def collect_state(model, ema, optimizer, scheduler, resolved: dict, position: dict, info: DistInfo,
+                  run_id: str) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = prefixed(model.state_dict(), "model")
+    if ema is not None:
+        tensors.update(prefixed(ema.state_dict(), "ema"))
+    optim_meta = split_state(optimizer.state_dict(), "optim", tensors)
+    rng_tensors, rng_meta = _rng_state(info)
+    tensors.update(rng_tensors)
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    meta = {"config": resolved, "optimizer": optim_meta, "scheduler": sched, "rng": rng_meta,
+            "data": position, "world_size": info.world, "run_id": run_id, "torch": torch.__version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return tensors, meta
+
+
+def restore_state(path, tensors, meta, model, ema, optimizer, scheduler, cfg) -> tuple[int, str | None]:
+    load_state_into(model, unprefixed(tensors, "model"), "model weights", path)
+    if ema is not None:
+        state = unprefixed(tensors, "ema")
+        if state:
+            load_state_into(ema, state, "EMA weights", path)
+        else:
+            _say(f"warning: {path} has no EMA weights; the EMA restarts from the model")
+    try:
+        optimizer.load_state_dict(merge_state(meta["optimizer"], tensors))
+        sched = dict(meta["scheduler"])
+        sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
+        scheduler.load_state_dict(sched)
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: optimiser / scheduler state does not fit ({err})") from None
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    random.setstate(merge_state(meta["rng"]["python"], {}))
+    kind, keys, pos, has_gauss, gauss = meta["rng"]["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    old = meta.get("config", {})
+    for key in ("seed",):
+        if old.get(key) != cfg.get(key):
+            _say(f"warning: {key} changed since the checkpoint ({old.get(key)} -> {cfg.get(key)}); "
+                 "the run will not match an uninterrupted one")
+    if old.get("trainer", {}).get("batch_size") != cfg.trainer.batch_size:
+        _say("warning: trainer.batch_size changed since the checkpoint; the data order changes")
+    return int(meta["step"]), meta.get("run_id")
