@@ -83,97 +83,104 @@ def drift_field_torch(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, 
     return torch.stack(out)                                             # (K, Gr, G, d)
 
 
-@numba.njit(parallel=True, fastmath=False, cache=True)
+@numba.njit(parallel=True, fastmath={"nsz", "arcp", "contract", "reassoc"}, cache=True)
 def _drift_numba(gen, pos, pos_mask, neg, neg_weight, taus, gen_as_neg, attraction_only):  # pragma: no cover - jit
+    # One pass per group: gather the targets once, distances once, then per temperature
+    # E_r = exp(L - row max), E_c = exp(L - column max) (two exps per pair, each stable) and
+    # A = sqrt(E_r / S_row * E_c / S_col): the log-sum-exps without a third exp.
     n_groups, g, d = gen.shape
     p = pos.shape[1]
     u = neg.shape[1]
-    m = p + (g if gen_as_neg else 0) + u
+    n_gen_neg = g if gen_as_neg else 0
+    m = p + n_gen_neg + u
     k_taus = taus.shape[0]
     out = np.zeros((k_taus, n_groups, g, d), dtype=gen.dtype)
     for grp in numba.prange(n_groups):
-        dist = np.empty((g, m), dtype=gen.dtype)
-        valid = np.zeros((g, m), dtype=np.bool_)
+        y = np.empty((m, d), dtype=gen.dtype)
+        y[:p] = pos[grp]
+        if gen_as_neg:
+            y[p:p + g] = gen[grp]
+        y[p + n_gen_neg:] = neg[grp]
         wcol = np.ones(m, dtype=gen.dtype)
+        wcol[p + n_gen_neg:] = neg_weight
+        x = gen[grp]
+        dist = np.empty((g, m), dtype=np.float64)
+        valid = np.ones((g, m), dtype=np.bool_)
         total = 0.0
         count = 0
         for i in range(g):
             for j in range(m):
-                if j < p:
-                    ok = pos_mask[grp, j]
-                    yj = pos[grp, j]
-                elif gen_as_neg and j < p + g:
-                    ok = (j - p) != i
-                    yj = gen[grp, j - p]
-                else:
-                    ok = True
-                    yj = neg[grp, j - p - (g if gen_as_neg else 0)]
-                    wcol[j] = neg_weight
+                ok = pos_mask[grp, j] if j < p else not (gen_as_neg and j - p == i and j < p + g)
+                valid[i, j] = ok
                 acc = 0.0
                 for c in range(d):
-                    diff = gen[grp, i, c] - yj[c]
+                    diff = x[i, c] - y[j, c]
                     acc += diff * diff
                 dist[i, j] = math.sqrt(acc)
-                valid[i, j] = ok
                 if ok:
                     total += dist[i, j]
                     count += 1
-        mean = total / max(count, 1)
-        if mean < 1e-12:
-            mean = 1e-12
-        row = np.empty(g, dtype=gen.dtype)
-        col = np.empty(m, dtype=gen.dtype)
-        a = np.empty(m, dtype=gen.dtype)
+        mean = max(total / max(count, 1), 1e-12)
+        e_row = np.zeros((g, m), dtype=np.float64)
+        e_col = np.zeros((g, m), dtype=np.float64)
+        row_min = np.empty(g, dtype=np.float64)
+        col_min = np.empty(m, dtype=np.float64)
+        row_sum = np.zeros(g, dtype=np.float64)
+        col_sum = np.zeros(m, dtype=np.float64)
+        e = np.zeros((g, m), dtype=np.float64)
+        row_min[:] = np.inf
+        col_min[:] = np.inf
+        for i in range(g):
+            for j in range(m):
+                if valid[i, j]:
+                    row_min[i] = min(row_min[i], dist[i, j])
+                    col_min[j] = min(col_min[j], dist[i, j])
         for kt in range(k_taus):
             inv_tau = 1.0 / (taus[kt] * mean)
-            for i in range(g):                       # row log-sum-exp
-                mx = -np.inf
-                for j in range(m):
-                    if valid[i, j] and -dist[i, j] * inv_tau > mx:
-                        mx = -dist[i, j] * inv_tau
-                s = 0.0
+            row_sum[:] = 0.0
+            col_sum[:] = 0.0
+            for i in range(g):
                 for j in range(m):
                     if valid[i, j]:
-                        s += math.exp(-dist[i, j] * inv_tau - mx)
-                row[i] = mx + math.log(s) if s > 0 else -np.inf
-            for j in range(m):                       # column log-sum-exp
-                mx = -np.inf
-                for i in range(g):
-                    if valid[i, j] and -dist[i, j] * inv_tau > mx:
-                        mx = -dist[i, j] * inv_tau
-                s = 0.0
-                for i in range(g):
-                    if valid[i, j]:
-                        s += math.exp(-dist[i, j] * inv_tau - mx)
-                col[j] = mx + math.log(s) if s > 0 else -np.inf
+                        er = math.exp((row_min[i] - dist[i, j]) * inv_tau)
+                        ec = math.exp((col_min[j] - dist[i, j]) * inv_tau)
+                    else:
+                        er = 0.0
+                        ec = 0.0
+                    e_row[i, j] = er
+                    e_col[i, j] = ec
+                    row_sum[i] += er
+                    col_sum[j] += ec
+            for i in range(g):
+                for j in range(m):
+                    if e_row[i, j] > 0.0 and e_col[i, j] > 0.0:
+                        e[i, j] = math.sqrt(e_row[i, j] / row_sum[i] * e_col[i, j] / col_sum[j]) * wcol[j]
+                    else:
+                        e[i, j] = 0.0
             for i in range(g):
                 s_pos = 0.0
                 s_neg = 0.0
                 for j in range(m):
-                    if valid[i, j]:
-                        a[j] = math.exp(-dist[i, j] * inv_tau - 0.5 * (row[i] + col[j])) * wcol[j]
-                    else:
-                        a[j] = 0.0
+                    a = e[i, j]
                     if j < p:
-                        s_pos += a[j]
+                        s_pos += a
                     else:
-                        s_neg += a[j]
+                        s_neg += a
                 for j in range(m):
-                    if a[j] == 0.0:
+                    a = e[i, j]
+                    if a == 0.0:
                         continue
                     if j < p:
-                        yj = pos[grp, j]
-                        coef = (a[j] / s_pos) if attraction_only else s_neg * a[j]
+                        coef = (a / s_pos) if attraction_only else s_neg * a
                     elif attraction_only:
-                        continue
+                        break
                     else:
-                        yj = gen[grp, j - p] if (gen_as_neg and j < p + g) else neg[grp, j - p - (g if gen_as_neg else 0)]
-                        coef = -s_pos * a[j]
+                        coef = -s_pos * a
                     for c in range(d):
-                        out[kt, grp, i, c] += coef * yj[c]
+                        out[kt, grp, i, c] += coef * y[j, c]
                 if attraction_only and s_pos > 0:
                     for c in range(d):
-                        out[kt, grp, i, c] -= gen[grp, i, c]
+                        out[kt, grp, i, c] -= x[i, c]
     return out
 
 

@@ -1,0 +1,52 @@
+"""Shared helpers of the benchmark scripts: machine description and the one result format
+``{"bench", "machine", "config", "rows"}`` written to ``bench/results/<bench>.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def write_results(bench: str, config: dict, rows: list[dict], path: Path | None = None) -> Path:
+    """Atomically write the bench JSON and print its rows as a table."""
+    path = Path(path or RESULTS / f"{bench}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"bench": bench, "machine": machine(), "config": config, "rows": rows}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    print_table(rows)
+    print(f"\nwrote {path}")
+    return path
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        print("(no rows)")
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+    widths = {k: max(len(k), *(len(fmt(r.get(k, ""))) for r in rows)) for k in keys}
+    print(" | ".join(k.ljust(widths[k]) for k in keys))
+    print("-+-".join("-" * widths[k] for k in keys))
+    for r in rows:
+        print(" | ".join(fmt(r.get(k, "")).ljust(widths[k]) for k in keys))
