@@ -1,0 +1,214 @@
+"""The one training loop: exact resume after kill -9, determinism, schedules, EMA, data order,
+debug switch, CLI (--help, --cfg job, multirun)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from jumpflow.checkpoint import checkpoint_paths, read_checkpoint, unprefixed
+from jumpflow.trainer import GlobalBatchSampler, ema_decay, lr_factor, train
+
+TINY = ["logger=none", "trainer.progress=false", "trainer.cpu_threads=1", "++backbone.width=32",
+        "++backbone.depth=1", "task.n=512", "task.eval_samples=256", "task.eval_projections=32",
+        "trainer.batch_size=32", "trainer.log_every=1", "optim.warmup_steps=2", "optim.lr=1e-3",
+        "ema.decay=0.9", "trainer.eval_every=0", "trainer.eval_at_end=false"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+
+
+def make_cfg(run_dir, *overrides):
+    with initialize_config_module("jumpflow.configs", version_base=None):
+        return compose("train", overrides=[f"run_dir={run_dir}", *TINY, *overrides])
+
+
+def final_state(run_dir) -> dict[str, torch.Tensor]:
+    tensors, _ = read_checkpoint(checkpoint_paths(Path(run_dir) / "checkpoints")[-1])
+    return {k: v for k, v in tensors.items() if k.startswith(("model.", "ema."))}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+def cli(*args, timeout=300, **kw):
+    return subprocess.run([sys.executable, "-m", "jumpflow.cli.train", *args], env=ENV, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+# ------------------------------------------------------------------ exact resume after kill -9
+def test_kill9_then_resume_matches_uninterrupted(tmp_path):
+    """A CLI run killed with SIGKILL right after its first checkpoint, then resumed with
+    resume=true, ends with the parameters (model and EMA) of an uninterrupted run."""
+    steps = 240
+    common = ["objective=meanflow", "task.conditional=true", "task.cond_dim=8", f"trainer.max_steps={steps}",
+              "ema.power=0.75", "ema.decay=0.999"]
+    ref_dir = tmp_path / "ref"
+    train(make_cfg(ref_dir, *common, "trainer.ckpt_every=0"))
+
+    run_dir = tmp_path / "killed"
+    args = [f"hydra.run.dir={run_dir}", *TINY, *common, "trainer.ckpt_every=10"]
+    proc = subprocess.Popen([sys.executable, "-m", "jumpflow.cli.train", *args], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    try:
+        while not checkpoint_paths(run_dir / "checkpoints"):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "no checkpoint written"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = [int(p.stem.split("_")[1]) for p in checkpoint_paths(run_dir / "checkpoints")]
+    assert max(done) < steps, "the run finished before it was killed"
+
+    resumed = cli(*args, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at step {max(done)}" in resumed.stderr
+    assert max_diff(final_state(run_dir), final_state(ref_dir)) <= 1e-7
+
+
+def test_evaluation_does_not_change_training(tmp_path):
+    """Periodic evaluation (sampling, its own RNG) leaves the trained parameters unchanged."""
+    common = ["trainer.max_steps=8", "task.conditional=true"]
+    a = train(make_cfg(tmp_path / "a", *common, "trainer.eval_every=3"))
+    train(make_cfg(tmp_path / "b", *common))
+    assert "eval/sliced_w2_nfe1" in a["metrics"]
+    assert max_diff(final_state(tmp_path / "a"), final_state(tmp_path / "b")) == 0.0
+
+
+def test_seed_fixes_the_run_and_changes_it(tmp_path):
+    train(make_cfg(tmp_path / "a", "trainer.max_steps=4", "seed=3"))
+    train(make_cfg(tmp_path / "b", "trainer.max_steps=4", "seed=3"))
+    train(make_cfg(tmp_path / "c", "trainer.max_steps=4", "seed=4"))
+    assert max_diff(final_state(tmp_path / "a"), final_state(tmp_path / "b")) == 0.0
+    assert max_diff(final_state(tmp_path / "a"), final_state(tmp_path / "c")) > 1e-4
+
+
+@pytest.mark.parametrize("objective", ["flow_matching", "meanflow"])
+def test_bf16_autocast_runs_and_is_off_for_jvp(tmp_path, objective, capfd):
+    out = train(make_cfg(tmp_path, f"objective={objective}", "trainer.max_steps=3", "trainer.precision=bf16"))
+    assert out["step"] == 3
+    err = capfd.readouterr().err
+    assert ("bf16 autocast is off" in err) == (objective == "meanflow")
+
+
+def test_debug_switch_and_run_directory(tmp_path):
+    out = train(make_cfg(tmp_path, "debug=true", "trainer.max_steps=1000", "trainer.eval_every=0"))
+    assert out["step"] == 6
+    steps = sorted(int(p.stem.split("_")[1]) for p in checkpoint_paths(tmp_path / "checkpoints"))
+    assert steps == [3, 6]
+    cfg = (tmp_path / "config.yaml").read_text()
+    assert "${" not in cfg and "max_steps: 6" in cfg          # resolved, with the debug values
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    assert train_steps == [1, 2, 3, 4, 5, 6]
+    assert any("eval/sliced_w2_nfe1" in r for r in records)
+    assert {"train/lr", "train/grad_norm", "train/it_per_s"} <= set(records[0])
+
+
+def test_each_objective_trains_through_the_loop(tmp_path):
+    """Every registered objective runs two steps of the same loop and saves a checkpoint."""
+    from jumpflow.objectives import OBJECTIVES
+
+    for name in sorted(OBJECTIVES):
+        extra = ["objective.gen_per_group=4"] if name == "drifting" else []
+        extra += ["objective.head_width=16", "objective.head_depth=1"] if name == "transition_matching" else []
+        out = train(make_cfg(tmp_path / name, f"objective={name}", "trainer.max_steps=2", *extra))
+        assert out["step"] == 2, name
+        assert torch.isfinite(torch.stack([v.float().sum() for v in final_state(tmp_path / name).values()])).all()
+
+
+# ------------------------------------------------------------------ schedules, EMA, data order
+def test_lr_warmup_then_cosine():
+    f = dict(warmup=10, total=110, schedule="cosine", min_ratio=0.1)
+    assert lr_factor(0, **f) == pytest.approx(0.1) and lr_factor(9, **f) == pytest.approx(1.0)
+    assert lr_factor(10, **f) == pytest.approx(1.0)
+    assert lr_factor(60, **f) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, **f) == pytest.approx(0.1) and lr_factor(500, **f) == pytest.approx(0.1)
+    assert lr_factor(50, warmup=0, total=100, schedule="constant", min_ratio=0.0) == 1.0
+
+
+def test_ema_decay_schedules():
+    assert ema_decay(1, 0.999, None) == 0.999
+    assert ema_decay(3, 0.999, None, update_after_step=5) == 0.0
+    # Diffusion Policy: 1 - (1 + s)^-0.75 with s = step - 1, capped at the maximum
+    assert ema_decay(1, 0.9999, 0.75) == 0.0
+    assert ema_decay(11, 0.9999, 0.75) == pytest.approx(1 - 11 ** -0.75)
+    assert ema_decay(10**9, 0.9999, 0.75) == 0.9999
+
+
+def test_ema_is_swa_utils_average(tmp_path):
+    """decay 0 keeps the EMA equal to the model; a constant decay lags behind it."""
+    train(make_cfg(tmp_path / "a", "trainer.max_steps=3", "ema.decay=0.0"))
+    s = final_state(tmp_path / "a")
+    model, ema = unprefixed(s, "model"), unprefixed(s, "ema.module")
+    assert max_diff(model, ema) == 0.0
+    train(make_cfg(tmp_path / "b", "trainer.max_steps=3", "ema.decay=0.5"))
+    s = final_state(tmp_path / "b")
+    assert max_diff(unprefixed(s, "model"), unprefixed(s, "ema.module")) > 0
+    assert int(s["ema.n_averaged"]) == 3
+
+
+def test_global_batch_split_and_order():
+    n, b = 100, 12
+    whole = GlobalBatchSampler(n, b, 1, [0], seed=7)
+    split = [GlobalBatchSampler(n, b, 4, [r], seed=7) for r in range(4)]
+    it_whole, it_split = iter(whole), [iter(s) for s in split]
+    seen = []
+    for _ in range(20):                        # crosses epochs (8 batches per epoch)
+        full = next(it_whole)
+        parts = [x for it in it_split for x in next(it)]
+        assert parts == full                   # the shards are contiguous slices of the global batch
+        seen += [i for i, _ in full]
+    assert sorted(seen[:96]) == sorted(set(seen[:96]))        # an epoch has no repeats
+    late = iter(GlobalBatchSampler(n, b, 1, [0], seed=7, start_step=13))
+    assert next(late) == list(iter_n(iter(whole), 14))[-1]    # resume continues the order
+    other = next(iter(GlobalBatchSampler(n, b, 1, [0], seed=8)))
+    assert other != next(iter(whole))
+
+
+def iter_n(it, k):
+    for _ in range(k):
+        yield next(it)
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_help_and_cfg_job():
+    out = cli("--help", timeout=120)
+    assert out.returncode == 0 and "jumpflow-train" in out.stdout and "objective:" in out.stdout
+    out = cli("--cfg", "job", "objective=meanflow", "experiment=toy2d_meanflow", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "jumpflow.objectives.MeanFlow" in out.stdout and "max_steps: 20000" in out.stdout
+
+
+def test_cli_multirun(tmp_path):
+    out = cli("-m", "objective=flow_matching,meanflow", f"hydra.sweep.dir={tmp_path}", *TINY,
+              "trainer.max_steps=2", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for job, target in (("0", "FlowMatching"), ("1", "MeanFlow")):
+        paths = checkpoint_paths(tmp_path / job / "checkpoints")
+        assert paths and target in json.loads(paths[-1].read_text())["config"]["objective"]["_target_"]
+
+
+@pytest.mark.slow
+def test_toy2d_meanflow_learns(tmp_path):
+    """A short MeanFlow run on the 2-D checkerboard beats the untrained one-step sampler."""
+    out0 = train(make_cfg(tmp_path / "0", "objective=meanflow", "trainer.max_steps=1", "trainer.eval_at_end=true",
+                          "task.eval_samples=1000", "ema.enabled=false"))
+    out = train(make_cfg(tmp_path / "1", "objective=meanflow", "trainer.max_steps=1500", "++backbone.width=128",
+                         "++backbone.depth=3", "trainer.batch_size=256", "task.n=20000", "trainer.eval_at_end=true",
+                         "task.eval_samples=1000", "ema.decay=0.99"))
+    w0, w1 = out0["metrics"]["eval/sliced_w2_nfe1"], out["metrics"]["eval/sliced_w2_nfe1"]
+    assert math.isfinite(w1) and w1 < 0.5 * w0, (w0, w1)
