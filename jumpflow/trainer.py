@@ -24,6 +24,8 @@ raise :class:`jumpflow.config.ConfigError` before anything is written or trained
 from __future__ import annotations
 
 import contextlib
+import copy
+import datetime
 import json
 import math
 import os
@@ -232,7 +234,8 @@ def init_distributed(device_cfg: str) -> DistInfo:
     owns = False
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and device_cfg != "cpu"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # long timeout: rank 0 evaluates (policy rollouts, FID) while the others wait
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=3))
         owns = True
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
 
@@ -316,7 +319,7 @@ def train(cfg: DictConfig) -> dict:
     """Run (or resume) training as configured; returns ``{"run_dir", "step", "metrics"}``.
 
     Raises :class:`ConfigError` for bad configuration before anything is written."""
-    cfg = cfg.copy()
+    cfg = copy.deepcopy(cfg)
     if bool(OmegaConf.select(cfg, "debug", default=False)):
         apply_debug(cfg)
     validate_config(cfg)
