@@ -150,13 +150,18 @@ def _robosuite_kwargs(env_meta: dict, image_cameras: list[str] | None, camera_si
 
 
 def make_robosuite_env(env_meta: dict, image_cameras: list[str] | None = None,
-                       camera_size: int | None = None, env_kwargs_override: dict | None = None):
+                       camera_size: int | None = None, env_kwargs_override: dict | None = None,
+                       model_seed: int = 0):
     """Build the raw robosuite env for ``env_meta`` (robomimic's utilities first, else robosuite).
 
     Args:
         env_meta: ``{"env_name", "type", "env_kwargs"}`` as stored in ``data.attrs["env_args"]``.
         image_cameras: cameras to render every step (e.g. ``["agentview"]``); ``None``: no rendering.
         camera_size: square image side (defaults to the env_meta's ``camera_heights``).
+        model_seed: numpy seed while the scene model is built. robosuite draws some model
+            properties at build time (Lift's cube size), and with ``hard_reset=False`` (our
+            default, ~10x faster resets) the model is kept across resets, so this seed makes
+            every env instance the same scene and ``reset(seed)`` a function of the seed alone.
     Returns:
         A ``robosuite.environments.base.MujocoEnv``.
     """
@@ -173,19 +178,24 @@ def make_robosuite_env(env_meta: dict, image_cameras: list[str] | None = None,
         have_robomimic = True
     except Exception:
         have_robomimic = False
-    with contextlib.redirect_stdout(sink):
-        if have_robomimic:
-            import robomimic.utils.env_utils as EnvUtils
-            meta = {"env_name": env_name, "type": ROBOSUITE_TYPE, "env_kwargs": kwargs}
-            wrapper = EnvUtils.create_env_from_metadata(
-                env_meta=meta, render=False, render_offscreen=bool(image_cameras),
-                use_image_obs=bool(image_cameras))
-            env = wrapper.env
-        else:
-            env = robosuite.make(env_name, **kwargs)
-            for name in env.observation_names:
-                if "joint_pos" in name or "eef_vel" in name:
-                    env.modify_observable(observable_name=name, attribute="active", modifier=True)
+    saved_rng = np.random.get_state()
+    np.random.seed(model_seed)
+    try:
+        with contextlib.redirect_stdout(sink):
+            if have_robomimic:
+                import robomimic.utils.env_utils as EnvUtils
+                meta = {"env_name": env_name, "type": ROBOSUITE_TYPE, "env_kwargs": kwargs}
+                wrapper = EnvUtils.create_env_from_metadata(
+                    env_meta=meta, render=False, render_offscreen=bool(image_cameras),
+                    use_image_obs=bool(image_cameras))
+                env = wrapper.env
+            else:
+                env = robosuite.make(env_name, **kwargs)
+                for name in env.observation_names:
+                    if "joint_pos" in name or "eef_vel" in name:
+                        env.modify_observable(observable_name=name, attribute="active", modifier=True)
+    finally:
+        np.random.set_state(saved_rng)
     return env
 
 
@@ -226,13 +236,14 @@ class RobosuiteSim:
         obs_keys: keys returned by ``reset``/``step`` (None: all low-dim keys, plus images asked for).
         image_keys: camera observation keys, e.g. ``("agentview_image",)``; rendered every step.
         camera_size: image side (None: the env_meta's).
+        model_seed: seed for the scene model build (see :func:`make_robosuite_env`).
 
     ``reset(seed)`` seeds numpy's global RNG (robosuite 1.4.1 draws initial states from it) and
     restores the caller's RNG state afterwards, so the initial state is a function of ``seed``.
     """
 
     def __init__(self, env_meta: dict | str, obs_keys=None, image_keys=(), camera_size: int | None = None,
-                 env_kwargs_override: dict | None = None):
+                 env_kwargs_override: dict | None = None, model_seed: int = 0):
         if isinstance(env_meta, str):
             env_meta = json.loads(env_meta)
         self.env_meta = copy.deepcopy(env_meta)
@@ -241,9 +252,21 @@ class RobosuiteSim:
         if bad:
             raise ValueError(f"image keys must be '<camera>_image', got {bad}")
         cams = [k[: -len("_image")] for k in self.image_keys]
-        self.env = make_robosuite_env(self.env_meta, cams or None, camera_size, env_kwargs_override)
+        self.env = make_robosuite_env(self.env_meta, cams or None, camera_size, env_kwargs_override, model_seed)
         self.obs_keys = tuple(obs_keys) if obs_keys is not None else None
         self._last_raw = None
+        self._sample_on_demand()
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.env.reset()          # canonical post-reset scene (robosuite hides debug sites here)
+
+    def _sample_on_demand(self) -> None:
+        """robosuite samples observables inside the control step (at its first physics sub-step),
+        so the observation returned by ``env.step`` is not the state at the end of the step. We
+        stop in-step sampling (rate ~0) and sample once, at the end, with ``force_update``: then
+        ``obs[t]`` is a function of ``states[t]`` exactly, as in robomimic's datasets (whose
+        observations were extracted from states), and images are rendered once per step."""
+        for name in self.env.observation_names:
+            self.env.modify_observable(observable_name=name, attribute="sampling_rate", modifier=1e-9)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -278,7 +301,11 @@ class RobosuiteSim:
         action = np.asarray(action, dtype=np.float64).reshape(-1)
         if action.shape[0] != self.action_dim:
             raise ValueError(f"{self.task}: action has {action.shape[0]} dims, env expects {self.action_dim}")
-        raw, reward, _, _ = self.env.step(action)
+        _, reward, _, _ = self.env.step(action)
+        # after mj_step, positions (xpos, site_xpos) lag qpos by one physics step: recompute them so
+        # that observations and images are those of the stored state (no effect on the dynamics)
+        self.env.sim.forward()
+        raw = self.env._get_observations(force_update=True)
         return self._obs(raw), float(reward), self.is_success()
 
     def is_success(self) -> bool:
@@ -296,7 +323,9 @@ class RobosuiteSim:
         return self.env.sim.model.get_xml()
 
     def reset_to(self, state: np.ndarray, model_xml: str | None = None) -> dict:
-        """Set the simulator to a stored state (and, if given, the stored scene XML).
+        """Set the simulator to a stored state (and, if given, the stored scene XML), treating it as
+        an episode start: the arm controller and the gripper command are rebuilt at this state as
+        ``reset()`` does, so replaying a demo's ``actions`` from its ``states[0]`` reproduces it.
 
         Args:
             state: ``(S,)`` flattened state, a row of a demo's ``states``.
@@ -309,12 +338,24 @@ class RobosuiteSim:
                 xml = self.env.edit_model_xml(model_xml)
                 self.env.reset_from_xml_string(xml)
                 self.env.sim.reset()
+            self._sample_on_demand()
         state = np.asarray(state, dtype=np.float64)
         expected = self.get_state().shape[0]
         if state.shape != (expected,):
             raise ValueError(f"{self.task}: state has shape {state.shape}, this env's flattened state has "
                              f"({expected},) (was the file made with another robosuite version or robot?)")
         self.env.sim.set_state_from_flattened(state)
+        self.env.sim.forward()
+        self.env.visualize(vis_settings={vis: False for vis in self.env._visualizations})
+        # Hidden controller state that reset() sets and the flattened state lacks: OSC pulls the
+        # nullspace toward the joints it saw when it was built (robosuite rebuilds it at every
+        # reset, after the initial-state noise), and the Panda gripper ramps its command from 0.
+        # Rebuild both at this state, as reset() would have done at a demo's first state.
+        for robot in self.env.robots:
+            robot._load_controller()
+            gripper = getattr(robot, "gripper", None)
+            if gripper is not None and hasattr(gripper, "current_action"):
+                gripper.current_action = np.zeros(gripper.dof)
         self.env.sim.forward()
         raw = self.env._get_observations(force_update=True)
         return self._obs(raw)
