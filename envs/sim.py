@@ -24,8 +24,10 @@ import inspect
 import io
 import json
 import logging
+import atexit
 import sys
 import types
+import weakref
 
 import numpy as np
 
@@ -228,6 +230,16 @@ def convert_obs(raw: dict, keys=None) -> dict:
     return out
 
 
+_LIVE_SIMS: "weakref.WeakSet[RobosuiteSim]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_sims() -> None:
+    # free GL contexts before the interpreter tears EGL / OSMesa down (avoids noisy __del__ errors)
+    for sim in list(_LIVE_SIMS):
+        sim.close()
+
+
 class RobosuiteSim:
     """A robosuite task from ``env_meta`` with robomimic's observation keys.
 
@@ -255,6 +267,8 @@ class RobosuiteSim:
         self.env = make_robosuite_env(self.env_meta, cams or None, camera_size, env_kwargs_override, model_seed)
         self.obs_keys = tuple(obs_keys) if obs_keys is not None else None
         self._last_raw = None
+        self._closed = False
+        _LIVE_SIMS.add(self)
         self._sample_on_demand()
         with contextlib.redirect_stdout(io.StringIO()):
             self.env.reset()          # canonical post-reset scene (robosuite hides debug sites here)
@@ -372,5 +386,8 @@ class RobosuiteSim:
         return np.ascontiguousarray(img[::-1]) if flip else img
 
     def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
         with contextlib.suppress(Exception):
             self.env.close()
