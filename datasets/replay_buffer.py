@@ -172,10 +172,12 @@ def convert_hdf5_to_zarr(hdf5_path: str | os.PathLike, out: str | os.PathLike, o
                 "source_sha": sha or "", "obs_keys": list(obs_keys), "filter_key": filter_key,
                 "demo_names": demos, "env_meta": rf.env_meta,
             })
-        if out.exists():                 # someone else finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
+        try:
+            os.rename(tmp, out)          # atomic; fails if another process finished first
+        except OSError:
+            if not out.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)      # keep theirs (same content by construction)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
