@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from jumpflow.backbones import BACKBONES, build_backbone, count_params
-from jumpflow.backbones.dit import DiT, attention
+from jumpflow.backbones.dit import DiT
+from jumpflow.backbones.layers import attention
 from jumpflow.generator import ClassEmbedding, Generator
 from jumpflow.objectives.base import jvp_context
 

@@ -13,7 +13,7 @@ The conditioning vector is ``c = emb(t) + emb(h) + proj(cond)`` from ``TimeCondE
 (written once in ``embeddings.py``); every block regresses shift / scale / gate from ``c``
 (adaLN-Zero: gates and the output layer start at zero, so the net starts as the zero map).
 
-Attention runs on one of two paths (``attn`` argument):
+Attention runs on one of three paths (``attn`` argument):
 
 * ``"fused"``: ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels). Inside
   ``jumpflow.objectives.base.jvp_context`` the kernel choice is restricted to the math
@@ -35,33 +35,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torch.autograd import forward_ad
 
 from jumpflow.backbones.embeddings import TimeCondEmbedder
+from jumpflow.backbones.layers import ATTENTION_MODES, LayerNorm, Linear, attention, has_forward_grad  # noqa: F401
 
-ATTENTION_MODES = ("auto", "fused", "math")
 NORMS = ("layernorm", "rmsnorm")
-
-
-# --------------------------------------------------------------------------------------
-# Attention (shared with the UNet's attention blocks)
-# --------------------------------------------------------------------------------------
-def has_forward_grad(*tensors: Tensor) -> bool:
-    """True when any tensor carries a forward-mode tangent (a JVP is passing through)."""
-    return any(forward_ad.unpack_dual(x).tangent is not None for x in tensors)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, mode: str = "auto") -> Tensor:
-    """Multi-head attention ``(B, heads, N, d) x3 -> (B, heads, N, d)``.
-
-    ``mode``: ``"fused"`` (SDPA), ``"math"`` (explicit softmax, forward-AD safe) or
-    ``"auto"`` (math when a JVP tangent is present, else fused).
-    """
-    if mode == "fused" or (mode == "auto" and not has_forward_grad(q, k, v)):
-        return F.scaled_dot_product_attention(q, k, v)                    # (B, heads, N, d)
-    scale = q.shape[-1] ** -0.5
-    weights = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)    # (B, heads, N, N)
-    return weights @ v                                                    # (B, heads, N, d)
 
 
 # --------------------------------------------------------------------------------------
@@ -87,28 +65,9 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # Blocks
 # --------------------------------------------------------------------------------------
-class LayerNorm(nn.Module):
-    """LayerNorm without affine whose JVP can be differentiated.
-
-    torch's fused ``layer_norm`` gives wrong second-order derivatives through its forward-AD
-    formula (backward of a JVP; pytorch/pytorch#196700, seen on 2.14.1), which TVM needs.
-    When a forward-mode tangent is present the composite ``(x - mean) / sqrt(var + eps)``
-    runs instead (plain differentiable ops); otherwise the fused kernel.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.dim, self.eps = dim, eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not has_forward_grad(x):
-            return F.layer_norm(x, (self.dim,), eps=self.eps)             # (..., D)
-        xc = x - x.mean(-1, keepdim=True)                                 # (..., D)
-        return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
-
-
 def make_norm(kind: str, dim: int) -> nn.Module:
-    """Pre-norm of a block: never affine (adaLN supplies scale and shift)."""
+    """Pre-norm of a block: never affine (adaLN supplies scale and shift). ``LayerNorm`` is the
+    JVP-safe one of ``layers.py`` (torch's fused layer_norm has wrong 2nd-order JVPs)."""
     if kind == "layernorm":
         return LayerNorm(dim, eps=1e-6)
     return nn.RMSNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -126,8 +85,8 @@ class Attention(nn.Module):
         if dim % heads:
             raise ValueError(f"hidden_size {dim} must be divisible by num_heads {heads}")
         self.heads, self.attn = heads, attn
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
         head_dim = dim // heads
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
@@ -148,10 +107,10 @@ class Mlp(nn.Module):
         hidden = int(dim * mlp_ratio)
         if swiglu:
             hidden = 8 * math.ceil(2 * hidden / 3 / 8)
-            self.fc1 = nn.Linear(dim, 2 * hidden)
+            self.fc1 = Linear(dim, 2 * hidden)
         else:
-            self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+            self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.fc1(x)                                                   # (B, N, F) or (B, N, 2F)
@@ -173,7 +132,7 @@ class DiTBlock(nn.Module):
         self.attn = Attention(dim, heads, qk_norm=qk_norm, attn=attn)
         self.norm2 = make_norm(norm, dim)
         self.mlp = Mlp(dim, mlp_ratio, swiglu=swiglu)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, D) x6
@@ -186,8 +145,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_dim: int, norm: str = "layernorm"):
         super().__init__()
         self.norm = make_norm(norm, dim)
-        self.linear = nn.Linear(dim, out_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)          # (B, D) x2
@@ -253,7 +212,7 @@ class DiT(nn.Module):
         self.hidden_size, self.feature_dim = hidden_size, hidden_size
         self.normalized_modulation = normalized_modulation
 
-        self.x_embed = nn.Linear(self.token_dim, hidden_size)
+        self.x_embed = Linear(self.token_dim, hidden_size)
         self.embed = TimeCondEmbedder(hidden_size, cond_dim)
         pos = sincos_2d(hidden_size, *self.grid) if self.dims == 2 else sincos_1d(hidden_size, np.arange(self.grid[0]))
         pos_t = torch.from_numpy(pos).float()[None]                       # (1, N, D)

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from jumpflow.backbones.dit import ATTENTION_MODES, attention
 from jumpflow.backbones.embeddings import TimeCondEmbedder
+from jumpflow.backbones.layers import ATTENTION_MODES, Conv1d, Conv2d, ConvTranspose1d, Linear, attention
 
 
 def _groups(channels: int, max_groups: int) -> int:
@@ -43,7 +43,7 @@ class Conv1dBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, n_groups: int = 8):
         super().__init__()
-        self.conv = nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2)
+        self.conv = Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2)
         self.norm = nn.GroupNorm(_groups(c_out, n_groups), c_out)
         self.act = nn.Mish()
 
@@ -58,8 +58,8 @@ class FiLMResBlock1D(nn.Module):
         super().__init__()
         self.block1 = Conv1dBlock(c_in, c_out, kernel_size, n_groups)
         self.block2 = Conv1dBlock(c_out, c_out, kernel_size, n_groups)
-        self.film = nn.Sequential(nn.Mish(), nn.Linear(emb_dim, 2 * c_out))
-        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.film = nn.Sequential(nn.Mish(), Linear(emb_dim, 2 * c_out))
+        self.skip = Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         y = self.block1(x)                                                # (B, C_out, T)
@@ -103,15 +103,15 @@ class UNet1D(nn.Module):
             last = i == len(down_dims) - 1
             self.down.append(nn.ModuleList([
                 block(c_in, c_out), block(c_out, c_out),
-                nn.Conv1d(c_out, c_out, 3, stride=2, padding=1) if not last else nn.Identity()]))
+                Conv1d(c_out, c_out, 3, stride=2, padding=1) if not last else nn.Identity()]))
         self.mid = nn.ModuleList([block(down_dims[-1], down_dims[-1]), block(down_dims[-1], down_dims[-1])])
         self.up = nn.ModuleList()
         for c_out, c_in in reversed(list(zip(down_dims[:-1], down_dims[1:]))):
             self.up.append(nn.ModuleList([
                 block(2 * c_in, c_out), block(c_out, c_out),
-                nn.ConvTranspose1d(c_out, c_out, 4, stride=2, padding=1)]))
+                ConvTranspose1d(c_out, c_out, 4, stride=2, padding=1)]))
         self.final_block = Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups)
-        self.final_conv = nn.Conv1d(down_dims[0], action_dim, 1)
+        self.final_conv = Conv1d(down_dims[0], action_dim, 1)
 
     def tokenize(self, x: Tensor) -> Tensor:
         """``(B, T, A) -> (B, T, A)``: one token per time step."""
@@ -159,12 +159,12 @@ class ResBlock2D(nn.Module):
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.GroupNorm(_groups(c_in, 32), c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * c_out))
+        self.conv1 = Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Sequential(nn.SiLU(), Linear(emb_dim, 2 * c_out))
         self.norm2 = nn.GroupNorm(_groups(c_out, 32), c_out)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.conv2 = _zero(Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         y = self.conv1(F.silu(self.norm1(x)))                             # (B, C_out, H, W)
@@ -182,8 +182,8 @@ class AttnBlock2D(nn.Module):
         self.heads = max(1, channels // head_channels)
         self.attn = attn
         self.norm = nn.GroupNorm(_groups(channels, 32), channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+        self.qkv = Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(Conv2d(channels, channels, 1))
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         hh, ww = x.shape[-2:]
@@ -197,7 +197,7 @@ class AttnBlock2D(nn.Module):
 class Downsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         return self.conv(x)                                               # (B, C, H/2, W/2)
@@ -206,7 +206,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
@@ -243,7 +243,7 @@ class UNet2D(nn.Module):
         emb_dim = 4 * model_channels
         self.feature_dim = model_channels
         self.embed = TimeCondEmbedder(emb_dim, cond_dim)
-        self.inp = nn.Conv2d(c, model_channels, 3, padding=1)
+        self.inp = Conv2d(c, model_channels, 3, padding=1)
         res = partial(ResBlock2D, emb_dim=emb_dim, dropout=dropout)
         att = partial(AttnBlock2D, head_channels=head_channels, attn=attn)
 
@@ -274,7 +274,7 @@ class UNet2D(nn.Module):
                     ds //= 2
                 self.up.append(nn.ModuleList(layers))
         self.out_norm = nn.GroupNorm(_groups(ch, 32), ch)
-        self.out = _zero(nn.Conv2d(ch, c, 3, padding=1))
+        self.out = _zero(Conv2d(ch, c, 3, padding=1))
 
     def set_attention(self, mode: str) -> "UNet2D":
         if mode not in ATTENTION_MODES:
