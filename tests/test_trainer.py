@@ -212,12 +212,13 @@ def test_cli_multirun(tmp_path):
 
 
 @pytest.mark.slow
-def test_toy2d_meanflow_learns(tmp_path):
-    """A short MeanFlow run on the 2-D checkerboard beats the untrained one-step sampler."""
-    out0 = train(make_cfg(tmp_path / "0", "objective=meanflow", "trainer.max_steps=1", "trainer.eval_at_end=true",
-                          "task.eval_samples=1000", "ema.enabled=false"))
-    out = train(make_cfg(tmp_path / "1", "objective=meanflow", "trainer.max_steps=1500", "++backbone.width=128",
-                         "++backbone.depth=3", "trainer.batch_size=256", "task.n=20000", "trainer.eval_at_end=true",
-                         "task.eval_samples=1000", "ema.decay=0.99"))
-    w0, w1 = out0["metrics"]["eval/sliced_w2_nfe1"], out["metrics"]["eval/sliced_w2_nfe1"]
-    assert math.isfinite(w1) and w1 < 0.5 * w0, (w0, w1)
+def test_toy2d_flow_matching_learns(tmp_path):
+    """600 steps of the loop take the 2-D checkerboard from the untrained sampler's sliced W2
+    (about 0.34) to well below it (16-step Euler, EMA weights)."""
+    common = ["objective=flow_matching", "++backbone.width=64", "++backbone.depth=2", "trainer.batch_size=256",
+              "task.n=20000", "trainer.eval_at_end=true", "task.eval_samples=1000", "task.eval_steps=[16]",
+              "optim.warmup_steps=50"]
+    out0 = train(make_cfg(tmp_path / "0", *common, "trainer.max_steps=1", "ema.enabled=false"))
+    out = train(make_cfg(tmp_path / "1", *common, "trainer.max_steps=600", "ema.decay=0.99"))
+    w0, w1 = out0["metrics"]["eval/sliced_w2_nfe16"], out["metrics"]["eval/sliced_w2_nfe16"]
+    assert math.isfinite(w1) and w1 < 0.6 * w0, (w0, w1)
