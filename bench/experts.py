@@ -1,4 +1,4 @@
-"""Scripted-expert success rates (Lift, PickPlaceCan) over fixed seeds -> bench/results/experts.json.
+"""Scripted-expert success rates (Lift, PickPlaceCan, NutAssemblySquare) over fixed seeds -> bench/results/experts.json.
 
 Usage: ``python bench/experts.py [--n-episodes 100] [--tasks Lift PickPlaceCan] [--seed 0]``
 (``--debug``: 3 episodes per task). Episode ``k`` resets with seed ``seed + k`` (the demo
@@ -55,7 +55,7 @@ def run_task(task: str, n_episodes: int, seed: int, max_steps: int = 400) -> dic
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", nargs="+", default=["Lift", "PickPlaceCan"])
+    p.add_argument("--tasks", nargs="+", default=["Lift", "PickPlaceCan", "NutAssemblySquare"])
     p.add_argument("--n-episodes", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "experts.json"))

@@ -11,6 +11,9 @@ close, -1 to open. Because it uses observations only, an expert is also a closed
 - ``CanExpert`` (``PickPlaceCan``): above the can; descend; close; lift to a safe height; carry
   over the can's target bin; lower; open; retreat upward (the task counts success only once
   the gripper has let go).
+- ``SquareExpert`` (``NutAssemblySquare``): fingers across the nut's handle (yaw aligned with the
+  nut), grasp the handle 6.6 cm from the nut's centre (clear of the ring), lift, turn the nut to a
+  multiple of 90 degrees while carrying its centre over the square peg, lower it onto the peg, open.
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ def _mat2axisangle(r: np.ndarray) -> np.ndarray:
 
 def _yaw_of(rot: np.ndarray) -> float:
     return float(np.arctan2(rot[1, 0], rot[0, 0]))
+
+
+def _wrap(a: float, period: float) -> float:
+    """``a`` wrapped to ``[-period / 2, period / 2)``."""
+    return float((a + period / 2) % period - period / 2)
 
 
 class _Expert:
@@ -187,18 +195,95 @@ class CanExpert(_Expert):
         return self._action(obs, target, -1.0)
 
 
-EXPERTS = {"Lift": LiftExpert, "PickPlaceCan": CanExpert}
+class SquareExpert(_Expert):
+    """NutAssemblySquare: ``object`` = nut_pos (3), nut_quat (4), nut_to_eef_pos (3), nut_to_eef_quat (4).
+
+    Args:
+        peg: (3,) square peg position (``env.sim.data.body_xpos[env.peg1_body_id]``).
+    """
+
+    grasp_offset = 0.066          # along the nut's x axis: the handle, clear of the ring (ends at 0.044)
+    grasp_dz = 0.005
+    carry_z = 1.05
+    release_nut_z = 0.855         # success needs the nut below table + 0.05 = 0.87
+
+    def __init__(self, peg=(0.23, 0.1, 0.85)):
+        super().__init__()
+        self.peg = np.asarray(peg, dtype=np.float64)
+        self.r0 = None
+
+    def reset(self, obs: dict | None = None) -> None:
+        super().reset(obs)
+        self.r0 = None
+
+    def act(self, obs: dict) -> np.ndarray:
+        eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+        nut = np.asarray(obs["object"][:3], dtype=np.float64)
+        r_nut = _quat2mat(obs["object"][3:7])
+        r_eef = _quat2mat(obs["robot0_eef_quat"])
+        grasp = nut + r_nut @ np.array([self.grasp_offset, 0.0, self.grasp_dz])
+        nut_yaw = _yaw_of(r_nut)
+        if self.r0 is None:
+            self.r0 = r_eef
+        self.t_phase += 1
+        ph = self.phase
+        if ph <= 2:            # fingers across the handle (symmetric under a half turn)
+            self.r_target = _rot_z(_wrap(nut_yaw - _yaw_of(self.r0), np.pi)) @ self.r0
+        else:                  # turn the nut to a multiple of 90 degrees (the peg's symmetry)
+            d = _wrap(-nut_yaw, np.pi / 2)
+            self.r_target = _rot_z(d) @ r_eef if abs(d) > 0.02 else r_eef
+        if ph == 0:                                   # above the handle, yaw aligned
+            target = grasp + [0.0, 0.0, 0.08]
+            err = target - eef
+            rot_err = np.linalg.norm(_mat2axisangle(self.r_target @ r_eef.T))
+            if (np.linalg.norm(err[:2]) < 0.01 and abs(err[2]) < 0.02 and rot_err < 0.05) or self.t_phase > 100:
+                self._next()
+            return self._action(obs, target, -1.0)
+        if ph == 1:                                   # descend around the handle
+            if np.linalg.norm(grasp - eef) < 0.008 or self.t_phase > 40:
+                self._next()
+            return self._action(obs, grasp, -1.0)
+        if ph == 2:                                   # close
+            if self.t_phase >= 10:
+                self._next()
+            return self._action(obs, grasp, 1.0)
+        if ph == 3:                                   # lift
+            if eef[2] > self.carry_z - 0.03 or self.t_phase > 60:
+                self._next()
+            return self._action(obs, np.array([eef[0], eef[1], self.carry_z]), 1.0)
+        if ph == 4:                                   # nut centre over the peg, nut square to it
+            target = eef + np.r_[self.peg[:2] - nut[:2], 0.0]
+            target[2] = self.carry_z
+            aligned = abs(_wrap(-nut_yaw, np.pi / 2)) < 0.03
+            if (np.linalg.norm((self.peg - nut)[:2]) < 0.005 and aligned) or self.t_phase > 100:
+                self._next()
+            return self._action(obs, target, 1.0, max_speed=0.6)
+        if ph == 5:                                   # lower onto the peg, correcting xy
+            target = eef + np.r_[self.peg[:2] - nut[:2], -0.03]
+            if nut[2] < self.release_nut_z or self.t_phase > 60:
+                self._next()
+            return self._action(obs, target, 1.0, max_speed=0.5)
+        if ph == 6:                                   # open
+            if self.t_phase >= 8:
+                self._next()
+            return self._action(obs, eef, -1.0)
+        return self._action(obs, np.array([eef[0], eef[1], self.carry_z]), -1.0)   # retreat
+
+
+EXPERTS = {"Lift": LiftExpert, "PickPlaceCan": CanExpert, "NutAssemblySquare": SquareExpert}
 
 
 def make_expert(task: str, env=None) -> _Expert:
-    """Expert for a robosuite task name (``Lift``, ``PickPlaceCan``); ``env``: the raw robosuite env,
-    used to read task constants (the can's target bin)."""
+    """Expert for a robosuite task name (``Lift``, ``PickPlaceCan``, ``NutAssemblySquare``); ``env``:
+    the raw robosuite env, used to read task constants (the can's target bin, the square peg)."""
     from jumpflow.envs.sim import canonical_task
     task = canonical_task(task)
     if task not in EXPERTS:
         raise ValueError(f"no scripted expert for task {task!r}; available: {sorted(EXPERTS)}")
     if task == "PickPlaceCan" and env is not None and hasattr(env, "target_bin_placements"):
         return CanExpert(env.target_bin_placements[env.object_to_id["can"]])
+    if task == "NutAssemblySquare" and env is not None and hasattr(env, "peg1_body_id"):
+        return SquareExpert(np.array(env.sim.data.body_xpos[env.peg1_body_id]))
     return EXPERTS[task]()
 
 
