@@ -229,12 +229,15 @@ def test_gym_env_images_uint8_channel_first():
 
 # ---------------------------------------------------------------------------- experts
 @pytest.mark.sim
-def test_can_expert_succeeds_once():
+@pytest.mark.parametrize("task", ["can", "square"])
+def test_expert_succeeds_once(task):
+    """One seeded episode per task (the 100-seed figures are in bench/results/experts.json)."""
     from jumpflow.envs.demos import run_expert_episode
     from jumpflow.envs.experts import make_expert
     from jumpflow.envs.sim import RobosuiteSim, default_env_meta
 
-    sim = RobosuiteSim(default_env_meta("can"))
-    ep = run_expert_episode(sim, make_expert("can", sim.env), seed=0, max_steps=400)
+    sim = RobosuiteSim(default_env_meta(task))
+    ep = run_expert_episode(sim, make_expert(task, sim.env), seed=0, max_steps=400)
     assert ep["success"] and ep["actions"].shape[0] < 300
+    assert np.abs(ep["actions"]).max() <= 1.0
     sim.close()
