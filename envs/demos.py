@@ -95,7 +95,7 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
 
     Args:
         out: destination ``.hdf5`` path (written atomically: temp file, then rename).
-        task: ``Lift`` / ``PickPlaceCan`` (aliases ``lift`` / ``can``).
+        task: ``Lift`` / ``PickPlaceCan`` / ``NutAssemblySquare`` (aliases ``lift`` / ``can`` / ``square``).
         n_demos: number of demos to store.
         seed: first reset seed; attempt ``k`` uses ``seed + k``.
         image: also store ``image_keys`` (``camera_size`` x ``camera_size`` uint8, upright).
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jumpflow-demos",
         description="Write scripted-expert demonstrations (robosuite, OSC_POSE) as a robomimic-format HDF5.")
-    p.add_argument("--task", default="Lift", help="Lift | PickPlaceCan (aliases: lift, can)")
+    p.add_argument("--task", default="Lift", help="Lift | PickPlaceCan | NutAssemblySquare (aliases: lift, can, square)")
     p.add_argument("--n-demos", type=int, default=200, help="successful demos to store (default 200)")
     p.add_argument("--out", required=True, help="output .hdf5 path (written atomically)")
     p.add_argument("--seed", type=int, default=0, help="first reset seed; attempt k uses seed+k (default 0)")
