@@ -240,22 +240,37 @@ def init_distributed(device_cfg: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
 
 
+def _comm_device() -> torch.device:
+    """Where collective buffers live: the current GPU for NCCL, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def broadcast_str(text: str, info: DistInfo) -> str:
     """Rank 0's string on every rank (tensors only, no pickling)."""
     if info.world == 1:
         return text
-    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
-    n = torch.tensor([data.numel()], dtype=torch.int64)
+    dev = _comm_device()
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=dev)
+    n = torch.tensor([data.numel()], dtype=torch.int64, device=dev)
     dist.broadcast(n, 0)
-    buf = data if info.rank == 0 else torch.zeros(int(n.item()), dtype=torch.uint8)
+    buf = data if info.rank == 0 else torch.zeros(int(n.item()), dtype=torch.uint8, device=dev)
     dist.broadcast(buf, 0)
-    return bytes(buf.tolist()).decode()
+    return bytes(buf.cpu().tolist()).decode()
 
 
 def allreduce_grads(params: list[nn.Parameter], bucket_bytes: int = 32 << 20) -> None:
-    """Sum gradients over ranks (losses are pre-divided by the number of shards)."""
+    """Sum gradients over ranks (losses are pre-divided by the number of shards).
+
+    A parameter that got no gradient on any rank keeps ``grad = None`` (AdamW then skips it,
+    as a single process would); one that got a gradient somewhere gets zeros elsewhere."""
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=_comm_device())
+    dist.all_reduce(has)
     grads = []
-    for p in params:
+    for p, n in zip(params, has.tolist()):
+        if n == 0:
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)
@@ -462,7 +477,7 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
     try:
         while step < max_steps:
             sums: dict[str, float] = {}
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
                 batch = to_device(next(batches), device)
                 shard = info.rank * accum + micro
@@ -473,7 +488,7 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
                     out = model.compute_loss(batch)
                 loss = out.loss.float().mean()
                 (loss / shards).backward()
-                loss_sum += loss.detach().double().cpu()
+                loss_sum += loss.detach()
                 for k, v in (out.metrics or {}).items():
                     sums[k] = sums.get(k, 0.0) + float(v) / accum
             if info.world > 1:
@@ -488,12 +503,16 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
             if ema is not None:
                 ema.multi_avg_fn = get_ema_multi_avg_fn(decay_at(step))
                 ema.update_parameters(model)
+                for b_ema, b in zip(ema.module.buffers(), model.buffers()):
+                    if not (b.is_floating_point() or b.is_complex()):   # counters are copied, not averaged
+                        b_ema.copy_(b)
             steps_since += 1
             bar.update(1)
 
             if step % log_every == 0 or step == max_steps:
                 loss_val = loss_sum / accum
                 if info.world > 1:
+                    loss_val = loss_val.to(_comm_device())
                     dist.all_reduce(loss_val)
                     loss_val /= info.world
                 loss_val = float(loss_val)
