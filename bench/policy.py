@@ -1,0 +1,110 @@
+"""Policy benchmark: every objective on the same data, backbone and training budget,
+evaluated by closed-loop rollouts at the NFEs that matter.
+
+For each task and objective the experiment ``<task>_<objective>`` (configs/experiment/) is
+trained once per seed through the one trainer; the EMA policy is then rolled out for
+``--episodes`` test seeds (disjoint from the demos' seeds) at each NFE of ``VARIANTS``:
+DDPM at 100 steps, DDIM at 10, DDPM at 1; Flow Matching at 1 and 10; MeanFlow at 1 and 2;
+TVM at 1; Drifting at 1; DTM at 4. Latency is ``predict_action`` per chunk (one env, batch 1).
+
+    python -m bench.policy --tasks lift_lowdim --objectives meanflow,drifting,ddpm --seeds 0
+    python -m bench.policy --tasks lift_lowdim,can_lowdim --steps 5000 --episodes 50
+
+Rows are appended to ``bench/results/policy.json`` as they finish (a re-run skips rows that
+exist unless ``--overwrite``), and a markdown table is written to ``bench/results/policy.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+
+from bench.common import RESULTS, machine, print_table, write_results
+from jumpflow.checkpoint import load_model
+from jumpflow.trainer import train
+
+# objective -> [(label, nfe, sampler)]
+VARIANTS = {
+    "ddpm": [("ddpm", 100, "ddpm"), ("ddim", 10, "ddim"), ("ddpm", 1, "ddpm")],
+    "flow_matching": [("flow_matching", 1, None), ("flow_matching", 10, None)],
+    "meanflow": [("meanflow", 1, None), ("meanflow", 2, None)],
+    "tvm": [("tvm", 1, None)],
+    "drifting": [("drifting", 1, None)],
+    "transition_matching": [("transition_matching", 4, None)],
+}
+
+
+def load_rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def write_markdown(rows: list[dict], path: Path) -> None:
+    keys = ["task", "objective", "sampler", "nfe", "seed", "success_rate", "latency_ms_p50", "latency_ms_p95",
+            "train_seconds", "train_steps", "episodes"]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, ""))
+                                       for k in keys) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default="lift_lowdim")
+    ap.add_argument("--objectives", default=",".join(VARIANTS))
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the experiment's)")
+    ap.add_argument("--episodes", type=int, default=50)
+    ap.add_argument("--runs", default="runs/bench_policy", help="where run directories go")
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--override", action="append", default=[], help="extra hydra override (repeatable)")
+    args = ap.parse_args(argv)
+    out = RESULTS / "policy.json"
+    rows = load_rows(out)
+    done = {(r["task"], r["objective"], r["sampler"], r["nfe"], r["seed"]) for r in rows}
+    for task in args.tasks.split(","):
+        for objective in args.objectives.split(","):
+            for seed in map(int, args.seeds.split(",")):
+                variants = VARIANTS[objective]
+                if not args.overwrite and all((task, objective, s or lbl, n, seed) in done for lbl, n, s in variants):
+                    continue
+                run_dir = Path(args.runs) / f"{task}_{objective}_s{seed}"
+                overrides = [f"experiment={task}_{objective}", f"seed={seed}", "logger=none", "trainer.progress=false",
+                             "trainer.eval_at_end=false", f"run_dir={run_dir}", *args.override]
+                if args.steps:
+                    overrides.append(f"trainer.max_steps={args.steps}")
+                with initialize_config_module(config_module="jumpflow.configs", version_base=None):
+                    cfg = compose("train", overrides=overrides)
+                t0 = time.perf_counter()
+                result = train(cfg)
+                train_seconds = time.perf_counter() - t0
+                model, _ = load_model(result["run_dir"])
+                for label, nfe, sampler in variants:
+                    model.set_inference(nfe, sampler)
+                    evaluator = model.task.evaluator(result["run_dir"], n_episodes=args.episodes, n_videos=1)
+                    try:
+                        ev = evaluator.run(model)
+                    finally:
+                        evaluator.close()
+                    row = {"task": task, "objective": objective, "sampler": sampler or label, "nfe": nfe, "seed": seed,
+                           "success_rate": ev["success_rate"], "latency_ms_p50": ev["latency_ms_p50"],
+                           "latency_ms_p95": ev["latency_ms_p95"], "train_seconds": train_seconds,
+                           "train_steps": int(result["step"]), "episodes": ev["n_episodes"],
+                           "mean_episode_length": ev["mean_episode_length"], "env_errors": ev["n_env_errors"],
+                           "threads": torch.get_num_threads()}
+                    rows = [r for r in rows if (r["task"], r["objective"], r["sampler"], r["nfe"], r["seed"]) !=
+                            (task, objective, row["sampler"], nfe, seed)] + [row]
+                    print(json.dumps(row), flush=True)
+                    write_results("policy", {"episodes": args.episodes, "steps": args.steps or "experiment default",
+                                             "overrides": args.override, "machine_note": machine()}, rows)
+                    write_markdown(rows, RESULTS / "policy.md")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
