@@ -126,3 +126,11 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, args, key):
     assert out.returncode == 2
     assert out.stderr.strip() == f"jumpflow-train: error: {key}"
     assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_toy2d_experiments_compose_validate_and_build(name):
+    with initialize_config_module("jumpflow.configs", version_base=None):
+        cfg = compose("train", overrides=["run_dir=unused", f"experiment=toy2d_{name}"])
+    validate_config(cfg)
+    assert isinstance(build_components(cfg).objective, OBJECTIVES[name])
