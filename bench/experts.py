@@ -56,27 +56,39 @@ def run_task(task: str, n_episodes: int, seed: int, max_steps: int = 400) -> dic
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=["Lift", "PickPlaceCan", "NutAssemblySquare"])
-    p.add_argument("--n-episodes", type=int, default=100)
+    p.add_argument("--n-episodes", type=int, default=100, help="episodes per task (one value for all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "experts.json"))
     p.add_argument("--debug", action="store_true", help="3 episodes per task")
     args = p.parse_args(argv)
     n = 3 if args.debug else args.n_episodes
+    out = Path(args.out)
+    if args.debug and out == Path(p.get_default("out")):
+        out = out.with_name("experts_debug.json")          # a smoke run never replaces the real figures
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # rows of tasks not run now are kept from an existing file (one row per task)
+    old_rows = []
+    if out.exists() and not args.debug:
+        try:
+            old_rows = json.loads(out.read_text()).get("rows", [])
+        except (json.JSONDecodeError, OSError):
+            old_rows = []
     rows = []
     for task in args.tasks:
         rows.append(run_task(task, n, args.seed))
         r = rows[-1]
-        print(f"{r['task']:<14} n={r['n_episodes']:<4} success={r['success_rate']:.3f} "
+        print(f"{r['task']:<18} n={r['n_episodes']:<4} success={r['success_rate']:.3f} "
               f"len={r['mean_length']:.1f} {r['seconds_per_episode']:.2f} s/episode", flush=True)
-    result = {"bench": "experts", "machine": machine_info(),
-              "config": {"n_episodes": n, "seed": args.seed, "max_steps": 400, "controller": "OSC_POSE",
-                         "control_freq": 20},
-              "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
+        done = {x["task"] for x in rows}
+        merged = [x for x in old_rows if x["task"] not in done] + rows
+        result = {"bench": "experts", "machine": machine_info(),
+                  "config": {"seed": args.seed, "max_steps": 400, "controller": "OSC_POSE", "control_freq": 20,
+                             "note": "episode k of a task resets with seed + k; n_episodes per row"},
+                  "rows": merged}
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, out)                 # written after every task: partial runs keep their rows
+    rows = merged
     print(f"\n| task | n_episodes | success_rate |\n|---|---|---|")
     for r in rows:
         print(f"| {r['task']} | {r['n_episodes']} | {r['success_rate']:.2f} |")
