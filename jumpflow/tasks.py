@@ -102,7 +102,8 @@ def _quantiles(sorted_x: Tensor, q: Tensor) -> Tensor:
 def _toy_metrics() -> dict:
     """``jumpflow.eval.toy_metrics`` (sliced W2, MMD) when present, else this module's sliced W2."""
     try:
-        from jumpflow.eval.toy_metrics import mmd_rbf, sliced_w2 as shared  # type: ignore
+        from jumpflow.eval.toy_metrics import mmd_rbf  # type: ignore
+        from jumpflow.eval.toy_metrics import sliced_w2 as shared
         return {"sliced_w2": shared, "mmd": mmd_rbf}
     except ImportError:
         return {"sliced_w2": sliced_w2}

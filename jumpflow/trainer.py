@@ -41,12 +41,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
-from jumpflow.checkpoint import (CheckpointError, latest_valid_checkpoint, load_state_into, merge_state,
-                                 prefixed, read_checkpoint, save_checkpoint, split_state, unprefixed)
+from jumpflow.checkpoint import (
+    CheckpointError,
+    latest_valid_checkpoint,
+    load_state_into,
+    merge_state,
+    prefixed,
+    read_checkpoint,
+    save_checkpoint,
+    split_state,
+    unprefixed,
+)
 from jumpflow.config import ConfigError, as_config_error, instantiate_checked, validate_config
 
 _MASK = (1 << 63) - 1
@@ -298,7 +308,7 @@ class RunLogger:
         self.enabled, self.wandb = enabled, None
         if not enabled:
             return
-        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the whole run
         if cfg.logger == "wandb":
             os.environ.setdefault("WANDB_MODE", str(OmegaConf.select(cfg, "wandb.mode", default="offline")))
             os.environ.setdefault("WANDB_SILENT", "true")
@@ -363,7 +373,7 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
     task, model, objective = parts.task, parts.model.to(device), parts.objective
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as err:  # an interpolation that cannot resolve
+    except OmegaConfBaseException as err:  # an interpolation that cannot resolve
         raise ConfigError(getattr(err, "full_key", "") or "config", str(err).splitlines()[0]) from None
     run_dir = resolved.get("run_dir")
     if not run_dir:

@@ -4,15 +4,22 @@ previous checkpoint stays usable; load_model rebuilds a sampler-ready model."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from jumpflow.checkpoint import (CheckpointError, checkpoint_paths, latest_valid_checkpoint, load_model,
-                                 merge_state, read_checkpoint, save_checkpoint, split_state)
+from jumpflow.checkpoint import (
+    CheckpointError,
+    checkpoint_paths,
+    latest_valid_checkpoint,
+    load_model,
+    merge_state,
+    read_checkpoint,
+    save_checkpoint,
+    split_state,
+)
 from jumpflow.trainer import train
 
 TINY = ["logger=none", "trainer.progress=false", "trainer.cpu_threads=1", "++backbone.width=32",

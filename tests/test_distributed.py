@@ -39,7 +39,7 @@ def test_two_processes_equal_one_process(tmp_path, objective):
         train(compose("train", overrides=[f"run_dir={one}", "trainer.grad_accum=2", *args]))
     dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "jumpflow.cli.train", f"hydra.run.dir={two}", *args],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+                          env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert dist.returncode == 0, dist.stderr[-3000:]
     _, meta = read_checkpoint(checkpoint_paths(two / "checkpoints")[-1])
     assert meta["world_size"] == 2
