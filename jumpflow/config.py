@@ -146,6 +146,11 @@ def validate_config(cfg: DictConfig) -> None:
     device = _get(cfg, "trainer.device", default="auto")
     if not isinstance(device, str) or not (device in ("auto", "cpu") or device.startswith("cuda")):
         raise ConfigError("trainer.device", f"must be auto, cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device", f"{device!r} requested but CUDA is not available (use auto or cpu)")
 
     _number(cfg, "optim.lr", lo=0, lo_open=True)
     _number(cfg, "optim.weight_decay", lo=0)

@@ -104,9 +104,12 @@ class GlobalBatchSampler:
         epoch, pos = divmod(step, self.batches_per_epoch)
         return {"epoch": epoch, "batch_in_epoch": pos, "step": step}
 
+    def generator(self, epoch: int) -> torch.Generator:
+        """The generator that permutes epoch ``epoch`` (its state is saved in checkpoints)."""
+        return torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0xDA7A))
+
     def permutation(self, epoch: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0xDA7A))
-        return torch.randperm(self.n, generator=gen)
+        return torch.randperm(self.n, generator=self.generator(epoch))
 
     def __iter__(self):
         step, cached = self.start_step, (None, None)
@@ -430,6 +433,10 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
         else:
             path, tensors, meta = found
             step, run_id = restore_state(path, tensors, meta, model, ema, optimizer, scheduler, cfg)
+            saved = tensors.get("rng.data_sampler")
+            probe = GlobalBatchSampler(len(dataset), global_batch, shards, [0], seed)
+            if saved is not None and not torch.equal(saved, probe.generator(probe.position(step)["epoch"]).get_state()):
+                _say("warning: the data order differs from the checkpoint's (seed or dataset size changed)")
             if info.rank == 0:
                 _say(f"resumed from {path} at step {step}")
     run_id = run_id or f"{run_dir.name}-{mix_seed(seed, time.time_ns()) % 10**8:08d}"
@@ -469,8 +476,9 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
 
     def checkpoint(at: int) -> None:
         if is_main:
-            tensors, meta = collect_state(model, ema, optimizer, scheduler, resolved, sampler.position(at),
-                                          info, run_id)
+            position = sampler.position(at)
+            tensors, meta = collect_state(model, ema, optimizer, scheduler, resolved, position, info, run_id)
+            tensors["rng.data_sampler"] = sampler.generator(position["epoch"]).get_state()
             save_checkpoint(ckpt_dir, at, tensors, meta, keep=int(tcfg.keep_checkpoints))
 
     from tqdm.auto import tqdm

@@ -65,7 +65,7 @@ def test_layout_and_json_metadata(run):
     assert meta["optimizer"]["param_groups"][0]["betas"] == {"__tuple__": [0.9, 0.95]}
     assert meta["scheduler"]["last_epoch"] == 9 and "python" in meta["rng"]
     tensors, _ = read_checkpoint(paths[-1])
-    assert {"rng.torch_cpu", "ema.n_averaged"} <= set(tensors)
+    assert {"rng.torch_cpu", "rng.data_sampler", "ema.n_averaged"} <= set(tensors)
     assert any(k.startswith("optim.state.") and k.endswith("exp_avg_sq") for k in tensors)
 
 

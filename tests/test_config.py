@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 from jumpflow.config import ConfigError, check_group_overrides, group_options, validate_config
@@ -75,6 +76,8 @@ def test_shipped_objective_configs_match_the_registry():
     ("objective.tangent=v_2_1", "objective.tangent", "must be one of"),
     ("task.dataset=donut", "task.dataset", "unknown 2-D toy"),
     ("trainer.batch_size=1000", "trainer.batch_size", "larger than the dataset"),
+    pytest.param("trainer.device=cuda", "trainer.device", "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
 ])
 def test_bad_values_fail_early_naming_the_key(tmp_path, override, key, text):
     extra = ["objective=meanflow"] if override.startswith("objective.") and "_target_" not in override else []
