@@ -233,14 +233,14 @@ MNIST_TEST_MD5 = {"t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
                   "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c"}
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def _read_idx(path: Path, verify_md5: bool = True) -> np.ndarray:
     """An IDX file (MNIST's format: big-endian magic ``0x0000 08 ndim``, dims, uint8 data)."""
     import gzip
     import hashlib
 
     raw_bytes = path.read_bytes()
     if path.suffix == ".gz":
-        if path.name[:-3] in MNIST_TEST_MD5 and hashlib.md5(raw_bytes).hexdigest() != MNIST_TEST_MD5[path.name[:-3]]:
+        if verify_md5 and path.name[:-3] in MNIST_TEST_MD5 and hashlib.md5(raw_bytes).hexdigest() != MNIST_TEST_MD5[path.name[:-3]]:
             raise ValueError(f"{path}: md5 mismatch (corrupt MNIST file)")
         data = gzip.decompress(raw_bytes)
     else:
@@ -255,7 +255,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return arr.reshape(dims)
 
 
-def read_mnist_test(root: str | Path) -> tuple[Tensor, Tensor]:
+def read_mnist_test(root: str | Path, verify_md5: bool = True) -> tuple[Tensor, Tensor]:
     """MNIST's test set from ``<root>/MNIST/raw``: ``images uint8 (10000, 28, 28)``,
     ``labels int64 (10000,)``.
 
@@ -281,15 +281,15 @@ def read_mnist_test(root: str | Path) -> tuple[Tensor, Tensor]:
         else:
             raise FileNotFoundError(f"MNIST test set not found: {raw}/{stem}[.gz] is missing (task.root); "
                                     "it is never downloaded")
-    images = _read_idx(found["t10k-images-idx3-ubyte"])
-    labels = _read_idx(found["t10k-labels-idx1-ubyte"])
+    images = _read_idx(found["t10k-images-idx3-ubyte"], verify_md5)
+    labels = _read_idx(found["t10k-labels-idx1-ubyte"], verify_md5)
     if images.shape != (10000, 28, 28) or labels.shape != (10000,):
         raise ValueError(f"{raw}: unexpected MNIST test shapes {images.shape}, {labels.shape}")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
 def load_mnist(root: str | Path, split: str = "train", n_train: int = 8000, seed: int = 0,
-               pad_to: int = 32) -> tuple[Tensor, Tensor]:
+               pad_to: int = 32, verify_md5: bool = True) -> tuple[Tensor, Tensor]:
     """MNIST's official *test* set (the only one on these machines) split into ``n_train``
     training and ``10000 - n_train`` held-out digits by a fixed permutation (``seed``).
 
@@ -299,7 +299,7 @@ def load_mnist(root: str | Path, split: str = "train", n_train: int = 8000, seed
     """
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be train, heldout or all, got {split!r}")
-    images, labels = read_mnist_test(root)
+    images, labels = read_mnist_test(root, verify_md5)
     x = images.float() / 127.5 - 1.0                                  # (10000, 28, 28)
     pad = (pad_to - x.shape[-1]) // 2
     x = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0)[:, None]   # (N, 1, 32, 32)

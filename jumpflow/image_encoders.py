@@ -83,6 +83,37 @@ class SmallConvNet(nn.Module):
         return torch.cat([b / math.sqrt(b.shape[1]) for b in blocks], 1)   # (B, D)
 
 
+class SmallMLPNet(nn.Module):
+    """A pixel MLP classifier ``(B, C, H, W) -> logits``: cheap on a CPU, where the backward
+    pass of a conv encoder dominates a Drifting step. ``features(x)``: last hidden layer;
+    ``drift_features(x)``: the input and every hidden layer, each scaled by ``1/sqrt(dim)``.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 256, image_size: int = 32):
+        super().__init__()
+        d = in_channels * image_size * image_size
+        self.layers = nn.ModuleList([nn.Linear(d, 2 * width), nn.Linear(2 * width, width)])
+        self.head = nn.Linear(width, num_classes)
+        self.in_channels, self.num_classes, self.width = in_channels, num_classes, width
+
+    def hidden(self, x: Tensor) -> list[Tensor]:
+        h, outs = x.flatten(1), []
+        for layer in self.layers:
+            h = F.silu(layer(h))
+            outs.append(h)                                            # (B, W_i)
+        return outs
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.hidden(x)[-1]                                     # (B, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+    def drift_features(self, x: Tensor) -> Tensor:
+        blocks = [x.flatten(1), *self.hidden(x)]
+        return torch.cat([b / math.sqrt(b.shape[1]) for b in blocks], 1)   # (B, D)
+
+
 class DriftFeatures(nn.Module):
     """Wraps an encoder as a frozen drift feature map: ``forward(x) = encoder.drift_features(x)``."""
 
@@ -151,15 +182,16 @@ def feature_encoder(kind: str = "convnet", path: str | Path | None = None, in_ch
     """A frozen drift feature map (``(B, C, H, W) -> (B, D)``).
 
     Args:
-        kind: ``"convnet"`` (``SmallConvNet``, trained by ``train_classifier``) or a torchvision
+        kind: ``"convnet"`` (``SmallConvNet``) or ``"mlp"`` (``SmallMLPNet``), both trained by
+            ``train_classifier``, or a torchvision
             ResNet name (``"resnet18"``, ``"resnet50"``, ...).
         path: local weights (``.safetensors`` / plain-tensor ``.pth``); required: a random
             encoder is no feature map.
     """
     if path is None:
         raise ValueError("feature_encoder: objective.feature_map.path must name a local weights file")
-    if kind == "convnet":
-        enc = SmallConvNet(in_channels, num_classes, width)
+    if kind in ("convnet", "mlp"):
+        enc = (SmallConvNet if kind == "convnet" else SmallMLPNet)(in_channels, num_classes, width)
         _load_weights(enc, path)
     else:
         enc = ResNetFeatures(kind, in_channels, imagenet_norm)
@@ -197,12 +229,14 @@ def save_weights(module: nn.Module, path: str | Path) -> Path:
 
 def train_classifier(x: Tensor, labels: Tensor, num_classes: int = 10, width: int = 32, epochs: int = 3,
                      batch_size: int = 128, lr: float = 2e-3, seed: int = 0, augment: bool = True,
-                     log_every: int = 0) -> SmallConvNet:
-    """Train a ``SmallConvNet`` classifier on ``x: (N, C, H, W)`` (``[-1, 1]``), ``labels: (N,)``
+                     log_every: int = 0, arch: str = "convnet") -> nn.Module:
+    """Train a ``SmallConvNet`` (``arch="convnet"``) or ``SmallMLPNet`` (``"mlp"``) classifier on ``x: (N, C, H, W)`` (``[-1, 1]``), ``labels: (N,)``
     with AdamW and random 2-pixel shifts; returns it in eval mode."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = SmallConvNet(x.shape[1], num_classes, width)
+    if arch not in ("convnet", "mlp"):
+        raise ValueError(f"arch must be convnet or mlp, got {arch!r}")
+    net = (SmallConvNet if arch == "convnet" else SmallMLPNet)(x.shape[1], num_classes, width)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     n = x.shape[0]
     steps = epochs * math.ceil(n / batch_size)
