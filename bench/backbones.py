@@ -11,6 +11,7 @@ Diffusion Policy). The target is a MeanFlow step at most 1.6x a Flow Matching st
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -23,27 +24,17 @@ from jumpflow.generator import ClassEmbedding, Generator
 from jumpflow.objectives import FlowMatching, MeanFlow
 
 TARGET_RATIO = 1.6
-# (backbone, shape, condition: ("class", num_classes) or ("vector", width), overrides)
+# (backbone, shape, condition: ("class", num_classes) or ("vector", width), batch (None: --batch), overrides)
 CASES = [
-    ("DiT-S/2", (4, 32, 32), ("class", 1000), {}),
-    ("UNet1D-S", (16, 7), ("vector", 46), {}),
-    ("UNet1D-M", (16, 7), ("vector", 46), {}),
+    ("DiT-S/2", (4, 32, 32), ("class", 1000), None, {}),
+    ("UNet1D-S", (16, 7), ("vector", 46), None, {}),
+    ("UNet1D-M", (16, 7), ("vector", 46), None, {}),
+    ("UNet1D-S", (16, 7), ("vector", 46), 64, {}),     # per-op overhead vs compute: a larger batch
 ]
 DEBUG_CASES = [
-    ("DiT-S/2", (4, 8, 8), ("class", 10), dict(hidden_size=64, depth=2, num_heads=2)),
-    ("UNet1D-S", (16, 7), ("vector", 46), dict(down_dims=(32, 64, 128))),
+    ("DiT-S/2", (4, 8, 8), ("class", 10), None, {"hidden_size": 64, "depth": 2, "num_heads": 2}),
+    ("UNet1D-S", (16, 7), ("vector", 46), None, {"down_dims": (32, 64, 128)}),
 ]
-
-
-def _timed(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_case(name, shape, condition, overrides, batch: int, repeats: int, warmup: int) -> list[dict]:
@@ -62,55 +53,68 @@ def bench_case(name, shape, condition, overrides, batch: int, repeats: int, warm
     t = torch.rand(batch)
     h = torch.zeros(batch)
     inp = "x".join(str(s) for s in shape)
-    rows = []
 
-    def base(case, objective, seconds):
+    def base(case, objective, times):
+        # min over repeats: the machine is shared, and interference only ever adds time
         return {"backbone": name, "input": inp, "batch": batch, "case": case, "objective": objective,
-                "params": params, "sec_per_step": seconds}
+                "params": params, "sec_per_step": min(times), "sec_median": statistics.median(times)}
 
     cond = encoder(raw_cond).detach()
-    with torch.no_grad():
-        rows.append(base("forward", None, _timed(lambda: backbone(x, t, h, cond), repeats, warmup)))
 
-    def fwd_bwd():
+    def forward():
+        with torch.no_grad():
+            backbone(x, t, h, cond)
+
+    def forward_backward():
         backbone.zero_grad(set_to_none=True)
         backbone(x, t, h, cond).pow(2).mean().backward()
-    rows.append(base("forward+backward", None, _timed(fwd_bwd, repeats, warmup)))
 
-    step_times = {}
+    cases = {("forward", None): forward, ("forward+backward", None): forward_backward}
     for obj in (FlowMatching(), MeanFlow()):
         gen = Generator(backbone, obj, encoder, shape=shape)
         opt = torch.optim.AdamW(gen.parameters(), lr=1e-4, betas=(0.9, 0.95))
 
-        def step():
+        def step(gen=gen, opt=opt):
             opt.zero_grad(set_to_none=True)
             gen.compute_loss({"x": x, "cond": raw_cond}).loss.mean().backward()
             opt.step()
-        step_times[obj.name] = _timed(step, repeats, warmup)
-        rows.append(base("train_step", obj.name, step_times[obj.name]))
-    rows[-1]["vs_flow_matching"] = step_times["meanflow"] / step_times["flow_matching"]
+        cases[("train_step", obj.name)] = step
+
+    # all cases alternate within each repetition, so that they see the same machine load
+    times = {k: [] for k in cases}
+    for i in range(warmup + repeats):
+        for k, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - start)
+    rows = [base(case, objective, v) for (case, objective), v in times.items()]
+    rows[-1]["vs_flow_matching"] = min(times[("train_step", "meanflow")]) / min(times[("train_step", "flow_matching")])
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (min and median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: reproducible on a shared machine; 0 = torch's default)")
     parser.add_argument("--debug", action="store_true", help="tiny models, 1 repeat; writes backbones_debug.json")
     args = parser.parse_args(argv)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     cases = DEBUG_CASES if args.debug else CASES
     repeats, warmup = (1, 1) if args.debug else (args.repeats, args.warmup)
     rows = []
-    for name, shape, condition, overrides in cases:
-        rows += bench_case(name, shape, condition, overrides, args.batch, repeats, warmup)
-        print(f"done {name} {shape}", flush=True)
-    ratios = {r["backbone"]: r["vs_flow_matching"] for r in rows if "vs_flow_matching" in r}
-    config = {"batch": args.batch, "repeats": repeats, "warmup": warmup, "dtype": "float32",
-              "device": "cpu", "cases": [[c[0], list(c[1]), list(c[2]), c[3]] for c in cases],
+    for name, shape, condition, batch, overrides in cases:
+        rows += bench_case(name, shape, condition, overrides, batch or args.batch, repeats, warmup)
+        print(f"done {name} {shape} batch {batch or args.batch}", flush=True)
+    ratios = {f'{r["backbone"]} {r["input"]} batch {r["batch"]}': r["vs_flow_matching"]
+              for r in rows if "vs_flow_matching" in r}
+    config = {"batch": args.batch, "load_avg_1min_at_end": os.getloadavg()[0], "repeats": repeats, "warmup": warmup, "dtype": "float32", "threads": torch.get_num_threads(),
+              "estimator": "sec_per_step = min over repeats (sec_median also given); all cases of a backbone interleaved",
+              "device": "cpu", "cases": [[c[0], list(c[1]), list(c[2]), c[3] or args.batch, c[4]] for c in cases],
               "train_step": "AdamW step of Generator.compute_loss (default FlowMatching / MeanFlow hyper-parameters)",
               "target_meanflow_over_flow_matching": TARGET_RATIO}
     write_results("backbones_debug" if args.debug else "backbones", config, rows)

@@ -20,15 +20,15 @@ COND_DIM, N_CLASSES = 8, 3
 
 # tiny versions of each family: (registry name, per-sample shape, overrides)
 TINY = {
-    "dit2d": ("DiT-S/2", (4, 8, 8), dict(hidden_size=32, depth=2, num_heads=2)),
-    "dit2d_lipschitz": ("DiT-S/2", (4, 8, 8), dict(hidden_size=32, depth=2, num_heads=2, norm="rmsnorm",
-                                                   qk_norm=True, normalized_modulation=True, swiglu=True,
-                                                   pos_embed="learned")),
-    "dit1d": ("DiT1D-S", (8, 3), dict(hidden_size=32, depth=2, num_heads=2)),
-    "unet1d": ("UNet1D-S", (8, 3), dict(down_dims=(16, 32), emb_dim=32)),
-    "unet2d": ("UNet2D-S", (3, 8, 8), dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                                          attention_ds=(1, 2), head_channels=8)),
-    "mlp": ("MLP", (8, 3), dict(width=32, depth=2)),
+    "dit2d": ("DiT-S/2", (4, 8, 8), {"hidden_size": 32, "depth": 2, "num_heads": 2}),
+    "dit2d_lipschitz": ("DiT-S/2", (4, 8, 8), {"hidden_size": 32, "depth": 2, "num_heads": 2, "norm": "rmsnorm",
+                                                   "qk_norm": True, "normalized_modulation": True, "swiglu": True,
+                                                   "pos_embed": "learned"}),
+    "dit1d": ("DiT1D-S", (8, 3), {"hidden_size": 32, "depth": 2, "num_heads": 2}),
+    "unet1d": ("UNet1D-S", (8, 3), {"down_dims": (16, 32), "emb_dim": 32}),
+    "unet2d": ("UNet2D-S", (3, 8, 8), {"model_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1,
+                                          "attention_ds": (1, 2), "head_channels": 8}),
+    "mlp": ("MLP", (8, 3), {"width": 32, "depth": 2}),
 }
 
 
@@ -295,3 +295,59 @@ def test_objective_registry_is_complete():
 def test_dit_is_a_dit():
     net, _ = tiny("dit1d")
     assert isinstance(net, DiT) and net.num_tokens == 8
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "convtranspose1d"])
+def test_jvp_layers_exact_and_one_matmul_per_tangent(kind):
+    """``layers.Linear`` / convolutions: the same JVP as torch's layers, but the tangent costs one
+    product (torch's formulas also multiply by a materialised zero weight tangent)."""
+    from torch.profiler import profile
+
+    from jumpflow.backbones import layers
+    torch.manual_seed(0)
+    layer, x, ops = {
+        "linear": (layers.Linear(16, 32), torch.randn(4, 5, 16), ("aten::mm", "aten::addmm")),
+        "conv1d": (layers.Conv1d(16, 32, 5, padding=2), torch.randn(4, 16, 8), ("aten::convolution",)),
+        "conv2d": (layers.Conv2d(16, 32, 3, padding=1), torch.randn(4, 16, 8, 8), ("aten::convolution",)),
+        "convtranspose1d": (layers.ConvTranspose1d(16, 32, 4, stride=2, padding=1), torch.randn(4, 16, 8),
+                            ("aten::convolution",)),
+    }[kind]
+    layer = layer.double()
+    x = x.double()
+    tx = torch.randn_like(x)
+    reference = type(layer).__mro__[1].forward                         # the torch.nn parent's forward
+    out_ref, jv_ref = torch.func.jvp(lambda x_: reference(layer, x_), (x,), (tx,))
+    with torch.no_grad(), profile() as prof:
+        out, jv = torch.func.jvp(layer, (x,), (tx,))
+    assert torch.allclose(out, out_ref) and torch.allclose(jv, jv_ref)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert sum(counts.get(op, 0) for op in ops) == 2, counts            # primal + tangent
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_layer_norm_backward_through_jvp_is_exact(affine):
+    """torch's fused layer_norm gets d/dx of its JVP wrong (pytorch/pytorch#196700);
+    ``layers.LayerNorm`` matches finite differences and equals ``nn.LayerNorm`` otherwise."""
+    from jumpflow.backbones.layers import LayerNorm
+    torch.manual_seed(0)
+    norm = LayerNorm(8, eps=1e-5, elementwise_affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            norm.weight.add_(torch.randn(8, dtype=torch.float64))
+            norm.bias.add_(torch.randn(8, dtype=torch.float64))
+    ref = torch.nn.LayerNorm(8, eps=1e-5, elementwise_affine=affine).double()
+    if affine:
+        ref.load_state_dict(norm.state_dict())
+    lin = torch.nn.Linear(8, 8).double()
+    x, h = torch.randn(3, 8, dtype=torch.float64), torch.rand(3, 8, dtype=torch.float64)
+    assert torch.allclose(norm(x), ref(x))
+
+    def loss_of(x_):
+        _, d = torch.func.jvp(lambda h_: norm(lin(x_ * h_)), (h,), (torch.ones_like(h),))
+        return d.pow(2).sum()
+    xg = x.clone().requires_grad_(True)
+    loss_of(xg).backward()
+    direction, eps = torch.randn_like(x), 1e-6
+    with torch.no_grad():
+        fd = (loss_of(x + eps * direction) - loss_of(x - eps * direction)) / (2 * eps)
+    assert torch.allclose((xg.grad * direction).sum(), fd, rtol=1e-6, atol=1e-8)

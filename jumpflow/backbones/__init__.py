@@ -16,8 +16,8 @@ argument can be overridden (``build_backbone("DiT-S/2", (4, 32, 32), 0, qk_norm=
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn
@@ -67,5 +67,14 @@ def count_params(name: str, shape, cond_dim: int = 0, **overrides) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-__all__ = ["BACKBONES", "build_backbone", "count_params", "DiT", "UNet", "UNet1D", "UNet2D", "MLP",
-           "TimeCondEmbedder"]
+__all__ = [
+    "BACKBONES",
+    "MLP",
+    "DiT",
+    "TimeCondEmbedder",
+    "UNet",
+    "UNet1D",
+    "UNet2D",
+    "build_backbone",
+    "count_params",
+]

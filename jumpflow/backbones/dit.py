@@ -243,7 +243,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def set_attention(self, mode: str) -> "DiT":
+    def set_attention(self, mode: str) -> DiT:
         """Switch every block to attention path ``mode`` (``auto`` / ``fused`` / ``math``)."""
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attn must be one of {ATTENTION_MODES}, got {mode!r}")

@@ -47,34 +47,35 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mode: str = "auto") -> Tensor:
     return weights @ v                                                    # (B, heads, N, d)
 
 
-def _split(x: Tensor):
-    primal, tangent = forward_ad.unpack_dual(x)
-    return primal, tangent
-
-
 class LayerNorm(nn.Module):
-    """LayerNorm over the last dim, no affine; composite ``(x - mean) / sqrt(var + eps)`` under
-    a JVP (see module docstring), fused kernel otherwise."""
+    """LayerNorm over the last dim (optionally affine); composite ``(x - mean) / sqrt(var + eps)``
+    under a JVP (see module docstring), the fused kernel otherwise. A drop-in for
+    ``nn.LayerNorm(dim)`` in any backbone that TVM differentiates through."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
         super().__init__()
         self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if elementwise_affine else None
 
     def forward(self, x: Tensor) -> Tensor:
         if not has_forward_grad(x):
-            return F.layer_norm(x, (self.dim,), eps=self.eps)             # (..., D)
+            return F.layer_norm(x, (self.dim,), self.weight, self.bias, eps=self.eps)  # (..., D)
         xc = x - x.mean(-1, keepdim=True)                                 # (..., D)
-        return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
+        y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
+        if self.weight is not None:
+            y = y * self.weight + self.bias                               # (..., D)
+        return y
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}, elementwise_affine=False"
+        return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}"
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` whose JVP is ``W @ tangent`` (no multiplication by a zero weight tangent)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        primal, tangent = _split(x)
+        primal, tangent = forward_ad.unpack_dual(x)                       # (..., in), (..., in) or None
         if tangent is None or has_forward_grad(self.weight):
             return F.linear(x, self.weight, self.bias)                    # (..., out)
         out = F.linear(primal, self.weight, self.bias)                    # (..., out)
@@ -85,7 +86,7 @@ class Conv1d(nn.Conv1d):
     """``nn.Conv1d`` with the cheap JVP of ``Linear``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        primal, tangent = _split(x)
+        primal, tangent = forward_ad.unpack_dual(x)                       # (B, C_in, T), same or None
         if tangent is None or has_forward_grad(self.weight):
             return self._conv_forward(x, self.weight, self.bias)          # (B, C_out, T)
         out = self._conv_forward(primal, self.weight, self.bias)          # (B, C_out, T)
@@ -96,7 +97,7 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` with the cheap JVP of ``Linear``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        primal, tangent = _split(x)
+        primal, tangent = forward_ad.unpack_dual(x)                       # (B, C_in, H, W), same or None
         if tangent is None or has_forward_grad(self.weight):
             return self._conv_forward(x, self.weight, self.bias)          # (B, C_out, H, W)
         out = self._conv_forward(primal, self.weight, self.bias)          # (B, C_out, H, W)
@@ -111,7 +112,7 @@ class ConvTranspose1d(nn.ConvTranspose1d):
                                   self.groups, self.dilation)
 
     def forward(self, x: Tensor) -> Tensor:
-        primal, tangent = _split(x)
+        primal, tangent = forward_ad.unpack_dual(x)                       # (B, C_in, T), same or None
         if tangent is None or has_forward_grad(self.weight):
             return self._apply_conv(x, self.bias)                         # (B, C_out, 2T)
         out = self._apply_conv(primal, self.bias)                         # (B, C_out, 2T)

@@ -19,6 +19,7 @@ return_features=True)`` returns the last decoder block's output, one feature vec
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 
 import torch
@@ -99,14 +100,14 @@ class UNet1D(nn.Module):
 
         widths = (action_dim, *down_dims)
         self.down = nn.ModuleList()
-        for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (c_in, c_out) in enumerate(itertools.pairwise(widths)):
             last = i == len(down_dims) - 1
             self.down.append(nn.ModuleList([
                 block(c_in, c_out), block(c_out, c_out),
                 Conv1d(c_out, c_out, 3, stride=2, padding=1) if not last else nn.Identity()]))
         self.mid = nn.ModuleList([block(down_dims[-1], down_dims[-1]), block(down_dims[-1], down_dims[-1])])
         self.up = nn.ModuleList()
-        for c_out, c_in in reversed(list(zip(down_dims[:-1], down_dims[1:]))):
+        for c_out, c_in in reversed(list(itertools.pairwise(down_dims))):
             self.up.append(nn.ModuleList([
                 block(2 * c_in, c_out), block(c_out, c_out),
                 ConvTranspose1d(c_out, c_out, 4, stride=2, padding=1)]))
@@ -276,7 +277,7 @@ class UNet2D(nn.Module):
         self.out_norm = nn.GroupNorm(_groups(ch, 32), ch)
         self.out = _zero(Conv2d(ch, c, 3, padding=1))
 
-    def set_attention(self, mode: str) -> "UNet2D":
+    def set_attention(self, mode: str) -> UNet2D:
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attn must be one of {ATTENTION_MODES}, got {mode!r}")
         for m in self.modules():
