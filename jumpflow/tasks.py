@@ -18,11 +18,10 @@ distributions). The policy and image workloads subclass ``Task`` in their own pa
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import Dataset
 
 
@@ -66,47 +65,6 @@ class Task:
         Returns scalar metrics; the trainer logs them as ``eval/<name>``. Runs on rank 0
         only, inside a forked RNG, so it never changes the training run."""
         return {}
-
-
-# ------------------------------------------------------------------------ metrics
-def sliced_w2(a: Tensor, b: Tensor, n_projections: int = 256, seed: int = 0) -> float:
-    """Sliced 2-Wasserstein distance between point sets ``a: (N, D)`` and ``b: (M, D)``.
-
-    ``SW2 = sqrt(E_theta W2^2(<a, theta>, <b, theta>))`` over ``n_projections`` random unit
-    directions ``theta``; each 1-D W2 compares quantiles (sorted projections; when N != M,
-    both are interpolated on a common grid). Computed in float64."""
-    a, b = a.detach().double().flatten(1).cpu(), b.detach().double().flatten(1).cpu()
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"sliced_w2: dimension mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
-    gen = torch.Generator().manual_seed(seed)
-    theta = torch.randn(a.shape[1], n_projections, generator=gen, dtype=torch.float64)
-    theta = theta / theta.norm(dim=0, keepdim=True)                           # (D, K)
-    pa, _ = torch.sort(a @ theta, dim=0)                                       # (N, K)
-    pb, _ = torch.sort(b @ theta, dim=0)                                       # (M, K)
-    if pa.shape[0] != pb.shape[0]:
-        n = max(pa.shape[0], pb.shape[0])
-        q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-        pa, pb = _quantiles(pa, q), _quantiles(pb, q)
-    return math.sqrt(float((pa - pb).pow(2).mean()))
-
-
-def _quantiles(sorted_x: Tensor, q: Tensor) -> Tensor:
-    n = sorted_x.shape[0]
-    pos = (q * n - 0.5).clamp(0, n - 1)                                        # (Q,)
-    lo = pos.floor().long()
-    hi = (lo + 1).clamp(max=n - 1)
-    w = (pos - lo.double())[:, None]
-    return sorted_x[lo] * (1 - w) + sorted_x[hi] * w                           # (Q, K)
-
-
-def _toy_metrics() -> dict:
-    """``jumpflow.eval.toy_metrics`` (sliced W2, MMD) when present, else this module's sliced W2."""
-    try:
-        from jumpflow.eval.toy_metrics import mmd_rbf  # type: ignore
-        from jumpflow.eval.toy_metrics import sliced_w2 as shared
-        return {"sliced_w2": shared, "mmd": mmd_rbf}
-    except ImportError:
-        return {"sliced_w2": sliced_w2}
 
 
 # ------------------------------------------------------------------------ toy task
@@ -163,7 +121,9 @@ class Toy2DTask(Task):
     def evaluate(self, model: nn.Module, run_dir, step: int) -> dict[str, float]:
         from jumpflow.datasets.toy2d import sample_toy2d
 
-        metrics = _toy_metrics()
+        from jumpflow.eval.toy_metrics import mmd_rbf, sliced_w2
+
+        metrics = {"sliced_w2": sliced_w2, "mmd": mmd_rbf}
         ref, labels = sample_toy2d(self.dataset, self.eval_samples, seed=self.data_seed + 1)
         p = next(model.parameters())
         out = {}

@@ -365,3 +365,14 @@ def test_drift_kernels_stay_finite_with_far_outliers():
         v = drift_field(gen, pos, impl=impl)
         assert torch.isfinite(v).all()
     assert torch.allclose(drift_field(gen, pos, impl="numba"), drift_field(gen, pos, impl="torch"), atol=1e-4)
+
+
+def test_toy_metrics_closed_form():
+    from jumpflow.eval.toy_metrics import mmd_rbf, sliced_w2
+
+    x = torch.randn(2000, 2, dtype=torch.float64)
+    assert sliced_w2(x, x.clone()) == 0.0
+    shift = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    # SW2^2 of a translation by a is E_theta (theta . a)^2 = |a|^2 / d
+    assert abs(sliced_w2(x, x + shift, n_projections=4096) - 5.0 / math.sqrt(2)) < 0.1
+    assert abs(mmd_rbf(x[:1000], x[1000:])) < 0.01 < mmd_rbf(x[:1000], x[1000:] + 1.0)
