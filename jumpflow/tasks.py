@@ -120,7 +120,6 @@ class Toy2DTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, run_dir, step: int) -> dict[str, float]:
         from jumpflow.datasets.toy2d import sample_toy2d
-
         from jumpflow.eval.toy_metrics import mmd_rbf, sliced_w2
 
         metrics = {"sliced_w2": sliced_w2, "mmd": mmd_rbf}
