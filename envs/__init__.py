@@ -5,7 +5,7 @@ Names are loaded lazily (robosuite takes ~2 s to import):
 
 - ``RobosuiteSim``, ``default_env_meta``, ``canonical_task``, ``LOW_DIM_KEYS`` (``jumpflow.envs.sim``)
 - ``RobomimicGymEnv`` (``jumpflow.envs.gym_env``)
-- ``make_expert``, ``LiftExpert``, ``CanExpert``, ``ExpertPolicy`` (``jumpflow.envs.experts``)
+- ``make_expert``, ``LiftExpert``, ``CanExpert``, ``SquareExpert``, ``ExpertPolicy`` (``jumpflow.envs.experts``)
 - ``generate_demos``, ``ensure_demos`` (``jumpflow.envs.demos``)
 - ``select_gl_backend``, ``RenderingUnavailableError`` (``jumpflow.envs.rendering``)
 """
@@ -15,7 +15,8 @@ import importlib
 _EXPORTS = {
     "RobosuiteSim": "sim", "default_env_meta": "sim", "canonical_task": "sim", "LOW_DIM_KEYS": "sim",
     "RobomimicGymEnv": "gym_env",
-    "make_expert": "experts", "LiftExpert": "experts", "CanExpert": "experts", "ExpertPolicy": "experts",
+    "make_expert": "experts", "LiftExpert": "experts", "CanExpert": "experts", "SquareExpert": "experts",
+    "ExpertPolicy": "experts",
     "generate_demos": "demos", "ensure_demos": "demos",
     "select_gl_backend": "rendering", "RenderingUnavailableError": "rendering",
 }
