@@ -351,3 +351,18 @@ def test_layer_norm_backward_through_jvp_is_exact(affine):
     with torch.no_grad():
         fd = (loss_of(x + eps * direction) - loss_of(x - eps * direction)) / (2 * eps)
     assert torch.allclose((xg.grad * direction).sum(), fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 8), (3, 16, 4, 4)])
+def test_group_norm_jvp_equals_torch(shape):
+    from jumpflow.backbones.layers import GroupNorm
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 16).double()
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(16, dtype=torch.float64))
+        norm.bias.add_(torch.randn(16, dtype=torch.float64))
+    x = torch.randn(*shape, dtype=torch.float64)
+    tx = torch.randn_like(x)
+    out, jv = torch.func.jvp(norm, (x,), (tx,))
+    out_ref, jv_ref = torch.func.jvp(lambda x_: torch.nn.GroupNorm.forward(norm, x_), (x,), (tx,))
+    assert torch.allclose(out, out_ref, atol=1e-12) and torch.allclose(jv, jv_ref, atol=1e-10)

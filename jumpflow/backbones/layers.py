@@ -71,6 +71,30 @@ class LayerNorm(nn.Module):
         return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}"
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` with an explicit tangent under a JVP (torch's formula costs ~10 ops on
+    functorch-wrapped tensors, a large share of a small UNet's JVP)::
+
+        x_hat = (x - mean) r,   r = 1 / sqrt(var + eps)        (per sample and group)
+        d x_hat = r (dx - mean(dx) - x_hat mean(x_hat dx)),    dy = gamma d x_hat
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        primal, tangent = forward_ad.unpack_dual(x)                       # (B, C, *S), same or None
+        if tangent is None or not self.affine or has_forward_grad(self.weight, self.bias):
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # (B, C, *S)
+        groups = (primal.shape[0], self.num_groups, -1)
+        xg, tg = primal.reshape(groups), tangent.reshape(groups)          # (B, G, C/G * S) each
+        xc = xg - xg.mean(-1, keepdim=True)                               # (B, G, C/G * S)
+        r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)      # (B, G, 1)
+        x_hat = xc * r                                                    # (B, G, C/G * S)
+        t_hat = r * (tg - tg.mean(-1, keepdim=True) - x_hat * (x_hat * tg).mean(-1, keepdim=True))  # (B, G, C/G * S)
+        affine = (1, -1) + (1,) * (x.dim() - 2)
+        gamma, beta = self.weight.reshape(affine), self.bias.reshape(affine)  # (1, C, 1...) each
+        out = x_hat.reshape(primal.shape) * gamma + beta                  # (B, C, *S)
+        return forward_ad.make_dual(out, t_hat.reshape(primal.shape) * gamma)  # (B, C, *S)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` whose JVP is ``W @ tangent`` (no multiplication by a zero weight tangent)."""
 

@@ -28,7 +28,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from jumpflow.backbones.embeddings import TimeCondEmbedder
-from jumpflow.backbones.layers import ATTENTION_MODES, Conv1d, Conv2d, ConvTranspose1d, Linear, attention
+from jumpflow.backbones.layers import (ATTENTION_MODES, Conv1d, Conv2d, ConvTranspose1d, GroupNorm, Linear,
+                                      attention)
 
 
 def _groups(channels: int, max_groups: int) -> int:
@@ -45,7 +46,7 @@ class Conv1dBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, kernel_size: int, n_groups: int = 8):
         super().__init__()
         self.conv = Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2)
-        self.norm = nn.GroupNorm(_groups(c_out, n_groups), c_out)
+        self.norm = GroupNorm(_groups(c_out, n_groups), c_out)
         self.act = nn.Mish()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -159,10 +160,10 @@ class ResBlock2D(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.norm1 = nn.GroupNorm(_groups(c_in, 32), c_in)
+        self.norm1 = GroupNorm(_groups(c_in, 32), c_in)
         self.conv1 = Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Sequential(nn.SiLU(), Linear(emb_dim, 2 * c_out))
-        self.norm2 = nn.GroupNorm(_groups(c_out, 32), c_out)
+        self.norm2 = GroupNorm(_groups(c_out, 32), c_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(Conv2d(c_out, c_out, 3, padding=1))
         self.skip = Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
@@ -182,7 +183,7 @@ class AttnBlock2D(nn.Module):
         super().__init__()
         self.heads = max(1, channels // head_channels)
         self.attn = attn
-        self.norm = nn.GroupNorm(_groups(channels, 32), channels)
+        self.norm = GroupNorm(_groups(channels, 32), channels)
         self.qkv = Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(Conv2d(channels, channels, 1))
 
@@ -274,7 +275,7 @@ class UNet2D(nn.Module):
                     layers.append(Upsample2D(ch))
                     ds //= 2
                 self.up.append(nn.ModuleList(layers))
-        self.out_norm = nn.GroupNorm(_groups(ch, 32), ch)
+        self.out_norm = GroupNorm(_groups(ch, 32), ch)
         self.out = _zero(Conv2d(ch, c, 3, padding=1))
 
     def set_attention(self, mode: str) -> UNet2D:
