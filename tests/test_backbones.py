@@ -96,11 +96,11 @@ def test_backbone_configs_instantiate(path):
 
 
 def test_unknown_name_and_bad_shapes_raise():
-    with pytest.raises(ValueError, match="unknown backbone"):
+    with pytest.raises(ValueError, match="^name: unknown backbone"):
         build_backbone("DiT-Q/3", (4, 8, 8))
-    with pytest.raises(ValueError, match="horizon"):
+    with pytest.raises(ValueError, match="^horizon: "):
         build_backbone("UNet1D-S", (10, 7))          # 10 is not divisible by 2**2
-    with pytest.raises(ValueError, match="patch_size"):
+    with pytest.raises(ValueError, match="^patch_size: "):
         build_backbone("DiT-S/2", (4, 7, 7), hidden_size=32, depth=1, num_heads=2)
     net, shape = tiny("dit2d")
     with pytest.raises(ValueError, match="shape"):

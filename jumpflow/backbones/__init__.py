@@ -38,9 +38,9 @@ def _as_shape(shape) -> tuple[int, ...]:
     try:
         out = tuple(int(s) for s in shape)
     except TypeError as err:
-        raise ValueError(f"shape must be a sequence of ints, got {shape!r}") from err
+        raise ValueError(f"shape: must be a sequence of ints, got {shape!r}") from err
     if not out or any(s < 1 for s in out):
-        raise ValueError(f"shape must be non-empty positive ints, got {shape!r}")
+        raise ValueError(f"shape: must be non-empty positive ints, got {shape!r}")
     return out
 
 
@@ -55,7 +55,7 @@ def build_backbone(name: str, shape, cond_dim: int = 0, **overrides) -> nn.Modul
         **overrides: constructor arguments replacing the registered ones.
     """
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; registered: {sorted(BACKBONES)}")
+        raise ValueError(f"name: unknown backbone {name!r}; registered: {sorted(BACKBONES)}")
     return BACKBONES[name](shape=_as_shape(shape), cond_dim=int(cond_dim), **overrides)
 
 
