@@ -202,6 +202,14 @@ def test_jvp_matches_finite_difference_float64(key):
     _jvp_vs_fd(net, shape, context=True)
 
 
+def test_fused_attention_is_jvp_safe_inside_jvp_context():
+    """``attn="fused"`` calls SDPA even under a JVP; ``jvp_context`` restricts it to the math backend."""
+    torch.manual_seed(0)
+    net, shape = tiny("dit2d", dtype=torch.float64, attn="fused")
+    perturb_(net)
+    _jvp_vs_fd(net, shape, context=True)
+
+
 @pytest.mark.parametrize("key, mode", [("dit2d", "auto"), ("dit2d", "math"), ("unet2d", "auto")])
 def test_jvp_without_context_uses_the_math_attention(key, mode):
     """``attn="auto"`` detects the tangent and leaves the fused kernel (no forward AD on CPU)."""
