@@ -18,9 +18,9 @@ import numpy as np
 
 
 def machine_info() -> dict:
-    import torch
     import mujoco
     import robosuite
+    import torch
     return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "mujoco": mujoco.__version__, "robosuite": robosuite.__version__}
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         os.replace(tmp, out)                 # written after every task: partial runs keep their rows
     rows = merged
-    print(f"\n| task | n_episodes | success_rate |\n|---|---|---|")
+    print("\n| task | n_episodes | success_rate |\n|---|---|---|")
     for r in rows:
         print(f"| {r['task']} | {r['n_episodes']} | {r['success_rate']:.2f} |")
     print(f"wrote {out}")

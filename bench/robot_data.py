@@ -31,7 +31,6 @@ def main(argv=None) -> int:
     n = 5 if args.debug else args.n_demos
 
     import torch
-
     from experts import machine_info  # bench/experts.py (this script's directory is on sys.path)
     from jumpflow.datasets.sequence import RobomimicSequenceDataset
     from jumpflow.envs.demos import generate_demos
@@ -51,7 +50,7 @@ def main(argv=None) -> int:
         out = fn()
         return out, time.perf_counter() - w, time.process_time() - c
 
-    make = lambda: RobomimicSequenceDataset(src, LOW_DIM_KEYS, horizon=16, n_obs_steps=2, n_action_steps=8,  # noqa: E731
+    make = lambda: RobomimicSequenceDataset(src, LOW_DIM_KEYS, horizon=16, n_obs_steps=2, n_action_steps=8,
                                             cache_dir=work / "cache")
     ds, t_conv, c_conv = timed(make)
     ds2, t_cached, c_cached = timed(make)

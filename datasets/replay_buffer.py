@@ -22,7 +22,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
 from jumpflow.datasets.robomimic import DatasetError, RobomimicFile
 
 FORMAT_VERSION = 1

@@ -14,9 +14,9 @@ import os
 
 import numpy as np
 import torch
+from jumpflow.datasets.replay_buffer import ReplayBuffer, load_replay_buffer
 from torch.utils.data import Dataset
 
-from jumpflow.datasets.replay_buffer import ReplayBuffer, load_replay_buffer
 from jumpflow.normalizer import Normalizer
 
 
@@ -125,7 +125,7 @@ class RobomimicSequenceDataset(Dataset):
                                        episode_mask=self.train_mask)
         self._cfg = dict(horizon=horizon, n_obs_steps=n_obs_steps, n_action_steps=n_action_steps)
 
-    def get_validation_dataset(self) -> "RobomimicSequenceDataset":
+    def get_validation_dataset(self) -> RobomimicSequenceDataset:
         return RobomimicSequenceDataset(self.path, self.obs_keys, **self._cfg, _buffer=self.buffer,
                                         _mask=~self.train_mask)
 

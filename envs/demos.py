@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from jumpflow.envs.sim import LOW_DIM_KEYS, canonical_task, default_env_meta
+from jumpflow.envs.sim import canonical_task, default_env_meta
 
 DEMO_SEED_LIMIT = 100_000      # demo seeds are expected below this; test seeds start at 1_000_000
 DEFAULT_MAX_STEPS = {"Lift": 400, "PickPlaceCan": 400, "NutAssemblySquare": 400}
@@ -108,10 +107,9 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
         "seconds_per_demo", "total_samples"}``.
     """
     import h5py
-    from tqdm import tqdm
-
     from jumpflow.envs.experts import make_expert
     from jumpflow.envs.sim import RobosuiteSim
+    from tqdm import tqdm
 
     task = canonical_task(task)
     if n_demos < 1:
@@ -185,7 +183,6 @@ def ensure_demos(path: str | os.PathLike, task: str = "Lift", n_demos: int = 200
     ``n_demos`` demos, image keys present if ``image``) and never overwritten; a mismatch raises
     ``ValueError`` naming the file. Extra ``kwargs`` go to :func:`generate_demos`.
     """
-    import h5py
 
     path = Path(path)
     task = canonical_task(task)

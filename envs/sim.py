@@ -18,19 +18,18 @@ raw robosuite env by :func:`convert_obs`, with robomimic's key names (``object``
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import inspect
 import io
 import json
 import logging
-import atexit
 import sys
 import types
 import weakref
 
 import numpy as np
-
 from jumpflow.envs.rendering import require_offscreen_rendering, select_gl_backend
 
 select_gl_backend()          # must precede the first robosuite import
@@ -60,7 +59,7 @@ def _install_mujoco_py_stub() -> None:
 _install_mujoco_py_stub()
 logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
 with contextlib.redirect_stdout(io.StringIO()):
-    import robosuite  # noqa: E402
+    import robosuite
 logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
 
 ROBOSUITE_TYPE = 1          # robomimic EnvType.ROBOSUITE_TYPE
@@ -176,7 +175,7 @@ def make_robosuite_env(env_meta: dict, image_cameras: list[str] | None = None,
     env_name = env_meta["env_name"]
     sink = io.StringIO()
     try:
-        import robomimic.utils.env_utils as EnvUtils  # noqa: F401 (import check)
+        import robomimic.utils.env_utils as EnvUtils
         have_robomimic = True
     except Exception:
         have_robomimic = False
@@ -230,7 +229,7 @@ def convert_obs(raw: dict, keys=None) -> dict:
     return out
 
 
-_LIVE_SIMS: "weakref.WeakSet[RobosuiteSim]" = weakref.WeakSet()
+_LIVE_SIMS: weakref.WeakSet[RobosuiteSim] = weakref.WeakSet()
 
 
 @atexit.register

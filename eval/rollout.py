@@ -97,7 +97,6 @@ class RolloutEvaluator:
     def _make_venv(self):
         import gymnasium as gym
         from gymnasium.vector import AutoresetMode
-
         from jumpflow.envs.gym_env import RobomimicGymEnv
 
         fns = [functools.partial(RobomimicGymEnv, **self._env_kwargs) for _ in range(self.n_envs)]

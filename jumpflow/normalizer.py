@@ -52,7 +52,7 @@ class Normalizer(nn.Module):
                 "std": x.std(0, unbiased=False) if x.shape[0] > 1 else torch.zeros(x.shape[1:], dtype=x.dtype)}
 
     def fit_key(self, key: str, data, mode: str = "limits", range_eps: float = 1e-4,
-                std_eps: float = 1e-6) -> "Normalizer":
+                std_eps: float = 1e-6) -> Normalizer:
         """Fit ``key`` from ``data`` of shape ``(N, D)`` (any leading dims are flattened; images:
         any shape, only the mode matters)."""
         if mode not in MODES:
@@ -79,7 +79,7 @@ class Normalizer(nn.Module):
         return self.set_params(key, scale, offset, **st)
 
     @classmethod
-    def fit(cls, data: dict, modes: dict | None = None, default_mode: str = "limits") -> "Normalizer":
+    def fit(cls, data: dict, modes: dict | None = None, default_mode: str = "limits") -> Normalizer:
         """Fit every key of ``data`` (``{key: (N, D) array}``). ``modes``: ``{key: mode}`` overrides;
         keys that end in ``_image`` default to ``"image"``."""
         norm = cls()
@@ -89,7 +89,7 @@ class Normalizer(nn.Module):
             norm.fit_key(k, v, mode)
         return norm
 
-    def set_params(self, key: str, scale, offset, **stats) -> "Normalizer":
+    def set_params(self, key: str, scale, offset, **stats) -> Normalizer:
         """Set ``key``'s affine map directly (float64 storage); ``stats``: optional min/max/mean/std."""
         scale = torch.as_tensor(scale, dtype=torch.float64)
         offset = torch.as_tensor(offset, dtype=torch.float64)

@@ -4,18 +4,17 @@ All files here are synthetic robomimic-layout HDF5 written by the test (no simul
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import numpy as np
 import pytest
 import torch
-
 from jumpflow.datasets.replay_buffer import cache_path_for, load_replay_buffer
 from jumpflow.datasets.robomimic import DatasetError, RobomimicFile
 from jumpflow.datasets.sequence import RobomimicSequenceDataset, create_indices
-from jumpflow.normalizer import Normalizer
 from robot_fixtures import LOWDIM, write_synthetic_robomimic
+
+from jumpflow.normalizer import Normalizer
 
 
 @pytest.fixture

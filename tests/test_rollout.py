@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-
 from robot_fixtures import LOWDIM, ReplayPolicy, lift_demos  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.sim
@@ -116,7 +115,6 @@ def test_bad_policy_output_shape_raises():
 
 def test_videos_of_first_episodes(lift_demos, tmp_path):
     import imageio.v2 as imageio
-
     from jumpflow.eval.rollout import RolloutEvaluator
 
     actions, _ = _stored_actions(lift_demos)
