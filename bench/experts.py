@@ -60,25 +60,39 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "experts.json"))
     p.add_argument("--debug", action="store_true", help="3 episodes per task")
+    p.add_argument("--merge", nargs="*", default=[],
+                   help="only merge the rows of these experts JSON files (e.g. a task run separately) into --out")
     args = p.parse_args(argv)
     n = 3 if args.debug else args.n_episodes
     out = Path(args.out)
     if args.debug and out == Path(p.get_default("out")):
         out = out.with_name("experts_debug.json")          # a smoke run never replaces the real figures
     out.parent.mkdir(parents=True, exist_ok=True)
-    # rows of tasks not run now are kept from an existing file (one row per task)
-    old_rows = []
-    if out.exists() and not args.debug:
-        try:
-            old_rows = json.loads(out.read_text()).get("rows", [])
-        except (json.JSONDecodeError, OSError):
-            old_rows = []
-    rows = []
+    if args.merge:
+        rows = json.loads(out.read_text())["rows"] if out.exists() else []
+        for other in args.merge:
+            new = json.loads(Path(other).read_text())["rows"]
+            tasks = {r["task"] for r in new}
+            rows = [r for r in rows if r["task"] not in tasks] + new
+        result = json.loads(Path(args.merge[0]).read_text())
+        result["rows"] = rows
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, out)
+        args.tasks = []
+    rows, merged = [], None
     for task in args.tasks:
         rows.append(run_task(task, n, args.seed))
         r = rows[-1]
         print(f"{r['task']:<18} n={r['n_episodes']:<4} success={r['success_rate']:.3f} "
               f"len={r['mean_length']:.1f} {r['seconds_per_episode']:.2f} s/episode", flush=True)
+        # rows of tasks not run now are kept from the file as it is now (one row per task)
+        old_rows = []
+        if out.exists():
+            try:
+                old_rows = json.loads(out.read_text()).get("rows", [])
+            except (json.JSONDecodeError, OSError):
+                old_rows = []
         done = {x["task"] for x in rows}
         merged = [x for x in old_rows if x["task"] not in done] + rows
         result = {"bench": "experts", "machine": machine_info(),
@@ -88,7 +102,10 @@ def main(argv=None) -> int:
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         os.replace(tmp, out)                 # written after every task: partial runs keep their rows
-    rows = merged
+    if merged is not None:
+        rows = merged
+    elif args.merge:
+        rows = json.loads(out.read_text())["rows"]
     print("\n| task | n_episodes | success_rate |\n|---|---|---|")
     for r in rows:
         print(f"| {r['task']} | {r['n_episodes']} | {r['success_rate']:.2f} |")
