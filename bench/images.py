@@ -324,6 +324,12 @@ def finalize(args) -> int:
         else:
             merged["rows"].extend(part["rows"])
             merged["config"]["elapsed_s"] = max(merged["config"].get("elapsed_s", 0), part["config"].get("elapsed_s", 0))
+    merged["config"]["notes"] = (
+        "Measured limitation of this run: the shared MLP backbone (width 512) is narrower than the data "
+        "(1024 pixels) and has no input skip, so objectives that must pass the noise through the network "
+        "(epsilon-prediction DDPM, velocity eps - x near t = 0) leave residual noise; DDPM's samples are noise. "
+        "Rows are comparable with each other (same backbone, steps, samples), not converged models. "
+        "Use --width >= 1024 (or a conv backbone) on a machine with more CPU time.")
     order = list(PLAN)
     rows = sorted(merged["rows"], key=lambda r: (order.index(r["objective"]), -r["nfe"] if r["objective"] == "ddpm" else r["nfe"]))
     merged["rows"] = rows
