@@ -93,7 +93,7 @@ class UNet1D(nn.Module):
         horizon, action_dim = self.shape
         factor = 2 ** (len(down_dims) - 1)
         if horizon % factor:
-            raise ValueError(f"horizon: {horizon} must be divisible by 2**(len(down_dims)-1) = {factor} "
+            raise ValueError(f"horizon: the horizon {horizon} must be divisible by 2**(len(down_dims)-1) = {factor} "
                              f"(down_dims={down_dims}); pad the chunk or use fewer levels")
         self.down_dims, self.feature_dim = down_dims, down_dims[0]
         self.embed = TimeCondEmbedder(emb_dim, cond_dim)
