@@ -376,3 +376,35 @@ def test_toy_metrics_closed_form():
     # SW2^2 of a translation by a is E_theta (theta . a)^2 = |a|^2 / d
     assert abs(sliced_w2(x, x + shift, n_projections=4096) - 5.0 / math.sqrt(2)) < 0.1
     assert abs(mmd_rbf(x[:1000], x[1000:])) < 0.01 < mmd_rbf(x[:1000], x[1000:] + 1.0)
+
+
+def test_backward_through_jvp_of_mlp_matches_finite_difference():
+    """TVM backpropagates through dF/ds; the MLP must give the right gradient there
+    (torch's fused layer_norm does not: pytorch/pytorch#196700)."""
+    torch.manual_seed(0)
+    net = MLP((3,), width=16, depth=2).double()
+    with torch.no_grad():                      # leave the zero-initialised output layers
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    z = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.full((4,), 0.8, dtype=torch.float64)
+    s = torch.full((4,), 0.3, dtype=torch.float64)
+    w = torch.randn(4, 3, dtype=torch.float64)
+
+    def objective():
+        _, dF = torch.func.jvp(lambda s_: net(z, t, t - s_, None), (s,), (torch.ones_like(s),))
+        return (dF * w).sum()
+    net.zero_grad()
+    objective().backward()
+    e = 1e-6
+    for name, param in net.named_parameters():
+        grad = param.grad.flatten()[0].item()
+        with torch.no_grad():
+            param.view(-1)[0] += e
+        up = objective().item()
+        with torch.no_grad():
+            param.view(-1)[0] -= 2 * e
+        down = objective().item()
+        with torch.no_grad():
+            param.view(-1)[0] += e
+        assert abs(grad - (up - down) / (2 * e)) < 1e-6 * max(1.0, abs(grad)), name

@@ -11,12 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from jumpflow.backbones.embeddings import TimeCondEmbedder
+from jumpflow.backbones.layers import LayerNorm
 
 
 class ResidualFiLMBlock(nn.Module):
     def __init__(self, width: int, emb_dim: int):
         super().__init__()
-        self.norm = nn.LayerNorm(width)
+        self.norm = LayerNorm(width, eps=1e-5, elementwise_affine=True)   # JVP-safe (TVM backprops through it)
         self.film = nn.Linear(emb_dim, 2 * width)
         self.fc1 = nn.Linear(width, width)
         self.fc2 = nn.Linear(width, width)
@@ -47,7 +48,7 @@ class MLP(nn.Module):
         self.embed = TimeCondEmbedder(width, cond_dim)
         self.inp = nn.Linear(self.in_dim, width)
         self.blocks = nn.ModuleList(ResidualFiLMBlock(width, width) for _ in range(depth))
-        self.out_norm = nn.LayerNorm(width)
+        self.out_norm = LayerNorm(width, eps=1e-5, elementwise_affine=True)
         self.out = nn.Linear(width, self.in_dim)
 
     def tokenize(self, x: Tensor) -> Tensor:
