@@ -182,6 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--enc-width", type=int, default=256, help="width of Drifting's encoder")
     p.add_argument("--tag", default="all", help="name of this part (parts can run in parallel)")
     p.add_argument("--finalize", action="store_true", help="merge the parts, add Inception FID, print the table")
+    p.add_argument("--inception-select", default="",
+                   help="only these saved rows for Inception, e.g. flow_matching:1,drifting:1 (CPU budget)")
     p.add_argument("--inception-only", action="store_true",
                    help="compute and cache Inception statistics of the rows saved so far")
     args = p.parse_args(argv)
@@ -301,6 +303,8 @@ def inception_stats(args) -> dict:
     for path in sorted(out.glob("samples_*_nfe*.npz")):
         stem = path.stem[len("samples_"):]
         name, nfe = stem.rsplit("_nfe", 1)
+        if args.inception_select and f"{name}:{nfe}" not in args.inception_select.split(","):
+            continue
 
         def load(p=path):
             with np.load(p) as f:
