@@ -52,6 +52,15 @@ class ChunkPolicy(nn.Module):
         return self.generator.objective
 
     @property
+    def backbone(self) -> nn.Module:
+        return self.generator.backbone
+
+    @property
+    def aux(self) -> nn.ModuleDict:
+        """The objective's modules (TVM's EMA target, DTM's head): ``on_step_end`` reaches them here."""
+        return self.generator.aux
+
+    @property
     def encoder(self) -> nn.Module:
         return self.generator.cond_encoder
 

@@ -39,6 +39,7 @@ def test_every_objective_plugs_into_chunk_policy(synthetic, name):
     out = policy.compute_loss(batch)
     assert torch.isfinite(out.loss).all() and out.loss.dim() == 1
     out.loss.mean().backward()
+    policy.objective.on_step_end(policy)          # what the trainer calls after each step
     # DTM reads the backbone's features, not its output projection
     unused = ("out.",) if name == "transition_matching" else ()
     assert all(p.grad is not None for n, p in policy.generator.backbone.named_parameters() if not n.startswith(unused))
