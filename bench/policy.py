@@ -97,8 +97,10 @@ def main(argv=None):
                            "train_steps": int(result["step"]), "episodes": ev["n_episodes"],
                            "mean_episode_length": ev["mean_episode_length"], "env_errors": ev["n_env_errors"],
                            "threads": torch.get_num_threads()}
-                    rows = [r for r in rows if (r["task"], r["objective"], r["sampler"], r["nfe"], r["seed"]) !=
-                            (task, objective, row["sampler"], nfe, seed)] + [row]
+                    key = (task, objective, row["sampler"], nfe, seed)
+                    # re-read: another bench process may have added rows since this one started
+                    rows = [r for r in load_rows(out)
+                            if (r["task"], r["objective"], r["sampler"], r["nfe"], r["seed"]) != key] + [row]
                     print(json.dumps(row), flush=True)
                     write_results("policy", {"episodes": args.episodes, "steps": args.steps or "experiment default",
                                              "overrides": args.override, "machine_note": machine()}, rows)
