@@ -302,6 +302,8 @@ def test_each_objective_lowers_its_loss(name):
     (MeanFlow, {"time_sampler": {"kind": "beta"}}, "time_sampler.kind"),
     (MeanFlow, {"time_sampler": {"std": -1}}, "time_sampler.std"),
     (MeanFlow, {"class_drop_prob": 1.5}, "class_drop_prob"),
+    (MeanFlow, {"kappa": 1.0}, "kappa"),
+    (MeanFlow, {"omega": 0.0}, "omega"),
     (FlowMatching, {"solver": "rk45"}, "solver"),
     (FlowMatching, {"class_drop_prob": -0.2}, "class_drop_prob"),
     (TerminalVelocityMatching, {"target_decay": 1.0}, "target_decay"),

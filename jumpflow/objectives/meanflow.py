@@ -60,8 +60,9 @@ class MeanFlow(Objective):
         require(adaptive_p >= 0, "adaptive_p", f"must be >= 0, got {adaptive_p}")
         require(adaptive_c > 0, "adaptive_c", f"must be > 0, got {adaptive_c}")
         require(omega > 0, "omega", f"must be > 0, got {omega}")
-        require(0.0 <= kappa < 1.0 and omega + kappa <= 1.0 + 1e-9 or kappa == 0.0, "kappa",
-                f"need 0 <= kappa < 1 and omega + kappa <= 1, got omega={omega}, kappa={kappa}")
+        # 1 - omega - kappa may be negative: that is the extrapolation of classifier-free
+        # guidance (effective scale omega / (1 - kappa); the paper's B/2 uses 1 and 0.5)
+        require(0.0 <= kappa < 1.0, "kappa", f"need 0 <= kappa < 1, got {kappa}")
         lo, hi = guidance_interval
         require(0.0 <= lo < hi <= 1.0, "guidance_interval", f"need 0 <= lo < hi <= 1, got {guidance_interval}")
         require(0.0 <= class_drop_prob < 1.0, "class_drop_prob", f"must be in [0, 1), got {class_drop_prob}")
