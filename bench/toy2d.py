@@ -28,7 +28,7 @@ PLAN = {
     "tvm": ([], [1, 2, 4]),
     "transition_matching": (["objective.transition_steps=4"], [4]),
     "drifting": (["objective.gen_per_group=null"], [1]),
-    "ddpm": (["objective.sampler=ddpm", "objective.clip_sample=null"], [1, 10, 100]),
+    "ddpm": (["objective.sampler=ddpm", "objective.clip_sample=null"], [1, 10, 100]),   # ancestral DDPM
 }
 
 
@@ -48,10 +48,7 @@ def run_one(objective: str, dataset: str, steps: int, batch: int, seed: int, out
     rates = [json.loads(line).get("train/it_per_s") for line in open(Path(result["run_dir"]) / "metrics.jsonl")]
     rates = [r for r in rates if r]
     sec_per_step = 1.0 / (sum(rates) / len(rates)) if rates else wall / steps
-    m = result["metrics"]
-    if objective == "ddpm":
-        # the ddpm objective samples with its configured sampler; DDIM is the same net
-        pass
+    m = {k.split("/", 1)[-1]: v for k, v in result["metrics"].items()}   # the trainer prefixes "eval/"
     return [{"dataset": dataset, "objective": objective, "nfe": nfe, "sliced_w2": m.get(f"sliced_w2_nfe{nfe}"),
              "mmd": m.get(f"mmd_nfe{nfe}"), "sec_per_step": sec_per_step, "train_steps": steps, "seed": seed}
             for nfe in nfes]
