@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from jumpflow.tasks import Task
@@ -110,8 +109,9 @@ class PolicyTask(Task):
         summary = {k: result[k] for k in ("success_rate", "mean_max_reward", "mean_episode_length",
                                           "latency_ms_p50", "latency_ms_p95", "n_env_errors")}
         if run_dir is not None:
+            from jumpflow.checkpoint import atomic_write_text
             path = Path(run_dir) / f"eval_step{step}.json"
-            path.write_text(json.dumps({"step": step, "nfe": model.inference_steps, **summary,
+            atomic_write_text(path, json.dumps({"step": step, "nfe": model.inference_steps, **summary,
                                         "videos": result["videos"]}, indent=2))
         print(f"[eval step {step}] success {summary['success_rate']:.3f} over {result['n_episodes']} episodes, "
               f"latency p50 {summary['latency_ms_p50']:.2f} ms p95 {summary['latency_ms_p95']:.2f} ms per chunk "

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from jumpflow.checkpoint import CheckpointError, load_model, resolve_checkpoint
+    from jumpflow.checkpoint import CheckpointError, atomic_write_text, load_model, resolve_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         evaluator.close()
     result["checkpoint"], result["nfe"] = str(ckpt), model.inference_steps
     out = Path(args.out) if args.out else run_dir / "eval_cli.json"
-    out.write_text(json.dumps(result, indent=2))
+    atomic_write_text(out, json.dumps(result, indent=2))
     print(f"success rate {result['success_rate']:.3f} over {result['n_episodes']} episodes | latency per chunk "
           f"p50 {result['latency_ms_p50']:.2f} ms, p95 {result['latency_ms_p95']:.2f} ms (nfe {model.inference_steps})"
           f" | videos: {len(result['videos'])} | {out}")
