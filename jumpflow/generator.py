@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from jumpflow.objectives.base import LossOutput, Objective
+from jumpflow.objectives.base import DataPrediction, LossOutput, Objective
 
 
 class ClassEmbedding(nn.Module):
@@ -52,6 +52,8 @@ class Generator(nn.Module):
     def __init__(self, backbone: nn.Module, objective: Objective, cond_encoder: nn.Module | None = None,
                  shape: tuple[int, ...] | None = None):
         super().__init__()
+        if getattr(objective, "prediction", "native") == "data":
+            backbone = DataPrediction(backbone, objective.from_data_prediction)
         self.backbone = backbone
         self.cond_encoder = cond_encoder
         self.objective = objective

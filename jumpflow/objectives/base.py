@@ -40,6 +40,35 @@ class ConditionalNet(Protocol):
     def __call__(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None, **kw): ...
 
 
+PREDICTIONS = ("native", "data")
+
+
+class DataPrediction(nn.Module):
+    """Wraps a backbone that estimates clean data so that it returns the objective's native
+    output (``Objective.from_data_prediction``); ``Generator`` inserts it when
+    ``objective.prediction == "data"``. Shapes: as the wrapped backbone."""
+
+    def __init__(self, backbone: nn.Module, convert: Callable[[Tensor, Tensor, Tensor], Tensor]):
+        super().__init__()
+        self.inner = backbone
+        self.convert = convert
+        for name in ("shape", "feature_dim"):
+            if hasattr(backbone, name):
+                setattr(self, name, getattr(backbone, name))
+
+    def tokenize(self, x: Tensor) -> Tensor:
+        return self.inner.tokenize(x)
+
+    def untokenize(self, tokens: Tensor, shape=None) -> Tensor:
+        return self.inner.untokenize(tokens)
+
+    def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None = None, **kw):
+        out = self.inner(x, t, h, cond, **kw)
+        if isinstance(out, tuple):                      # (x_hat, features) for Transition Matching
+            return (self.convert(x, t, out[0]), *out[1:])
+        return self.convert(x, t, out)                  # (B, *shape)
+
+
 def require(ok: bool, name: str, message: str) -> None:
     """Raise ``ValueError`` naming the hyper-parameter ``name`` when ``ok`` is false."""
     if not ok:
@@ -157,6 +186,29 @@ class Objective:
 
     def sample(self, net, noise: Tensor, cond: Tensor | None, steps: int = 1) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    #: what the backbone outputs: ``"native"`` (the objective's own target: a velocity, an
+    #: average velocity, DDPM's noise, Drifting's sample) or ``"data"`` (a clean-data estimate
+    #: ``x_hat`` that ``from_data_prediction`` turns into the native output)
+    prediction: str = "native"
+    #: floor on ``t`` in ``(z - x_hat) / t`` (Li & He 2025 use 0.05)
+    data_t_min: float = 0.05
+
+    def set_prediction(self, prediction: str, data_t_min: float = 0.05) -> None:
+        require(prediction in PREDICTIONS, "prediction", f"must be one of {PREDICTIONS}, got {prediction!r}")
+        require(0.0 < data_t_min < 1.0, "data_t_min", f"must be in (0, 1), got {data_t_min}")
+        self.prediction, self.data_t_min = prediction, float(data_t_min)
+
+    def from_data_prediction(self, z: Tensor, t: Tensor, x_hat: Tensor) -> Tensor:
+        """Native output from a data estimate; flow convention: any (average) velocity that ends
+        at ``x_hat`` from ``z_t`` is ``u = (z_t - x_hat) / t`` (exact for the jump to ``r = 0``).
+
+        Why: a network narrower than the data cannot copy the noise it is given through to
+        the output, which velocity and noise targets ask of it; a data estimate is
+        low-dimensional (Li & He, "Back to Basics: Let Denoising Generative Models Denoise",
+        2025). The loss stays on the native output (their "x-prediction, v-loss").
+        Shapes: ``z, x_hat: (B, *shape)``, ``t: (B,)``."""
+        return (z - x_hat) / expand_like(t.clamp_min(self.data_t_min), z)
 
     def extra_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
         return {}

@@ -47,13 +47,16 @@ class DDPM(Objective):
         sampler: ``"ddpm"`` or ``"ddim"``.
         clip_sample: clamp ``x0_hat`` to ``[-clip_sample, clip_sample]`` (DP: 1.0; None: off).
         class_drop_prob, guidance: classifier-free guidance.
+        prediction: ``"native"`` (the backbone outputs the noise eps; Diffusion Policy's prediction_type) or ``"data"`` (it outputs a
+            clean-data estimate, converted by ``from_data_prediction``; the loss is unchanged).
     """
 
     name = "ddpm"
     default_steps = 100
 
     def __init__(self, num_train_steps: int = 100, sampler: str = "ddpm", clip_sample: float | None = 1.0,
-                 class_drop_prob: float = 0.0, guidance: float = 1.0):
+                 class_drop_prob: float = 0.0, guidance: float = 1.0, prediction: str = "native"):
+        self.set_prediction(prediction)
         require(num_train_steps >= 1, "num_train_steps", f"must be >= 1, got {num_train_steps}")
         require(sampler in ("ddpm", "ddim"), "sampler", f"must be 'ddpm' or 'ddim', got {sampler!r}")
         require(clip_sample is None or clip_sample > 0, "clip_sample", f"must be > 0 or None, got {clip_sample}")
@@ -65,6 +68,14 @@ class DDPM(Objective):
 
     def net_time(self, k: Tensor) -> Tensor:
         return (k.double() + 1) / self.num_train_steps
+
+    def from_data_prediction(self, z: Tensor, t: Tensor, x_hat: Tensor) -> Tensor:
+        """``eps = (x_k - sqrt(abar_k) x_hat) / sqrt(1 - abar_k)`` at the ``k`` of ``t = (k + 1) / K``
+        (Diffusion Policy's ``prediction_type="sample"``, converted so the loss stays on eps)."""
+        k = (t.double() * self.num_train_steps).round().long().clamp(1, self.num_train_steps) - 1   # (B,)
+        abar = self.alphas_cumprod.to(z.device)[k].to(z.dtype)                    # (B,)
+        sigma = (1 - abar).sqrt().clamp_min(self.data_t_min)                       # (B,)
+        return (z - expand_like(abar.sqrt(), z) * x_hat) / expand_like(sigma, z)
 
     def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:
         b = x.shape[0]

@@ -46,6 +46,9 @@ class Drifting(Objective):
 
     name = "drifting"
 
+    def from_data_prediction(self, z: Tensor, t: Tensor, x_hat: Tensor) -> Tensor:
+        return x_hat                                    # the generator's output is a sample already
+
     def __init__(self, gen_per_group: int | None = 8, temperatures=(0.02, 0.05, 0.2), group_by: str = "cond",
                  n_uncond_neg: int = 0, uncond_weight: float = 1.0, attraction_only: bool = False,
                  kernel: str = "auto", feature_map: Callable[[], nn.Module] | None = None):

@@ -27,6 +27,9 @@ class FlowMatching(Objective):
         time_sampler: ``TimeSampler`` kwargs (kind, mean, std).
         solver: ``"euler"`` or ``"heun"``.
         class_drop_prob: probability of training with the null condition (for CFG).
+        prediction: ``"native"`` (the backbone outputs the velocity) or ``"data"`` (it outputs a
+            clean-data estimate, converted by ``from_data_prediction``; the loss is unchanged).
+        data_t_min: floor on ``t`` in ``(z - x_hat) / t``.
         guidance: classifier-free guidance scale used by ``sample``.
     """
 
@@ -34,7 +37,9 @@ class FlowMatching(Objective):
     default_steps = 100
 
     def __init__(self, time_sampler: dict | None = None, solver: str = "euler",
-                 class_drop_prob: float = 0.0, guidance: float = 1.0):
+                 class_drop_prob: float = 0.0, guidance: float = 1.0, prediction: str = "native",
+                 data_t_min: float = 0.05):
+        self.set_prediction(prediction, data_t_min)
         self.time_sampler = TimeSampler(**(time_sampler or {"kind": "logit_normal"}), name="time_sampler")
         require(solver in ("euler", "heun"), "solver", f"must be 'euler' or 'heun', got {solver!r}")
         require(0.0 <= class_drop_prob < 1.0, "class_drop_prob", f"must be in [0, 1), got {class_drop_prob}")

@@ -43,6 +43,9 @@ class MeanFlow(Objective):
         omega, kappa: guidance mixing (``omega = 1, kappa = 0``: no guidance).
         guidance_interval: ``(t_lo, t_hi)`` in which guidance applies.
         class_drop_prob: probability of training with the null condition.
+        prediction: ``"native"`` (the backbone outputs the average velocity; pixel MeanFlow's choice is data) or ``"data"`` (it outputs a
+            clean-data estimate, converted by ``from_data_prediction``; the loss is unchanged).
+        data_t_min: floor on ``t`` in ``(z - x_hat) / t``.
     """
 
     name = "meanflow"
@@ -51,7 +54,9 @@ class MeanFlow(Objective):
     def __init__(self, time_sampler: dict | None = None, ratio_r_neq_t: float = 0.25,
                  tangent: str = "v_0_1", time_embedding: str = "t_h", adaptive_p: float = 1.0,
                  adaptive_c: float = 1e-2, omega: float = 1.0, kappa: float = 0.0,
-                 guidance_interval: tuple[float, float] = (0.0, 1.0), class_drop_prob: float = 0.0):
+                 guidance_interval: tuple[float, float] = (0.0, 1.0), class_drop_prob: float = 0.0,
+                 prediction: str = "native", data_t_min: float = 0.05):
+        self.set_prediction(prediction, data_t_min)
         self.time_sampler = TimeSampler(**(time_sampler or {"kind": "logit_normal", "mean": -0.4, "std": 1.0}),
                                         name="time_sampler")
         require(0.0 <= ratio_r_neq_t <= 1.0, "ratio_r_neq_t", f"must be in [0, 1], got {ratio_r_neq_t}")

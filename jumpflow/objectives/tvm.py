@@ -27,7 +27,8 @@ class TerminalVelocityMatching(Objective):
     with the gap ``t - s ~ gap_sampler`` and ``s ~ terminal_sampler * (1 - gap)``.
     ``F_ema`` is an EMA copy of the backbone (decay ``target_decay``), kept in
     ``net.aux["tvm_target"]`` and updated by ``on_step_end``. Sampling chains exact jumps
-    (1 step: ``x = eps - F(eps, 1, 1)``).
+    (1 step: ``x = eps - F(eps, 1, 1)``). With ``prediction="data"`` the backbone (and its EMA
+    copy) estimates clean data and ``F = (z_t - x_hat) / t`` (``Objective.from_data_prediction``).
 
     Shapes: ``x, z_t, F, f: (B, *shape)``; ``t, s: (B,)``.
     """
@@ -36,7 +37,9 @@ class TerminalVelocityMatching(Objective):
     uses_jvp = True
 
     def __init__(self, gap_sampler: dict | None = None, terminal_sampler: dict | None = None,
-                 lambda_fm: float = 1.0, target_decay: float = 0.99, adaptive_c: float | None = None):
+                 lambda_fm: float = 1.0, target_decay: float = 0.99, adaptive_c: float | None = None,
+                 prediction: str = "native", data_t_min: float = 0.05):
+        self.set_prediction(prediction, data_t_min)
         self.gap_sampler = TimeSampler(**(gap_sampler or {"kind": "logit_normal", "mean": -0.8, "std": 1.0}),
                                        name="gap_sampler")
         self.terminal_sampler = TimeSampler(**(terminal_sampler or {"kind": "logit_normal", "mean": -0.4, "std": 1.0}),
