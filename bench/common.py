@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
+
+from jumpflow.checkpoint import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -22,14 +23,8 @@ def machine() -> dict:
 def write_results(bench: str, config: dict, rows: list[dict], path: Path | None = None) -> Path:
     """Atomically write the bench JSON and print its rows as a table."""
     path = Path(path or RESULTS / f"{bench}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"bench": bench, "machine": machine(), "config": config, "rows": rows}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=2))
     print_table(rows)
     print(f"\nwrote {path}")
     return path

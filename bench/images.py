@@ -47,8 +47,9 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import numpy as np
 import torch
 from jumpflow.datasets.images import load_mnist, to_uint8, write_json_atomic
-from jumpflow.eval.fid import InceptionFeatures, feature_stats, features_of, frechet_distance
+from jumpflow.eval.fid import InceptionFeatures, feature_stats, features_of, frechet_distance, save_stats
 
+from jumpflow.checkpoint import atomic_write
 from jumpflow.generator import Generator
 from jumpflow.image_encoders import ClassifierFeatures, accuracy, save_weights, train_classifier
 
@@ -145,10 +146,8 @@ def save_grid(panels: list[tuple[str, np.ndarray]], path: Path, per_class: int =
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -289,8 +288,7 @@ def inception_stats(args) -> dict:
             inception = InceptionFeatures(batch_size=50)
         t0 = time.time()
         st = feature_stats(features_of(images_fn(), inception, batch=50))
-        np.savez(path.with_suffix(".tmp.npz"), mu=st[0], sigma=st[1])
-        os.replace(path.with_suffix(".tmp.npz"), path)
+        save_stats(path, *st)
         print(f"inception stats {name}: {time.time() - t0:.0f} s", flush=True)
         return st
 

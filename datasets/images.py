@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from jumpflow.checkpoint import atomic_write_text
 
 LATENT_SCALE = 0.18215
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
@@ -343,8 +344,4 @@ class FakeImageDataset(Dataset):
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))

@@ -27,13 +27,14 @@ import argparse
 import hashlib
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from jumpflow.checkpoint import atomic_write
 
 INCEPTION_DIM = 2048
 _N_CONVS = 94
@@ -102,15 +103,7 @@ def fid_helper_torchscript_path() -> Path:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _build_extractor_skeleton():
@@ -314,16 +307,7 @@ def load_images(path: str | Path, limit: int | None = None) -> np.ndarray:
 
 def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> None:
     """ADM reference layout: ``.npz`` with ``mu (D,)`` and ``sigma (D, D)``; atomic."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
 
 
 def features_of(images: np.ndarray, extractor: Callable[[Tensor], Tensor], batch: int = 500,

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jumpflow.checkpoint import atomic_write
+
 TEST_SEED_OFFSET = 1_000_000
 
 
@@ -122,9 +124,7 @@ class RolloutEvaluator:
 
         self.video_dir.mkdir(parents=True, exist_ok=True)
         path = self.video_dir / f"episode_{episode:03d}_seed{seed}.mp4"
-        tmp = path.with_name(path.stem + ".tmp.mp4")
-        imageio.mimwrite(tmp, list(frames), fps=self.fps, macro_block_size=1)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: imageio.mimwrite(tmp, list(frames), fps=self.fps, macro_block_size=1))
         return str(path)
 
     def run(self, policy) -> dict:

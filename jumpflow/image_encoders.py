@@ -29,8 +29,6 @@ frozen weights.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -208,23 +206,13 @@ def feature_encoder(kind: str = "convnet", path: str | Path | None = None, in_ch
 
 def save_weights(module: nn.Module, path: str | Path) -> Path:
     """Atomic ``.safetensors`` (or ``.pth``) of ``module.state_dict()``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
-            save_file(sd, tmp)
-        else:
-            torch.save(sd, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    from jumpflow.checkpoint import atomic_write
+
+    path = Path(path)
+    sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(sd, tmp) if path.suffix == ".safetensors" else torch.save(sd, tmp))
 
 
 def train_classifier(x: Tensor, labels: Tensor, num_classes: int = 10, width: int = 32, epochs: int = 3,

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_module
 
 from jumpflow.checkpoint import (
     CheckpointError,
+    atomic_write,
     checkpoint_paths,
     latest_valid_checkpoint,
     load_model,
@@ -164,3 +165,21 @@ def test_no_pickle_in_checkpoint_code():
     for mod in (ck, tr):
         src = Path(mod.__file__).read_text()
         assert "torch.load" not in src and "import pickle" not in src
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "stats.npz"
+    atomic_write(path, lambda tmp: np.savez(tmp, mu=np.arange(3)))
+    with np.load(path) as f:                                  # the suffix survived: no "x.npz.npz"
+        assert f["mu"].tolist() == [0, 1, 2]
+
+    def half_then_crash(tmp):
+        Path(tmp).write_bytes(b"partial")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, half_then_crash)
+    with np.load(path) as f:
+        assert f["mu"].tolist() == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.npz"]   # no temporary left behind

@@ -11,8 +11,16 @@ from torch import nn
 from jumpflow.backbones.mlp import MLP
 from jumpflow.drift import drift_field, drift_field_numba, drift_field_torch
 from jumpflow.generator import ClassEmbedding, Generator
-from jumpflow.objectives import (DDPM, OBJECTIVES, Drifting, FlowMatching, MeanFlow, TerminalVelocityMatching,
-                                 TimeSampler, TransitionMatching)
+from jumpflow.objectives import (
+    DDPM,
+    OBJECTIVES,
+    Drifting,
+    FlowMatching,
+    MeanFlow,
+    TerminalVelocityMatching,
+    TimeSampler,
+    TransitionMatching,
+)
 from jumpflow.objectives.ddpm import squared_cosine_alphas_cumprod
 from jumpflow.timeconv import interpolate, jump, velocity
 
@@ -115,10 +123,13 @@ def test_meanflow_wrong_tangent_breaks_identity():
     assert (u - u_tgt).abs().max() > 1e-3
 
 
-def test_jvp_total_derivative_matches_finite_difference():
+@pytest.mark.parametrize("prediction", ["native", "data"])
+def test_jvp_total_derivative_matches_finite_difference(prediction):
+    """du/dt from the JVP equals central differences; with data prediction the division
+    ``(z - x_hat) / t`` is differentiated too."""
     torch.manual_seed(0)
-    net = MLP((3,), width=32, depth=2).double()
-    obj = MeanFlow()
+    obj = MeanFlow(prediction=prediction)
+    net = Generator(MLP((3,), width=32, depth=2).double(), obj, shape=(3,))
     b = 5
     z = torch.randn(b, 3, dtype=torch.float64)
     t = torch.rand(b, dtype=torch.float64) * 0.8 + 0.1
@@ -200,7 +211,7 @@ def test_squared_cosine_schedule():
 # ---------------------------------------------------------------- drift field
 def _drift_case(seed=0, groups=4, g=6, p=5, u=3, d=4):
     gen = torch.Generator().manual_seed(seed)
-    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
     return mk(groups, g, d), mk(groups, p, d), mk(groups, u, d), torch.rand(groups, p, generator=gen) > 0.3
 
 

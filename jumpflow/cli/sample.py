@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,22 +26,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from jumpflow.checkpoint import atomic_write, atomic_write_text
+
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def shard_noise_seed(seed: int, shard: int) -> int:
@@ -86,7 +73,7 @@ def sample_shards(generate: Callable[[torch.Tensor, torch.Generator], np.ndarray
                              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
                              + "; use a new --out folder")
     else:
-        _atomic_text(meta_path, json.dumps(run, indent=2))
+        atomic_write_text(meta_path, json.dumps(run, indent=2))
     n_shards = (n + shard_size - 1) // shard_size
     t0 = time.time()
     for k in range(n_shards):
