@@ -70,15 +70,18 @@ class SmallConvNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))                            # (B, num_classes)
 
-    def drift_features(self, x: Tensor) -> Tensor:
-        """``x: (B, C, H, W)`` -> ``(B, D)``: stage 2 pooled to 4x4, stage 3 to 2x2, stage 4
-        global mean and the input pooled to 8x8, each block scaled by ``1/sqrt(dim)``."""
+    def drift_blocks(self, x: Tensor) -> list[Tensor]:
+        """``x: (B, C, H, W)`` -> blocks ``(B, D_i)``: the input pooled to 8x8, stage 2 pooled to
+        4x4, stage 3 to 2x2 and stage 4's global mean, each scaled by ``1/sqrt(D_i)``."""
         outs = self.stage_outputs(x)
         blocks = [F.adaptive_avg_pool2d(x, 8).flatten(1),
                   F.adaptive_avg_pool2d(outs[1], 4).flatten(1),
                   F.adaptive_avg_pool2d(outs[2], 2).flatten(1),
                   outs[3].mean((2, 3))]
-        return torch.cat([b / math.sqrt(b.shape[1]) for b in blocks], 1)   # (B, D)
+        return [b / math.sqrt(b.shape[1]) for b in blocks]
+
+    def drift_features(self, x: Tensor) -> Tensor:
+        return torch.cat(self.drift_blocks(x), 1)                    # (B, D)
 
 
 class SmallMLPNet(nn.Module):
@@ -107,23 +110,31 @@ class SmallMLPNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
 
+    def drift_blocks(self, x: Tensor) -> list[Tensor]:
+        return [b / math.sqrt(b.shape[1]) for b in (x.flatten(1), *self.hidden(x))]   # [(B, D_i)]
+
     def drift_features(self, x: Tensor) -> Tensor:
-        blocks = [x.flatten(1), *self.hidden(x)]
-        return torch.cat([b / math.sqrt(b.shape[1]) for b in blocks], 1)   # (B, D)
+        return torch.cat(self.drift_blocks(x), 1)                    # (B, D)
 
 
 class DriftFeatures(nn.Module):
-    """Wraps an encoder as a frozen drift feature map: ``forward(x) = encoder.drift_features(x)``."""
+    """Wraps an encoder as a frozen drift feature map: ``forward(x) = encoder.drift_features(x)``
+    (one concatenated ``(B, D)`` vector), or with ``separate_blocks`` the list of its blocks
+    ``[(B, D_i)]``: Drifting then computes one drift field per block (each normalised on its
+    own, as the paper does per feature) instead of one kernel over the concatenation."""
 
-    def __init__(self, encoder: nn.Module):
+    def __init__(self, encoder: nn.Module, separate_blocks: bool = False):
         super().__init__()
         self.encoder = encoder.requires_grad_(False).eval()
+        self.separate_blocks = bool(separate_blocks)
+        if self.separate_blocks and not hasattr(encoder, "drift_blocks"):
+            raise ValueError(f"separate_blocks: {type(encoder).__name__} has no drift_blocks()")
 
     def train(self, mode: bool = True):                                  # stays frozen in eval mode
         return super().train(False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.encoder.drift_features(x)
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        return self.encoder.drift_blocks(x) if self.separate_blocks else self.encoder.drift_features(x)
 
 
 class ResNetFeatures(nn.Module):
@@ -150,7 +161,7 @@ class ResNetFeatures(nn.Module):
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
-    def drift_features(self, x: Tensor) -> Tensor:
+    def drift_blocks(self, x: Tensor) -> list[Tensor]:
         if self.imagenet_norm:
             x = ((x + 1) / 2 - self.mean) / self.std
         n = self.net
@@ -159,7 +170,10 @@ class ResNetFeatures(nn.Module):
         for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
             x = layer(x)
             blocks.append(x.mean((2, 3)))                               # (B, C_i)
-        return torch.cat([b / math.sqrt(b.shape[1]) for b in blocks], 1)
+        return [b / math.sqrt(b.shape[1]) for b in blocks]
+
+    def drift_features(self, x: Tensor) -> Tensor:
+        return torch.cat(self.drift_blocks(x), 1)                    # (B, D)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drift_features(x)
@@ -176,8 +190,9 @@ def _load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> N
 
 
 def feature_encoder(kind: str = "convnet", path: str | Path | None = None, in_channels: int = 1,
-                    num_classes: int = 10, width: int = 32, imagenet_norm: bool = True) -> nn.Module:
-    """A frozen drift feature map (``(B, C, H, W) -> (B, D)``).
+                    num_classes: int = 10, width: int = 32, imagenet_norm: bool = True,
+                    separate_blocks: bool = False) -> nn.Module:
+    """A frozen drift feature map (``(B, C, H, W) -> (B, D)``, or a list of blocks).
 
     Args:
         kind: ``"convnet"`` (``SmallConvNet``) or ``"mlp"`` (``SmallMLPNet``), both trained by
@@ -185,6 +200,7 @@ def feature_encoder(kind: str = "convnet", path: str | Path | None = None, in_ch
             ResNet name (``"resnet18"``, ``"resnet50"``, ...).
         path: local weights (``.safetensors`` / plain-tensor ``.pth``); required: a random
             encoder is no feature map.
+        separate_blocks: return the blocks (one drift field each), see ``DriftFeatures``.
     """
     if path is None:
         raise ValueError("feature_encoder: objective.feature_map.path must name a local weights file")
@@ -201,7 +217,7 @@ def feature_encoder(kind: str = "convnet", path: str | Path | None = None, in_ch
         bad = [k for k in missing if not k.startswith("fc.")]
         if bad:
             raise ValueError(f"{path}: weights lack {bad[:3]} for {kind} (in_channels={in_channels})")
-    return DriftFeatures(enc)
+    return DriftFeatures(enc, separate_blocks)
 
 
 def save_weights(module: nn.Module, path: str | Path) -> Path:

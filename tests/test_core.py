@@ -265,6 +265,32 @@ def test_drifting_groups_by_condition():
         assert torch.equal(pos[gi][mask[gi]].flatten().sort().values, members)
 
 
+def test_drifting_feature_blocks_each_get_their_own_field():
+    """A feature map returning ``[x, x]`` gives exactly twice the one-block loss (each block
+    normalised on its own), and its gradient is twice the one-block gradient."""
+    class Blocks(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.n = n
+
+        def forward(self, x):
+            return [x] * self.n if self.n > 1 else x
+
+    losses, grads = [], []
+    for n in (1, 2):
+        torch.manual_seed(0)
+        gen = Generator(MLP((3,), 16, 1).double(), Drifting(gen_per_group=4, kernel="torch", group_by="sample",
+                                                             feature_map=lambda n=n: Blocks(n)), shape=(3,))
+        torch.manual_seed(1)
+        out = gen.compute_loss({"x": torch.randn(5, 3, dtype=torch.float64),
+                                "cond": torch.randn(5, 2, dtype=torch.float64)})
+        out.loss.sum().backward()
+        losses.append(out.loss.detach())
+        grads.append(gen.backbone.out.weight.grad.clone())
+    assert torch.allclose(losses[1], 2 * losses[0], rtol=1e-12)
+    assert torch.allclose(grads[1], 2 * grads[0], rtol=1e-10)
+
+
 # ---------------------------------------------------------------- every objective
 def _tiny_generator(name, **kw):
     torch.manual_seed(0)

@@ -138,6 +138,11 @@ def test_frozen_drift_encoder_plugs_into_drifting(tmp_path, kind):
     assert out.loss.shape == (12,)
     assert all(p.grad is None for p in phi.parameters())
     assert model.backbone.out.weight.grad is not None and model.backbone.out.weight.grad.abs().sum() > 0
+    # the blocks concatenate to the single feature vector
+    assert torch.equal(torch.cat(enc.drift_blocks(x), 1), enc.drift_features(x))
+    blocks = feature_encoder(kind=kind, path=str(path), in_channels=1, width=32 if kind == "mlp" else 8,
+                             separate_blocks=True)(x)
+    assert isinstance(blocks, list) and len(blocks) == (3 if kind == "mlp" else 4)
     with pytest.raises(ValueError, match="feature_map.path"):
         feature_encoder(kind)
 

@@ -42,6 +42,8 @@ class Drifting(Objective):
         attraction_only: ablation: drop the repulsion (not anti-symmetric).
         kernel: ``"auto"`` (numba on CPU, torch on GPU), ``"numba"`` or ``"torch"``.
         feature_map: factory of a frozen feature encoder ``phi`` (images); ``None``: identity.
+            When ``phi`` returns a list of blocks ``[(N, d_i)]``, each block gets its own drift
+            field and the losses add up.
     """
 
     name = "drifting"
@@ -72,9 +74,12 @@ class Drifting(Objective):
         phi.eval()
         return {"feature_map": phi}
 
-    def _features(self, net, x: Tensor) -> Tensor:
+    def _features(self, net, x: Tensor) -> list[Tensor]:
+        """Feature blocks ``[(N, d_i)]``: one block (the sample itself, or ``phi(x)``) unless
+        the feature map returns several, which then get one drift field each."""
         phi = net.aux["feature_map"] if "feature_map" in getattr(net, "aux", {}) else None
-        return (x if phi is None else phi(x)).flatten(1)                          # (N, d)
+        out = x if phi is None else phi(x)
+        return [f.flatten(1) for f in (out if isinstance(out, (list, tuple)) else [out])]
 
     def _groups(self, x: Tensor, cond: Tensor | None):
         """Positives ``(Gr, P, *shape)``, their mask ``(Gr, P)`` and one condition row per group."""
@@ -106,18 +111,24 @@ class Drifting(Objective):
         ones = torch.ones(noise.shape[0], device=x.device, dtype=x.dtype)
         x_gen = net(noise, ones, ones, gen_cond)                                # (Gr*G, *shape)
 
-        feat_gen = self._features(net, x_gen)                                   # (Gr*G, d)
+        gen_blocks = self._features(net, x_gen)                                 # [(Gr*G, d_i)]
         with torch.no_grad():
-            feat_pos = self._features(net, pos.flatten(0, 1)).reshape(n_groups, p, -1)   # (Gr, P, d)
-            neg = None
+            pos_blocks = self._features(net, pos.flatten(0, 1))                 # [(Gr*P, d_i)]
+            neg_blocks = [None] * len(gen_blocks)
             if self.n_uncond_neg > 0 and self.uncond_weight > 0:
                 idx = torch.randint(0, x.shape[0], (n_groups, self.n_uncond_neg), device=x.device)
-                neg = self._features(net, x[idx.flatten()]).reshape(n_groups, self.n_uncond_neg, -1)
-            v = drift_field(feat_gen.detach().reshape(n_groups, g, -1), feat_pos, mask, neg, self.uncond_weight,
-                            self.temperatures, attraction_only=self.attraction_only, impl=self.kernel)
-            target = feat_gen.detach() + v.reshape(feat_gen.shape)              # (Gr*G, d)
-        loss = (feat_gen - target).pow(2).mean(1)                               # (Gr*G,)
-        return LossOutput(loss, {"drift_norm": v.pow(2).mean().sqrt().item()})
+                neg_blocks = self._features(net, x[idx.flatten()])              # [(Gr*U, d_i)]
+        loss, drift_sq = 0.0, 0.0
+        for f_gen, f_pos, f_neg in zip(gen_blocks, pos_blocks, neg_blocks):
+            with torch.no_grad():
+                neg = None if f_neg is None else f_neg.reshape(n_groups, self.n_uncond_neg, -1)
+                v = drift_field(f_gen.detach().reshape(n_groups, g, -1), f_pos.reshape(n_groups, p, -1), mask, neg,
+                                self.uncond_weight, self.temperatures, attraction_only=self.attraction_only,
+                                impl=self.kernel)                               # (Gr, G, d_i)
+                target = f_gen.detach() + v.reshape(f_gen.shape)                # (Gr*G, d_i)
+            loss = loss + (f_gen - target).pow(2).mean(1)                       # (Gr*G,)
+            drift_sq += v.pow(2).mean().item()
+        return LossOutput(loss, {"drift_norm": (drift_sq / len(gen_blocks)) ** 0.5})
 
     @torch.no_grad()
     def sample(self, net, noise: Tensor, cond: Tensor | None, steps: int = 1) -> Tensor:
