@@ -90,8 +90,16 @@ def overrides_for(objective: str, args, enc_path: Path, run_dir: Path) -> list[s
         ov.append(f"objective.prediction={args.prediction}")
     if objective == "drifting":
         ov += [f"objective.feature_map.path={enc_path}", f"objective.feature_map.kind={args.enc_arch}",
-               f"objective.feature_map.width={args.enc_width}"]
+               f"objective.feature_map.width={args.enc_width}", f"objective.gen_per_group={args.drift_gen}",
+               f"objective.feature_map.separate_blocks={args.drift_blocks == 'separate'}"]
     return ov
+
+
+def row_label(objective: str, args) -> str:
+    """``objective``, or ``drifting[G16,separate]`` when Drifting runs a non-default variant."""
+    if objective == "drifting" and (args.drift_gen != 8 or args.drift_blocks != "concat"):
+        return f"drifting[G{args.drift_gen},{args.drift_blocks}]"
+    return objective
 
 
 def train_row(objective: str, args, enc_path: Path, run_dir: Path) -> tuple[torch.nn.Module, float]:
@@ -176,6 +184,9 @@ def main(argv=None) -> int:
     p.add_argument("--enc-arch", choices=("mlp", "convnet"), default="mlp",
                    help="Drifting's frozen encoder (mlp: pixel MLP 1024-512-256, cheap on CPU; convnet: SmallConvNet)")
     p.add_argument("--enc-width", type=int, default=256, help="width of Drifting's encoder")
+    p.add_argument("--drift-gen", type=int, default=8, help="Drifting's generated samples per class group")
+    p.add_argument("--drift-blocks", choices=("concat", "separate"), default="concat",
+                   help="one drift field over the concatenated features, or one per feature block")
     p.add_argument("--tag", default="all", help="name of this part (parts can run in parallel)")
     p.add_argument("--finalize", action="store_true", help="merge the parts, add Inception FID, print the table")
     p.add_argument("--inception-select", default="",
@@ -246,6 +257,7 @@ def main(argv=None) -> int:
         log(f"== {name}: training {args.steps} steps")
         ema, sec = train_row(name, args, enc_path, Path(args.runs) / f"{args.tag}_{name}")
         log(f"  {name}: {sec:.3f} s/step")
+        label = row_label(name, args)
         panels = []
         for nfe in nfes:
             sampler = ("ddim" if nfe < 100 else "ddpm") if name == "ddpm" else None
@@ -253,18 +265,18 @@ def main(argv=None) -> int:
             imgs, _ = generate(ema, args.n_fid, nfe, seed=args.seed + 1000, sampler=sampler)
             sample_s = time.time() - t0
             mu, sig = feature_stats(features_of(imgs, cls_feat))
-            row = {"dataset": "mnist", "objective": name, "nfe": nfe, "n_samples": args.n_fid,
+            row = {"dataset": "mnist", "objective": name, "label": label, "nfe": nfe, "n_samples": args.n_fid,
                    "fid": round(frechet_distance(mu, sig, mu_ref, sig_ref), 4),
                    "sampler": sampler or ("euler" if name == "flow_matching" else "native"),
                    "sec_per_step": round(sec, 4), "sample_seconds": round(sample_s, 2)}
             if args.n_inception > 0 and (args.inception_rows == "all" or (name, nfe) in KEY_ROWS):
-                np.savez(out / "cache" / f"samples_{name}_nfe{nfe}.npz", arr_0=imgs[: args.n_inception])
+                np.savez(out / "cache" / f"samples_{label}_nfe{nfe}.npz", arr_0=imgs[: args.n_inception])
             result["rows"].append(row)
-            log(f"  {name} nfe={nfe}: fid {row['fid']:.3f}")
-            panels.append((f"{name} {nfe} NFE" + (f" ({sampler})" if sampler else ""), imgs[:80]))
+            log(f"  {label} nfe={nfe}: fid {row['fid']:.3f}")
+            panels.append((f"{label} {nfe} NFE" + (f" ({sampler})" if sampler else ""), imgs[:80]))
             result["config"]["elapsed_s"] = round(time.time() - t_start, 1)
             write_json_atomic(json_path, result)
-        save_grid(panels, out / f"images_{name}.png")
+        save_grid(panels, out / f"images_{label}.png")
 
     log(f"part {args.tag} done in {time.time() - t_start:.0f} s")
     return 0
@@ -325,11 +337,11 @@ def finalize(args) -> int:
             merged["rows"].extend(part["rows"])
             merged["config"]["elapsed_s"] = max(merged["config"].get("elapsed_s", 0), part["config"].get("elapsed_s", 0))
     merged["config"]["notes"] = (
-        "Measured limitation of this run: the shared MLP backbone (width 512) is narrower than the data "
-        "(1024 pixels) and has no input skip, so objectives that must pass the noise through the network "
-        "(epsilon-prediction DDPM, velocity eps - x near t = 0) leave residual noise; DDPM's samples are noise. "
-        "Rows are comparable with each other (same backbone, steps, samples), not converged models. "
-        "Use --width >= 1024 (or a conv backbone) on a machine with more CPU time.")
+        "Rows are comparable with each other (same MLP backbone, optimiser, batch, steps and generated samples), "
+        "not converged models. Flow Matching, MeanFlow, TVM and DDPM use data prediction (objective.prediction=data): "
+        "with native velocity / noise outputs the width-512 MLP cannot pass the 1,024-pixel noise through and "
+        "every such row was noisy (FM-100 classifier FID 51 at 1,000 steps in the previous run of this bench). "
+        "Small-sample Inception FID is biased upward; compare rows, not published numbers.")
     order = list(PLAN)
     rows = sorted(merged["rows"], key=lambda r: (order.index(r["objective"]), -r["nfe"] if r["objective"] == "ddpm" else r["nfe"]))
     merged["rows"] = rows
@@ -342,7 +354,7 @@ def finalize(args) -> int:
             ref = stats["ref"]
             merged["config"]["fid_inception_train_digits_vs_heldout"] = round(frechet_distance(*stats["train"], *ref), 3)
             for r in rows:
-                st = stats.get((r["objective"], r["nfe"]))
+                st = stats.get((r.get("label", r["objective"]), r["nfe"]))
                 if st is not None:
                     r["fid_inception"] = round(frechet_distance(*st, *ref), 3)
                     r["n_inception"] = args.n_inception
@@ -353,9 +365,9 @@ def finalize(args) -> int:
             if "fid_inception" in r and "fid_inception" in fm100:
                 r["fid_inception_ratio_to_fm100"] = round(r["fid_inception"] / fm100["fid_inception"], 3)
     write_json_atomic(out / "images.json", merged)
-    print(f"\n{'objective':<22}{'nfe':>5}{'n':>6}{'fid':>10}{'ratio':>8}{'fid_incep':>11}{'ratio':>8}{'s/step':>8}")
+    print(f"\n{'objective':<30}{'nfe':>5}{'n':>6}{'fid':>10}{'ratio':>8}{'fid_incep':>11}{'ratio':>8}{'s/step':>8}")
     for r in rows:
-        print(f"{r['objective']:<22}{r['nfe']:>5}{r['n_samples']:>6}{r['fid']:>10.3f}"
+        print(f"{r.get('label', r['objective']):<30}{r['nfe']:>5}{r['n_samples']:>6}{r['fid']:>10.3f}"
               f"{r.get('fid_ratio_to_fm100', float('nan')):>8.2f}{r.get('fid_inception', float('nan')):>11.2f}"
               f"{r.get('fid_inception_ratio_to_fm100', float('nan')):>8.2f}{r['sec_per_step']:>8.3f}")
     return 0

@@ -26,6 +26,7 @@ from hydra import compose, initialize_config_module
 
 from bench.common import RESULTS, machine, print_table, write_results
 from jumpflow.checkpoint import load_model
+from jumpflow.eval import rollout  # noqa: F401  (imported now: a later edit of the tree cannot break evaluation)
 from jumpflow.trainer import train
 
 # objective -> [(label, nfe, sampler)]
@@ -62,6 +63,8 @@ def main(argv=None):
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--runs", default="runs/bench_policy", help="where run directories go")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--reuse", action="store_true",
+                    help="evaluate an existing finished run directory instead of training it again")
     ap.add_argument("--override", action="append", default=[], help="extra hydra override (repeatable)")
     args = ap.parse_args(argv)
     out = RESULTS / "policy.json"
@@ -80,9 +83,17 @@ def main(argv=None):
                     overrides.append(f"trainer.max_steps={args.steps}")
                 with initialize_config_module(config_module="jumpflow.configs", version_base=None):
                     cfg = compose("train", overrides=overrides)
-                t0 = time.perf_counter()
-                result = train(cfg)
-                train_seconds = time.perf_counter() - t0
+                final = run_dir / "checkpoints" / f"ckpt_{int(cfg.trainer.max_steps):09d}.json"
+                if args.reuse and final.exists():
+                    # evaluate a finished run again (e.g. after a crash in evaluation): the training
+                    # time is the span from the run's config file to its final checkpoint
+                    result = {"run_dir": str(run_dir), "step": int(cfg.trainer.max_steps)}
+                    train_seconds = final.stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
+                    print(f"reusing {final} (trained in {train_seconds:.0f} s)", flush=True)
+                else:
+                    t0 = time.perf_counter()
+                    result = train(cfg)
+                    train_seconds = time.perf_counter() - t0
                 model, _ = load_model(result["run_dir"])
                 for label, nfe, sampler in variants:
                     model.set_inference(nfe, sampler)
