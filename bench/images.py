@@ -96,10 +96,10 @@ def overrides_for(objective: str, args, enc_path: Path, run_dir: Path) -> list[s
 
 
 def row_label(objective: str, args) -> str:
-    """``objective``, or ``drifting[G16,separate]`` when Drifting runs a non-default variant."""
-    if objective == "drifting" and (args.drift_gen != 8 or args.drift_blocks != "concat" or args.enc_arch != "mlp"):
-        enc = "" if args.enc_arch == "mlp" else f",{args.enc_arch}{args.enc_width}"
-        return f"drifting[G{args.drift_gen},{args.drift_blocks}{enc}]"
+    """``objective``; Drifting rows name their variant, e.g. ``drifting-G64-separate``."""
+    if objective == "drifting":
+        enc = "" if args.enc_arch == "mlp" else f"-{args.enc_arch}{args.enc_width}"
+        return f"drifting-G{args.drift_gen}-{args.drift_blocks}{enc}"
     return objective
 
 
