@@ -178,7 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-fid", type=int, default=2000, help="generated samples per row (classifier FID)")
     p.add_argument("--n-inception", type=int, default=250, help="samples per key row for Inception FID (0: off)")
     p.add_argument("--n-inception-ref", type=int, default=500)
-    p.add_argument("--inception-rows", choices=("key", "all"), default="key")
+    p.add_argument("--inception-rows", choices=("key", "all"), default="all",
+                   help="key: rows whose samples the parts kept; all: generate the others again from their runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on 2 busy cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100)
@@ -322,6 +323,26 @@ def inception_stats(args) -> dict:
     return result
 
 
+def fill_missing_samples(args, rows: list[dict]) -> None:
+    """The training parts keep samples of the key rows only; the other rows' first
+    ``n_inception`` samples are generated again from their run (same noise seed and labels)."""
+    from jumpflow.checkpoint import load_model
+
+    cache = Path(args.out) / "cache"
+    for r in rows:
+        path = cache / f"samples_{r.get('label', r['objective'])}_nfe{r['nfe']}.npz"
+        if path.exists():
+            continue
+        if not Path(r["run_dir"], "checkpoints").is_dir():
+            print(f"no samples and no run for {path.name}; its Inception FID is left out", flush=True)
+            continue
+        model, _ = load_model(r["run_dir"])
+        sampler = r["sampler"] if r["sampler"] in ("ddpm", "ddim") else None
+        imgs, _ = generate(model, args.n_inception, r["nfe"], seed=args.seed + 1000, sampler=sampler)
+        atomic_write(path, lambda tmp, imgs=imgs: np.savez(tmp, arr_0=imgs))
+        print(f"generated {len(imgs)} samples for {path.name} from {r['run_dir']}", flush=True)
+
+
 def finalize(args) -> int:
     """Merge ``images.part-*.json`` into ``images.json``, add Inception FID for the rows whose
     samples were saved, the ratios to Flow Matching at 100 steps, and print the table."""
@@ -332,6 +353,8 @@ def finalize(args) -> int:
     merged = None
     for path in parts:
         part = json.loads(path.read_text())
+        for r in part["rows"]:
+            r.setdefault("run_dir", str(Path(args.runs) / f"{path.stem.split('part-', 1)[1]}_{r['objective']}"))
         if merged is None:
             merged = part
         else:
@@ -347,6 +370,8 @@ def finalize(args) -> int:
     rows = sorted(merged["rows"], key=lambda r: (order.index(r["objective"]), -r["nfe"] if r["objective"] == "ddpm" else r["nfe"]))
     merged["rows"] = rows
     if args.n_inception > 0:
+        if args.inception_rows == "all":
+            fill_missing_samples(args, rows)
         stats = inception_stats(args)
         if stats:
             merged["config"]["fid_inception"] = (

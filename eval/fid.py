@@ -51,31 +51,28 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Frechet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)`` in float64.
 
-    ``mu: (D,)``, ``sigma: (D, D)``. The matrix square root is ``scipy.linalg.sqrtm`` of
-    ``sigma1 @ sigma2``; when it is singular (or numerically complex beyond round-off) ``eps``
-    is added to both diagonals, as in the reference implementations.
+    ``mu: (D,)``, ``sigma: (D, D)``. ``Tr((S1 S2)^1/2)`` is computed as the sum of the square
+    roots of the eigenvalues of the symmetric PSD matrix ``S1^1/2 S2 S1^1/2`` (similar to
+    ``S1 S2``): two symmetric eigendecompositions, exact for the singular covariances of small
+    samples where ``scipy.linalg.sqrtm(S1 @ S2)`` needs an ``eps`` offset, and an order of
+    magnitude faster on 2048-d Inception statistics.
     """
-    from scipy import linalg
-
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
         raise ValueError(f"frechet_distance: shapes mu {mu1.shape}/{mu2.shape}, sigma {s1.shape}/{s2.shape} "
                          "do not match")
+    if not (np.isfinite(mu1).all() and np.isfinite(mu2).all() and np.isfinite(s1).all() and np.isfinite(s2).all()):
+        raise ValueError("frechet_distance: statistics contain NaN or inf")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"frechet_distance: imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T                  # S1^1/2, (D, D)
+    m = root1 @ s2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,21 @@ def test_frechet_distance_closed_form_1d_and_float64():
     assert fid.frechet_distance(mu, s, mu + np.float32(1e-4), s) == pytest.approx(3e-8, rel=1e-6)
 
 
+def test_frechet_distance_exact_on_singular_covariances():
+    """Small-sample covariances are singular: for commuting (diagonal) ones the distance is
+    ``|mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2`` exactly, zeros included."""
+    a = np.array([4.0, 0.0, 1.0, 0.0, 9.0])
+    b = np.array([1.0, 0.0, 0.0, 2.0, 9.0])
+    mu1, mu2 = np.zeros(5), np.full(5, 0.5)
+    want = 5 * 0.25 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, abs=1e-12)
+    f = np.random.default_rng(3).standard_normal((10, 50))            # rank-9 covariance in 50-d
+    # sqrt of round-off eigenvalues (~1e-15) adds ~1e-8 each: 1e-7 of the trace (~50) at most
+    assert abs(fid.frechet_distance(*fid.feature_stats(f), *fid.feature_stats(f))) < 1e-5
+    with pytest.raises(ValueError, match="NaN"):
+        fid.frechet_distance(mu1, np.diag(a) * np.nan, mu2, np.diag(b))
+
+
 def test_frechet_distance_shape_errors():
     with pytest.raises(ValueError, match="shapes"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
