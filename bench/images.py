@@ -23,9 +23,10 @@ Metrics, per row, on the same generated samples (class-balanced, fixed noise):
 Writes ``bench/results/images.json`` (rows: dataset, objective, nfe, n_samples, fid, ...),
 ``bench/results/images_<objective>.png`` (10 classes x 8 samples per NFE) and prints a table.
 
-    nice -n 10 python bench/images.py --tag a --objectives flow_matching,meanflow,transition_matching,ddpm &
-    nice -n 10 python bench/images.py --tag b --objectives drifting,tvm &
-    wait; nice -n 10 python bench/images.py --finalize   # merges, Inception FID, table
+    python bench/images.py --tag a --objectives flow_matching,meanflow,tvm &        # parts run in parallel,
+    python bench/images.py --tag b --objectives drifting,ddpm,transition_matching & # one thread each
+    python bench/images.py --tag c --objectives drifting --drift-gen 64              # a Drifting variant row
+    wait; python bench/images.py --finalize      # merges parts, Inception FID on every row, table
     python bench/images.py --steps 20 --n-fid 200 --n-inception 0 --out /tmp/imgbench   # smoke
 """
 
@@ -186,8 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--enc-arch", choices=("mlp", "convnet"), default="mlp",
                    help="Drifting's frozen encoder (mlp: pixel MLP 1024-512-256, cheap on CPU; convnet: SmallConvNet)")
     p.add_argument("--enc-width", type=int, default=256, help="width of Drifting's encoder")
-    p.add_argument("--drift-gen", type=int, default=8, help="Drifting's generated samples per class group")
-    p.add_argument("--drift-blocks", choices=("concat", "separate"), default="concat",
+    p.add_argument("--drift-gen", type=int, default=128, help="Drifting's generated samples per class group")
+    p.add_argument("--drift-blocks", choices=("concat", "separate"), default="separate",
                    help="one drift field over the concatenated features, or one per feature block")
     p.add_argument("--tag", default="all", help="name of this part (parts can run in parallel)")
     p.add_argument("--finalize", action="store_true", help="merge the parts, add Inception FID, print the table")
