@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
+from jumpflow.eval import rollout  # noqa: F401  (imported now: a later edit of the tree cannot break evaluation)
 
 from bench.common import RESULTS, machine, print_table, write_results
 from jumpflow.checkpoint import load_model
-from jumpflow.eval import rollout  # noqa: F401  (imported now: a later edit of the tree cannot break evaluation)
 from jumpflow.trainer import train
 
 # objective -> [(label, nfe, sampler)]

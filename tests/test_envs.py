@@ -69,7 +69,7 @@ def test_demos_deterministic_by_seed_and_cli(tmp_path, lift_demos):
 
 @pytest.mark.sim
 def test_failed_generation_leaves_no_file(tmp_path, monkeypatch):
-    import jumpflow.envs.demos as demos
+    from jumpflow.envs import demos
 
     orig = demos.run_expert_episode
     calls = {"n": 0}

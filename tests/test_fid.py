@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import linalg
-
 from jumpflow.eval import fid
+from scipy import linalg
 
 
 def _random_stats(rng, d):

@@ -3,14 +3,13 @@ temporal ensembling; a short closed-loop rollout of a briefly trained policy (si
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from jumpflow.policy.task import PolicyTask
+from robot_fixtures import LOWDIM, lift_demos, write_synthetic_robomimic  # noqa: F401 (fixture)
 
 from jumpflow.backbones import build_backbone
 from jumpflow.objectives import OBJECTIVES
-from jumpflow.policy.task import PolicyTask
-from robot_fixtures import LOWDIM, lift_demos, write_synthetic_robomimic  # noqa: F401 (fixture)
 
 SMALL = {"drifting": {"group_by": "sample", "gen_per_group": 4}, "transition_matching": {"transition_steps": 2,
                                                                                        "inner_steps": 2}}

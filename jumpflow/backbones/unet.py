@@ -28,8 +28,15 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from jumpflow.backbones.embeddings import TimeCondEmbedder
-from jumpflow.backbones.layers import (ATTENTION_MODES, Conv1d, Conv2d, ConvTranspose1d, GroupNorm, Linear,
-                                      attention)
+from jumpflow.backbones.layers import (
+    ATTENTION_MODES,
+    Conv1d,
+    Conv2d,
+    ConvTranspose1d,
+    GroupNorm,
+    Linear,
+    attention,
+)
 
 
 def _groups(channels: int, max_groups: int) -> int:

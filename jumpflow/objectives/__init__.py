@@ -17,5 +17,16 @@ OBJECTIVES = {
     "ddpm": DDPM,
 }
 
-__all__ = ["OBJECTIVES", "LossOutput", "Objective", "TimeSampler", "jump_sample", "DDPM", "Drifting",
-           "FlowMatching", "MeanFlow", "TransitionMatching", "TerminalVelocityMatching"]
+__all__ = [
+    "DDPM",
+    "OBJECTIVES",
+    "Drifting",
+    "FlowMatching",
+    "LossOutput",
+    "MeanFlow",
+    "Objective",
+    "TerminalVelocityMatching",
+    "TimeSampler",
+    "TransitionMatching",
+    "jump_sample",
+]

@@ -4,8 +4,9 @@ the jump (Euler / Heun) sampler, hyper-parameter checks and the JVP context."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn

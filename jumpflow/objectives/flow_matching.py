@@ -7,8 +7,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jumpflow.objectives.base import (LossOutput, Objective, TimeSampler, drop_condition, jump_sample,
-                                      per_sample_mse, require)
+from jumpflow.objectives.base import (
+    LossOutput,
+    Objective,
+    TimeSampler,
+    drop_condition,
+    jump_sample,
+    per_sample_mse,
+    require,
+)
 from jumpflow.timeconv import interpolate, velocity
 
 

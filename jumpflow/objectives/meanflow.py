@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jumpflow.objectives.base import (LossOutput, Objective, TimeSampler, jump_sample, jvp_context,
-                                      require)
+from jumpflow.objectives.base import LossOutput, Objective, TimeSampler, jump_sample, jvp_context, require
 from jumpflow.timeconv import expand_like, interpolate, velocity
 
 TANGENTS = ("v_0_1", "v_0_0", "v_1_0", "v_1_1")
@@ -144,7 +143,7 @@ class MeanFlow(Objective):
     @torch.no_grad()
     def sample(self, net, noise: Tensor, cond: Tensor | None, steps: int = 1) -> Tensor:
         if self.time_embedding == "t_h":
-            fn = lambda z, t, h: net(z, t, h, cond)  # noqa: E731
+            fn = lambda z, t, h: net(z, t, h, cond)
         else:
-            fn = lambda z, t, h: net(z, t, t - h, cond)  # noqa: E731
+            fn = lambda z, t, h: net(z, t, t - h, cond)
         return jump_sample(fn, noise, steps, average=True)

@@ -8,7 +8,15 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from jumpflow.objectives.base import LossOutput, Objective, TimeSampler, jump_sample, jvp_context, per_sample_mse, require
+from jumpflow.objectives.base import (
+    LossOutput,
+    Objective,
+    TimeSampler,
+    jump_sample,
+    jvp_context,
+    per_sample_mse,
+    require,
+)
 from jumpflow.timeconv import expand_like, interpolate, velocity
 
 
