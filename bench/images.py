@@ -273,7 +273,8 @@ def main(argv=None) -> int:
                    "sampler": sampler or ("euler" if name == "flow_matching" else "native"),
                    "sec_per_step": round(sec, 4), "sample_seconds": round(sample_s, 2)}
             if args.n_inception > 0 and (args.inception_rows == "all" or (name, nfe) in KEY_ROWS):
-                np.savez(out / "cache" / f"samples_{label}_nfe{nfe}.npz", arr_0=imgs[: args.n_inception])
+                keep = imgs[: args.n_inception]
+                atomic_write(out / "cache" / f"samples_{label}_nfe{nfe}.npz", lambda tmp, k=keep: np.savez(tmp, arr_0=k))
             result["rows"].append(row)
             log(f"  {label} nfe={nfe}: fid {row['fid']:.3f}")
             panels.append((f"{label} {nfe} NFE" + (f" ({sampler})" if sampler else ""), imgs[:80]))
