@@ -20,6 +20,12 @@ def machine() -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
 
 
+def load_rows(path: Path) -> list[dict]:
+    """The rows of a result file, or none when it does not exist yet."""
+    path = Path(path)
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
 def write_results(bench: str, config: dict, rows: list[dict], path: Path | None = None) -> Path:
     """Atomically write the bench JSON and print its rows as a table."""
     path = Path(path or RESULTS / f"{bench}.json")

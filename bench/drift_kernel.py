@@ -52,7 +52,7 @@ def main(argv=None):
         for impl in ("numba", "torch"):
             out = drift_field(gen, pos, temperatures=temps, impl=impl)
             ref = out if ref is None else ref
-            sec = time_call(lambda: drift_field(gen, pos, temperatures=temps, impl=impl), args.repeats)
+            sec = time_call(lambda gen=gen, pos=pos, impl=impl: drift_field(gen, pos, temperatures=temps, impl=impl), args.repeats)
             m = p + g
             flops = groups * g * m * d * 2 * (1 + len(temps) * 1)   # distances + weighted sums per temperature
             rows.append({"impl": impl, "groups": groups, "gen": g, "pos": p, "d": d, "n_temps": len(temps),

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.common import load_rows, machine
+from jumpflow.checkpoint import atomic_write_text
+
 
 def machine_info() -> dict:
     import mujoco
     import robosuite
-    import torch
-    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "mujoco": mujoco.__version__, "robosuite": robosuite.__version__}
+    return {**machine(), "mujoco": mujoco.__version__, "robosuite": robosuite.__version__}
 
 
 def run_task(task: str, n_episodes: int, seed: int, max_steps: int = 400) -> dict:
@@ -69,16 +67,14 @@ def main(argv=None) -> int:
         out = out.with_name("experts_debug.json")          # a smoke run never replaces the real figures
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        rows = json.loads(out.read_text())["rows"] if out.exists() else []
+        rows = load_rows(out)
         for other in args.merge:
-            new = json.loads(Path(other).read_text())["rows"]
+            new = load_rows(Path(other))
             tasks = {r["task"] for r in new}
             rows = [r for r in rows if r["task"] not in tasks] + new
         result = json.loads(Path(args.merge[0]).read_text())
         result["rows"] = rows
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(result, indent=1) + "\n")
         args.tasks = []
     rows, merged = [], None
     for task in args.tasks:
@@ -87,25 +83,21 @@ def main(argv=None) -> int:
         print(f"{r['task']:<18} n={r['n_episodes']:<4} success={r['success_rate']:.3f} "
               f"len={r['mean_length']:.1f} {r['seconds_per_episode']:.2f} s/episode", flush=True)
         # rows of tasks not run now are kept from the file as it is now (one row per task)
-        old_rows = []
-        if out.exists():
-            try:
-                old_rows = json.loads(out.read_text()).get("rows", [])
-            except (json.JSONDecodeError, OSError):
-                old_rows = []
+        try:
+            old_rows = load_rows(out)
+        except (json.JSONDecodeError, KeyError, OSError):
+            old_rows = []
         done = {x["task"] for x in rows}
         merged = [x for x in old_rows if x["task"] not in done] + rows
         result = {"bench": "experts", "machine": machine_info(),
                   "config": {"seed": args.seed, "max_steps": 400, "controller": "OSC_POSE", "control_freq": 20,
                              "note": "episode k of a task resets with seed + k; n_episodes per row"},
                   "rows": merged}
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, out)                 # written after every task: partial runs keep their rows
+        atomic_write_text(out, json.dumps(result, indent=1) + "\n")   # after every task: partial runs keep their rows
     if merged is not None:
         rows = merged
     elif args.merge:
-        rows = json.loads(out.read_text())["rows"]
+        rows = load_rows(out)
     print("\n| task | n_episodes | success_rate |\n|---|---|---|")
     for r in rows:
         print(f"| {r['task']} | {r['n_episodes']} | {r['success_rate']:.2f} |")

@@ -25,7 +25,7 @@ import torch
 from hydra import compose, initialize_config_module
 from jumpflow.eval import rollout  # noqa: F401  (imported now: a later edit of the tree cannot break evaluation)
 
-from bench.common import RESULTS, machine, print_table, write_results
+from bench.common import RESULTS, load_rows, machine, print_table, write_results
 from jumpflow.checkpoint import load_model
 from jumpflow.trainer import train
 
@@ -38,10 +38,6 @@ VARIANTS = {
     "drifting": [("drifting", 1, None)],
     "transition_matching": [("transition_matching", 4, None)],
 }
-
-
-def load_rows(path: Path) -> list[dict]:
-    return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
 def write_markdown(rows: list[dict], path: Path) -> None:

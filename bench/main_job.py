@@ -1,0 +1,74 @@
+"""The main job, timed end to end as a fresh machine would run it (README command 1).
+
+Runs ``jumpflow-train experiment=lift_lowdim_meanflow`` in a child process with
+``JUMPFLOW_DATA`` pointing at an empty folder, so the wall time includes generating the scripted
+Lift demos, training and the 50-episode closed-loop evaluation. The figures come from the run's
+own ``eval_step<N>.json`` and the child's resource usage, and are written in the one result
+format to ``bench/results/main_job.json``::
+
+    python -m bench.main_job                       # the README's default, ~10 min on 2 idle cores
+    python -m bench.main_job --override trainer.max_steps=200 --tag smoke --out /tmp/main_job_smoke.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import RESULTS, load_rows, write_results
+
+
+def run_main_job(experiment: str, run_dir: Path, overrides: list[str]) -> dict:
+    """Train + evaluate in a child process on a fresh data folder; returns the timing and eval."""
+    if run_dir.exists():
+        raise FileExistsError(f"{run_dir} exists; the main job is timed on a fresh run directory")
+    data_dir = Path(tempfile.mkdtemp(prefix="jumpflow_fresh_data_"))
+    env = {**os.environ, "JUMPFLOW_DATA": str(data_dir)}
+    cmd = [sys.executable, "-m", "jumpflow.cli.train", f"experiment={experiment}", f"run_dir={run_dir}",
+           f"hydra.run.dir={run_dir}", *overrides]
+    print("+ JUMPFLOW_DATA=" + str(data_dir), " ".join(cmd[1:]), flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    try:
+        subprocess.run(cmd, env=env, check=True)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    evals = sorted(run_dir.glob("eval_step*.json"), key=lambda p: int(p.stem.removeprefix("eval_step")))
+    if not evals:
+        raise RuntimeError(f"the main job left no eval_step*.json in {run_dir}")
+    ev = json.loads(evals[-1].read_text())
+    return {"wall_seconds": wall, "cpu_user_seconds": after.ru_utime - before.ru_utime,
+            "cpu_system_seconds": after.ru_stime - before.ru_stime, **ev}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", default="lift_lowdim_meanflow")
+    ap.add_argument("--runs", default="runs/bench_main_job", help="where the run directory goes")
+    ap.add_argument("--tag", default="default", help="row label; a row with the same tag is replaced")
+    ap.add_argument("--override", action="append", default=[], help="extra hydra override (repeatable)")
+    ap.add_argument("--out", default=str(RESULTS / "main_job.json"), help="result file (a smoke run: elsewhere)")
+    args = ap.parse_args(argv)
+    run_dir = Path(args.runs) / f"{args.experiment}_{args.tag}_{time.strftime('%Y%m%d_%H%M%S')}"
+    result = run_main_job(args.experiment, run_dir, args.override)
+    row = {"tag": args.tag, "experiment": args.experiment, "overrides": " ".join(args.override),
+           "run_dir": str(run_dir), **result}
+    out = Path(args.out)
+    rows = [r for r in load_rows(out) if r.get("tag") != args.tag] + [row]
+    write_results("main_job", {"command": f"jumpflow-train experiment={args.experiment} (fresh JUMPFLOW_DATA)",
+                               "load_note": "timed on whatever else the machine runs; see the machine block"},
+                  rows, out)
+
+
+if __name__ == "__main__":
+    main()
