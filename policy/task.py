@@ -16,7 +16,7 @@ class PolicyTask(Task):
     Args:
         dataset: robomimic ``.hdf5`` path; generated with the scripted expert when missing and
             ``generate_if_missing`` (the embedded default of the main job).
-        env: robosuite task of generated demos (``Lift``, ``PickPlaceCan``).
+        env: robosuite task of generated demos (``Lift``, ``PickPlaceCan``, ``NutAssemblySquare``).
         n_demos, demo_seed: generated demos and their first seed.
         image: generate image observations too (84x84 agentview + eye-in-hand).
         obs_keys: observation keys (low-dim and ``*_image``).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,33 @@ def test_toy2d_experiments_compose_validate_and_build(name):
         cfg = compose("train", overrides=["run_dir=unused", f"experiment=toy2d_{name}"])
     validate_config(cfg)
     assert isinstance(build_components(cfg).objective, OBJECTIVES[name])
+
+
+POLICY_TASKS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "task").glob("*_lowdim.yaml")) + \
+    sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "task").glob("*_image.yaml"))
+POLICY_EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml")
+                            if p.stem.split("_")[0] in {"lift", "can", "square"})
+
+
+@pytest.mark.parametrize("task", POLICY_TASKS)
+def test_policy_task_configs_compose_with_the_cpu_recipe(task):
+    """Every robot task (Lift, Can and Square; low-dim and image) validates under the shared recipe,
+    names a task the scripted experts can demonstrate, and keeps its own dataset file."""
+    from jumpflow.envs.experts import EXPERTS
+
+    with initialize_config_module("jumpflow.configs", version_base=None):
+        cfg = compose("train", overrides=["run_dir=unused", "experiment=lift_lowdim_meanflow", f"task={task}"])
+    validate_config(cfg)
+    assert cfg.task.env in EXPERTS
+    stem = Path(cfg.task.dataset).name
+    assert stem.startswith(task.split("_")[0] + "_ph_" + task.split("_")[1]) and cfg.task.image == task.endswith("_image")
+
+
+@pytest.mark.parametrize("name", POLICY_EXPERIMENTS)
+def test_policy_experiments_compose_and_validate(name):
+    task, objective = name.split("_", 2)[:2], name.split("_", 2)[2]
+    with initialize_config_module("jumpflow.configs", version_base=None):
+        cfg = compose("train", overrides=["run_dir=unused", f"experiment={name}"])
+    validate_config(cfg)
+    assert cfg.objective._target_.rsplit(".", 1)[-1] == OBJECTIVES[objective].__name__
+    assert cfg.task.image == (task[1] == "image")

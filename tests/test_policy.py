@@ -114,3 +114,23 @@ def test_briefly_trained_policy_runs_closed_loop(lift_demos, tmp_path):
     model.set_inference(2)
     obs = {k: torch.zeros(1, 2, *s) for k, s in model.task.obs_shapes.items()}
     assert model.predict_action(obs).shape == (1, 8, 7)
+
+
+@pytest.mark.sim
+def test_square_task_config_generates_its_demos(tmp_path):
+    """``task=square_lowdim`` on a missing dataset generates NutAssemblySquare demos with the
+    scripted expert (the embedded default), with the nut's 14-d object state and 7-d actions."""
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    from jumpflow.datasets.robomimic import RobomimicFile
+
+    dataset = tmp_path / "square.hdf5"
+    with initialize_config_module(config_module="jumpflow.configs", version_base=None):
+        cfg = compose("train", overrides=["experiment=lift_lowdim_meanflow", "task=square_lowdim", "task.n_demos=1",
+                                          f"task.dataset={dataset}", f"task.cache_dir={tmp_path / 'cache'}",
+                                          "run_dir=unused"])
+    task = instantiate(cfg.task)
+    assert dataset.exists() and task.obs_shapes["object"] == (14,) and task.shape == (16, 7)
+    with RobomimicFile(dataset) as f:
+        assert f.env_meta["env_name"] == "NutAssemblySquare" and len(f.demo_names()) == 1
