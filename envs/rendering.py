@@ -13,6 +13,12 @@ it at import. A user's own ``MUJOCO_GL`` is always respected. The probe only loa
 libraries (cheap); if neither loads, ``MUJOCO_GL`` is left unset so that low-dim simulation
 still works, and :func:`require_offscreen_rendering` raises a :class:`RenderingUnavailableError`
 that names the missing packages when an image observation or a video is asked for.
+
+Native-library order: Mesa's software EGL driver loads its own LLVM when the first context is
+made; importing triton's ``libtriton`` (which bundles another LLVM) after that segfaults the
+process. torch imports triton lazily, on the first op that touches ``torch._dynamo``, which can
+be the policy's first forward pass after the environment has rendered (``jumpflow-eval``, a
+test order). :func:`preload_triton` imports it first (about 0.1 s) when it is installed.
 """
 
 from __future__ import annotations
@@ -56,12 +62,22 @@ def probe_backends() -> dict[str, str | None]:
     return dict(_probe_result)
 
 
+def preload_triton() -> bool:
+    """Import triton (if installed) before any OpenGL context exists; see the module note."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def select_gl_backend() -> str | None:
     """Set ``MUJOCO_GL`` to ``egl`` or ``osmesa`` (in that order) if the user has not set it.
 
     Returns:
         The backend in use (``os.environ["MUJOCO_GL"]``), or ``None`` when none could be loaded.
     """
+    preload_triton()
     current = os.environ.get("MUJOCO_GL")
     if current:
         return current

@@ -1,12 +1,11 @@
-"""Shared helpers and fixtures for the robot data / simulation tests (imported by the test files;
-there is deliberately no tests/conftest.py)."""
+"""Shared helpers of the robot data / simulation tests (the session fixtures that generate demos
+live in conftest.py, so each is generated once per test session, not once per importing module)."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import pytest
 
 LOWDIM = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
 
@@ -75,23 +74,3 @@ class ReplayPolicy:
                 out[j, : len(seq)] = seq
             self.cursor[j] += self.k
         return out
-
-
-@pytest.fixture(scope="session")
-def lift_demos(tmp_path_factory):
-    """3 scripted Lift demos (low-dim), seeds 0, 1, 2."""
-    from jumpflow.envs.demos import generate_demos
-
-    path = tmp_path_factory.mktemp("lift") / "lift3.hdf5"
-    generate_demos(path, "Lift", n_demos=3, seed=0, progress=False)
-    return path
-
-
-@pytest.fixture(scope="session")
-def lift_image_demos(tmp_path_factory):
-    """1 scripted Lift demo with 84x84 agentview and eye-in-hand images."""
-    from jumpflow.envs.demos import generate_demos
-
-    path = tmp_path_factory.mktemp("lift_img") / "lift_img.hdf5"
-    generate_demos(path, "Lift", n_demos=1, seed=7, image=True, progress=False)
-    return path

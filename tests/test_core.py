@@ -135,7 +135,7 @@ def test_jvp_total_derivative_matches_finite_difference(prediction):
     t = torch.rand(b, dtype=torch.float64) * 0.8 + 0.1
     r = t * 0.5
     v = torch.randn(b, 3, dtype=torch.float64)
-    u, u_tgt = obj.prediction_and_target(net, z, r, t, v, None)
+    _u, u_tgt = obj.prediction_and_target(net, z, r, t, v, None)
     e = 1e-5
 
     def u_at(delta):
@@ -245,7 +245,7 @@ def test_drift_attracts_towards_positives():
 
 
 def test_drift_rejects_bad_input():
-    gen, pos, neg, _ = _drift_case()
+    gen, pos, _neg, _ = _drift_case()
     with pytest.raises(ValueError, match="temperatures"):
         drift_field(gen, pos, temperatures=())
     with pytest.raises(ValueError, match="disagree"):

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from robot_fixtures import LOWDIM, lift_demos, lift_image_demos  # noqa: F401 (fixtures)
+from robot_fixtures import LOWDIM
 
 
 # ---------------------------------------------------------------------------- rendering selection
@@ -196,10 +196,10 @@ def test_gym_env_history_chunks_truncation_and_nan():
     np.testing.assert_array_equal(obs["robot0_eef_pos"][0], obs["robot0_eef_pos"][1])   # padded history
     chunk = np.zeros((4, 7), dtype=np.float32)
     chunk[:, 2] = 1.0                                                                     # move up
-    obs, r, term, trunc, info = env.step(chunk)
+    obs, _, term, trunc, info = env.step(chunk)
     assert info["steps"] == 4 and not term and not trunc and not info["success"]
     assert obs["robot0_eef_pos"][1, 2] > obs["robot0_eef_pos"][0, 2]
-    obs, r, term, trunc, info = env.step(chunk)
+    obs, _r, term, trunc, info = env.step(chunk)
     assert trunc and info["steps"] == 6                                                   # max_steps
     again = env.step(chunk)                                                               # no-op once done
     assert again[4]["steps"] == 6
@@ -223,6 +223,24 @@ def test_gym_env_images_uint8_channel_first():
     upright = env.sim.render("agentview", 32, 32)
     np.testing.assert_array_equal(np.moveaxis(obs["agentview_image"][1], 0, -1), upright)
     env.close()
+
+
+@pytest.mark.sim
+def test_torch_compiler_stack_loads_after_rendering():
+    """Rendering first, then the first torch op that imports torch._dynamo (and triton): this
+    order segfaulted (Mesa's LLVM vs libtriton's) before envs.rendering preloaded triton."""
+    import subprocess
+    import sys
+
+    code = ("from jumpflow.envs.sim import RobosuiteSim, default_env_meta\n"
+            "sim = RobosuiteSim(default_env_meta('Lift'), obs_keys=['robot0_eef_pos'], "
+            "image_keys=['agentview_image'], camera_size=32)\n"
+            "assert sim.reset(seed=0)['agentview_image'].std() > 0\n"
+            "import torch._dynamo\n"
+            "sim.close()\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------- experts

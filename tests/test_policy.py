@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from jumpflow.policy.task import PolicyTask
-from robot_fixtures import LOWDIM, lift_demos, write_synthetic_robomimic  # noqa: F401 (fixture)
+from robot_fixtures import LOWDIM, write_synthetic_robomimic
 
 from jumpflow.backbones import build_backbone
 from jumpflow.objectives import OBJECTIVES
@@ -122,7 +122,6 @@ def test_square_task_config_generates_its_demos(tmp_path):
     scripted expert (the embedded default), with the nut's 14-d object state and 7-d actions."""
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
-
     from jumpflow.datasets.robomimic import RobomimicFile
 
     dataset = tmp_path / "square.hdf5"

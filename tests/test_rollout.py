@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from robot_fixtures import LOWDIM, ReplayPolicy, lift_demos  # noqa: F401 (fixture)
+from robot_fixtures import LOWDIM, ReplayPolicy
 
 pytestmark = pytest.mark.sim
 
