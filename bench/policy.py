@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_module
 from jumpflow.eval import rollout  # noqa: F401  (imported now: a later edit of the tree cannot break evaluation)
 
 from bench.common import RESULTS, load_rows, machine, print_table, write_results
-from jumpflow.checkpoint import load_model
+from jumpflow.checkpoint import atomic_write_text, load_model
 from jumpflow.trainer import train
 
 # objective -> [(label, nfe, sampler)]
@@ -40,14 +40,39 @@ VARIANTS = {
 }
 
 
-def write_markdown(rows: list[dict], path: Path) -> None:
-    keys = ["task", "objective", "sampler", "nfe", "seed", "success_rate", "latency_ms_p50", "latency_ms_p95",
-            "train_seconds", "train_steps", "episodes"]
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """One row per (task, objective, sampler, NFE): success mean / min / max over the training
+    seeds that ran, in the order the variants first appear."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["objective"], r["sampler"], r["nfe"]), []).append(r)
+    out = []
+    for (task, objective, sampler, nfe), rs in groups.items():
+        rates = [r["success_rate"] for r in sorted(rs, key=lambda r: r["seed"])]
+        out.append({"task": task, "objective": objective, "sampler": sampler, "nfe": nfe,
+                    "seeds": ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"])),
+                    "success_mean": sum(rates) / len(rates), "success_min": min(rates), "success_max": max(rates),
+                    "train_steps": ",".join(sorted({str(r["train_steps"]) for r in rs}))})
+    return out
+
+
+def _markdown_table(rows: list[dict], keys: list[str]) -> list[str]:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, ""))
                                        for k in keys) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def write_markdown(rows: list[dict], path: Path) -> None:
+    keys = ["task", "objective", "sampler", "nfe", "seed", "success_rate", "latency_ms_p50", "latency_ms_p95",
+            "train_seconds", "train_steps", "episodes"]
+    summary = seed_summary(rows)
+    text = ["## Success over training seeds (50 rollouts per seed)", "",
+            *_markdown_table(summary, ["task", "objective", "sampler", "nfe", "seeds", "success_mean", "success_min",
+                                       "success_max", "train_steps"]),
+            "", "## Every run", "", *_markdown_table(rows, keys)]
+    atomic_write_text(path, "\n".join(text) + "\n")
 
 
 def main(argv=None):
@@ -62,9 +87,14 @@ def main(argv=None):
     ap.add_argument("--reuse", action="store_true",
                     help="evaluate an existing finished run directory instead of training it again")
     ap.add_argument("--override", action="append", default=[], help="extra hydra override (repeatable)")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite policy.md from policy.json and stop")
     args = ap.parse_args(argv)
     out = RESULTS / "policy.json"
     rows = load_rows(out)
+    if args.markdown_only:
+        write_markdown(rows, RESULTS / "policy.md")
+        print_table(seed_summary(rows))
+        return
     done = {(r["task"], r["objective"], r["sampler"], r["nfe"], r["seed"]) for r in rows}
     for task in args.tasks.split(","):
         for objective in args.objectives.split(","):
