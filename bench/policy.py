@@ -42,9 +42,15 @@ VARIANTS = {
 
 def seed_summary(rows: list[dict]) -> list[dict]:
     """One row per (task, objective, sampler, NFE): success mean / min / max over the training
-    seeds that ran, in the order the variants first appear."""
+    seeds that ran; tasks together, variants in the order of ``VARIANTS``."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    order = [(o, s or lbl, n) for o, vs in VARIANTS.items() for lbl, n, s in vs]
+
+    def rank(r):
+        key = (r["objective"], r["sampler"], r["nfe"])
+        return tasks.index(r["task"]), order.index(key) if key in order else len(order)
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
+    for r in sorted(rows, key=rank):
         groups.setdefault((r["task"], r["objective"], r["sampler"], r["nfe"]), []).append(r)
     out = []
     for (task, objective, sampler, nfe), rs in groups.items():
