@@ -36,6 +36,7 @@ def run_main_job(experiment: str, run_dir: Path, overrides: list[str]) -> dict:
            f"hydra.run.dir={run_dir}", *overrides]
     print("+ JUMPFLOW_DATA=" + str(data_dir), " ".join(cmd[1:]), flush=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     try:
         subprocess.run(cmd, env=env, check=True)
@@ -47,8 +48,10 @@ def run_main_job(experiment: str, run_dir: Path, overrides: list[str]) -> dict:
     if not evals:
         raise RuntimeError(f"the main job left no eval_step*.json in {run_dir}")
     ev = json.loads(evals[-1].read_text())
+    # the 1-min load average before and after says whether other jobs shared the cores
     return {"wall_seconds": wall, "cpu_user_seconds": after.ru_utime - before.ru_utime,
-            "cpu_system_seconds": after.ru_stime - before.ru_stime, **ev}
+            "cpu_system_seconds": after.ru_stime - before.ru_stime,
+            "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0], **ev}
 
 
 def main(argv=None) -> None:
