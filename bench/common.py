@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from jumpflow.checkpoint import atomic_write_text
+from jumpflow.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -1,14 +1,19 @@
 """Scripted-expert success rates (Lift, PickPlaceCan, NutAssemblySquare) over fixed seeds -> bench/results/experts.json.
 
-Usage: ``python bench/experts.py [--n-episodes 100] [--tasks Lift PickPlaceCan] [--seed 0]``
+Usage: ``python -m bench.experts [--style ph|mh] [--n-episodes 100] [--tasks Lift PickPlaceCan] [--seed 0]``
 (``--debug``: 3 episodes per task). Episode ``k`` resets with seed ``seed + k`` (the demo
-generator's seeds), runs the expert for at most 400 steps and counts ``info["success"]``.
+generator's seeds), runs the expert for at most the demo generator's episode cap (ph 400 steps;
+mh ``MH_MAX_STEPS``) and counts success. ``--style mh`` runs the human-like style (``MHExpert``,
+its draw seeded by the episode seed, exactly as ``jumpflow-demos --style mh`` does), so
+``success_rate`` is the fraction of attempts the mh demo generator keeps. Rows are keyed by
+``(task, style)``: a run replaces its own rows and keeps the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +22,8 @@ import numpy as np
 from bench.common import load_rows, machine
 from jumpflow.checkpoint import atomic_write_text
 
+STYLES = ("ph", "mh")
+
 
 def machine_info() -> dict:
     import mujoco
@@ -24,16 +31,21 @@ def machine_info() -> dict:
     return {**machine(), "mujoco": mujoco.__version__, "robosuite": robosuite.__version__}
 
 
-def run_task(task: str, n_episodes: int, seed: int, max_steps: int = 400) -> dict:
+def run_task(task: str, n_episodes: int, seed: int, style: str = "ph", max_steps: int | None = None) -> dict:
+    from jumpflow.envs.demos import DEFAULT_MAX_STEPS, MH_MAX_STEPS
     from jumpflow.envs.experts import make_expert
-    from jumpflow.envs.sim import LOW_DIM_KEYS, RobosuiteSim, default_env_meta
+    from jumpflow.envs.sim import LOW_DIM_KEYS, RobosuiteSim, canonical_task, default_env_meta
 
+    task = canonical_task(task)
+    max_steps = max_steps or (MH_MAX_STEPS if style == "mh" else DEFAULT_MAX_STEPS)[task]
     sim = RobosuiteSim(default_env_meta(task), obs_keys=LOW_DIM_KEYS)
-    expert = make_expert(task, sim.env)
-    succ, lengths, failed_seeds = [], [], []
+    expert = make_expert(task, sim.env, style=style)
+    succ, lengths, failed_seeds, modes, n_missed = [], [], [], {}, 0
     t0 = time.perf_counter()
     for k in range(n_episodes):
         obs = sim.reset(seed=seed + k)
+        if style == "mh":
+            expert.reseed(seed + k)           # the draw is a function of the episode seed, as in jumpflow-demos
         expert.reset(obs)
         ok, t = False, 0
         for t in range(1, max_steps + 1):
@@ -44,16 +56,30 @@ def run_task(task: str, n_episodes: int, seed: int, max_steps: int = 400) -> dic
         lengths.append(t)
         if not ok:
             failed_seeds.append(seed + k)
+        if style == "mh":
+            attrs = expert.episode_attrs()
+            modes[attrs["mode"]] = modes.get(attrs["mode"], 0) + 1
+            n_missed += int(attrs["missed"])
     sec = time.perf_counter() - t0
     sim.close()
-    return {"task": sim.task, "n_episodes": n_episodes, "success_rate": float(np.mean(succ)),
-            "mean_length": float(np.mean(lengths)), "seconds_per_episode": sec / n_episodes,
-            "seeds": f"{seed}..{seed + n_episodes - 1}", "failed_seeds": failed_seeds}
+    row = {"task": task, "style": style, "n_episodes": n_episodes, "n_success": int(np.sum(succ)),
+           "success_rate": float(np.mean(succ)), "max_steps": max_steps, "mean_length": float(np.mean(lengths)),
+           "seconds_per_episode": sec / n_episodes, "seeds": f"{seed}..{seed + n_episodes - 1}",
+           "failed_seeds": failed_seeds}
+    if style == "mh":
+        row["modes"] = dict(sorted(modes.items()))
+        row["n_missed_grasps"] = n_missed
+    return row
+
+
+def _key(row: dict) -> tuple[str, str]:
+    return row["task"], row.get("style", "ph")      # rows written before styles existed are ph
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=["Lift", "PickPlaceCan", "NutAssemblySquare"])
+    p.add_argument("--style", default="ph", help="ph (the scripted expert) | mh (human-like, drawn per episode)")
     p.add_argument("--n-episodes", type=int, default=100, help="episodes per task (one value for all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "experts.json"))
@@ -61,6 +87,9 @@ def main(argv=None) -> int:
     p.add_argument("--merge", nargs="*", default=[],
                    help="only merge the rows of these experts JSON files (e.g. a task run separately) into --out")
     args = p.parse_args(argv)
+    if args.style not in STYLES:
+        print(f"bench.experts: --style must be one of {', '.join(STYLES)}; got {args.style!r}", file=sys.stderr)
+        return 2
     n = 3 if args.debug else args.n_episodes
     out = Path(args.out)
     if args.debug and out == Path(p.get_default("out")):
@@ -70,37 +99,39 @@ def main(argv=None) -> int:
         rows = load_rows(out)
         for other in args.merge:
             new = load_rows(Path(other))
-            tasks = {r["task"] for r in new}
-            rows = [r for r in rows if r["task"] not in tasks] + new
+            keys = {_key(r) for r in new}
+            rows = [r for r in rows if _key(r) not in keys] + new
         result = json.loads(Path(args.merge[0]).read_text())
         result["rows"] = rows
         atomic_write_text(out, json.dumps(result, indent=1) + "\n")
         args.tasks = []
     rows, merged = [], None
     for task in args.tasks:
-        rows.append(run_task(task, n, args.seed))
+        rows.append(run_task(task, n, args.seed, args.style))
         r = rows[-1]
-        print(f"{r['task']:<18} n={r['n_episodes']:<4} success={r['success_rate']:.3f} "
+        print(f"{r['task']:<18} {r['style']} n={r['n_episodes']:<4} success={r['success_rate']:.3f} "
               f"len={r['mean_length']:.1f} {r['seconds_per_episode']:.2f} s/episode", flush=True)
-        # rows of tasks not run now are kept from the file as it is now (one row per task)
+        # rows of (task, style) pairs not run now are kept from the file as it is now
         try:
             old_rows = load_rows(out)
         except (json.JSONDecodeError, KeyError, OSError):
             old_rows = []
-        done = {x["task"] for x in rows}
-        merged = [x for x in old_rows if x["task"] not in done] + rows
+        done = {_key(x) for x in rows}
+        merged = [{**x, "style": x.get("style", "ph")} for x in old_rows if _key(x) not in done] + rows
         result = {"bench": "experts", "machine": machine_info(),
-                  "config": {"seed": args.seed, "max_steps": 400, "controller": "OSC_POSE", "control_freq": 20,
-                             "note": "episode k of a task resets with seed + k; n_episodes per row"},
+                  "config": {"seed": args.seed, "max_steps": "per row (ph 400; mh: jumpflow.envs.demos.MH_MAX_STEPS)",
+                             "controller": "OSC_POSE", "control_freq": 20,
+                             "note": "episode k of a task resets with seed + k (mh: and draws its style from it); "
+                                     "n_episodes per row"},
                   "rows": merged}
         atomic_write_text(out, json.dumps(result, indent=1) + "\n")   # after every task: partial runs keep their rows
     if merged is not None:
         rows = merged
     elif args.merge:
         rows = load_rows(out)
-    print("\n| task | n_episodes | success_rate |\n|---|---|---|")
+    print("\n| task | style | n_episodes | success_rate |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['task']} | {r['n_episodes']} | {r['success_rate']:.2f} |")
+        print(f"| {r['task']} | {r.get('style', 'ph')} | {r['n_episodes']} | {r['success_rate']:.2f} |")
     print(f"wrote {out}")
     return 0
 

@@ -1,6 +1,6 @@
 """CPU-scale image benchmark: class-conditional MNIST, every objective on the same backbone
 with the same optimiser, batch and number of steps, each trained by the one trainer
-(``jumpflow.trainer.train`` on ``experiment=mnist_<objective>``); FID at 1, 2, 4 NFE against
+(``jumpflow.trainer.train`` on ``experiment=mnist objective=<objective>``); FID at 1, 2, 4 NFE against
 Flow Matching at 100 Euler steps and DDPM.
 
 Backbone output: ``--prediction data`` (default) has the MLP estimate clean data for Flow
@@ -50,9 +50,9 @@ import torch
 from jumpflow.datasets.images import load_mnist, to_uint8, write_json_atomic
 from jumpflow.eval.fid import InceptionFeatures, feature_stats, features_of, frechet_distance, save_stats
 
-from jumpflow.checkpoint import atomic_write
+from jumpflow.io import atomic_write
 from jumpflow.generator import Generator
-from jumpflow.image_encoders import ClassifierFeatures, accuracy, save_weights, train_classifier
+from jumpflow.images.encoders import ClassifierFeatures, accuracy, save_weights, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,9 +79,9 @@ def machine() -> dict:
 
 
 def overrides_for(objective: str, args, enc_path: Path, run_dir: Path) -> list[str]:
-    """Hydra overrides of ``experiment=mnist_<objective>`` that make every row share the
+    """Hydra overrides of ``experiment=mnist objective=<objective>`` that make every row share the
     backbone, optimiser, batch and steps of this bench run."""
-    ov = [f"experiment=mnist_{objective}", "logger=none", "trainer.progress=false", "trainer.eval_every=0",
+    ov = ["experiment=mnist", f"objective={objective}", "logger=none", "trainer.progress=false", "trainer.eval_every=0",
           "trainer.eval_at_end=false", f"trainer.ckpt_every={args.steps}", f"trainer.max_steps={args.steps}",
           f"trainer.batch_size={args.batch}", f"trainer.cpu_threads={args.threads}", f"optim.lr={args.lr}",
           f"optim.warmup_steps={args.warmup}", f"ema.decay={args.ema}", f"backbone.width={args.width}",
@@ -130,11 +130,7 @@ def generate(model: Generator, n: int, nfe: int, seed: int, batch: int = 500, sa
     noise = torch.randn((n, 1, 32, 32), generator=g)
     out = []
     for i in range(0, n, batch):
-        if sampler is not None:
-            x = model.objective.sample(model, noise[i:i + batch], model.encode(labels[i:i + batch]), nfe,
-                                       sampler=sampler)
-        else:
-            x = model.generate(labels[i:i + batch], noise=noise[i:i + batch], steps=nfe)
+        x = model.generate(labels[i:i + batch], noise=noise[i:i + batch], steps=nfe, sampler=sampler)
         out.append(to_uint8(x))
     return torch.cat(out).numpy(), labels.numpy()
 

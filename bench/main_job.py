@@ -1,6 +1,6 @@
 """The main job, timed end to end as a fresh machine would run it (README command 1).
 
-Runs ``jumpflow-train experiment=lift_lowdim_meanflow`` in a child process with
+Runs ``jumpflow-train experiment=policy_cpu`` in a child process with
 ``JUMPFLOW_DATA`` pointing at an empty folder, so the wall time includes generating the scripted
 Lift demos, training and the 50-episode closed-loop evaluation. The figures come from the run's
 own ``eval_step<N>.json`` and the child's resource usage, and are written in the one result
@@ -56,7 +56,7 @@ def run_main_job(experiment: str, run_dir: Path, overrides: list[str]) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experiment", default="lift_lowdim_meanflow")
+    ap.add_argument("--experiment", default="policy_cpu")
     ap.add_argument("--runs", default="runs/bench_main_job", help="where the run directory goes")
     ap.add_argument("--tag", default="default", help="row label; a row with the same tag is replaced")
     ap.add_argument("--override", action="append", default=[], help="extra hydra override (repeatable)")

@@ -1,8 +1,9 @@
 """Policy benchmark: every objective on the same data, backbone and training budget,
 evaluated by closed-loop rollouts at the NFEs that matter.
 
-For each task and objective the experiment ``<task>_<objective>`` (configs/experiment/) is
-trained once per seed through the one trainer; the EMA policy is then rolled out for
+For each task and objective the CPU recipe (``experiment=policy_cpu task=<task>
+objective=<objective>``; image tasks ``policy_cpu_image``) is trained once per seed through
+the one trainer; the EMA policy is then rolled out for
 ``--episodes`` test seeds (disjoint from the demos' seeds) at each NFE of ``VARIANTS``:
 DDPM at 100 steps, DDIM at 10, DDPM at 1; Flow Matching at 1 and 10; MeanFlow at 1 and 2;
 TVM at 1; Drifting at 1; DTM at 4. Latency is ``predict_action`` per chunk (one env, batch 1).
@@ -26,7 +27,8 @@ from hydra import compose, initialize_config_module
 from jumpflow.eval import rollout  # noqa: F401  (imported now: a later edit of the tree cannot break evaluation)
 
 from bench.common import RESULTS, load_rows, machine, print_table, write_results
-from jumpflow.checkpoint import atomic_write_text, load_model
+from jumpflow.checkpoint import checkpoint_paths, load_model
+from jumpflow.io import atomic_write_text
 from jumpflow.trainer import train
 
 # objective -> [(label, nfe, sampler)]
@@ -37,7 +39,38 @@ VARIANTS = {
     "tvm": [("tvm", 1, None)],
     "drifting": [("drifting", 1, None)],
     "transition_matching": [("transition_matching", 4, None)],
+    "regression": [("regression", 1, None)],
+    "shortcut": [("shortcut", 1, None), ("shortcut", 4, None)],
+    "consistency": [("consistency", 1, None), ("consistency", 2, None)],
+    "sct": [("sct", 1, None)],
+    "alpha_flow": [("alpha_flow", 1, None)],
+    "improved_meanflow": [("improved_meanflow", 1, None)],
 }
+
+#: Diffusion Policy's protocol (Chi et al. 2023, Sec. 5): the last checkpoints of training, each
+#: rolled out on the same fixed test seeds; the paper reports the max over them and the mean of
+#: the last ones
+DP_CHECKPOINTS = 5
+
+
+def evaluate_variant(model, task: str, episodes: int, run_dir) -> dict:
+    """One rollout evaluation: success, latency, episode length and, on tasks whose demos label
+    behaviour modes, the mode metrics (entropy ratio, TV, switches, frequencies)."""
+    evaluator = model.task.evaluator(run_dir, n_episodes=episodes, n_videos=1)
+    try:
+        ev = evaluator.run(model)
+    finally:
+        evaluator.close()
+    out = {"success_rate": ev["success_rate"], "latency_ms_p50": ev["latency_ms_p50"],
+           "latency_ms_p95": ev["latency_ms_p95"], "mean_episode_length": ev["mean_episode_length"],
+           "env_errors": ev["n_env_errors"]}
+    out.update(model.task.mode_summary(ev))
+    return out
+
+
+def recipe_for(task: str) -> str:
+    """The CPU recipe a task trains with (image tasks: batch 64, shorter episodes)."""
+    return "policy_cpu_image" if task.endswith("_image") else "policy_cpu"
 
 
 def seed_summary(rows: list[dict]) -> list[dict]:
@@ -59,6 +92,12 @@ def seed_summary(rows: list[dict]) -> list[dict]:
                     "seeds": ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"])),
                     "success_mean": sum(rates) / len(rates), "success_min": min(rates), "success_max": max(rates),
                     "train_steps": ",".join(sorted({str(r["train_steps"]) for r in rs}))})
+        for key in ("success_last_mean", "mode_entropy_ratio", "mode_tv", "mode_switches"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            if len(vals) == len(rs):
+                out[-1][f"{key}_mean" if key == "success_last_mean" else key] = sum(vals) / len(vals)
+        if all("success_max" in r and "checkpoint_successes" in r for r in rs):
+            out[-1]["dp_success_max_mean"] = sum(r["success_max"] for r in rs) / len(rs)
     return out
 
 
@@ -94,6 +133,9 @@ def main(argv=None):
                     help="evaluate an existing finished run directory instead of training it again")
     ap.add_argument("--override", action="append", default=[], help="extra hydra override (repeatable)")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite policy.md from policy.json and stop")
+    ap.add_argument("--protocol", choices=("last", "dp"), default="last",
+                    help="last: evaluate the final EMA policy; dp: Diffusion Policy's protocol, the last "
+                         f"{DP_CHECKPOINTS} checkpoints (second half of training), success_max and success_last_mean")
     args = ap.parse_args(argv)
     out = RESULTS / "policy.json"
     rows = load_rows(out)
@@ -109,10 +151,14 @@ def main(argv=None):
                 if not args.overwrite and all((task, objective, s or lbl, n, seed) in done for lbl, n, s in variants):
                     continue
                 run_dir = Path(args.runs) / f"{task}_{objective}_s{seed}"
-                overrides = [f"experiment={task}_{objective}", f"seed={seed}", "logger=none", "trainer.progress=false",
+                overrides = [f"experiment={recipe_for(task)}", f"task={task}", f"objective={objective}", f"seed={seed}", "logger=none", "trainer.progress=false",
                              "trainer.eval_at_end=false", f"run_dir={run_dir}", *args.override]
                 if args.steps:
                     overrides.append(f"trainer.max_steps={args.steps}")
+                if args.protocol == "dp":     # checkpoints every tenth of training, the last five kept
+                    total = args.steps or 3000
+                    overrides += [f"trainer.ckpt_every={max(1, total // (2 * DP_CHECKPOINTS))}",
+                                  f"trainer.keep_checkpoints={DP_CHECKPOINTS}"]
                 with initialize_config_module(config_module="jumpflow.configs", version_base=None):
                     cfg = compose("train", overrides=overrides)
                 final = run_dir / "checkpoints" / f"ckpt_{int(cfg.trainer.max_steps):09d}.json"
@@ -126,20 +172,29 @@ def main(argv=None):
                     t0 = time.perf_counter()
                     result = train(cfg)
                     train_seconds = time.perf_counter() - t0
-                model, _ = load_model(result["run_dir"])
+                ckpts = checkpoint_paths(Path(result["run_dir"]) / "checkpoints")
+                if args.protocol == "dp":
+                    ckpts = ckpts[-DP_CHECKPOINTS:]
+                else:
+                    ckpts = ckpts[-1:]
+                models = [load_model(c)[0] for c in ckpts]
                 for label, nfe, sampler in variants:
-                    model.set_inference(nfe, sampler)
-                    evaluator = model.task.evaluator(result["run_dir"], n_episodes=args.episodes, n_videos=1)
-                    try:
-                        ev = evaluator.run(model)
-                    finally:
-                        evaluator.close()
+                    evals = []
+                    for model in models:
+                        model.set_inference({"steps": nfe, "sampler": sampler})
+                        evals.append(evaluate_variant(model, task, args.episodes, result["run_dir"]))
+                    last = evals[-1]
                     row = {"task": task, "objective": objective, "sampler": sampler or label, "nfe": nfe, "seed": seed,
-                           "success_rate": ev["success_rate"], "latency_ms_p50": ev["latency_ms_p50"],
-                           "latency_ms_p95": ev["latency_ms_p95"], "train_seconds": train_seconds,
-                           "train_steps": int(result["step"]), "episodes": ev["n_episodes"],
-                           "mean_episode_length": ev["mean_episode_length"], "env_errors": ev["n_env_errors"],
-                           "threads": torch.get_num_threads()}
+                           **last, "train_seconds": train_seconds, "train_steps": int(result["step"]),
+                           "episodes": args.episodes, "threads": torch.get_num_threads(), "protocol": args.protocol}
+                    if args.protocol == "dp":
+                        successes = [e["success_rate"] for e in evals]
+                        row.update({"success_max": max(successes), "success_last_mean": sum(successes) / len(successes),
+                                    "checkpoint_successes": successes,
+                                    "checkpoint_steps": [int(c.stem.split("_")[1]) for c in ckpts]})
+                        for k in ("mode_entropy_ratio", "mode_tv", "mode_switches"):
+                            if k in last:
+                                row[k] = sum(e[k] for e in evals) / len(evals)   # mean over the checkpoints
                     key = (task, objective, row["sampler"], nfe, seed)
                     # re-read: another bench process may have added rows since this one started
                     rows = [r for r in load_rows(out)

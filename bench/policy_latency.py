@@ -62,7 +62,7 @@ def main(argv=None) -> None:
                 item = model.task.train_dataset()[0]
                 obs = default_collate([item["obs"]])
             for label, nfe, sampler in variants:
-                model.set_inference(nfe, sampler)
+                model.set_inference({"steps": nfe, "sampler": sampler})
                 ms = time_calls(model, obs, args.calls)
                 rows.append({"task": task, "objective": objective, "sampler": sampler or label, "nfe": nfe,
                              "latency_ms_p50": round(float(np.percentile(ms, 50)), 3),

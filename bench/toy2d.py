@@ -28,7 +28,7 @@ PLAN = {
     "tvm": ([], [1, 2, 4]),
     "transition_matching": (["objective.transition_steps=4"], [4]),
     "drifting": (["objective.gen_per_group=null"], [1]),
-    "ddpm": (["objective.sampler=ddpm", "objective.clip_sample=null"], [1, 10, 100]),   # ancestral DDPM
+    "ddpm": (["objective.inference.sampler=ddpm", "objective.clip_sample=null"], [1, 10, 100]),   # ancestral DDPM
 }
 
 

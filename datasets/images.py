@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from jumpflow.checkpoint import atomic_write_text
+from jumpflow.io import atomic_write_text
 
 LATENT_SCALE = 0.18215
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")

@@ -18,11 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from jumpflow.datasets.robomimic import DatasetError, RobomimicFile
+
+from jumpflow.io import atomic_directory
 
 FORMAT_VERSION = 1
 LOWDIM_CHUNK_ROWS = 1 << 14
@@ -113,73 +114,59 @@ def convert_hdf5_to_zarr(hdf5_path: str | os.PathLike, out: str | os.PathLike, o
     import zarr
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        with RobomimicFile(hdf5_path) as rf:
-            demos = rf.demo_names(filter_key)
-            if not demos:
-                raise DatasetError(f"{hdf5_path}: no demos selected (filter key {filter_key!r})")
-            rf.check_keys(obs_keys, demos)
-            lengths = [rf.num_samples(d) for d in demos]
-            n = int(sum(lengths))
-            first = rf.read_demo(demos[0], obs_keys)
-            root = zarr.open_group(str(tmp), mode="w")
-            act_dim = first["action"].shape[1]
-            arrays = {"action": root.create_array(
-                "data/action", shape=(n, act_dim), dtype="float32",
-                chunks=(min(n, LOWDIM_CHUNK_ROWS), act_dim))}
-            for k in obs_keys:
-                v = first["obs"][k]
-                if v.dtype == np.uint8:
-                    chunks = (min(n, 64),) + v.shape[1:]
-                    dtype = "uint8"
+    with atomic_directory(out) as tmp, RobomimicFile(hdf5_path) as rf:
+        demos = rf.demo_names(filter_key)
+        if not demos:
+            raise DatasetError(f"{hdf5_path}: no demos selected (filter key {filter_key!r})")
+        rf.check_keys(obs_keys, demos)
+        lengths = [rf.num_samples(d) for d in demos]
+        n = int(sum(lengths))
+        first = rf.read_demo(demos[0], obs_keys)
+        root = zarr.open_group(str(tmp), mode="w")
+        act_dim = first["action"].shape[1]
+        arrays = {"action": root.create_array(
+            "data/action", shape=(n, act_dim), dtype="float32",
+            chunks=(min(n, LOWDIM_CHUNK_ROWS), act_dim))}
+        for k in obs_keys:
+            v = first["obs"][k]
+            if v.dtype == np.uint8:
+                chunks = (min(n, 64),) + v.shape[1:]
+                dtype = "uint8"
+            else:
+                chunks = (min(n, LOWDIM_CHUNK_ROWS),) + v.shape[1:]
+                dtype = "float32"
+            arrays[k] = root.create_array(f"data/obs/{k}", shape=(n,) + v.shape[1:], dtype=dtype,
+                                          chunks=chunks)
+        # low-dim data is small: gather in memory and write once; images stream per demo
+        lowdim = {k: [] for k, a in arrays.items() if a.dtype != np.uint8}
+        ends, cursor = [], 0
+        for i, d in enumerate(demos):
+            ep = first if i == 0 else rf.read_demo(d, obs_keys)
+            t = ep["action"].shape[0]
+            if t == 0:
+                raise DatasetError(f"{hdf5_path}: data/{d} is empty (0 steps)")
+            for k in arrays:
+                v = ep["action"] if k == "action" else ep["obs"][k]
+                if tuple(v.shape[1:]) != tuple(arrays[k].shape[1:]):
+                    raise DatasetError(f"{hdf5_path}: data/{d} {k} has per-step shape {v.shape[1:]}, "
+                                       f"the first demo has {arrays[k].shape[1:]}")
+                if k in lowdim:
+                    lowdim[k].append(v)
                 else:
-                    chunks = (min(n, LOWDIM_CHUNK_ROWS),) + v.shape[1:]
-                    dtype = "float32"
-                arrays[k] = root.create_array(f"data/obs/{k}", shape=(n,) + v.shape[1:], dtype=dtype,
-                                              chunks=chunks)
-            # low-dim data is small: gather in memory and write once; images stream per demo
-            lowdim = {k: [] for k, a in arrays.items() if a.dtype != np.uint8}
-            ends, cursor = [], 0
-            for i, d in enumerate(demos):
-                ep = first if i == 0 else rf.read_demo(d, obs_keys)
-                t = ep["action"].shape[0]
-                if t == 0:
-                    raise DatasetError(f"{hdf5_path}: data/{d} is empty (0 steps)")
-                for k in arrays:
-                    v = ep["action"] if k == "action" else ep["obs"][k]
-                    if tuple(v.shape[1:]) != tuple(arrays[k].shape[1:]):
-                        raise DatasetError(f"{hdf5_path}: data/{d} {k} has per-step shape {v.shape[1:]}, "
-                                           f"the first demo has {arrays[k].shape[1:]}")
-                    if k in lowdim:
-                        lowdim[k].append(v)
-                    else:
-                        arrays[k][cursor:cursor + t] = v
-                cursor += t
-                ends.append(cursor)
-            if cursor != n:            # num_samples attrs disagree with the arrays
-                raise DatasetError(f"{hdf5_path}: num_samples attributes sum to {n} but the demos hold "
-                                   f"{cursor} steps")
-            for k, parts in lowdim.items():
-                arrays[k][...] = np.concatenate(parts, axis=0)
-            root.create_array("meta/episode_ends", data=np.asarray(ends, dtype=np.int64))
-            root.attrs.update({
-                "format": FORMAT_VERSION, "source": str(Path(hdf5_path).resolve()),
-                "source_sha": sha or "", "obs_keys": list(obs_keys), "filter_key": filter_key,
-                "demo_names": demos, "env_meta": rf.env_meta,
-            })
-        try:
-            os.rename(tmp, out)          # atomic; fails if another process finished first
-        except OSError:
-            if not out.exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)      # keep theirs (same content by construction)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                    arrays[k][cursor:cursor + t] = v
+            cursor += t
+            ends.append(cursor)
+        if cursor != n:            # num_samples attrs disagree with the arrays
+            raise DatasetError(f"{hdf5_path}: num_samples attributes sum to {n} but the demos hold "
+                               f"{cursor} steps")
+        for k, parts in lowdim.items():
+            arrays[k][...] = np.concatenate(parts, axis=0)
+        root.create_array("meta/episode_ends", data=np.asarray(ends, dtype=np.int64))
+        root.attrs.update({
+            "format": FORMAT_VERSION, "source": str(Path(hdf5_path).resolve()),
+            "source_sha": sha or "", "obs_keys": list(obs_keys), "filter_key": filter_key,
+            "demo_names": demos, "env_meta": rf.env_meta,
+        })
     return out
 
 

@@ -1,4 +1,6 @@
-"""A ``gymnasium.Env`` over a robomimic/robosuite task for chunked policies.
+"""A ``gymnasium.Env`` over a robomimic/robosuite task (or any sim
+``jumpflow.envs.registry.make_sim`` builds from an ``env_meta``: jumpflow's planar BlockPush and
+ReachAround) for chunked policies.
 
 - Observations: ``{key: (n_obs_steps, D) float32}`` for low-dim keys and
   ``{key: (n_obs_steps, 3, H, W) uint8}`` (upright, channel-first) for ``*_image`` keys; the
@@ -7,7 +9,9 @@
   execution stops early at success when ``terminate_on_success``.
 - ``info``: ``success`` (reached at any step so far), ``max_reward``, ``steps``, ``error``
   ("" or why the episode was cut: an exception in the simulator or a non-finite observation,
-  which also ends the episode with ``terminated=True``).
+  which also ends the episode with ``terminated=True``); on tasks with behaviour modes (sims with
+  ``current_mode()``) also ``mode`` (the mode committed so far, ``None`` before one is) and
+  ``mode_switches`` (changes of the committed mode this episode).
 - ``reset(seed=s)``: the initial state is a function of ``s`` only (see ``RobosuiteSim.reset``).
 - After an episode ends, further ``step`` calls do nothing and return the last observation
   (for vector envs with autoreset disabled).
@@ -41,7 +45,7 @@ class RobomimicGymEnv(gym.Env):
     def __init__(self, env_meta: dict, obs_keys, n_obs_steps: int = 2, n_action_steps: int = 8,
                  max_steps: int = 400, camera_size: int | None = None, terminate_on_success: bool = True,
                  video_camera: str = "agentview", video_size: int = 128):
-        from jumpflow.envs.sim import RobosuiteSim
+        from jumpflow.envs.registry import make_sim
 
         super().__init__()
         self.obs_keys = list(obs_keys)
@@ -50,12 +54,17 @@ class RobomimicGymEnv(gym.Env):
         self.max_steps, self.terminate_on_success = int(max_steps), bool(terminate_on_success)
         self.video_camera, self.video_size = video_camera, int(video_size)
         self.render_mode = "rgb_array"
-        self.sim = RobosuiteSim(env_meta, obs_keys=self.obs_keys, image_keys=self.image_keys,
-                                camera_size=camera_size)
+        self.sim = make_sim(env_meta, obs_keys=self.obs_keys, image_keys=self.image_keys,
+                            camera_size=camera_size)
+        # tasks with behaviour modes (the planar ones) report the mode committed so far
+        self._tracks_modes = hasattr(self.sim, "current_mode")
         self.record = False
         self._frames: list[np.ndarray] = []
         self._history: collections.deque = collections.deque(maxlen=self.n_obs_steps)
-        first = self.sim._obs(self.sim.env._get_observations(force_update=True))
+        if hasattr(self.sim, "observe"):
+            first = self.sim.observe()
+        else:       # RobosuiteSim: the observation of the post-construction state
+            first = self.sim._obs(self.sim.env._get_observations(force_update=True))
         spaces = {}
         for k in self.obs_keys:
             v = self._format(k, first[k])
@@ -70,9 +79,24 @@ class RobomimicGymEnv(gym.Env):
         self._last = None
         self._info = self._new_info()
 
-    @staticmethod
-    def _new_info() -> dict:
-        return {"success": False, "max_reward": 0.0, "steps": 0, "error": ""}
+    def _new_info(self) -> dict:
+        info = {"success": False, "max_reward": 0.0, "steps": 0, "error": ""}
+        if getattr(self, "_tracks_modes", False):
+            info.update(mode=None, mode_switches=0)
+        return info
+
+    def _track_mode(self) -> None:
+        """``info["mode"]``: the sim's committed mode; ``info["mode_switches"]``: how often it changed
+        from one mode to another this episode (``None`` -> a mode is not a switch; the rule of
+        ``jumpflow.eval.modes.mode_switches``)."""
+        if not self._tracks_modes:
+            return
+        mode = self.sim.current_mode()
+        last = self._info.get("mode")
+        if mode is not None and last is not None and mode != last:
+            self._info["mode_switches"] += 1
+        if mode is not None:
+            self._info["mode"] = mode
 
     def _format(self, key: str, v: np.ndarray) -> np.ndarray:
         if key.endswith("_image"):
@@ -110,6 +134,7 @@ class RobomimicGymEnv(gym.Env):
                 raise FloatingPointError("non-finite observation after reset")
             self._push(obs)
             self._frame()
+            self._track_mode()
             self._done = False
             self._last = self._stacked()
         except Exception as e:          # counted as a failed episode by the evaluator
@@ -146,6 +171,7 @@ class RobomimicGymEnv(gym.Env):
                 break
             self._push(obs)
             self._frame()
+            self._track_mode()
             reward = max(reward, r)
             self._info["max_reward"] = max(self._info["max_reward"], r)
             self._info["success"] = self._info["success"] or success

@@ -15,7 +15,7 @@ A user's own weights file (torch-fidelity format, ``.pth`` of plain tensors or
 ``.safetensors``) is loaded without unpickling arbitrary objects.
 
 Also here: a *classifier-feature* FID (the same distance on the penultimate features of a
-small classifier the project trains itself, ``jumpflow.image_encoders``) for fast CPU checks.
+small classifier the project trains itself, ``jumpflow.images.encoders``) for fast CPU checks.
 
 Images everywhere are ``uint8`` in ``NHWC`` (the ADM ``.npz`` layout) or ``NCHW``; one
 channel is repeated to three for Inception.
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from jumpflow.checkpoint import atomic_write
+from jumpflow.io import atomic_write
 
 INCEPTION_DIM = 2048
 _N_CONVS = 94

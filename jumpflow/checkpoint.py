@@ -24,14 +24,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
-from collections.abc import Callable
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from jumpflow.io import _fsync_dir, atomic_write, atomic_write_text  # noqa: F401 - re-exported
 
 FORMAT = "jumpflow-checkpoint/1"
 _NAME = re.compile(r"^ckpt_(\d+)\.json$")
@@ -85,20 +89,7 @@ def unprefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
 
 
-# ------------------------------------------------------------------ atomic files
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
+# ------------------------------------------------------------------ files
 def _sha256(path: Path) -> tuple[str, int]:
     h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
@@ -106,30 +97,6 @@ def _sha256(path: Path) -> tuple[str, int]:
             h.update(block)
             size += len(block)
     return h.hexdigest(), size
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """The one atomic writer: ``write(tmp)`` fills a temporary file beside ``path``, which is
-    fsynced and renamed onto ``path``; on any error the temporary file is removed and ``path``
-    is untouched (readers see the old file or the new one, never half of one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the temporary name keeps the suffix: numpy, imageio and matplotlib pick formats by it
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _storage_safe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -264,7 +231,9 @@ def load_model(run_dir_or_ckpt: str | Path, use_ema: bool = True, device: str | 
     """Rebuild the trained module from a run directory or checkpoint for sampling or evaluation.
 
     The task, backbone and objective are rebuilt from the resolved config stored in the
-    checkpoint; weights are the EMA copy when present and ``use_ema`` (else the raw model).
+    checkpoint; the task is restored from the checkpoint's artifact (shapes, keys,
+    ``env_meta``), so no dataset is opened or generated; weights (with the normalizer's
+    statistics) are the EMA copy when present and ``use_ema`` (else the raw model).
 
     Returns:
         ``(model, cfg)``: the module in ``eval()`` mode on ``device`` and the config
@@ -272,12 +241,15 @@ def load_model(run_dir_or_ckpt: str | Path, use_ema: bool = True, device: str | 
     """
     from omegaconf import OmegaConf
 
-    from jumpflow.trainer import build_components
+    from jumpflow.build import build_components
 
     path = resolve_checkpoint(run_dir_or_ckpt)
     tensors, meta = read_checkpoint(path)
+    if "task" not in meta:
+        raise CheckpointError(f"checkpoint {path}: no task artifact (written by an older jumpflow); "
+                              "retrain or evaluate it with that version")
     cfg = OmegaConf.create(meta["config"])
-    parts = build_components(cfg)
+    parts = build_components(cfg, artifact=meta["task"])
     model = parts.model
     ema_state = unprefixed(tensors, "ema.module")
     if use_ema and ema_state:
@@ -286,3 +258,61 @@ def load_model(run_dir_or_ckpt: str | Path, use_ema: bool = True, device: str | 
         load_state_into(model, unprefixed(tensors, "model"), "model weights", path)
     model.task = parts.task
     return model.to(device).eval(), cfg
+
+
+# ------------------------------------------------------------------ training state <-> checkpoint
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    meta = {"python": split_state(random.getstate(), "rng.python", {}),
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+    return tensors, meta
+
+
+def collect_state(model, ema, optimizer, scheduler, resolved: dict, position: dict, world_size: int,
+                  run_id: str, task_artifact: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Everything a checkpoint holds: ``(tensors, JSON meta)`` (see the module docstring)."""
+    tensors = prefixed(model.state_dict(), "model")
+    if ema is not None:
+        tensors.update(prefixed(ema.state_dict(), "ema"))
+    optim_meta = split_state(optimizer.state_dict(), "optim", tensors)
+    rng_tensors, rng_meta = _rng_state()
+    tensors.update(rng_tensors)
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    meta = {"config": resolved, "task": task_artifact, "optimizer": optim_meta, "scheduler": sched, "rng": rng_meta,
+            "data": position, "world_size": world_size, "run_id": run_id, "torch": torch.__version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return tensors, meta
+
+
+def restore_state(path, tensors, meta, model, ema, optimizer, scheduler, cfg, warn=print) -> tuple[int, str | None]:
+    """Load a checkpoint into a run's model, EMA, optimiser, scheduler and RNGs; returns
+    ``(step, run_id)``."""
+    load_state_into(model, unprefixed(tensors, "model"), "model weights", path)
+    if ema is not None:
+        state = unprefixed(tensors, "ema")
+        if state:
+            load_state_into(ema, state, "EMA weights", path)
+        else:
+            warn(f"warning: {path} has no EMA weights; the EMA restarts from the model")
+    try:
+        optimizer.load_state_dict(merge_state(meta["optimizer"], tensors))
+        sched = dict(meta["scheduler"])
+        sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
+        scheduler.load_state_dict(sched)
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: optimiser / scheduler state does not fit ({err})") from None
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    random.setstate(merge_state(meta["rng"]["python"], {}))
+    kind, keys, pos, has_gauss, gauss = meta["rng"]["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    old = meta.get("config", {})
+    if old.get("seed") != cfg.get("seed"):
+        warn(f"warning: seed changed since the checkpoint ({old.get('seed')} -> {cfg.get('seed')}); "
+             "the run will not match an uninterrupted one")
+    if old.get("trainer", {}).get("batch_size") != cfg.trainer.batch_size:
+        warn("warning: trainer.batch_size changed since the checkpoint; the data order changes")
+    return int(meta["step"]), meta.get("run_id")

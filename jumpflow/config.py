@@ -7,38 +7,28 @@ step runs or any file is written.
 
 Two kinds of checks live here:
 
-* :func:`validate_config`: plain values of the trainer's own keys (``trainer.*``,
-  ``optim.*``, ``ema.*``, ``logger``, ``seed``, ``resume``) and the presence of the
-  ``objective`` / ``backbone`` / ``task`` groups.
-* :func:`instantiate_checked`: builds a group (``task``, ``backbone``, ``objective``) with
-  hydra and turns a ``ValueError`` / ``TypeError`` raised by its constructor (objectives,
-  backbones and tasks name the offending field in their messages) into a
-  ``ConfigError`` prefixed with the group, e.g. ``objective.ratio_r_neq_t: ...`` or
-  ``backbone.horizon: ...``.
+* :func:`validate_config`: every group against its typed schema (``jumpflow.schemas``):
+  the trainer's own groups (``trainer``, ``optim``, ``ema``, run keys) and the schema derived
+  from each component's constructor (``objective``, ``task``); unknown keys and wrong types
+  are named by OmegaConf, ranges by the dataclasses' ``__post_init__``.
+* :func:`instantiate_checked`: builds a group with hydra; constructors raise
+  :class:`ConfigError` (``require`` in objectives, backbones and tasks) whose key gets the
+  group prefixed (``objective.ratio_r_neq_t: ...``). No message text is ever parsed.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 from importlib import resources
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from jumpflow.errors import ConfigError
 
 #: config groups the CLI checks before hydra composes (hydra's own message is multi-line)
 GROUPS = ("objective", "backbone", "task", "experiment")
-LOGGERS = ("wandb", "none")
-PRECISIONS = ("fp32", "bf16")
-SCHEDULES = ("cosine", "constant")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; ``str(err)`` is ``"<key>: <message>"`` (one line)."""
-
-    def __init__(self, key: str, message: str):
-        self.key, self.message = key, " ".join(str(message).split())
-        super().__init__(f"{key}: {self.message}")
 
 
 def group_options(group: str) -> list[str]:
@@ -81,33 +71,6 @@ def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
     return OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
 
 
-def _number(cfg, key: str, *, lo=None, hi=None, lo_open=False, hi_open=False, integer=False,
-            optional=False) -> None:
-    value = _get(cfg, key, default="__absent__")
-    if value == "__absent__":
-        raise ConfigError(key, "missing")
-    if value is None:
-        if optional:
-            return
-        raise ConfigError(key, "must be set (got null)")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(key, f"must be a number, got {value!r}")
-    if integer and (not isinstance(value, int) and not float(value).is_integer()):
-        raise ConfigError(key, f"must be an integer, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(key, f"must be finite, got {value!r}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise ConfigError(key, f"must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and (value >= hi if hi_open else value > hi):
-        raise ConfigError(key, f"must be {'<' if hi_open else '<='} {hi}, got {value!r}")
-
-
-def _choice(cfg, key: str, choices) -> None:
-    value = _get(cfg, key, default="__absent__")
-    if value not in choices:
-        raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
-
-
 def _target_of(cfg: DictConfig, group: str) -> str:
     node = _get(cfg, group)
     if node is None:
@@ -124,79 +87,62 @@ def _import_target(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Check the trainer's own keys; raise :class:`ConfigError` on the first bad one."""
-    _number(cfg, "seed", lo=0, integer=True)
-    resume = _get(cfg, "resume", default=False)
-    if not isinstance(resume, (bool, str)):
-        raise ConfigError("resume", f"must be true, false or a checkpoint path, got {resume!r}")
-    _choice(cfg, "logger", LOGGERS)
+def _check_typed(group: str, schema: type, node) -> Any:
+    """Merge ``node`` (a DictConfig or dict) into the structured ``schema``; OmegaConf's type
+    errors and ``__post_init__`` checks become :class:`ConfigError` naming ``<group>.<key>``."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except ConfigError as err:
+        raise err.within(group) from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None) or ""
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"{group}.{key}" if key else group, msg) from None
 
-    _number(cfg, "trainer.max_steps", lo=1, integer=True)
-    _number(cfg, "trainer.batch_size", lo=1, integer=True)
-    _number(cfg, "trainer.grad_accum", lo=1, integer=True)
-    _number(cfg, "trainer.num_workers", lo=0, integer=True)
-    _number(cfg, "trainer.eval_every", lo=0, integer=True)
-    _number(cfg, "trainer.ckpt_every", lo=0, integer=True)
-    _number(cfg, "trainer.log_every", lo=1, integer=True)
-    _number(cfg, "trainer.keep_checkpoints", lo=1, integer=True)
-    _number(cfg, "trainer.grad_clip", lo=0, lo_open=True, optional=True)
-    _number(cfg, "trainer.cpu_threads", lo=1, integer=True, optional=True)
-    _choice(cfg, "trainer.precision", PRECISIONS)
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check everything that can be checked from the config alone, in an order that touches
+    no data and no disk: the trainer's own groups against their structured schemas, then
+    each component group (``objective``, ``task``, ``backbone``) against the schema derived
+    from its class. Raises :class:`ConfigError` (``<key>: <message>``) on the first bad value."""
+    from jumpflow.schemas import EMAConfig, OptimConfig, RunConfig, TrainerConfig, component_schema
+
+    run = {k: _get(cfg, k) for k in ("seed", "resume", "logger", "debug") if k in cfg}
+    _check_typed("", RunConfig, run)
+    _check_typed("trainer", TrainerConfig, cfg.get("trainer", {}))
+    _check_typed("optim", OptimConfig, cfg.get("optim", {}))
+    _check_typed("ema", EMAConfig, cfg.get("ema", {}))
     device = _get(cfg, "trainer.device", default="auto")
-    if not isinstance(device, str) or not (device in ("auto", "cpu") or device.startswith("cuda")):
-        raise ConfigError("trainer.device", f"must be auto, cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda"):
+    if str(device).startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("trainer.device", f"{device!r} requested but CUDA is not available (use auto or cpu)")
 
-    _number(cfg, "optim.lr", lo=0, lo_open=True)
-    _number(cfg, "optim.weight_decay", lo=0)
-    _number(cfg, "optim.eps", lo=0, lo_open=True)
-    _number(cfg, "optim.warmup_steps", lo=0, integer=True)
-    _number(cfg, "optim.min_lr_ratio", lo=0, hi=1)
-    _choice(cfg, "optim.schedule", SCHEDULES)
-    betas = _get(cfg, "optim.betas")
-    if not isinstance(betas, (ListConfig, list, tuple)) or len(betas) != 2 or not all(
-            isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
-        raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {betas!r}")
+    from jumpflow.objectives import OBJECTIVES
+    from jumpflow.objectives.base import Objective
 
-    enabled = _get(cfg, "ema.enabled", default=False)
-    if not isinstance(enabled, bool):
-        raise ConfigError("ema.enabled", f"must be true or false, got {enabled!r}")
-    if enabled:
-        _number(cfg, "ema.decay", lo=0, hi=1, hi_open=True)
-        _number(cfg, "ema.power", lo=0, lo_open=True, optional=True)
-        _number(cfg, "ema.inv_gamma", lo=0, lo_open=True)
-        _number(cfg, "ema.min_decay", lo=0, hi=1, hi_open=True)
-        _number(cfg, "ema.update_after_step", lo=0, integer=True)
-
-    for group in ("task", "backbone"):
+    for group in ("objective", "task", "backbone"):
         target = _target_of(cfg, group)
         try:
-            _import_target(target)
+            cls = _import_target(target)
         except (ImportError, AttributeError):
-            raise ConfigError(f"{group}._target_", f"cannot import {target!r}") from None
-    target = _target_of(cfg, "objective")
-    from jumpflow.objectives import OBJECTIVES
-
-    valid = ", ".join(sorted(OBJECTIVES))
-    try:
-        cls = _import_target(target)
-    except (ImportError, AttributeError):
-        raise ConfigError("objective._target_", f"unknown objective {target!r}; valid: {valid}") from None
-    if cls not in OBJECTIVES.values():
-        from jumpflow.objectives.base import Objective
-
-        if not (isinstance(cls, type) and issubclass(cls, Objective)):
-            raise ConfigError("objective._target_", f"{target!r} is not an objective; valid: {valid}")
+            hint = f"; valid: {', '.join(sorted(OBJECTIVES))}" if group == "objective" else ""
+            raise ConfigError(f"{group}._target_", f"cannot import {target!r}{hint}") from None
+        if group == "objective" and not (isinstance(cls, type) and issubclass(cls, Objective)):
+            raise ConfigError("objective._target_", f"{target!r} is not an objective; valid: "
+                              f"{', '.join(sorted(OBJECTIVES))}")
+        schema = component_schema(cls)
+        if schema is not None:
+            node = OmegaConf.to_container(cfg[group], resolve=True)
+            _check_typed(group, schema, {k: v for k, v in node.items() if not k.startswith("_")})
 
 
 def instantiate_checked(node: DictConfig, group: str, **kwargs):
-    """``hydra.utils.instantiate(node, **kwargs)``; constructor errors become one-line
-    :class:`ConfigError` s prefixed with ``group``."""
+    """``hydra.utils.instantiate(node, **kwargs)``; a :class:`ConfigError` raised by a
+    constructor gets the group prefixed to its key (``objective`` + ``ratio_r_neq_t``); any
+    other ``ValueError`` / ``TypeError`` names the group only (its text is never parsed)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -211,10 +157,5 @@ def instantiate_checked(node: DictConfig, group: str, **kwargs):
 
 def as_config_error(group: str, err: BaseException) -> ConfigError:
     if isinstance(err, ConfigError):
-        return ConfigError(f"{group}.{err.key}", err.message)
-    text = " ".join(str(err).split()) or type(err).__name__
-    head, sep, rest = text.partition(": ")
-    # objectives / backbones / tasks raise "field: message"; keep the field in the key
-    if sep and head and " " not in head and len(head) < 60:
-        return ConfigError(f"{group}.{head}", rest)
-    return ConfigError(group, text)
+        return err.within(group)
+    return ConfigError(group, " ".join(str(err).split()) or type(err).__name__)

@@ -5,12 +5,24 @@ kernel (CPU; parallel over groups).
 A *group* is one condition: ``G`` generated samples ``x``, ``P`` positives ``y+`` (data with
 that condition; padded, with a mask) and negatives ``y-``: the generated samples themselves
 (stop-grad, self-pairs masked) and optional extra negatives (unconditional data, for
-guidance) with weight ``w``. For each temperature ``tau``::
+guidance) with a column weight ``w_j`` (``neg_weight``: one number, or one per group; 1 for
+positives and generated negatives). For each temperature ``tau``::
 
-    d_ij   = ||x_i - y_j|| / mean(d)                    (per group, valid pairs only)
-    A_ij   = sqrt(softmax_j(-d_ij / tau) * softmax_i(-d_ij / tau))
+    d_ij   = ||x_i - y_j|| / S
+    S      = sum w_j ||x_i - y_j|| / sum w_j            (scale="batch": one scale over every
+                                                         valid pair of every group, the official
+                                                         code's; scale="group": the unweighted
+                                                         mean of each group's valid pairs)
+    A_ij   = w_j sqrt(max(softmax_j(-d_ij / tau) * softmax_i(-d_ij / tau), floor))
     V_tau,i = (sum_{j-} A_ij) sum_{j+} A_ij y_j  -  (sum_{j+} A_ij) sum_{j-} A_ij y_j
     V      = sum_tau V_tau / rms(V_tau)                 (rms over the whole batch)
+
+Valid pairs exclude padded positives and self-pairs: these get ``A = 0`` and stay out of
+``S``. (The official code masks self-pairs by adding 100 to their normalised distance instead:
+they keep the floor ``sqrt(1e-6)`` in the negative sum, and their ~0 distance counts in the
+mean, making ``S`` smaller by a factor ``1 - 1/M`` for ``M`` targets per row, 11% when
+``G = 8, P = 1``; not copied here.) ``floor = 1e-6`` is the official affinity floor
+(``jnp.clip(.., a_min=1e-6)``), 0 turns it off.
 
 Swapping positives and negatives negates ``V`` (anti-symmetry), so ``V = 0`` when ``p = q``.
 ``attraction_only`` (ablation) keeps only the kernel-weighted pull
@@ -42,11 +54,30 @@ def _check(gen: Tensor, pos: Tensor, pos_mask, neg, temperatures) -> None:
         raise ValueError(f"temperatures: need a non-empty list of positive values, got {list(temperatures)}")
 
 
+SCALES = ("batch", "group")
+
+
+def _check_options(gen: Tensor, neg_weight, scale: str, floor: float) -> None:
+    if scale not in SCALES:
+        raise ValueError(f"scale: must be one of {SCALES}, got {scale!r}")
+    if not (floor >= 0.0 and math.isfinite(floor)):
+        raise ValueError(f"floor: must be a finite number >= 0, got {floor!r}")
+    if isinstance(neg_weight, Tensor) and neg_weight.dim() > 0 and tuple(neg_weight.shape) != (gen.shape[0],):
+        raise ValueError(f"neg_weight: must be a number or ({gen.shape[0]},) (one per group), "
+                         f"got {tuple(neg_weight.shape)}")
+
+
+def _group_neg_weight(neg_weight, n_groups: int, dtype, device) -> Tensor:
+    """``neg_weight`` (a number or ``(groups,)``) as a ``(groups,)`` tensor."""
+    w = torch.as_tensor(neg_weight, dtype=dtype, device=device)
+    return w.expand(n_groups) if w.dim() == 0 else w
+
+
 def drift_field_torch(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, neg: Tensor | None = None,
-                      neg_weight: float = 1.0, temperatures=(0.02, 0.05, 0.2), gen_as_neg: bool = True,
-                      attraction_only: bool = False) -> Tensor:
+                      neg_weight: float | Tensor = 1.0, temperatures=(0.02, 0.05, 0.2), gen_as_neg: bool = True,
+                      attraction_only: bool = False, scale: str = "batch", floor: float = 1e-6) -> Tensor:
     """Per-temperature raw fields ``(K, groups, G, d)`` (before rms normalisation), in torch."""
-    n_groups, g, d = gen.shape
+    n_groups, g, _ = gen.shape
     p = pos.shape[1]
     negs = [gen] if gen_as_neg else []
     if neg is not None:
@@ -58,12 +89,17 @@ def drift_field_torch(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, 
         valid[:, :, :p] &= pos_mask[:, None, :]
     if gen_as_neg:
         valid[:, :, p:p + g] &= ~torch.eye(g, dtype=torch.bool, device=gen.device)
-    weight = torch.ones(m, dtype=gen.dtype, device=gen.device)          # (M,)
+    weight = torch.ones(n_groups, m, dtype=gen.dtype, device=gen.device)   # (Gr, M)
     if neg is not None:
-        weight[m - neg.shape[1]:] = neg_weight
+        weight[:, m - neg.shape[1]:] = _group_neg_weight(neg_weight, n_groups, gen.dtype, gen.device)[:, None]
+    weight = weight[:, None, :]                                         # (Gr, 1, M)
     dist = torch.cdist(gen, y)                                          # (Gr, G, M)
-    count = valid.sum((1, 2)).clamp_min(1)
-    mean = (dist * valid).sum((1, 2)) / count                           # (Gr,)
+    if scale == "batch":
+        vw = valid * weight                                             # (Gr, G, M)
+        mean = ((dist * vw).sum() / vw.sum().clamp_min(1e-30)).expand(n_groups)   # (Gr,) one value
+    else:
+        count = valid.sum((1, 2)).clamp_min(1)
+        mean = (dist * valid).sum((1, 2)) / count                       # (Gr,)
     dist = dist / mean.clamp_min(1e-12)[:, None, None]
     out = []
     for tau in temperatures:
@@ -71,6 +107,8 @@ def drift_field_torch(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, 
         row = torch.logsumexp(logits, dim=2, keepdim=True)              # (Gr, G, 1)
         col = torch.logsumexp(logits, dim=1, keepdim=True)              # (Gr, 1, M)
         a = torch.exp(logits - 0.5 * (row + col))                       # (Gr, G, M)
+        if floor > 0:
+            a = a.clamp_min(math.sqrt(floor))                           # sqrt(max(p, f)) = max(sqrt p, sqrt f)
         a = torch.where(valid, a, torch.zeros_like(a)) * weight
         a_pos, a_neg = a[:, :, :p], a[:, :, p:]
         s_pos = a_pos.sum(-1, keepdim=True)                             # (Gr, G, 1)
@@ -84,10 +122,53 @@ def drift_field_torch(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, 
 
 
 @numba.njit(parallel=True, fastmath={"nsz", "arcp", "contract", "reassoc"}, cache=True)
-def _drift_numba(gen, pos, pos_mask, neg, neg_weight, taus, gen_as_neg, attraction_only):  # pragma: no cover - jit
+def _drift_scale_numba(gen, pos, pos_mask, neg, neg_w, gen_as_neg):  # pragma: no cover - jit
+    # Per group: sum_valid w_j d_ij and sum_valid w_j (float64); the caller adds them up.
+    n_groups, g, d = gen.shape
+    p = pos.shape[1]
+    u = neg.shape[1]
+    n_gen_neg = g if gen_as_neg else 0
+    m = p + n_gen_neg + u
+    wd = np.zeros(n_groups, dtype=np.float64)
+    ww = np.zeros(n_groups, dtype=np.float64)
+    for grp in numba.prange(n_groups):
+        total = 0.0
+        wsum = 0.0
+        for i in range(g):
+            for j in range(m):
+                if j < p:
+                    if not pos_mask[grp, j]:
+                        continue
+                    w = 1.0
+                elif j < p + n_gen_neg:
+                    if j - p == i:
+                        continue
+                    w = 1.0
+                else:
+                    w = neg_w[grp]
+                acc = 0.0
+                for c in range(d):
+                    if j < p:
+                        diff = gen[grp, i, c] - pos[grp, j, c]
+                    elif j < p + n_gen_neg:
+                        diff = gen[grp, i, c] - gen[grp, j - p, c]
+                    else:
+                        diff = gen[grp, i, c] - neg[grp, j - p - n_gen_neg, c]
+                    acc += diff * diff
+                total += w * math.sqrt(acc)
+                wsum += w
+        wd[grp] = total
+        ww[grp] = wsum
+    return wd, ww
+
+
+@numba.njit(parallel=True, fastmath={"nsz", "arcp", "contract", "reassoc"}, cache=True)
+def _drift_numba(gen, pos, pos_mask, neg, neg_w, taus, gen_as_neg, attraction_only, batch_scale,
+                 floor):  # pragma: no cover - jit
     # One pass per group: gather the targets once, distances once, then per temperature
     # E_r = exp(L - row max), E_c = exp(L - column max) (two exps per pair, each stable) and
     # A = sqrt(E_r / S_row * E_c / S_col): the log-sum-exps without a third exp.
+    # batch_scale > 0: the one distance scale of every group; else each group's own mean.
     n_groups, g, d = gen.shape
     p = pos.shape[1]
     u = neg.shape[1]
@@ -102,7 +183,7 @@ def _drift_numba(gen, pos, pos_mask, neg, neg_weight, taus, gen_as_neg, attracti
             y[p:p + g] = gen[grp]
         y[p + n_gen_neg:] = neg[grp]
         wcol = np.ones(m, dtype=gen.dtype)
-        wcol[p + n_gen_neg:] = neg_weight
+        wcol[p + n_gen_neg:] = neg_w[grp]
         x = gen[grp]
         dist = np.empty((g, m), dtype=np.float64)
         valid = np.ones((g, m), dtype=np.bool_)
@@ -120,7 +201,7 @@ def _drift_numba(gen, pos, pos_mask, neg, neg_weight, taus, gen_as_neg, attracti
                 if ok:
                     total += dist[i, j]
                     count += 1
-        mean = max(total / max(count, 1), 1e-12)
+        mean = max(batch_scale if batch_scale > 0.0 else total / max(count, 1), 1e-12)
         e_row = np.zeros((g, m), dtype=np.float64)
         e_col = np.zeros((g, m), dtype=np.float64)
         row_min = np.empty(g, dtype=np.float64)
@@ -153,8 +234,8 @@ def _drift_numba(gen, pos, pos_mask, neg, neg_weight, taus, gen_as_neg, attracti
                     col_sum[j] += ec
             for i in range(g):
                 for j in range(m):
-                    if e_row[i, j] > 0.0 and e_col[i, j] > 0.0:
-                        e[i, j] = math.sqrt(e_row[i, j] / row_sum[i] * e_col[i, j] / col_sum[j]) * wcol[j]
+                    if valid[i, j]:
+                        e[i, j] = math.sqrt(max(e_row[i, j] / row_sum[i] * e_col[i, j] / col_sum[j], floor)) * wcol[j]
                     else:
                         e[i, j] = 0.0
             for i in range(g):
@@ -185,8 +266,8 @@ def _drift_numba(gen, pos, pos_mask, neg, neg_weight, taus, gen_as_neg, attracti
 
 
 def drift_field_numba(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, neg: Tensor | None = None,
-                      neg_weight: float = 1.0, temperatures=(0.02, 0.05, 0.2), gen_as_neg: bool = True,
-                      attraction_only: bool = False) -> Tensor:
+                      neg_weight: float | Tensor = 1.0, temperatures=(0.02, 0.05, 0.2), gen_as_neg: bool = True,
+                      attraction_only: bool = False, scale: str = "batch", floor: float = 1e-6) -> Tensor:
     """Per-temperature raw fields ``(K, groups, G, d)``, fused numba kernel on the CPU."""
     dtype = np.float64 if gen.dtype == torch.float64 else np.float32
     g_np = gen.detach().cpu().numpy().astype(dtype, copy=False)
@@ -196,33 +277,49 @@ def drift_field_numba(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, 
     n_np = (np.zeros((g_np.shape[0], 0, g_np.shape[2]), dtype=dtype) if neg is None
             else neg.detach().cpu().numpy().astype(dtype, copy=False))
     taus = np.asarray(list(temperatures), dtype=dtype)
-    out = _drift_numba(np.ascontiguousarray(g_np), np.ascontiguousarray(p_np), mask, np.ascontiguousarray(n_np),
-                       dtype(neg_weight), taus, bool(gen_as_neg), bool(attraction_only))
+    neg_w = np.ascontiguousarray(_group_neg_weight(neg_weight, g_np.shape[0], torch.float64, "cpu").numpy()
+                                 .astype(dtype))
+    g_np, p_np, n_np = np.ascontiguousarray(g_np), np.ascontiguousarray(p_np), np.ascontiguousarray(n_np)
+    batch_scale = 0.0
+    if scale == "batch":
+        wd, ww = _drift_scale_numba(g_np, p_np, mask, n_np, neg_w, bool(gen_as_neg))
+        batch_scale = max(float(wd.sum()) / max(float(ww.sum()), 1e-30), 1e-12)
+    out = _drift_numba(g_np, p_np, mask, n_np, neg_w, taus, bool(gen_as_neg), bool(attraction_only),
+                       float(batch_scale), float(floor))
     return torch.from_numpy(out).to(device=gen.device, dtype=gen.dtype)
 
 
 def drift_field(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, neg: Tensor | None = None,
-                neg_weight: float = 1.0, temperatures=(0.02, 0.05, 0.2), gen_as_neg: bool = True,
-                attraction_only: bool = False, impl: str = "auto", normalize: bool = True) -> Tensor:
+                neg_weight: float | Tensor = 1.0, temperatures=(0.02, 0.05, 0.2), gen_as_neg: bool = True,
+                attraction_only: bool = False, impl: str = "auto", normalize: bool = True,
+                scale: str = "batch", floor: float = 1e-6) -> Tensor:
     """The drift field ``V: (groups, G, d)`` for generated ``gen: (groups, G, d)``.
 
     Args:
         pos: positives ``(groups, P, d)``; ``pos_mask: (groups, P)`` marks real ones.
-        neg: extra negatives ``(groups, U, d)`` weighted by ``neg_weight``.
+        neg: extra negatives ``(groups, U, d)`` weighted by ``neg_weight`` (a number, or
+            ``(groups,)``: one weight per group).
         temperatures: kernel temperatures on mean-normalised distances.
         gen_as_neg: use the generated samples (self masked) as negatives.
         impl: ``"torch"``, ``"numba"`` or ``"auto"`` (numba on CPU, torch on GPU).
         normalize: divide each temperature's field by its rms over the batch.
+        scale: ``"batch"`` (one distance scale, the weighted mean over every valid pair of
+            every group: the official code's) or ``"group"`` (each group's own mean).
+        floor: affinity floor, ``A = sqrt(max(softmax_row * softmax_col, floor))`` on valid
+            pairs (official: 1e-6; 0: none).
     """
     _check(gen, pos, pos_mask, neg, temperatures)
+    _check_options(gen, neg_weight, scale, floor)
     if impl not in ("auto", "torch", "numba"):
         raise ValueError(f"impl: must be 'auto', 'torch' or 'numba', got {impl!r}")
     if impl == "auto":
         impl = "torch" if gen.is_cuda else "numba"
     fn = drift_field_numba if impl == "numba" else drift_field_torch
     with torch.no_grad():
+        if isinstance(neg_weight, Tensor):
+            neg_weight = neg_weight.detach()
         per_tau = fn(gen.detach(), pos.detach(), pos_mask, None if neg is None else neg.detach(), neg_weight,
-                     tuple(temperatures), gen_as_neg, attraction_only)       # (K, Gr, G, d)
+                     tuple(temperatures), gen_as_neg, attraction_only, scale, float(floor))   # (K, Gr, G, d)
         if normalize:
             rms = per_tau.pow(2).flatten(1).mean(1).sqrt()                    # (K,)
             per_tau = per_tau / rms.clamp_min(1e-12)[:, None, None, None]

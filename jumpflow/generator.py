@@ -1,7 +1,7 @@
 """A generator = condition encoder + backbone + objective (+ normalizer).
 
 The objective never owns the network: the generator passes *itself* as ``net`` to
-``objective.loss(net, x, cond)`` / ``objective.sample(net, noise, cond, steps)``, so it is the
+``objective.loss(net, x, cond)`` / ``objective.sample(net, noise, cond, inference)``, so it is the
 one object that knows how to encode a condition, where the null condition for guidance
 lives and which modules the objective asked for (``aux``: DTM's head, TVM's EMA target,
 Drifting's frozen feature map)."""
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from jumpflow.objectives.base import DataPrediction, LossOutput, Objective
+from jumpflow.objectives.base import DataPrediction, Inference, LossOutput, Objective
 
 
 class ClassEmbedding(nn.Module):
@@ -40,23 +40,35 @@ class ClassEmbedding(nn.Module):
 
 class Generator(nn.Module):
     """``forward(x, t, h, cond)`` is the backbone's; ``compute_loss(batch)`` and
-    ``generate(raw_cond, ...)`` are what the trainer and the workloads call.
+    ``generate(raw_cond, ...)`` are what the trainer and the workloads call. One loss path and
+    one sampling path for every workload (toy points, images, action chunks).
 
     Args:
         backbone: any ``(x, t, h, cond)`` module.
         objective: an ``Objective`` (held, not registered as a module).
-        cond_encoder: maps the raw condition to ``(B, C)``; ``None`` for unconditional data.
+        cond_encoder: maps the (normalised) raw condition to ``(B, C)``; ``None`` for
+            unconditional data.
         shape: per-sample data shape (for ``generate``).
+        normalizer: optional :class:`~jumpflow.normalizer.Normalizer` (checkpointed with the
+            weights): the data key is normalised before the loss and unnormalised after
+            sampling; a dict condition has every key the normalizer knows normalised before
+            the encoder sees it.
+        data_key, cond_key: where ``compute_loss`` finds the data and the raw condition in a batch.
+        clip_sample: clamp generated samples (in normalised units) to ``[-clip, clip]``
+            before unnormalising (``None``: off).
     """
 
     def __init__(self, backbone: nn.Module, objective: Objective, cond_encoder: nn.Module | None = None,
-                 shape: tuple[int, ...] | None = None):
+                 shape: tuple[int, ...] | None = None, normalizer: nn.Module | None = None,
+                 data_key: str = "x", cond_key: str = "cond", clip_sample: float | None = None):
         super().__init__()
         if getattr(objective, "prediction", "native") == "data":
             backbone = DataPrediction(backbone, objective.from_data_prediction)
         self.backbone = backbone
         self.cond_encoder = cond_encoder
         self.objective = objective
+        self.normalizer = normalizer
+        self.data_key, self.cond_key, self.clip_sample = data_key, cond_key, clip_sample
         self.shape = tuple(shape) if shape is not None else getattr(backbone, "shape", None)
         self.aux = nn.ModuleDict(objective.extra_modules(backbone))
 
@@ -76,23 +88,70 @@ class Generator(nn.Module):
     def untokenize(self, tokens: Tensor) -> Tensor:
         return self.backbone.untokenize(tokens)
 
-    # -- what the trainer and workloads call ----------------------------------------------
+    # -- data and condition paths ---------------------------------------------------------
+    def normalize_data(self, x: Tensor) -> Tensor:
+        if self.normalizer is None or self.data_key not in self.normalizer:
+            return x
+        return self.normalizer.normalize(self.data_key, x)
+
+    def unnormalize_data(self, x: Tensor) -> Tensor:
+        if self.clip_sample is not None:
+            x = x.clamp(-self.clip_sample, self.clip_sample)
+        if self.normalizer is None or self.data_key not in self.normalizer:
+            return x
+        return self.normalizer.unnormalize(self.data_key, x)
+
     def encode(self, raw_cond) -> Tensor | None:
+        """Raw condition (labels, or a dict of raw observations) -> ``(B, C)``."""
         if raw_cond is None or self.cond_encoder is None:
             return None
+        if isinstance(raw_cond, dict) and self.normalizer is not None:
+            raw_cond = {k: (self.normalizer.normalize(k, v.float()) if k in self.normalizer else v)
+                        for k, v in raw_cond.items()}
         return self.cond_encoder(raw_cond)
 
+    # -- what the trainer and workloads call ----------------------------------------------
     def compute_loss(self, batch: dict) -> LossOutput:
-        """``batch["x"]: (B, *shape)``, optional ``batch["cond"]`` (raw condition)."""
-        x = batch["x"]
+        """``batch[data_key]: (B, *shape)`` raw data, optional ``batch[cond_key]`` raw condition.
+
+        A batch of groups ``(B, P, *shape)`` (with conditions ``(B, P, ...)``, e.g. class blocks
+        for Drifting) is flattened to ``B * P`` rows."""
+        x, cond = self.prepare_batch(batch)
+        return self.objective.loss(self, x, cond)
+
+    def prepare_batch(self, batch: dict) -> tuple[Tensor, Tensor | None]:
+        """``(normalised data (B, *shape), encoded condition (B, C) or None)`` of a raw batch."""
+        if self.data_key not in batch:
+            raise KeyError(f"batch has no {self.data_key!r}; it has {sorted(batch)}")
+        x, cond = batch[self.data_key], batch.get(self.cond_key)
+        if self.shape is not None and x.ndim == len(self.shape) + 2 and tuple(x.shape[2:]) == self.shape:
+            x = x.flatten(0, 1)                                                   # (B*P, *shape)
+            if isinstance(cond, Tensor):
+                cond = cond.flatten(0, 1)
+            elif isinstance(cond, dict):
+                cond = {k: v.flatten(0, 1) for k, v in cond.items()}
+        if self.shape is not None and tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"batch[{self.data_key!r}] has shape {tuple(x.shape)}, expected (B, "
+                             f"{', '.join(map(str, self.shape))})")
+        x = self.normalize_data(x)                                                # (B, *shape)
         if not torch.isfinite(x).all():
-            raise ValueError("batch['x'] contains NaN or inf")
-        return self.objective.loss(self, x, self.encode(batch.get("cond")))
+            raise ValueError(f"batch[{self.data_key!r}] contains NaN or inf")
+        return x, self.encode(cond)
 
     @torch.no_grad()
-    def generate(self, raw_cond=None, n: int | None = None, steps: int | None = None,
-                 noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Samples ``(B, *shape)``; ``B`` from ``raw_cond`` or ``n``."""
+    def sample_normalized(self, cond: Tensor | None, noise: Tensor,
+                          inference: Inference | int | dict | None = None) -> Tensor:
+        """The objective's sampler on encoded ``cond`` from ``noise``: normalised samples."""
+        return self.objective.sample(self, noise, cond, inference)
+
+    @torch.no_grad()
+    def generate(self, raw_cond=None, n: int | None = None, steps: int | None = None, sampler: str | None = None,
+                 guidance: float | None = None, noise: Tensor | None = None,
+                 generator: torch.Generator | None = None, inference: Inference | None = None) -> Tensor:
+        """Samples ``(B, *shape)`` in data units; ``B`` from ``raw_cond`` or ``n``. Inference
+        settings (``steps``, ``sampler``, ``guidance``, or an ``inference`` value) default to the
+        objective's."""
+        inf = Inference(steps, sampler, guidance).over(Inference.of(inference))
         cond = self.encode(raw_cond)
         if noise is None:
             b = cond.shape[0] if cond is not None else n
@@ -100,4 +159,4 @@ class Generator(nn.Module):
                 raise ValueError("generate needs raw_cond or n, and a known sample shape")
             p = next(self.parameters())
             noise = torch.randn((b, *self.shape), generator=generator, device=p.device, dtype=p.dtype)
-        return self.objective.sample(self, noise, cond, self.objective.default_steps if steps is None else steps)
+        return self.unnormalize_data(self.sample_normalized(cond, noise, inf))

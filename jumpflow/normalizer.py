@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from jumpflow.errors import ConfigError
+
 MODES = ("limits", "gaussian", "image", "identity")
 _FIELDS = ("scale", "offset", "min", "max", "mean", "std")
 
@@ -65,7 +67,7 @@ class Normalizer(nn.Module):
             return self.set_params(key, scale, z, **stats)
         st = self._stats(data)
         if not (torch.isfinite(st["min"]).all() and torch.isfinite(st["max"]).all()):
-            raise ValueError(f"normalizer: data for {key!r} contains NaN or inf")
+            raise ConfigError("normalizer", f"data for {key!r} contains NaN or inf")
         if mode == "limits":
             rng = st["max"] - st["min"]
             const = rng < range_eps

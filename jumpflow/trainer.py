@@ -46,18 +46,15 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
+from jumpflow.build import build_components
 from jumpflow.checkpoint import (
-    CheckpointError,
+    collect_state,
     latest_valid_checkpoint,
-    load_state_into,
-    merge_state,
-    prefixed,
     read_checkpoint,
+    restore_state,
     save_checkpoint,
-    split_state,
-    unprefixed,
 )
-from jumpflow.config import ConfigError, as_config_error, instantiate_checked, validate_config
+from jumpflow.config import ConfigError, validate_config
 
 _MASK = (1 << 63) - 1
 
@@ -125,8 +122,17 @@ class GlobalBatchSampler:
             step += 1
 
 
+def seed_cpu_rngs(seed: int) -> None:
+    """Seed python, numpy and torch's CPU generator only. ``torch.manual_seed`` also seeds every
+    accelerator backend lazily, which formats a stack trace per call (64 us here): per item of
+    a 256 batch that was a tenth of a main-job training step."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.default_generator.manual_seed(seed)
+
+
 class ItemSeeded(Dataset):
-    """``dataset[(index, seed)]``: seeds python / numpy / torch RNGs, then returns ``dataset[index]``,
+    """``dataset[(index, seed)]``: seeds python / numpy / torch CPU RNGs, then returns ``dataset[index]``,
     so random augmentation is a function of the item's seed (any worker, any resume)."""
 
     def __init__(self, base: Dataset):
@@ -137,7 +143,7 @@ class ItemSeeded(Dataset):
 
     def __getitem__(self, key):
         index, seed = key
-        seed_everything(seed)
+        seed_cpu_rngs(seed)
         return self.base[index]
 
 
@@ -177,52 +183,7 @@ def ema_decay(step: int, decay: float, power: float | None, inv_gamma: float = 1
     return float(min(decay, max(min_decay, 1.0 - (1.0 + s / inv_gamma) ** -power)))
 
 
-# ------------------------------------------------------------------------------ building
-@dataclass
-class Components:
-    task: Any
-    backbone: nn.Module
-    objective: Any
-    model: nn.Module
-
-
-def build_components(cfg: DictConfig) -> Components:
-    """Task, then backbone (given the task's ``shape`` / ``cond_dim``), then objective, then
-    ``task.build_model``. Seeds ``torch`` with ``cfg.seed`` before the network is built.
-
-    Backbone configs are ``_partial_: true`` and get ``shape`` / ``cond_dim`` from here; a
-    backbone config that names ``shape`` / ``cond_dim`` keys itself (e.g.
-    ``${task.shape}``) has them overwritten with the task's values. Constructor errors
-    become :class:`ConfigError` (``task.<field>``, ``backbone.<field>``, ``objective.<field>``).
-    """
-    task = instantiate_checked(cfg.task, "task")
-    for key in ("shape", "cond_dim"):
-        if not hasattr(task, key):
-            raise ConfigError(f"task.{key}", f"the task {type(task).__name__} does not define {key}")
-    shape, cond_dim = [int(s) for s in task.shape], int(task.cond_dim)
-    with open_dict(cfg):
-        for key, value in (("shape", shape), ("cond_dim", cond_dim)):
-            if key in cfg.backbone:
-                cfg.backbone[key] = value
-    torch.manual_seed(int(cfg.seed))
-    if bool(cfg.backbone.get("_partial_", False)):
-        built = instantiate_checked(cfg.backbone, "backbone")
-        try:
-            backbone = built(shape=tuple(shape), cond_dim=cond_dim)
-        except (ValueError, TypeError) as err:
-            raise as_config_error("backbone", err) from err
-    else:
-        backbone = instantiate_checked(cfg.backbone, "backbone", shape=shape, cond_dim=cond_dim)
-    objective = instantiate_checked(cfg.objective, "objective")
-    try:
-        model = task.build_model(backbone, objective)
-    except (ValueError, TypeError) as err:
-        raise as_config_error("objective", err) from err
-    if not hasattr(model, "compute_loss"):
-        raise ConfigError("task", f"{type(task).__name__}.build_model returned a module without compute_loss")
-    return Components(task, backbone, objective, model)
-
-
+# ------------------------------------------------------------------------------ debug
 def apply_debug(cfg: DictConfig) -> None:
     """``debug=true``: a few steps, frequent eval / checkpoints / logs, no workers."""
     with open_dict(cfg):
@@ -432,7 +393,7 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
                 _say(f"resume: no checkpoint in {ckpt_dir}; starting from step 0")
         else:
             path, tensors, meta = found
-            step, run_id = restore_state(path, tensors, meta, model, ema, optimizer, scheduler, cfg)
+            step, run_id = restore_state(path, tensors, meta, model, ema, optimizer, scheduler, cfg, warn=_say)
             saved = tensors.get("rng.data_sampler")
             probe = GlobalBatchSampler(len(dataset), global_batch, shards, [0], seed)
             if saved is not None and not torch.equal(saved, probe.generator(probe.position(step)["epoch"]).get_state()):
@@ -477,7 +438,8 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
     def checkpoint(at: int) -> None:
         if is_main:
             position = sampler.position(at)
-            tensors, meta = collect_state(model, ema, optimizer, scheduler, resolved, position, info, run_id)
+            tensors, meta = collect_state(model, ema, optimizer, scheduler, resolved, position, info.world, run_id,
+                                          task.artifact())
             tensors["rng.data_sampler"] = sampler.generator(position["epoch"]).get_state()
             save_checkpoint(ckpt_dir, at, tensors, meta, keep=int(tcfg.keep_checkpoints))
 
@@ -558,59 +520,3 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
     if info.world > 1:
         dist.barrier()
     return {"run_dir": str(run_dir), "step": step, "metrics": eval_metrics}
-
-
-# ------------------------------------------------------------------------------ state
-def _rng_state(info: DistInfo) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {"rng.torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    meta = {"python": split_state(random.getstate(), "rng.python", {}),
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
-    return tensors, meta
-
-
-def collect_state(model, ema, optimizer, scheduler, resolved: dict, position: dict, info: DistInfo,
-                  run_id: str) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = prefixed(model.state_dict(), "model")
-    if ema is not None:
-        tensors.update(prefixed(ema.state_dict(), "ema"))
-    optim_meta = split_state(optimizer.state_dict(), "optim", tensors)
-    rng_tensors, rng_meta = _rng_state(info)
-    tensors.update(rng_tensors)
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    meta = {"config": resolved, "optimizer": optim_meta, "scheduler": sched, "rng": rng_meta,
-            "data": position, "world_size": info.world, "run_id": run_id, "torch": torch.__version__,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return tensors, meta
-
-
-def restore_state(path, tensors, meta, model, ema, optimizer, scheduler, cfg) -> tuple[int, str | None]:
-    load_state_into(model, unprefixed(tensors, "model"), "model weights", path)
-    if ema is not None:
-        state = unprefixed(tensors, "ema")
-        if state:
-            load_state_into(ema, state, "EMA weights", path)
-        else:
-            _say(f"warning: {path} has no EMA weights; the EMA restarts from the model")
-    try:
-        optimizer.load_state_dict(merge_state(meta["optimizer"], tensors))
-        sched = dict(meta["scheduler"])
-        sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
-        scheduler.load_state_dict(sched)
-    except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path}: optimiser / scheduler state does not fit ({err})") from None
-    torch.set_rng_state(tensors["rng.torch_cpu"])
-    random.setstate(merge_state(meta["rng"]["python"], {}))
-    kind, keys, pos, has_gauss, gauss = meta["rng"]["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    old = meta.get("config", {})
-    for key in ("seed",):
-        if old.get(key) != cfg.get(key):
-            _say(f"warning: {key} changed since the checkpoint ({old.get(key)} -> {cfg.get(key)}); "
-                 "the run will not match an uninterrupted one")
-    if old.get("trainer", {}).get("batch_size") != cfg.trainer.batch_size:
-        _say("warning: trainer.batch_size changed since the checkpoint; the data order changes")
-    return int(meta["step"]), meta.get("run_id")

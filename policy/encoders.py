@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from jumpflow.errors import ConfigError
+
 
 class SpatialSoftmax(nn.Module):
     """Feature map ``(B, C, H, W)`` -> expected image coordinates of ``num_kp`` keypoints ``(B, 2 K)``."""
@@ -96,9 +98,9 @@ class ObsEncoder(nn.Module):
                  num_kp: int = 32, image_feature_dim: int = 64, lowdim_mlp: int = 0):
         super().__init__()
         if image_trunk not in ("resnet18", "small_cnn"):
-            raise ValueError(f"encoder.image_trunk: must be 'resnet18' or 'small_cnn', got {image_trunk!r}")
+            raise ConfigError("encoder.image_trunk", f"must be 'resnet18' or 'small_cnn', got {image_trunk!r}")
         if n_obs_steps < 1:
-            raise ValueError(f"n_obs_steps: must be >= 1, got {n_obs_steps}")
+            raise ConfigError("n_obs_steps", f"must be >= 1, got {n_obs_steps}")
         self.n_obs_steps, self.crop_size = n_obs_steps, crop_size
         self.image_keys = sorted(k for k, s in obs_shapes.items() if len(tuple(s)) == 3)
         self.lowdim_keys = sorted(k for k, s in obs_shapes.items() if len(tuple(s)) != 3)

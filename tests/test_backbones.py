@@ -74,25 +74,36 @@ def test_param_counts_ordered_and_meta_equals_real():
         sum(p.numel() for p in net.parameters())
 
 
-def test_every_registered_backbone_has_a_config():
+def test_every_registered_backbone_family_has_a_config():
+    """One config per family (``configs/backbone/<family>.yaml``), the size a value."""
     files = {p.stem for p in CONFIG_DIR.glob("*.yaml")}
-    expected = {n.lower().replace("/", "_").replace("-", "_") for n in BACKBONES}
-    assert expected <= files
+    families = {n.split("-")[0].lower() for n in BACKBONES}
+    assert families == files
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
-def test_backbone_configs_instantiate(path):
-    omegaconf = pytest.importorskip("omegaconf")
-    hydra_utils = pytest.importorskip("hydra.utils")
-    backbone_cfg = omegaconf.OmegaConf.load(path)
-    assert backbone_cfg._target_ == "jumpflow.backbones.build_backbone"
-    assert backbone_cfg.name in BACKBONES
-    image = backbone_cfg.name.startswith("DiT-") or "2D" in backbone_cfg.name
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_registered_size_builds_from_its_family_config(name):
+    from omegaconf import OmegaConf
+    from hydra.utils import instantiate
+
+    family, _, size = name.partition("-")
+    backbone_cfg = OmegaConf.load(CONFIG_DIR / f"{family.lower()}.yaml")
+    assert backbone_cfg._target_ == "jumpflow.backbones.build_family" and backbone_cfg.family == family
+    image = name.startswith("DiT-") or "2D" in name
     task = {"shape": [4, 32, 32] if image else [16, 7], "cond_dim": 16}
-    cfg = omegaconf.OmegaConf.create({"task": task, "backbone": backbone_cfg})
+    cfg = OmegaConf.create({"task": task, "backbone": {**OmegaConf.to_container(backbone_cfg), "size": size or None}})
     with torch.device("meta"):
-        net = hydra_utils.instantiate(cfg.backbone)
+        net = instantiate(cfg.backbone)
     assert tuple(net.shape) == tuple(task["shape"])
+
+
+def test_unknown_family_or_size_names_the_key():
+    from jumpflow.backbones import build_family
+
+    with pytest.raises(ValueError, match="^size: DiT has no size 'Q/9'; valid: B/2"):
+        build_family("DiT", "Q/9", (4, 32, 32), 0)
+    with pytest.raises(ValueError, match="^family: unknown backbone family 'Nope'"):
+        build_family("Nope", "S", (16, 7), 0)
 
 
 def test_unknown_name_and_bad_shapes_raise():
@@ -263,6 +274,7 @@ def test_backward_through_jvp_matches_finite_difference(key):
 # every backbone x every objective
 # --------------------------------------------------------------------------------------
 OUTPUT_LAYERS = ("final_layer.linear.", "final_block.", "final_conv.", "out.", "out_norm.")
+INPUT_LAYERS = ("inp.weight", "x_embed.weight", "down.0.0.block1.conv.weight", "down.0.0.skip.weight")
 
 
 def _objective_names():
@@ -286,11 +298,13 @@ def test_every_backbone_with_every_objective(key, objective):
     out.loss.mean().backward()
     # Transition Matching reads the backbone's features, never its output layer
     exempt = OUTPUT_LAYERS if objective == "transition_matching" else ()
+    # regression feeds the backbone a constant zero sample: the weights acting on x see no signal
+    exempt += INPUT_LAYERS if objective == "regression" else ()
     missing = [n for n, p in backbone.named_parameters() if not n.startswith(exempt) and
                (p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0)]
     assert not missing, f"{objective} on {key}: no gradient for {missing[:5]}"
     obj.on_step_end(gen)
-    steps = 1 if objective == "drifting" else 2
+    steps = 1 if objective in ("drifting", "regression") else 2
     sample = gen.generate(labels[:4], steps=steps)
     assert sample.shape == (4, *shape) and torch.isfinite(sample).all()
 

@@ -12,7 +12,6 @@ from hydra import compose, initialize_config_module
 
 from jumpflow.checkpoint import (
     CheckpointError,
-    atomic_write,
     checkpoint_paths,
     latest_valid_checkpoint,
     load_model,
@@ -21,6 +20,7 @@ from jumpflow.checkpoint import (
     save_checkpoint,
     split_state,
 )
+from jumpflow.io import atomic_write
 from jumpflow.trainer import train
 
 TINY = ["logger=none", "trainer.progress=false", "trainer.cpu_threads=1", "++backbone.width=32",

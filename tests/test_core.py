@@ -21,6 +21,7 @@ from jumpflow.objectives import (
     TimeSampler,
     TransitionMatching,
 )
+from jumpflow.objectives.base import Inference
 from jumpflow.objectives.ddpm import squared_cosine_alphas_cumprod
 from jumpflow.timeconv import interpolate, jump, velocity
 
@@ -90,8 +91,8 @@ def test_meanflow_point_data_loss_zero_and_one_step_exact():
     out = obj.loss(net, x, None)
     assert out.loss.abs().max() < 1e-20
     eps = torch.randn(64, 2, dtype=torch.float64)
-    assert torch.allclose(obj.sample(net, eps, None, steps=1), x, atol=1e-12)
-    assert torch.allclose(obj.sample(net, eps, None, steps=3), x, atol=1e-12)
+    assert torch.allclose(obj.sample(net, eps, None, 1), x, atol=1e-12)
+    assert torch.allclose(obj.sample(net, eps, None, 3), x, atol=1e-12)
 
 
 def test_meanflow_identity_on_gaussian():
@@ -109,7 +110,7 @@ def test_meanflow_identity_on_gaussian():
     u, u_tgt = obj.prediction_and_target(net, z, r, t, v, None)
     assert torch.allclose(u, u_tgt, atol=1e-9)
     eps = torch.randn(b, 1, dtype=torch.float64)
-    assert torch.allclose(obj.sample(net, eps, None, steps=1), m + s * eps, atol=1e-12)
+    assert torch.allclose(obj.sample(net, eps, None, 1), m + s * eps, atol=1e-12)
 
 
 def test_meanflow_wrong_tangent_breaks_identity():
@@ -147,11 +148,11 @@ def test_jvp_total_derivative_matches_finite_difference(prediction):
 
 def test_flow_matching_point_oracle_exact_in_one_euler_step():
     x0 = torch.tensor([[2.0, -1.0]], dtype=torch.float64)
-    net, obj = PointOracle(x0), FlowMatching(solver="heun")
+    net, obj = PointOracle(x0), FlowMatching(inference={"sampler": "heun"})
     x = x0.expand(16, 2).clone()
     assert obj.loss(net, x, None).loss.abs().max() < 1e-20
     eps = torch.randn(16, 2, dtype=torch.float64)
-    assert torch.allclose(FlowMatching().sample(net, eps, None, steps=1), x, atol=1e-12)
+    assert torch.allclose(FlowMatching().sample(net, eps, None, 1), x, atol=1e-12)
 
 
 def test_tvm_point_oracle_loss_zero():
@@ -177,7 +178,7 @@ def test_ddim_100_matches_probability_flow_on_gaussian():
     coordinate; DDPM with the same net matches the moments."""
     torch.manual_seed(0)
     m, s = 0.5, 0.3
-    obj = DDPM(num_train_steps=100, sampler="ddim", clip_sample=None)
+    obj = DDPM(num_train_steps=100, inference={"sampler": "ddim"}, clip_sample=None)
     abar = obj.alphas_cumprod
 
     class EpsOracle(nn.Module):
@@ -188,17 +189,17 @@ def test_ddim_100_matches_probability_flow_on_gaussian():
             return (1 - a).sqrt() * (x - a.sqrt() * m) / var
 
     noise = torch.randn(4000, 1, dtype=torch.float64)
-    x = obj.sample(EpsOracle(), noise, None, steps=100)
+    x = obj.sample(EpsOracle(), noise, None, 100)
     a_last = abar[-1]
     n = (noise - a_last.sqrt() * m) / torch.sqrt(a_last * s ** 2 + 1 - a_last)
     err_100 = (x - (m + s * n)).abs()
     assert err_100.max() < 0.05 and err_100.mean() < 0.01
-    err_50 = (obj.sample(EpsOracle(), noise, None, steps=50) - (m + s * n)).abs()
+    err_50 = (obj.sample(EpsOracle(), noise, None, 50) - (m + s * n)).abs()
     assert err_100.max() < 0.7 * err_50.max()      # converges to the deterministic limit
-    x_ddpm = obj.sample(EpsOracle(), noise, None, steps=100, sampler="ddpm")
+    x_ddpm = obj.sample(EpsOracle(), noise, None, Inference(steps=100, sampler="ddpm"))
     assert abs(x_ddpm.mean().item() - m) < 0.03 and abs(x_ddpm.std().item() - s) < 0.03
     # one DDPM step from pure noise gives the posterior mean only: far too narrow
-    x1 = obj.sample(EpsOracle(), noise, None, steps=1, sampler="ddpm")
+    x1 = obj.sample(EpsOracle(), noise, None, Inference(steps=1, sampler="ddpm"))
     assert x1.std().item() < 0.5 * s
 
 
@@ -315,8 +316,10 @@ def test_each_objective_lowers_its_loss(name):
             return (net.generate(labels, steps=1) - x[:2][labels]).norm(dim=1).mean().item()
         with torch.no_grad() if not net.objective.uses_jvp else torch.enable_grad():
             out = net.compute_loss({"x": x, "cond": cond})
-            # MeanFlow's adaptive weight saturates its loss near 1: judge the raw error
-            return out.metrics["mse"] if name == "meanflow" else out.loss.mean().item()
+            # the MeanFlow family's adaptive weight saturates its loss (near 1 / D with the summed
+            # ||err||^2): judge the raw error
+            adaptive = name in ("meanflow", "alpha_flow", "improved_meanflow")
+            return out.metrics["mse"] if adaptive else out.loss.mean().item()
     before = eval_loss()
     for _ in range(150):
         loss = net.compute_loss({"x": x, "cond": cond}).loss.mean()
@@ -326,7 +329,7 @@ def test_each_objective_lowers_its_loss(name):
         net.objective.on_step_end(net)
     after = eval_loss()
     assert after < 0.7 * before, (before, after)
-    steps = 1 if name == "drifting" else net.objective.default_steps
+    steps = 1 if name == "drifting" else net.objective.inference.steps
     sample = net.generate(torch.tensor([0, 1] * 32), steps=steps)
     assert sample.shape == (64, 2) and torch.isfinite(sample).all()
 
@@ -341,7 +344,9 @@ def test_each_objective_lowers_its_loss(name):
     (MeanFlow, {"class_drop_prob": 1.5}, "class_drop_prob"),
     (MeanFlow, {"kappa": 1.0}, "kappa"),
     (MeanFlow, {"omega": 0.0}, "omega"),
-    (FlowMatching, {"solver": "rk45"}, "solver"),
+    (FlowMatching, {"inference": {"sampler": "rk45"}}, "inference.sampler"),
+    (MeanFlow, {"inference": {"guidance": 2.0}}, "inference.guidance"),
+    (MeanFlow, {"inference": {"steps": 0}}, "inference.steps"),
     (FlowMatching, {"class_drop_prob": -0.2}, "class_drop_prob"),
     (TerminalVelocityMatching, {"target_decay": 1.0}, "target_decay"),
     (TerminalVelocityMatching, {"lambda_fm": -1.0}, "lambda_fm"),
@@ -354,7 +359,7 @@ def test_each_objective_lowers_its_loss(name):
     (Drifting, {"group_by": "batch"}, "group_by"),
     (Drifting, {"n_uncond_neg": -1}, "n_uncond_neg"),
     (DDPM, {"num_train_steps": 0}, "num_train_steps"),
-    (DDPM, {"sampler": "euler"}, "sampler"),
+    (DDPM, {"inference": {"sampler": "euler"}}, "inference.sampler"),
 ])
 def test_invalid_hyperparameters_name_the_field(cls, kwargs, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -365,7 +370,7 @@ def test_invalid_hyperparameters_name_the_field(cls, kwargs, field):
 def test_steps_below_one_raise(name):
     net = _tiny_generator(name)
     with pytest.raises(ValueError, match="steps"):
-        net.objective.sample(net, torch.randn(2, 2), net.encode(torch.tensor([0, 1])), steps=0)
+        net.objective.sample(net, torch.randn(2, 2), net.encode(torch.tensor([0, 1])), 0)
 
 
 def test_time_sampler_logit_normal_moments():
@@ -452,3 +457,42 @@ def test_backward_through_jvp_of_mlp_matches_finite_difference():
             param.view(-1)[0] += e
         assert abs(grad - (up - down) / (2 * e)) < 1e-6 * max(1.0, abs(grad)), name
     assert checked > 20
+
+
+class TransitionPointOracle(nn.Module):
+    """Transition Matching on the single point ``x0``: the backbone's features of a token are
+    ``(z_t, t)`` and the head's inner velocity is exact, because ``Y = x0 - eps = (x0 - z_t) / t``
+    is a function of ``z_t``: the inner path ``Y_sigma = (1 - sigma) Y + sigma eta`` has velocity
+    ``eta - Y = (Y_sigma - Y) / sigma``."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+        self.aux = {"transition_head": self.head}
+
+    def tokenize(self, x):
+        return x.reshape(x.shape[0], 1, -1)                                  # (B, 1, D)
+
+    def untokenize(self, tokens):
+        return tokens.reshape(tokens.shape[0], -1)                           # (B, D)
+
+    def forward(self, z, t, h, cond, return_features=False):
+        feats = torch.cat([self.tokenize(z), t[:, None, None]], dim=-1)      # (B, 1, D + 1)
+        return z, feats
+
+    def head(self, feats, y_sigma, sigma):
+        z, t = feats[..., :-1], feats[..., -1:]
+        y = (self.tokenize(self.x0.expand(z.shape[0], -1)) - z) / t          # (B', 1, D)
+        return (y_sigma - y) / sigma[..., None]
+
+
+def test_transition_matching_point_oracle_loss_zero_and_sampling_exact():
+    x0 = torch.tensor([[0.7, -1.3]], dtype=torch.float64)
+    net = TransitionPointOracle(x0)
+    obj = TransitionMatching(transition_steps=4, inner_steps=3, train_times="continuous")
+    torch.manual_seed(0)
+    out = obj.loss(net, x0.expand(64, 2).clone(), None)
+    assert out.loss.abs().max() < 1e-10
+    for steps in (1, 2, 4):
+        sample = obj.sample(net, torch.randn(16, 2, dtype=torch.float64), None, steps)
+        assert torch.allclose(sample, x0.expand(16, 2), atol=1e-10), steps

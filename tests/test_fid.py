@@ -168,7 +168,7 @@ def test_as_uint8_nchw_layouts():
 
 
 def test_classifier_feature_fid_shapes():
-    from jumpflow.image_encoders import ClassifierFeatures, SmallConvNet
+    from jumpflow.images.encoders import ClassifierFeatures, SmallConvNet
 
     torch.manual_seed(0)
     ext = ClassifierFeatures(SmallConvNet(1, 10, width=8).eval())

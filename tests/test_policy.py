@@ -16,8 +16,10 @@ SMALL = {"drifting": {"group_by": "sample", "gen_per_group": 4}, "transition_mat
 
 
 def _task(path, **kw):
-    return PolicyTask(str(path), generate_if_missing=False, obs_keys=LOWDIM, horizon=8, n_obs_steps=2,
+    task = PolicyTask(str(path), generate_if_missing=False, obs_keys=LOWDIM, horizon=8, n_obs_steps=2,
                       n_action_steps=4, cache_dir=str(path.parent / "cache"), **kw)
+    task.prepare()
+    return task
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def synthetic(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_every_objective_plugs_into_chunk_policy(synthetic, name):
     torch.manual_seed(0)
-    task = _task(synthetic, inference_steps=None)
+    task = _task(synthetic)
     backbone = build_backbone("MLP", task.shape, task.cond_dim, width=32, depth=1)
     policy = task.build_model(backbone, OBJECTIVES[name](**SMALL.get(name, {})))
     data = task.train_dataset()
@@ -41,7 +43,7 @@ def test_every_objective_plugs_into_chunk_policy(synthetic, name):
     policy.objective.on_step_end(policy)          # what the trainer calls after each step
     # DTM reads the backbone's features, not its output projection
     unused = ("out.",) if name == "transition_matching" else ()
-    assert all(p.grad is not None for n, p in policy.generator.backbone.named_parameters() if not n.startswith(unused))
+    assert all(p.grad is not None for n, p in policy.backbone.named_parameters() if not n.startswith(unused))
     steps = {"ddpm": 3, "transition_matching": 2}.get(name, 1)
     policy.set_inference(steps)
     action = policy.predict_action(batch["obs"])
@@ -59,7 +61,7 @@ def test_predict_action_window_and_unnormalisation(synthetic):
     assert x.min() >= -1 - 1e-6 and x.max() <= 1 + 1e-6
     assert torch.allclose(norm.unnormalize("action", x), raw, atol=1e-4)
     chunk = torch.linspace(-1, 1, 8)[None, :, None].expand(2, 8, 7)
-    policy.objective.sample = lambda net, noise, cond, steps: chunk.clone()
+    policy.objective.sample = lambda net, noise, cond, inference: chunk.clone()
     obs = {k: v[:2] for k, v in torch.utils.data.default_collate([task.train_dataset()[i] for i in range(2)])["obs"].items()}
     action = policy.predict_action(obs)
     assert torch.allclose(action, norm.unnormalize("action", chunk)[:, 1:5], atol=1e-5)
@@ -82,12 +84,13 @@ def test_temporal_ensembling_blends_overlapping_predictions(synthetic):
 
 
 def test_missing_dataset_without_generation_is_a_clear_error(tmp_path):
+    task = PolicyTask(str(tmp_path / "nope.hdf5"), generate_if_missing=False)     # values only: no disk
     with pytest.raises(FileNotFoundError, match="task.dataset"):
-        PolicyTask(str(tmp_path / "nope.hdf5"), generate_if_missing=False)
+        task.prepare()
 
 
 def test_bad_window_sizes_fail_early(synthetic):
-    with pytest.raises(ValueError, match="task.horizon"):
+    with pytest.raises(ValueError, match="horizon"):
         PolicyTask(str(synthetic), generate_if_missing=False, horizon=4, n_obs_steps=2, n_action_steps=8)
 
 
@@ -101,7 +104,7 @@ def test_briefly_trained_policy_runs_closed_loop(lift_demos, tmp_path):
 
     with initialize_config_module(config_module="jumpflow.configs", version_base=None):
         cfg = compose("train", overrides=[
-            "experiment=lift_lowdim_meanflow", f"task.dataset={lift_demos}", "task.n_demos=3",
+            "experiment=policy_cpu", f"task.dataset={lift_demos}", "task.n_demos=3",
             "task.eval_episodes=1", "task.eval_max_steps=24", "task.eval_videos=1", "trainer.max_steps=5",
             "trainer.batch_size=16", "trainer.ckpt_every=5", "logger=none", "trainer.progress=false",
             "backbone.width=32", "backbone.depth=1", f"run_dir={tmp_path / 'run'}",
@@ -126,10 +129,12 @@ def test_square_task_config_generates_its_demos(tmp_path):
 
     dataset = tmp_path / "square.hdf5"
     with initialize_config_module(config_module="jumpflow.configs", version_base=None):
-        cfg = compose("train", overrides=["experiment=lift_lowdim_meanflow", "task=square_lowdim", "task.n_demos=1",
+        cfg = compose("train", overrides=["experiment=policy_cpu", "task=square_lowdim", "task.n_demos=1",
                                           f"task.dataset={dataset}", f"task.cache_dir={tmp_path / 'cache'}",
                                           "run_dir=unused"])
     task = instantiate(cfg.task)
+    assert not dataset.exists()                   # constructing a task touches no disk
+    task.prepare()
     assert dataset.exists() and task.obs_shapes["object"] == (14,) and task.shape == (16, 7)
     with RobomimicFile(dataset) as f:
         assert f.env_meta["env_name"] == "NutAssemblySquare" and len(f.demo_names()) == 1

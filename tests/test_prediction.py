@@ -10,7 +10,7 @@ from torch import nn
 from jumpflow.backbones.mlp import MLP
 from jumpflow.generator import Generator
 from jumpflow.objectives import DDPM, Drifting, FlowMatching, MeanFlow, TerminalVelocityMatching
-from jumpflow.objectives.base import DataPrediction
+from jumpflow.objectives.base import DataPrediction, Inference
 from jumpflow.timeconv import interpolate
 
 X0 = torch.tensor([[0.7, -1.3]], dtype=torch.float64)
@@ -54,7 +54,8 @@ def test_meanflow_data_oracle_loss_zero_for_every_r():
 
 def test_tvm_data_oracle_loss_zero_and_target_wrapped():
     obj = TerminalVelocityMatching(gap_sampler={"kind": "uniform", "high": 0.5},
-                                   terminal_sampler={"kind": "uniform", "low": 0.2}, prediction="data")
+                                   terminal_sampler={"kind": "uniform", "low": 0.2},
+                                   fm_sampler={"kind": "uniform", "low": 0.1}, prediction="data")   # t >= data_t_min
     gen = Generator(DataOracle(X0), obj, shape=(2,))
     assert isinstance(gen.aux["tvm_target"], DataPrediction)      # the EMA target converts too
     assert gen.compute_loss(point_batch()).loss.abs().max() < 1e-24
@@ -84,7 +85,7 @@ def test_ddpm_data_prediction_recovers_eps_and_lands_on_data():
     assert checked > 90
     gen = Generator(DataOracle(X0), obj, shape=(2,))
     for sampler in ("ddim", "ddpm"):
-        out = obj.sample(gen, torch.randn(8, 2, dtype=torch.float64), None, steps=1, sampler=sampler)
+        out = obj.sample(gen, torch.randn(8, 2, dtype=torch.float64), None, Inference(steps=1, sampler=sampler))
         assert torch.allclose(out, x, atol=1e-10)
 
 

@@ -197,7 +197,7 @@ def iter_n(it, k):
 def test_cli_help_and_cfg_job():
     out = cli("--help", timeout=120)
     assert out.returncode == 0 and "jumpflow-train" in out.stdout and "objective:" in out.stdout
-    out = cli("--cfg", "job", "objective=meanflow", "experiment=toy2d_meanflow", timeout=120)
+    out = cli("--cfg", "job", "objective=meanflow", "experiment=toy2d", timeout=120)
     assert out.returncode == 0, out.stderr
     assert "jumpflow.objectives.MeanFlow" in out.stdout and "max_steps: 20000" in out.stdout
 

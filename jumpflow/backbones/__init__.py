@@ -26,6 +26,7 @@ from jumpflow.backbones.dit import DiT, DiT_models
 from jumpflow.backbones.embeddings import TimeCondEmbedder
 from jumpflow.backbones.mlp import MLP
 from jumpflow.backbones.unet import UNet, UNet1D, UNet2D, UNet_models
+from jumpflow.errors import ConfigError
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     **DiT_models,
@@ -38,9 +39,9 @@ def _as_shape(shape) -> tuple[int, ...]:
     try:
         out = tuple(int(s) for s in shape)
     except TypeError as err:
-        raise ValueError(f"shape: must be a sequence of ints, got {shape!r}") from err
+        raise ConfigError("shape", f"must be a sequence of ints, got {shape!r}") from err
     if not out or any(s < 1 for s in out):
-        raise ValueError(f"shape: must be non-empty positive ints, got {shape!r}")
+        raise ConfigError("shape", f"must be non-empty positive ints, got {shape!r}")
     return out
 
 
@@ -55,8 +56,21 @@ def build_backbone(name: str, shape, cond_dim: int = 0, **overrides) -> nn.Modul
         **overrides: constructor arguments replacing the registered ones.
     """
     if name not in BACKBONES:
-        raise ValueError(f"name: unknown backbone {name!r}; registered: {sorted(BACKBONES)}")
+        raise ConfigError("name", f"unknown backbone {name!r}; registered: {sorted(BACKBONES)}")
     return BACKBONES[name](shape=_as_shape(shape), cond_dim=int(cond_dim), **overrides)
+
+
+def build_family(family: str, size: str | None, shape, cond_dim: int = 0, **overrides) -> nn.Module:
+    """``build_backbone(f"{family}-{size}", ...)`` (``size=None``: the family has one size, e.g.
+    ``MLP``): one config file per family, the size a value (``backbone=dit backbone.size=XL/2``)."""
+    name = family if size in (None, "") else f"{family}-{size}"
+    if name not in BACKBONES:
+        sizes = sorted(n[len(family) + 1:] for n in BACKBONES if n.startswith(f"{family}-"))
+        if sizes or family in BACKBONES:
+            raise ConfigError("size", f"{family} has no size {size!r}; valid: {', '.join(sizes) or 'null'}")
+        families = sorted({n.split("-")[0] for n in BACKBONES})
+        raise ConfigError("family", f"unknown backbone family {family!r}; valid: {', '.join(families)}")
+    return build_backbone(name, shape, cond_dim, **overrides)
 
 
 def count_params(name: str, shape, cond_dim: int = 0, **overrides) -> int:
@@ -76,5 +90,6 @@ __all__ = [
     "UNet1D",
     "UNet2D",
     "build_backbone",
+    "build_family",
     "count_params",
 ]

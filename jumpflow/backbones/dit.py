@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from jumpflow.backbones.embeddings import TimeCondEmbedder
 from jumpflow.backbones.layers import ATTENTION_MODES, LayerNorm, Linear, attention, has_forward_grad  # noqa: F401
+from jumpflow.errors import ConfigError
 
 NORMS = ("layernorm", "rmsnorm")
 
@@ -48,7 +49,7 @@ NORMS = ("layernorm", "rmsnorm")
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     """``positions: (N,)`` -> ``(N, dim)`` of ``[sin, cos]`` at geometric frequencies."""
     if dim % 2:
-        raise ValueError(f"hidden_size: sin-cos position embedding needs an even width, got {dim}")
+        raise ConfigError("hidden_size", f"sin-cos position embedding needs an even width, got {dim}")
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
     args = positions.reshape(-1).astype(np.float64)[:, None] * omega[None]
     return np.concatenate([np.sin(args), np.cos(args)], axis=1)
@@ -57,7 +58,7 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
 def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     """``(grid_h * grid_w, dim)``: half the width encodes rows, half columns (row-major)."""
     if dim % 4:
-        raise ValueError(f"hidden_size: 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
+        raise ConfigError("hidden_size", f"2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
     rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
     return np.concatenate([sincos_1d(dim // 2, rows), sincos_1d(dim // 2, cols)], axis=1)
 
@@ -83,7 +84,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, qk_norm: bool = False, attn: str = "auto"):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"num_heads: hidden_size {dim} must be divisible by num_heads {heads}")
+            raise ConfigError("num_heads", f"hidden_size {dim} must be divisible by num_heads {heads}")
         self.heads, self.attn = heads, attn
         self.qkv = Linear(dim, 3 * dim)
         self.proj = Linear(dim, dim)
@@ -187,25 +188,25 @@ class DiT(nn.Module):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) not in (2, 3):
-            raise ValueError(f"shape: DiT takes (C, H, W) or (T, A) shapes, got {self.shape}")
+            raise ConfigError("shape", f"DiT takes (C, H, W) or (T, A) shapes, got {self.shape}")
         if norm not in NORMS:
-            raise ValueError(f"norm: must be one of {NORMS}, got {norm!r}")
+            raise ConfigError("norm", f"must be one of {NORMS}, got {norm!r}")
         if attn not in ATTENTION_MODES:
-            raise ValueError(f"attn: must be one of {ATTENTION_MODES}, got {attn!r}")
+            raise ConfigError("attn", f"must be one of {ATTENTION_MODES}, got {attn!r}")
         if pos_embed not in ("sincos", "learned"):
-            raise ValueError(f"pos_embed: must be 'sincos' or 'learned', got {pos_embed!r}")
+            raise ConfigError("pos_embed", f"must be 'sincos' or 'learned', got {pos_embed!r}")
         p = self.patch_size = int(patch_size)
         self.dims = len(self.shape) - 1
         if self.dims == 2:
             c, hh, ww = self.shape
             if hh % p or ww % p:
-                raise ValueError(f"patch_size: {p} must divide the image size {hh}x{ww} (shape={self.shape})")
+                raise ConfigError("patch_size", f"{p} must divide the image size {hh}x{ww} (shape={self.shape})")
             self.grid = (hh // p, ww // p)
             self.token_dim = c * p * p
         else:
             steps, a = self.shape
             if steps % p:
-                raise ValueError(f"patch_size: {p} must divide the horizon {steps} (shape={self.shape})")
+                raise ConfigError("patch_size", f"{p} must divide the horizon {steps} (shape={self.shape})")
             self.grid = (steps // p,)
             self.token_dim = a * p
         self.num_tokens = math.prod(self.grid)
@@ -246,7 +247,7 @@ class DiT(nn.Module):
     def set_attention(self, mode: str) -> DiT:
         """Switch every block to attention path ``mode`` (``auto`` / ``fused`` / ``math``)."""
         if mode not in ATTENTION_MODES:
-            raise ValueError(f"attn: must be one of {ATTENTION_MODES}, got {mode!r}")
+            raise ConfigError("attn", f"must be one of {ATTENTION_MODES}, got {mode!r}")
         for block in self.blocks:
             block.attn.attn = mode
         return self

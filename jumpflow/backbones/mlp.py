@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from jumpflow.backbones.embeddings import TimeCondEmbedder
 from jumpflow.backbones.layers import LayerNorm
+from jumpflow.errors import ConfigError
 
 
 class ResidualFiLMBlock(nn.Module):
@@ -42,6 +43,12 @@ class MLP(nn.Module):
 
     def __init__(self, shape, width: int = 256, depth: int = 4, cond_dim: int = 0):
         super().__init__()
+        if int(width) < 1:
+            raise ConfigError("width", f"must be >= 1, got {width}")
+        if int(depth) < 0:
+            raise ConfigError("depth", f"must be >= 0, got {depth}")
+        if int(cond_dim) < 0:
+            raise ConfigError("cond_dim", f"must be >= 0, got {cond_dim}")
         self.shape = tuple(int(s) for s in shape)
         self.in_dim = math.prod(self.shape)
         self.feature_dim = width

@@ -37,6 +37,7 @@ from jumpflow.backbones.layers import (
     Linear,
     attention,
 )
+from jumpflow.errors import ConfigError
 
 
 def _groups(channels: int, max_groups: int) -> int:
@@ -93,14 +94,14 @@ class UNet1D(nn.Module):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) != 2:
-            raise ValueError(f"shape: UNet1D takes (horizon, action_dim) shapes, got {self.shape}")
+            raise ConfigError("shape", f"UNet1D takes (horizon, action_dim) shapes, got {self.shape}")
         down_dims = tuple(int(d) for d in down_dims)
         if not down_dims:
-            raise ValueError("down_dims: must name at least one width")
+            raise ConfigError("down_dims", "must name at least one width")
         horizon, action_dim = self.shape
         factor = 2 ** (len(down_dims) - 1)
         if horizon % factor:
-            raise ValueError(f"horizon: the horizon {horizon} must be divisible by 2**(len(down_dims)-1) = {factor} "
+            raise ConfigError("horizon", f"the horizon {horizon} must be divisible by 2**(len(down_dims)-1) = {factor} "
                              f"(down_dims={down_dims}); pad the chunk or use fewer levels")
         self.down_dims, self.feature_dim = down_dims, down_dims[0]
         self.embed = TimeCondEmbedder(emb_dim, cond_dim)
@@ -240,14 +241,14 @@ class UNet2D(nn.Module):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) != 3:
-            raise ValueError(f"shape: UNet2D takes (C, H, W) shapes, got {self.shape}")
+            raise ConfigError("shape", f"UNet2D takes (C, H, W) shapes, got {self.shape}")
         if attn not in ATTENTION_MODES:
-            raise ValueError(f"attn: must be one of {ATTENTION_MODES}, got {attn!r}")
+            raise ConfigError("attn", f"must be one of {ATTENTION_MODES}, got {attn!r}")
         c, hh, ww = self.shape
         channel_mult = tuple(int(m) for m in channel_mult)
         factor = 2 ** (len(channel_mult) - 1)
         if hh % factor or ww % factor:
-            raise ValueError(f"shape: image size {hh}x{ww} must be divisible by 2**(len(channel_mult)-1) = {factor}")
+            raise ConfigError("shape", f"image size {hh}x{ww} must be divisible by 2**(len(channel_mult)-1) = {factor}")
         attention_ds = {int(d) for d in attention_ds}
         emb_dim = 4 * model_channels
         self.feature_dim = model_channels
@@ -287,7 +288,7 @@ class UNet2D(nn.Module):
 
     def set_attention(self, mode: str) -> UNet2D:
         if mode not in ATTENTION_MODES:
-            raise ValueError(f"attn: must be one of {ATTENTION_MODES}, got {mode!r}")
+            raise ConfigError("attn", f"must be one of {ATTENTION_MODES}, got {mode!r}")
         for m in self.modules():
             if isinstance(m, AttnBlock2D):
                 m.attn = mode
@@ -333,7 +334,7 @@ def UNet(shape, dims: int | None = None, **kwargs) -> nn.Module:
         return UNet1D(shape, **kwargs)
     if dims == 2:
         return UNet2D(shape, **kwargs)
-    raise ValueError(f"dims: must be 1 or 2, got {dims}")
+    raise ConfigError("dims", f"must be 1 or 2, got {dims}")
 
 
 UNet_models = {

@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from jumpflow.checkpoint import CheckpointError, atomic_write_text, load_model, resolve_checkpoint
+    from jumpflow.checkpoint import CheckpointError, load_model, resolve_checkpoint
+    from jumpflow.io import atomic_write_text
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
         print(f"jumpflow-eval: error: {ckpt} is not a policy checkpoint (task {type(task).__name__})", file=sys.stderr)
         return 2
     if args.nfe is not None or args.sampler is not None:
-        model.set_inference(args.nfe if args.nfe is not None else model.inference_steps, args.sampler)
+        model.set_inference({"steps": args.nfe if args.nfe is not None else model.inference_steps,
+                             "sampler": args.sampler})
     if args.temporal_ensemble is not None:
         model.temporal_ensemble = args.temporal_ensemble
     if args.envs is not None:

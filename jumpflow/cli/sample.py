@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jumpflow.checkpoint import atomic_write, atomic_write_text
+from jumpflow.io import atomic_write, atomic_write_text
 
 
 def _atomic_savez(path: Path, **arrays) -> None:

@@ -1,7 +1,7 @@
 """``jumpflow-train``: the hydra entry point of the one training loop.
 
     jumpflow-train objective=meanflow task=toy2d trainer.max_steps=2000 logger=none
-    jumpflow-train experiment=toy2d_meanflow hydra.run.dir=runs/mf
+    jumpflow-train experiment=toy2d objective=meanflow hydra.run.dir=runs/mf
     jumpflow-train hydra.run.dir=runs/mf resume=true
     jumpflow-train -m objective=flow_matching,meanflow seed=0,1
     jumpflow-train --help | --cfg job

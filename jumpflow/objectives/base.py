@@ -4,6 +4,7 @@ the jump (Euler / Heun) sampler, hyper-parameter checks and the JVP context."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -11,6 +12,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from jumpflow.errors import ConfigError
 from jumpflow.timeconv import expand_like, time_grid
 
 
@@ -71,9 +73,58 @@ class DataPrediction(nn.Module):
 
 
 def require(ok: bool, name: str, message: str) -> None:
-    """Raise ``ValueError`` naming the hyper-parameter ``name`` when ``ok`` is false."""
+    """Raise :class:`~jumpflow.errors.ConfigError` (a ``ValueError``) naming the hyper-parameter
+    ``name`` when ``ok`` is false."""
     if not ok:
-        raise ValueError(f"{name}: {message}")
+        raise ConfigError(name, message)
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How to sample, passed to ``Objective.sample`` as a value (an objective is never changed
+    to sample differently). ``None`` fields take the objective's defaults (its config's
+    ``inference`` entry).
+
+    Attributes:
+        steps: network evaluations (NFE) of one sample, or transitions / jumps where a method
+            counts them so.
+        sampler: a method-specific solver name (Flow Matching: ``euler`` | ``heun``; DDPM:
+            ``ddpm`` | ``ddim``), ``None`` for methods with one sampler.
+        guidance: guidance scale (classifier-free by two evaluations, or the scale given to a
+            generator trained with a sampled scale); 1.0 is none.
+    """
+
+    steps: int | None = None
+    sampler: str | None = None
+    guidance: float | None = None
+
+    def __post_init__(self):
+        if self.steps is not None:
+            require(isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1,
+                    "inference.steps", f"must be an integer >= 1, got {self.steps!r}")
+        if self.guidance is not None:
+            require(math.isfinite(float(self.guidance)) and float(self.guidance) >= 0.0, "inference.guidance",
+                    f"must be a finite number >= 0, got {self.guidance!r}")
+
+    @staticmethod
+    def of(value: Inference | int | dict | None) -> Inference:
+        """An ``Inference`` from itself, an NFE (``int``), a dict of its fields, or ``None``."""
+        if value is None:
+            return Inference()
+        if isinstance(value, Inference):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"steps", "sampler", "guidance"})
+            require(not unknown, "inference", f"unknown keys {unknown}; valid: steps, sampler, guidance")
+            return Inference(**value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return Inference(steps=value)
+        raise ConfigError("inference", f"must be an Inference, an int (steps) or a dict, got {value!r}")
+
+    def over(self, default: Inference) -> Inference:
+        """``self`` with its ``None`` fields filled from ``default``."""
+        return Inference(*(getattr(default, f) if getattr(self, f) is None else getattr(self, f)
+                           for f in ("steps", "sampler", "guidance")))
 
 
 class TimeSampler:
@@ -170,7 +221,9 @@ class Objective:
     """Base of every objective. Holds hyper-parameters, never the network.
 
     Subclasses implement ``loss(net, x, cond) -> LossOutput`` and
-    ``sample(net, noise, cond, steps=1) -> Tensor``; they may offer
+    ``sample(net, noise, cond, inference=None) -> Tensor`` (``inference``: an
+    :class:`Inference`, or an ``int`` NFE; ``None`` fields take ``self.inference``, the defaults
+    set once at construction from the config's ``inference`` entry); they may offer
     ``extra_modules(backbone)`` (modules the objective needs inside the generator: a
     head, an EMA target, a frozen feature map) and ``on_step_end(net)`` (called by the
     trainer after each optimiser step).
@@ -179,14 +232,39 @@ class Objective:
     name: str = "objective"
     #: the objective differentiates through the net with forward-mode AD
     uses_jvp: bool = False
-    #: default number of network evaluations for one sample
-    default_steps: int = 1
+    #: the method can apply a guidance scale chosen at sampling (two-evaluation CFG or an input)
+    guidance_at_sampling: bool = False
+    #: valid ``Inference.sampler`` names (empty: one sampler, ``sampler`` must be ``None``)
+    samplers: tuple[str, ...] = ()
+    #: inference defaults; set by ``set_inference_defaults`` in the constructor, never after
+    inference: Inference = Inference(steps=1, guidance=1.0)
 
     def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def sample(self, net, noise: Tensor, cond: Tensor | None, steps: int = 1) -> Tensor:  # pragma: no cover
+    def sample(self, net, noise: Tensor, cond: Tensor | None,
+               inference: Inference | int | None = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def set_inference_defaults(self, given: dict | Inference | None, steps: int = 1,
+                               sampler: str | None = None, guidance: float = 1.0) -> None:
+        """Constructor helper: the config's ``inference`` entry over the method's own defaults."""
+        self.inference = self.resolve(Inference.of(given).over(Inference(steps, sampler, guidance)), defaults=False)
+
+    def resolve(self, inference: Inference | int | dict | None, defaults: bool = True) -> Inference:
+        """Complete ``inference`` from the defaults and check it against this method."""
+        inf = Inference.of(inference)
+        if defaults:
+            inf = inf.over(self.inference)
+        if self.samplers:
+            require(inf.sampler in self.samplers, "inference.sampler",
+                    f"must be one of {', '.join(self.samplers)} for {self.name}, got {inf.sampler!r}")
+        else:
+            require(inf.sampler is None, "inference.sampler", f"{self.name} has one sampler; got {inf.sampler!r}")
+        if not self.guidance_at_sampling:
+            require(inf.guidance in (None, 1.0), "inference.guidance",
+                    f"{self.name} takes no guidance scale at sampling; got {inf.guidance!r}")
+        return inf
 
     #: what the backbone outputs: ``"native"`` (the objective's own target: a velocity, an
     #: average velocity, DDPM's noise, Drifting's sample) or ``"data"`` (a clean-data estimate

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from jumpflow.objectives.base import LossOutput, Objective, drop_condition, per_sample_mse, require
+from jumpflow.objectives.base import Inference, LossOutput, Objective, drop_condition, per_sample_mse, require
 from jumpflow.timeconv import expand_like
 
 
@@ -36,43 +36,72 @@ class DDPM(Objective):
     ("trailing" spacing, Lin et al. 2024: the first step always starts from the noisiest
     step ``K - 1``; Diffusion Policy's "leading" spacing would start DDIM-10 at ``k = 90``
     and DDPM-1 at ``k = 0``) and, between consecutive ``k -> k'``:
-    ``sampler="ddpm"``: the posterior ``q(x_k' | x_k, x0_hat)`` (ancestral);
-    ``sampler="ddim"``: the deterministic DDIM update (eta = 0)
+    ``inference.sampler="ddpm"``: the posterior ``q(x_k' | x_k, x0_hat)`` (ancestral);
+    ``inference.sampler="ddim"``: the deterministic DDIM update (eta = 0)
     ``x_k' = sqrt(abar_k') x0_hat + sqrt(1 - abar_k') eps_hat``.
+
+    ``dp_exact=True`` switches to Diffusion Policy's exact choices (diffusers' ``DDPMScheduler``
+    / ``DDIMScheduler`` as DP configures them), for a like-for-like baseline:
+
+    - *leading* timestep spacing, ``k_i = (S - 1 - i) * (K // S)`` (diffusers' ``set_timesteps``,
+      ``steps_offset = 0``): sampling starts at ``(S - 1) * (K // S)``, not at ``K - 1``
+      (DDIM-10 at ``k = 90``; DDPM-1 / DDIM-1 at ``k = 0``, i.e. one denoising step from pure
+      noise evaluated as if it were almost clean), and always ends at ``k = 0``;
+    - DDIM moves along the *unclipped* ``eps_hat`` (the net's output): clipping changes
+      ``x0_hat`` only, where the default re-derives ``eps_hat`` from the clipped ``x0_hat`` so
+      that the update stays on the line through ``x_k`` and ``x0_hat``;
+    - the net's time input is the integer timestep ``k`` itself (``0..K-1``, as DP's
+      ``SinusoidalPosEmb`` sees it), not ``(k + 1) / K``; a checkpoint trained one way must be
+      sampled the same way.
+
+    The ancestral DDPM update is the same in both (its ``x0_hat`` is clipped in both, and it
+    uses no ``eps_hat`` after clipping).
 
     Shapes: ``x, eps: (B, *shape)``; ``cond: (B, C)`` or ``None``.
 
     Args:
         num_train_steps: K (Diffusion Policy: 100).
-        sampler: ``"ddpm"`` or ``"ddim"``.
         clip_sample: clamp ``x0_hat`` to ``[-clip_sample, clip_sample]`` (DP: 1.0; None: off).
-        class_drop_prob, guidance: classifier-free guidance.
+        class_drop_prob: classifier-free guidance training.
         prediction: ``"native"`` (the backbone outputs the noise eps; Diffusion Policy's prediction_type) or ``"data"`` (it outputs a
             clean-data estimate, converted by ``from_data_prediction``; the loss is unchanged).
+        dp_exact: Diffusion Policy's exact spacing, DDIM update and time input (above).
     """
 
     name = "ddpm"
-    default_steps = 100
+    samplers = ("ddpm", "ddim")
+    guidance_at_sampling = True
 
-    def __init__(self, num_train_steps: int = 100, sampler: str = "ddpm", clip_sample: float | None = 1.0,
-                 class_drop_prob: float = 0.0, guidance: float = 1.0, prediction: str = "native"):
+    def __init__(self, num_train_steps: int = 100, clip_sample: float | None = 1.0,
+                 class_drop_prob: float = 0.0, prediction: str = "native", dp_exact: bool = False,
+                 inference: dict | None = None):
         self.set_prediction(prediction)
         require(num_train_steps >= 1, "num_train_steps", f"must be >= 1, got {num_train_steps}")
-        require(sampler in ("ddpm", "ddim"), "sampler", f"must be 'ddpm' or 'ddim', got {sampler!r}")
         require(clip_sample is None or clip_sample > 0, "clip_sample", f"must be > 0 or None, got {clip_sample}")
         require(0.0 <= class_drop_prob < 1.0, "class_drop_prob", f"must be in [0, 1), got {class_drop_prob}")
-        self.num_train_steps, self.sampler, self.clip_sample = num_train_steps, sampler, clip_sample
-        self.class_drop_prob, self.guidance = class_drop_prob, guidance
+        self.num_train_steps, self.clip_sample = num_train_steps, clip_sample
+        self.class_drop_prob = class_drop_prob
+        require(isinstance(dp_exact, bool), "dp_exact", f"must be true or false, got {dp_exact!r}")
+        self.dp_exact = dp_exact
         self.alphas_cumprod = squared_cosine_alphas_cumprod(num_train_steps)   # (K,) float64
-        self.default_steps = num_train_steps
+        self.set_inference_defaults(inference, steps=num_train_steps, sampler="ddpm")
 
     def net_time(self, k: Tensor) -> Tensor:
+        """The net's time input at training index ``k``: ``(k + 1) / K``, or ``k`` with ``dp_exact``."""
+        if self.dp_exact:
+            return k.double()
         return (k.double() + 1) / self.num_train_steps
+
+    def train_index(self, t: Tensor) -> Tensor:
+        """Inverse of ``net_time``: the training index ``k`` of a net time ``t`` (long, ``(B,)``)."""
+        if self.dp_exact:
+            return t.double().round().long().clamp(0, self.num_train_steps - 1)
+        return (t.double() * self.num_train_steps).round().long().clamp(1, self.num_train_steps) - 1
 
     def from_data_prediction(self, z: Tensor, t: Tensor, x_hat: Tensor) -> Tensor:
         """``eps = (x_k - sqrt(abar_k) x_hat) / sqrt(1 - abar_k)`` at the ``k`` of ``t = (k + 1) / K``
         (Diffusion Policy's ``prediction_type="sample"``, converted so the loss stays on eps)."""
-        k = (t.double() * self.num_train_steps).round().long().clamp(1, self.num_train_steps) - 1   # (B,)
+        k = self.train_index(t)                                                   # (B,)
         abar = self.alphas_cumprod.to(z.device)[k].to(z.dtype)                    # (B,)
         sigma = (1 - abar).sqrt().clamp_min(self.data_t_min)                       # (B,)
         return (z - expand_like(abar.sqrt(), z) * x_hat) / expand_like(sigma, z)
@@ -90,17 +119,20 @@ class DDPM(Objective):
         return LossOutput(loss, {"mse": loss.mean().item()})
 
     def timesteps(self, steps: int) -> list[int]:
-        """Descending training indices used by an ``steps``-step sampler."""
+        """Descending training indices used by an ``steps``-step sampler: trailing spacing, or
+        with ``dp_exact`` diffusers' leading spacing ``(arange(S) * (K // S))[::-1]``."""
         require(1 <= steps <= self.num_train_steps, "steps",
                 f"must be in [1, {self.num_train_steps}], got {steps}")
         k = self.num_train_steps
+        if self.dp_exact:
+            return [i * (k // steps) for i in range(steps)][::-1]
         return sorted({int(round(k - i * k / steps)) - 1 for i in range(steps)}, reverse=True)
 
     @torch.no_grad()
-    def sample(self, net, noise: Tensor, cond: Tensor | None, steps: int = 100,
-               sampler: str | None = None) -> Tensor:
-        sampler = sampler or self.sampler
-        fn = self.guided(net, cond, self.guidance)
+    def sample(self, net, noise: Tensor, cond: Tensor | None, inference: Inference | int | None = None) -> Tensor:
+        inf = self.resolve(inference)
+        steps, sampler = inf.steps, inf.sampler
+        fn = self.guided(net, cond, inf.guidance)
         abars = self.alphas_cumprod.to(noise.device)
         ks = self.timesteps(steps)
         x = noise
@@ -114,7 +146,8 @@ class DDPM(Objective):
             x0 = (x - (1 - abar).sqrt() * eps_hat) / abar.sqrt()                    # (B, *shape)
             if self.clip_sample is not None:
                 x0 = x0.clamp(-self.clip_sample, self.clip_sample)
-                eps_hat = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+                if not self.dp_exact:                                               # DP: DDIM keeps the net's eps
+                    eps_hat = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
             if sampler == "ddim":
                 x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps_hat
             else:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from jumpflow.objectives.base import (
+    Inference,
     LossOutput,
     Objective,
     TimeSampler,
@@ -32,26 +33,25 @@ class FlowMatching(Objective):
 
     Args:
         time_sampler: ``TimeSampler`` kwargs (kind, mean, std).
-        solver: ``"euler"`` or ``"heun"``.
         class_drop_prob: probability of training with the null condition (for CFG).
         prediction: ``"native"`` (the backbone outputs the velocity) or ``"data"`` (it outputs a
             clean-data estimate, converted by ``from_data_prediction``; the loss is unchanged).
         data_t_min: floor on ``t`` in ``(z - x_hat) / t``.
-        guidance: classifier-free guidance scale used by ``sample``.
+        inference: defaults of ``sample``: ``steps`` (100), ``sampler`` (``euler`` | ``heun``),
+            ``guidance`` (classifier-free scale, 1.0: none).
     """
 
     name = "flow_matching"
-    default_steps = 100
+    samplers = ("euler", "heun")
+    guidance_at_sampling = True
 
-    def __init__(self, time_sampler: dict | None = None, solver: str = "euler",
-                 class_drop_prob: float = 0.0, guidance: float = 1.0, prediction: str = "native",
-                 data_t_min: float = 0.05):
+    def __init__(self, time_sampler: dict | None = None, class_drop_prob: float = 0.0,
+                 prediction: str = "native", data_t_min: float = 0.05, inference: dict | None = None):
         self.set_prediction(prediction, data_t_min)
         self.time_sampler = TimeSampler(**(time_sampler or {"kind": "logit_normal"}), name="time_sampler")
-        require(solver in ("euler", "heun"), "solver", f"must be 'euler' or 'heun', got {solver!r}")
         require(0.0 <= class_drop_prob < 1.0, "class_drop_prob", f"must be in [0, 1), got {class_drop_prob}")
-        require(guidance >= 0.0, "guidance", f"must be >= 0, got {guidance}")
-        self.solver, self.class_drop_prob, self.guidance = solver, class_drop_prob, guidance
+        self.class_drop_prob = class_drop_prob
+        self.set_inference_defaults(inference, steps=100, sampler="euler")
 
     def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:
         eps = torch.randn_like(x)                                   # (B, *shape)
@@ -63,6 +63,7 @@ class FlowMatching(Objective):
         return LossOutput(loss, {"mse": loss.mean().item()})
 
     @torch.no_grad()
-    def sample(self, net, noise: Tensor, cond: Tensor | None, steps: int = 1) -> Tensor:
-        fn = self.guided(net, cond, self.guidance)
-        return jump_sample(fn, noise, steps, average=False, solver=self.solver)
+    def sample(self, net, noise: Tensor, cond: Tensor | None, inference: Inference | int | None = None) -> Tensor:
+        inf = self.resolve(inference)
+        fn = self.guided(net, cond, inf.guidance)
+        return jump_sample(fn, noise, inf.steps, average=False, solver=inf.sampler)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jumpflow.objectives.base import LossOutput, Objective, TimeSampler, jump_sample, jvp_context, require
+from jumpflow.objectives.base import Inference, LossOutput, Objective, TimeSampler, jump_sample, jvp_context, require
 from jumpflow.timeconv import expand_like, interpolate, velocity
 
 TANGENTS = ("v_0_1", "v_0_0", "v_1_0", "v_1_1")
@@ -20,7 +20,7 @@ class MeanFlow(Objective):
     ``time_embedding="t_r"``). The MeanFlow identity (paper eq. 6) gives the target::
 
         u_tgt = v - (t - r) * du/dt,    du/dt = v * d_z u + d_t u          (eq. 8)
-        L = w * || u_theta(z_t, r, t) - sg(u_tgt) ||^2,  w = 1 / sg(||err||^2 + c)^p
+        L = w * mean_d (u_theta(z_t, r, t) - sg(u_tgt))^2,  w = 1 / sg(||err||^2 + c)^p
 
     ``du/dt`` is one ``torch.func.jvp`` of ``u_theta`` along the tangent ``(v, 0, 1)`` for
     ``(z, r, t)``. With guidance folded into training (paper eq. 13-19)::
@@ -39,12 +39,19 @@ class MeanFlow(Objective):
         tangent: JVP tangent for ``(z, r, t)``: ``"v_0_1"`` (correct), others for ablation.
         time_embedding: ``"t_h"`` embeds ``(t, t - r)``, ``"t_r"`` embeds ``(t, r)``.
         adaptive_p, adaptive_c: adaptive loss weight power and constant.
+        adaptive_reduce: ``||err||^2`` inside the weight is the ``"sum"`` over dimensions (as both
+            official codes compute it; Gsunshine/meanflow sums over pixels) or the
+            ``"mean"`` (the earlier behaviour; with ``D`` dimensions it acts as ``c * D`` on the
+            sum). The per-sample loss stays mean-scale: ``w * mean_d err^2`` (the official
+            ``w * sum_d err^2`` divided by ``D``, a constant factor).
         omega, kappa: guidance mixing (``omega = 1, kappa = 0``: no guidance).
         guidance_interval: ``(t_lo, t_hi)`` in which guidance applies.
         class_drop_prob: probability of training with the null condition.
         prediction: ``"native"`` (the backbone outputs the average velocity; pixel MeanFlow's choice is data) or ``"data"`` (it outputs a
             clean-data estimate, converted by ``from_data_prediction``; the loss is unchanged).
         data_t_min: floor on ``t`` in ``(z - x_hat) / t``.
+        inference: defaults of ``sample`` (``steps``: 1; guidance is folded into training, so
+            ``guidance`` must stay 1.0).
     """
 
     name = "meanflow"
@@ -52,10 +59,11 @@ class MeanFlow(Objective):
 
     def __init__(self, time_sampler: dict | None = None, ratio_r_neq_t: float = 0.25,
                  tangent: str = "v_0_1", time_embedding: str = "t_h", adaptive_p: float = 1.0,
-                 adaptive_c: float = 1e-2, omega: float = 1.0, kappa: float = 0.0,
+                 adaptive_c: float = 1e-2, adaptive_reduce: str = "sum", omega: float = 1.0, kappa: float = 0.0,
                  guidance_interval: tuple[float, float] = (0.0, 1.0), class_drop_prob: float = 0.0,
-                 prediction: str = "native", data_t_min: float = 0.05):
+                 prediction: str = "native", data_t_min: float = 0.05, inference: dict | None = None):
         self.set_prediction(prediction, data_t_min)
+        self.set_inference_defaults(inference, steps=1)
         self.time_sampler = TimeSampler(**(time_sampler or {"kind": "logit_normal", "mean": -0.4, "std": 1.0}),
                                         name="time_sampler")
         require(0.0 <= ratio_r_neq_t <= 1.0, "ratio_r_neq_t", f"must be in [0, 1], got {ratio_r_neq_t}")
@@ -63,6 +71,8 @@ class MeanFlow(Objective):
         require(time_embedding in ("t_h", "t_r"), "time_embedding", f"must be 't_h' or 't_r', got {time_embedding!r}")
         require(adaptive_p >= 0, "adaptive_p", f"must be >= 0, got {adaptive_p}")
         require(adaptive_c > 0, "adaptive_c", f"must be > 0, got {adaptive_c}")
+        require(adaptive_reduce in ("sum", "mean"), "adaptive_reduce",
+                f"must be 'sum' or 'mean', got {adaptive_reduce!r}")
         require(omega > 0, "omega", f"must be > 0, got {omega}")
         # 1 - omega - kappa may be negative: that is the extrapolation of classifier-free
         # guidance (effective scale omega / (1 - kappa); the paper's B/2 uses 1 and 0.5)
@@ -71,7 +81,7 @@ class MeanFlow(Objective):
         require(0.0 <= lo < hi <= 1.0, "guidance_interval", f"need 0 <= lo < hi <= 1, got {guidance_interval}")
         require(0.0 <= class_drop_prob < 1.0, "class_drop_prob", f"must be in [0, 1), got {class_drop_prob}")
         self.ratio_r_neq_t, self.tangent, self.time_embedding = ratio_r_neq_t, tangent, time_embedding
-        self.adaptive_p, self.adaptive_c = adaptive_p, adaptive_c
+        self.adaptive_p, self.adaptive_c, self.adaptive_reduce = adaptive_p, adaptive_c, adaptive_reduce
         self.omega, self.kappa, self.guidance_interval = omega, kappa, (float(lo), float(hi))
         self.class_drop_prob = class_drop_prob
 
@@ -104,10 +114,17 @@ class MeanFlow(Objective):
             v = self._guided_velocity(net, z, t, v, cond, dropped)
 
         u, u_tgt = self.prediction_and_target(net, z, r, t, v, cond)   # (B, *shape) each
-        sq = (u - u_tgt).pow(2).flatten(1).mean(1)                  # (B,)
-        weight = (sq.detach() + self.adaptive_c).pow(-self.adaptive_p)
-        loss = weight * sq                                          # (B,)
+        err = u - u_tgt                                             # (B, *shape)
+        sq = err.pow(2).flatten(1).mean(1)                          # (B,)
+        loss = self.adaptive_weight(err) * sq                       # (B,)
         return LossOutput(loss, {"mse": sq.mean().item(), "frac_r_neq_t": (r != t).float().mean().item()})
+
+    def adaptive_weight(self, err: Tensor) -> Tensor:
+        """``w = 1 / sg(||err||^2 + c)^p`` per sample, ``||err||^2`` summed (or averaged, with
+        ``adaptive_reduce="mean"``) over the non-batch dims. ``err: (B, *shape) -> (B,)``."""
+        sq = err.detach().pow(2).flatten(1)
+        sq = sq.sum(1) if self.adaptive_reduce == "sum" else sq.mean(1)
+        return (sq + self.adaptive_c).pow(-self.adaptive_p)
 
     def prediction_and_target(self, net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Tensor | None):
         """``u_theta(z, r, t)`` and ``sg(u_tgt) = sg(v - (t - r) du/dt)`` (paper eq. 10) by one JVP."""
@@ -141,7 +158,8 @@ class MeanFlow(Objective):
         return torch.where(expand_like(apply, v), v_g, v)
 
     @torch.no_grad()
-    def sample(self, net, noise: Tensor, cond: Tensor | None, steps: int = 1) -> Tensor:
+    def sample(self, net, noise: Tensor, cond: Tensor | None, inference: Inference | int | None = None) -> Tensor:
+        steps = self.resolve(inference).steps
         if self.time_embedding == "t_h":
             fn = lambda z, t, h: net(z, t, h, cond)
         else:

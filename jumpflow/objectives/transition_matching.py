@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from jumpflow.backbones.embeddings import ScalarEmbedder
-from jumpflow.objectives.base import LossOutput, Objective, TimeSampler, require
+from jumpflow.objectives.base import Inference, LossOutput, Objective, TimeSampler, drop_condition, require
 from jumpflow.timeconv import interpolate
 
 
@@ -46,6 +46,12 @@ class TransitionMatching(Objective):
     per token. Sampling draws ``Y`` by ``inner_steps`` Euler steps of the head from ``eta``
     and chains ``steps`` stochastic transitions (backbone NFE = ``steps``).
 
+    Classifier-free guidance: ``class_drop_prob`` of the training rows see the null condition
+    (``net.null_cond``); at sampling, ``inference.guidance = w != 1`` runs the backbone on
+    ``c`` and on the null condition (one batched pass per transition, 2x backbone work) and
+    guides the head's inner velocity, ``g_w = g(phi(z_t | null)) + w (g(phi(z_t | c)) -
+    g(phi(z_t | null)))``, at every inner step (same ``Y_sigma`` and ``sigma`` in both).
+
     Shapes: ``x: (B, *shape)``; tokens ``(B, N, P)`` from ``net.tokenize``; features
     ``(B, N, F)`` from ``net(..., return_features=True)``.
 
@@ -55,13 +61,16 @@ class TransitionMatching(Objective):
         head_width, head_depth: head size.
         head_samples: ``Y`` draws per backbone pass (amortises the backbone).
         train_times: ``"discrete"`` (the T-grid) or ``"continuous"`` (``t ~ U(0, 1]``).
+        class_drop_prob: probability of training a row with the null condition (for guidance).
+        inference: defaults of ``sample``: ``steps`` (T), ``guidance`` (1.0: none).
     """
 
     name = "transition_matching"
-    default_steps = 4
+    guidance_at_sampling = True
 
     def __init__(self, transition_steps: int = 4, inner_steps: int = 8, head_width: int = 256, head_depth: int = 3,
-                 head_samples: int = 4, train_times: str = "discrete"):
+                 head_samples: int = 4, train_times: str = "discrete", class_drop_prob: float = 0.0,
+                 inference: dict | None = None):
         require(transition_steps >= 1, "transition_steps", f"must be >= 1, got {transition_steps}")
         require(inner_steps >= 1, "inner_steps", f"must be >= 1, got {inner_steps}")
         require(head_width >= 1 and head_depth >= 1, "head_width/head_depth", "must be >= 1")
@@ -71,7 +80,9 @@ class TransitionMatching(Objective):
         self.transition_steps, self.inner_steps = transition_steps, inner_steps
         self.head_width, self.head_depth, self.head_samples = head_width, head_depth, head_samples
         self.train_times = train_times
-        self.default_steps = transition_steps
+        require(0.0 <= class_drop_prob < 1.0, "class_drop_prob", f"must be in [0, 1), got {class_drop_prob}")
+        self.class_drop_prob = class_drop_prob
+        self.set_inference_defaults(inference, steps=transition_steps)
         self.inner_sampler = TimeSampler("uniform", name="inner_sampler")
 
     def extra_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
@@ -90,6 +101,7 @@ class TransitionMatching(Objective):
         else:
             t = 1.0 - torch.rand(b, device=x.device, dtype=x.dtype)            # (B,) in (0, 1]
         z_t = interpolate(x, eps, t)                                           # (B, *shape)
+        cond = drop_condition(net, cond, self.class_drop_prob)                 # (B, C) or None
         _, feats = net(z_t, t, torch.zeros_like(t), cond, return_features=True)  # (B, N, F)
         y = net.tokenize(x - eps)                                              # (B, N, P)
         s = self.head_samples
@@ -103,19 +115,30 @@ class TransitionMatching(Objective):
         return LossOutput(per, {"inner_mse": per.mean().item()})
 
     @torch.no_grad()
-    def sample(self, net, noise: Tensor, cond: Tensor | None, steps: int | None = None) -> Tensor:
-        steps = self.transition_steps if steps is None else steps
-        require(steps >= 1, "steps", f"must be >= 1, got {steps}")
+    def sample(self, net, noise: Tensor, cond: Tensor | None, inference: Inference | int | None = None) -> Tensor:
+        inf = self.resolve(inference)
+        steps, w = inf.steps, float(inf.guidance)
+        guided = cond is not None and w != 1.0
         head = net.aux["transition_head"]
         z = noise
         b = z.shape[0]
+        null = net.null_cond(cond) if guided else None                              # (B, C)
         for i in range(steps):
             t = torch.full((b,), 1.0 - i / steps, device=z.device, dtype=z.dtype)
-            _, feats = net(z, t, torch.zeros_like(t), cond, return_features=True)   # (B, N, F)
+            if guided:
+                _, feats = net(torch.cat([z, z]), torch.cat([t, t]), torch.zeros(2 * b, device=z.device, dtype=z.dtype),
+                               torch.cat([cond, null]), return_features=True)      # (2B, N, F): [c; null]
+            else:
+                _, feats = net(z, t, torch.zeros_like(t), cond, return_features=True)   # (B, N, F)
             y = torch.randn_like(net.tokenize(z))                                   # (B, N, P) at sigma = 1
             for j in range(self.inner_steps):
                 sig = 1.0 - j / self.inner_steps
                 sigma = torch.full(y.shape[:2], sig, device=z.device, dtype=z.dtype)
-                y = y - (1.0 / self.inner_steps) * head(feats, y, sigma)            # (B, N, P)
+                if guided:
+                    g_c, g_n = head(feats, torch.cat([y, y]), torch.cat([sigma, sigma])).chunk(2)
+                    g = g_n + w * (g_c - g_n)                                       # (B, N, P)
+                else:
+                    g = head(feats, y, sigma)                                       # (B, N, P)
+                y = y - (1.0 / self.inner_steps) * g                                # (B, N, P)
             z = z + net.untokenize(y) / steps                                       # (B, *shape)
         return z

@@ -1,0 +1,305 @@
+"""Shared machinery of jumpflow's own planar MuJoCo tasks (``BlockPush``, ``ReachAround``).
+
+Reference: the planar pushing setting of Implicit BC (Florence et al. 2021, "Block Push"),
+reused by Behavior Transformers and Diffusion Policy; here rebuilt in plain MuJoCo (no robot
+arm: the end effector is a cylinder whose x and y slide joints are driven by position actuators
+with velocity damping, i.e. a PD servo), so it runs without robosuite.
+
+A planar sim offers the interface :class:`jumpflow.envs.sim.RobosuiteSim` offers to the gym
+wrapper and the demo writer: ``reset(seed) -> obs``, ``step(action) -> (obs, reward, success)``,
+``is_success()``, ``get_state()``, ``reset_to(state)``, ``get_model_xml()``,
+``render(camera_name, height, width)``, ``close()``, ``action_dim``, ``task``, ``env_meta``,
+``obs_keys`` / ``image_keys``; plus ``observe()`` (the current observation without stepping),
+``success_dict()`` and ``current_mode()`` (the behaviour mode committed so far, or ``None``).
+
+Action: ``(2,)`` in ``[-1, 1]``, the desired end-effector displacement in x and y for this control
+step in units of ``max_delta`` metres (0.03 m by default, 0.3 m/s at 10 Hz): the servo target is
+``clip(effector_pos + max_delta * action)`` to the workspace. The target is recomputed from the
+current position every step, so the state holds no hidden controller set-point (no wind-up when
+the effector is blocked).
+
+State (``get_state()``, the ``states`` rows of a demo file): ``[time, qpos (nq), qvel (nv),
+task-specific entries]``; the task entries (target positions, mode bookkeeping, ...) are listed
+by each task's ``STATE_LAYOUT``. ``reset(seed)`` draws an initial state and then goes through
+``reset_to`` itself, so replaying a demo's ``actions`` from its ``states[0]`` is bitwise the same
+computation as the original episode.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import json
+import weakref
+from typing import ClassVar
+
+import numpy as np
+from jumpflow.envs.rendering import require_offscreen_rendering, select_gl_backend
+
+select_gl_backend()          # MuJoCo reads MUJOCO_GL when it is first imported
+
+import mujoco
+
+PLANAR_TYPE = "jumpflow"     # env_meta["type"] of jumpflow's own planar tasks
+OVERHEAD_IMAGE = "overhead_image"
+
+_LIVE_SIMS: weakref.WeakSet = weakref.WeakSet()
+_EXIT_HOOK = []
+
+
+def _close_live_sims() -> None:
+    for sim in list(_LIVE_SIMS):
+        sim.close()
+
+
+def _register_exit_hook() -> None:
+    """Free GL contexts before the interpreter tears EGL / OSMesa down (avoids noisy ``__del__``
+    errors). Registered after MuJoCo's GL module registered its own exit handler, so it runs first
+    (``atexit`` runs last-registered first)."""
+    if not _EXIT_HOOK:
+        atexit.register(_close_live_sims)
+        _EXIT_HOOK.append(True)
+
+
+def planar_env_meta(env_name: str, **env_kwargs) -> dict:
+    """``env_meta`` of a planar task: ``{"env_name", "type": "jumpflow", "env_version", "env_kwargs"}``."""
+    return {"env_name": env_name, "type": PLANAR_TYPE, "env_version": str(mujoco.__version__),
+            "env_kwargs": dict(env_kwargs)}
+
+
+class PlanarSim:
+    """Base class: a MuJoCo model with a PD-servoed planar effector and an overhead camera.
+
+    Args:
+        env_meta: ``{"env_name", "type": "jumpflow", "env_kwargs"}`` (dict or JSON string; ``None``:
+            the task's defaults).
+        obs_keys: low-dim (and image) keys returned by ``reset`` / ``step`` (None: all low-dim keys,
+            plus the image keys asked for).
+        image_keys: ``("overhead_image",)`` to render an ``(H, W, 3)`` uint8 image every step.
+        camera_size: image side (None: ``env_kwargs["camera_size"]``, default 84).
+        env_kwargs_override: replaces entries of ``env_meta["env_kwargs"]``.
+        model_seed: accepted for interface parity with ``RobosuiteSim``; the planar scene has no
+            randomised model properties, so it is unused.
+
+    Subclasses set ``TASK``, ``XML``, ``LOWDIM_KEYS``, ``DEFAULT_KWARGS``, ``STATE_LAYOUT`` and
+    implement ``_sample_state(rng)``, ``_lowdim()``, ``_after_step()``, ``success_dict()``,
+    ``is_success()``, ``reward()``, ``current_mode()`` and the ``_extra`` get/set pair.
+    """
+
+    TASK = ""
+    XML = ""
+    LOWDIM_KEYS: tuple[str, ...] = ()
+    IMAGE_KEYS = (OVERHEAD_IMAGE,)
+    CAMERA_ALIASES: ClassVar[dict] = {"agentview": "overhead"}   # the evaluator's default video camera
+    DEFAULT_KWARGS: ClassVar[dict] = {}
+    STATE_LAYOUT: tuple[tuple[str, int], ...] = ()
+    EFFECTOR_JOINTS = ("effector_x", "effector_y")
+    SUBSTEP_CHECK = False      # True: call _after_substep() after every physics step
+
+    def __init__(self, env_meta: dict | str | None = None, obs_keys=None, image_keys=(),
+                 camera_size: int | None = None, env_kwargs_override: dict | None = None, model_seed: int = 0):
+        if env_meta is None:
+            env_meta = planar_env_meta(self.TASK, **self.DEFAULT_KWARGS)
+        if isinstance(env_meta, str):
+            env_meta = json.loads(env_meta)
+        if env_meta.get("env_name") != self.TASK:
+            raise ValueError(f"env_meta names env {env_meta.get('env_name')!r}, but this is the {self.TASK} sim")
+        self.env_meta = copy.deepcopy(env_meta)
+        kwargs = dict(self.env_meta.get("env_kwargs") or {})
+        kwargs.update(env_kwargs_override or {})
+        unknown = sorted(set(kwargs) - set(self.DEFAULT_KWARGS))
+        if unknown:
+            raise ValueError(f"{self.TASK}: env_kwargs {unknown} are unknown; valid: {sorted(self.DEFAULT_KWARGS)}")
+        self.kwargs = {**self.DEFAULT_KWARGS, **kwargs}
+        self.image_keys = tuple(image_keys)
+        bad = [k for k in self.image_keys if k not in self.IMAGE_KEYS]
+        if bad:
+            raise ValueError(f"{self.TASK}: image keys {bad} are not produced; valid: {list(self.IMAGE_KEYS)}")
+        self.obs_keys = tuple(obs_keys) if obs_keys is not None else None
+        if self.obs_keys is not None:
+            bad = [k for k in self.obs_keys if k not in self.LOWDIM_KEYS and k not in self.IMAGE_KEYS]
+            if bad:
+                raise ValueError(f"{self.TASK}: observation keys {bad} are not produced by this env; it has "
+                                 f"{list(self.LOWDIM_KEYS) + list(self.IMAGE_KEYS)}")
+            # an image key named in obs_keys is rendered even if image_keys did not name it
+            self.image_keys += tuple(k for k in self.obs_keys if k in self.IMAGE_KEYS and k not in self.image_keys)
+        self.camera_size = int(camera_size if camera_size is not None else self.kwargs.get("camera_size", 84))
+        if self.image_keys:
+            require_offscreen_rendering()
+        self.model = mujoco.MjModel.from_xml_string(self.XML)
+        self.data = mujoco.MjData(self.model)
+        control_freq = float(self.kwargs["control_freq"])
+        self.n_substeps = max(1, round(1.0 / (control_freq * self.model.opt.timestep)))
+        self.max_delta = float(self.kwargs["max_delta"])
+        self._eff_qpos = [int(self.model.joint(j).qposadr[0]) for j in self.EFFECTOR_JOINTS]
+        lo = self.model.actuator_ctrlrange[:, 0].copy()
+        hi = self.model.actuator_ctrlrange[:, 1].copy()
+        self._ctrl_lo, self._ctrl_hi = lo, hi
+        self._renderers: dict[tuple[int, int], mujoco.Renderer] = {}
+        self._extra_size = sum(n for _, n in self.STATE_LAYOUT)
+        self._closed = False
+        _LIVE_SIMS.add(self)
+        self._setup()
+        self.reset(seed=0)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def task(self) -> str:
+        return self.TASK
+
+    @property
+    def action_dim(self) -> int:
+        return 2
+
+    @property
+    def state_dim(self) -> int:
+        return 1 + self.model.nq + self.model.nv + self._extra_size
+
+    def effector_pos(self) -> np.ndarray:
+        return self.data.qpos[self._eff_qpos].copy()
+
+    def get_model_xml(self) -> str:
+        """The scene MJCF (the demo file's ``model_file`` attribute; the scene never changes)."""
+        return self.XML
+
+    # ------------------------------------------------------------------ state
+    def get_state(self) -> np.ndarray:
+        """``(S,)`` float64: ``[time, qpos, qvel, task entries]`` (see ``STATE_LAYOUT``)."""
+        return np.concatenate([[self.data.time], self.data.qpos, self.data.qvel,
+                               self._get_extra()]).astype(np.float64)
+
+    def reset_to(self, state: np.ndarray, model_xml: str | None = None) -> dict:
+        """Set the simulator to a stored state row and return its observation.
+
+        ``model_xml`` is accepted for parity with ``RobosuiteSim`` and ignored (the scene is fixed;
+        per-episode quantities such as target positions are in the state).
+        """
+        state = np.asarray(state, dtype=np.float64).reshape(-1)
+        if state.shape != (self.state_dim,):
+            raise ValueError(f"{self.TASK}: state has shape {state.shape}, this env's state has "
+                             f"({self.state_dim},) = time, qpos ({self.model.nq}), qvel ({self.model.nv}), "
+                             f"{', '.join(f'{n} ({k})' for n, k in self.STATE_LAYOUT)}")
+        if not np.isfinite(state).all():
+            raise ValueError(f"{self.TASK}: state contains NaN or inf")
+        # a full data reset clears warm-starts and controls, so that the same state always gives
+        # bitwise the same continuation (reset(seed) goes through here too)
+        mujoco.mj_resetData(self.model, self.data)
+        nq, nv = self.model.nq, self.model.nv
+        self.data.time = state[0]
+        self.data.qpos[:] = state[1: 1 + nq]
+        self.data.qvel[:] = state[1 + nq: 1 + nq + nv]
+        self._set_extra(state[1 + nq + nv:])
+        self.data.ctrl[:] = np.clip(self.effector_pos(), self._ctrl_lo, self._ctrl_hi)
+        mujoco.mj_forward(self.model, self.data)
+        return self.observe()
+
+    def reset(self, seed: int | None = None) -> dict:
+        """Reset to the initial state drawn from ``np.random.default_rng(seed)``; returns the observation."""
+        rng = np.random.default_rng(None if seed is None else int(seed) % (2 ** 63))
+        return self.reset_to(self._sample_state(rng))
+
+    def _compose_state(self, qpos: np.ndarray, extra: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0.0], qpos, np.zeros(self.model.nv), extra]).astype(np.float64)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self, action: np.ndarray):
+        """One control step (``1 / control_freq`` s). Returns ``(obs, reward, success)``."""
+        action = np.asarray(action, dtype=np.float64).reshape(-1)
+        if action.shape[0] != self.action_dim:
+            raise ValueError(f"{self.TASK}: action has {action.shape[0]} dims, env expects {self.action_dim}")
+        if not np.isfinite(action).all():
+            raise ValueError(f"{self.TASK}: action is not finite: {action}")
+        self._apply_action(np.clip(action, -1.0, 1.0))
+        if self.SUBSTEP_CHECK:
+            for _ in range(self.n_substeps):
+                mujoco.mj_step(self.model, self.data)
+                self._after_substep()
+        else:
+            mujoco.mj_step(self.model, self.data, nstep=self.n_substeps)
+        # after mj_step, body poses lag qpos by one physics step: recompute them (kinematics only,
+        # no effect on the dynamics) so that images show the stored state
+        mujoco.mj_kinematics(self.model, self.data)
+        self._after_step()
+        return self.observe(), float(self.reward()), self.is_success()
+
+    def _apply_action(self, action: np.ndarray) -> None:
+        target = self.effector_pos() + self.max_delta * action
+        self.data.ctrl[:] = np.clip(target, self._ctrl_lo, self._ctrl_hi)
+
+    def _after_substep(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ observations
+    def observe(self) -> dict:
+        """Observation of the current state: ``{key: (D,) float64}`` (+ ``overhead_image (H, W, 3)`` uint8)."""
+        low = self._lowdim()
+        keys = self.obs_keys if self.obs_keys is not None else self.LOWDIM_KEYS
+        out = {k: low[k] for k in keys if k in low}
+        for k in self.image_keys:
+            out[k] = self.render("overhead", self.camera_size, self.camera_size)
+        return out
+
+    def render(self, camera_name: str = "overhead", height: int = 84, width: int = 84) -> np.ndarray:
+        """Upright RGB render ``(H, W, 3)`` uint8 of the current state (``agentview`` is an alias of
+        ``overhead``, the evaluator's default video camera)."""
+        require_offscreen_rendering()
+        camera_name = self.CAMERA_ALIASES.get(camera_name, camera_name)
+        if mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_CAMERA, camera_name) < 0:
+            cams = [self.model.camera(i).name for i in range(self.model.ncam)]
+            raise ValueError(f"{self.TASK}: no camera {camera_name!r}; cameras: {cams}")
+        size = (int(height), int(width))
+        renderer = self._renderers.get(size)
+        if renderer is None:
+            renderer = mujoco.Renderer(self.model, height=size[0], width=size[1])
+            _register_exit_hook()
+            # shadows and reflections cost most of a software-rendered frame and carry no information
+            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
+            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
+            self._renderers[size] = renderer
+        renderer.update_scene(self.data, camera=camera_name)
+        return renderer.render().copy()
+
+    def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        for r in self._renderers.values():
+            with contextlib.suppress(Exception):     # a GL context already gone at exit
+                r.close()
+        self._renderers = {}
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # ------------------------------------------------------------------ task hooks
+    def _setup(self) -> None:
+        """Called once the model is built, before the first reset (look up joint addresses here)."""
+
+    def _sample_state(self, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    def _get_extra(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _set_extra(self, extra: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _lowdim(self) -> dict:
+        raise NotImplementedError
+
+    def _after_step(self) -> None:
+        pass
+
+    def success_dict(self) -> dict:
+        raise NotImplementedError
+
+    def is_success(self) -> bool:
+        raise NotImplementedError
+
+    def reward(self) -> float:
+        return float(self.is_success())
+
+    def current_mode(self) -> str | None:
+        return None

@@ -1,0 +1,274 @@
+"""Oracle demonstrations of the planar tasks (BlockPush, ReachAround) in robomimic's HDF5 layout.
+
+Reference: the demo writer of :mod:`jumpflow.envs.demos` (same layout, read by
+``jumpflow.datasets.robomimic``), with the mode bookkeeping of the multimodal Block Push datasets
+of Implicit BC / Diffusion Policy (each demo labelled by the order the oracle drew)::
+
+    data                       attrs: total, env_args (JSON env_meta, type "jumpflow")
+    data/demo_<i>              attrs: num_samples, model_file (MJCF), seed, success (True),
+                                      mode ("b0t1" / "left" ...), draw (JSON of the oracle's draw)
+        states    (T, S) float64   PlanarSim.get_state() before each action
+        actions   (T, 2) float64   desired displacement in [-1, 1] (x max_delta)
+        rewards   (T,)   float64
+        dones     (T,)   int64     1 at the last step
+        obs/<key>       (T, ...)   low-dim float64; overhead_image (T, H, W, 3) uint8
+        next_obs/<key>  (T, ...)
+    mask/train, mask/valid
+
+Only successful episodes are kept, and only those whose committed mode (the sim's
+``current_mode()`` at the end) is the mode the oracle drew, so a demo's label is what it did.
+Seeds: attempt ``k`` resets the env with ``seed + k`` and draws the oracle's order from the
+independent stream ``np.random.default_rng([seed + k, 1])``. The file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ORACLE_STREAM = 1        # second entry of the oracle's seed: independent of the env's initial-state draw
+
+
+def _task_parts(task: str):
+    """(canonical name, sim class, oracle class) of a planar task."""
+    from jumpflow.envs.registry import PLANAR_ENVS, planar_task_name
+
+    name = planar_task_name(task)
+    if name is None:
+        raise ValueError(f"unknown planar task {task!r}; valid: {sorted(PLANAR_ENVS)}")
+    if name == "BlockPush":
+        from jumpflow.envs.block_push import BlockPushOracle, BlockPushSim
+        return name, BlockPushSim, BlockPushOracle
+    from jumpflow.envs.reach_around import ReachAroundOracle, ReachAroundSim
+    return name, ReachAroundSim, ReachAroundOracle
+
+
+def make_oracle(task: str, max_delta: float = 0.03):
+    """The scripted oracle of a planar task (``reset(obs, seed)``, ``act(obs)``, ``mode``, ``draw``)."""
+    _, _, oracle_cls = _task_parts(task)
+    return oracle_cls(max_delta=max_delta)
+
+
+class PlanarOraclePolicy:
+    """A planar task's oracle as a ``predict_action`` policy (for the rollout evaluator): one oracle
+    per batch row, redrawn at every ``reset()`` (the evaluator calls it before each batch of
+    episodes) from ``np.random.default_rng([seed, episode])``; the last observation step is used;
+    returns ``(B, 1, 2)``. Use with ``n_action_steps = 1`` (the oracle is closed-loop)."""
+
+    def __init__(self, task: str, seed: int = 0, max_delta: float = 0.03):
+        self.task, self.seed, self.max_delta = task, int(seed), float(max_delta)
+        _task_parts(task)
+        self.oracles: list = []
+        self.episodes = 0
+
+    def reset(self) -> None:
+        self.oracles = []
+
+    def predict_action(self, obs_dict: dict) -> np.ndarray:
+        obs = {k: np.asarray(v.detach().cpu() if hasattr(v, "detach") else v) for k, v in obs_dict.items()}
+        b = next(iter(obs.values())).shape[0]
+        while len(self.oracles) < b:
+            oracle = make_oracle(self.task, self.max_delta)
+            oracle.reset(seed=[self.seed, self.episodes])
+            self.episodes += 1
+            self.oracles.append(oracle)
+        out = np.zeros((b, 1, 2), dtype=np.float32)
+        for i in range(b):
+            out[i, 0] = self.oracles[i].act({k: v[i, -1] for k, v in obs.items()})
+        return out
+
+
+def run_oracle_episode(sim, oracle, seed: int, max_steps: int) -> dict:
+    """Roll the oracle out once from ``sim.reset(seed)``; stops at the first success.
+
+    Returns ``states (T, S)``, ``actions (T, 2)``, ``rewards (T,)``, ``dones (T,)``, ``obs`` /
+    ``next_obs`` ``{key: (T, ...)}``, ``model_file``, ``seed``, ``success``, ``p1`` (BlockPush: a
+    block was in a target at some step), ``mode`` (the drawn one), ``realised_mode``, ``draw``.
+    """
+    obs = sim.reset(seed=seed)
+    oracle.reset(obs, seed=[int(seed), ORACLE_STREAM])
+    states, actions, rewards, obs_list = [], [], [], [obs]
+    success = p1 = False
+    for _ in range(max_steps):
+        states.append(sim.get_state())
+        a = np.clip(oracle.act(obs), -1.0, 1.0)
+        obs, r, success = sim.step(a)
+        actions.append(a)
+        rewards.append(r)
+        obs_list.append(obs)
+        p1 = p1 or bool(sim.success_dict().get("p1", success))
+        if success:
+            break
+    t = len(actions)
+    dones = np.zeros(t, dtype=np.int64)
+    dones[-1] = 1
+    stacked = {k: np.stack([o[k] for o in obs_list]) for k in obs_list[0]}
+    return {
+        "states": np.stack(states), "actions": np.stack(actions).astype(np.float64),
+        "rewards": np.asarray(rewards, dtype=np.float64), "dones": dones,
+        "obs": {k: v[:-1] for k, v in stacked.items()}, "next_obs": {k: v[1:] for k, v in stacked.items()},
+        "model_file": sim.get_model_xml(), "seed": int(seed), "success": bool(success), "p1": bool(p1),
+        "mode": oracle.mode, "realised_mode": sim.current_mode(), "draw": oracle.draw,
+    }
+
+
+def _write_demo(grp, ep: dict, compress_images: bool) -> None:
+    grp.attrs["num_samples"] = int(ep["actions"].shape[0])
+    grp.attrs["model_file"] = ep["model_file"]
+    grp.attrs["seed"] = int(ep["seed"])
+    grp.attrs["success"] = bool(ep["success"])
+    grp.attrs["mode"] = str(ep["mode"])
+    grp.attrs["draw"] = json.dumps(ep["draw"])
+    for name in ("states", "actions", "rewards", "dones"):
+        grp.create_dataset(name, data=ep[name])
+    for part in ("obs", "next_obs"):
+        sub = grp.create_group(part)
+        for k, v in ep[part].items():
+            if v.dtype == np.uint8 and compress_images:
+                sub.create_dataset(k, data=v, chunks=(1,) + v.shape[1:], compression="lzf")
+            else:
+                sub.create_dataset(k, data=v)
+
+
+def generate_planar_demos(out: str | os.PathLike, task: str = "BlockPush", n_demos: int = 200, seed: int = 0,
+                          image: bool = False, camera_size: int = 84, max_steps: int | None = None,
+                          max_attempts: int | None = None, valid_fraction: float = 0.1, progress: bool = True,
+                          compress_images: bool = False, env_kwargs: dict | None = None) -> dict:
+    """Write ``n_demos`` successful oracle demos of a planar task to a robomimic-layout HDF5.
+
+    Args:
+        out: destination ``.hdf5`` (written atomically).
+        task: ``BlockPush`` / ``ReachAround`` (aliases ``block_push``, ``reach_around``).
+        n_demos: demos to store; seed: first reset seed (attempt ``k`` uses ``seed + k``).
+        image: also store ``overhead_image`` (``camera_size`` square, uint8, upright).
+        max_steps: episode cap (default: the task's horizon, 350 / 60).
+        max_attempts: give up after this many attempts (default ``2 * n_demos + 20``).
+        valid_fraction: share of demos listed in ``mask/valid``.
+        env_kwargs: overrides of the task's default ``env_kwargs`` (stored in ``env_args``).
+    Returns:
+        ``{"path", "task", "n_demos", "n_attempts", "n_failed", "n_mode_mismatch", "success_rate",
+        "p1_rate", "mode_counts", "seconds", "seconds_per_demo", "total_samples"}`` (rates over attempts).
+    """
+    import h5py
+    from jumpflow.envs.registry import planar_env_meta
+    from tqdm import tqdm
+
+    from jumpflow.io import atomic_write
+
+    name, sim_cls, oracle_cls = _task_parts(task)
+    if n_demos < 1:
+        raise ValueError(f"n_demos must be >= 1, got {n_demos}")
+    if camera_size < 8:
+        raise ValueError(f"camera_size must be >= 8 pixels, got {camera_size}")
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    env_meta = planar_env_meta(name, **{**(env_kwargs or {}), "camera_size": int(camera_size)})
+    max_steps = int(max_steps or env_meta["env_kwargs"]["horizon"])
+    max_attempts = int(max_attempts or 2 * n_demos + 20)
+    sim = sim_cls(env_meta, image_keys=("overhead_image",) if image else ())
+    oracle = oracle_cls(max_delta=sim.max_delta)
+    stats = {"attempts": 0, "failed": 0, "mismatch": 0, "p1": 0, "total": 0, "names": [], "modes": {}}
+    t0 = time.perf_counter()
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            data = f.create_group("data")
+            bar = tqdm(total=n_demos, desc=f"{name} demos", unit="demo", disable=not progress, file=sys.stderr)
+            while len(stats["names"]) < n_demos and stats["attempts"] < max_attempts:
+                ep = run_oracle_episode(sim, oracle, seed + stats["attempts"], max_steps)
+                stats["attempts"] += 1
+                stats["p1"] += int(ep["p1"])
+                if not ep["success"]:
+                    stats["failed"] += 1
+                    continue
+                if ep["realised_mode"] != ep["mode"]:
+                    stats["mismatch"] += 1
+                    continue
+                demo = f"demo_{len(stats['names'])}"
+                _write_demo(data.create_group(demo), ep, compress_images)
+                stats["names"].append(demo)
+                stats["total"] += ep["actions"].shape[0]
+                stats["modes"][ep["mode"]] = stats["modes"].get(ep["mode"], 0) + 1
+                bar.update(1)
+                bar.set_postfix(failed=stats["failed"] + stats["mismatch"])
+            bar.close()
+            names = stats["names"]
+            if len(names) < n_demos:
+                raise RuntimeError(f"{name}: only {len(names)} of {n_demos} demos succeeded in {stats['attempts']} "
+                                   f"attempts (seeds {seed}..{seed + stats['attempts'] - 1}); nothing written to {out}")
+            data.attrs["total"] = int(stats["total"])
+            data.attrs["env_args"] = json.dumps(env_meta)
+            n_valid = round(valid_fraction * len(names))
+            n_valid = min(max(n_valid, 1 if valid_fraction > 0 else 0), len(names) - 1) if len(names) > 1 else 0
+            mask = f.create_group("mask")
+            mask.create_dataset("train", data=np.array(names[: len(names) - n_valid], dtype="S"))
+            mask.create_dataset("valid", data=np.array(names[len(names) - n_valid:], dtype="S"))
+
+    try:
+        atomic_write(Path(out), write)
+    finally:
+        sim.close()
+    seconds = time.perf_counter() - t0
+    n, attempts = len(stats["names"]), max(stats["attempts"], 1)
+    return {"path": str(out), "task": name, "n_demos": n, "n_attempts": stats["attempts"],
+            "n_failed": stats["failed"], "n_mode_mismatch": stats["mismatch"],
+            "success_rate": (stats["attempts"] - stats["failed"]) / attempts, "p1_rate": stats["p1"] / attempts,
+            "mode_counts": dict(sorted(stats["modes"].items())), "seconds": seconds,
+            "seconds_per_demo": seconds / max(n, 1), "total_samples": stats["total"]}
+
+
+def ensure_planar_demos(path: str | os.PathLike, task: str = "BlockPush", n_demos: int = 200, seed: int = 0,
+                        image: bool = False, **kwargs) -> Path:
+    """Return ``path``, generating the demos first if the file is missing; an existing file is checked
+    (same task, at least ``n_demos`` demos, ``overhead_image`` present if ``image``) and never overwritten."""
+    path = Path(path)
+    name, _, _ = _task_parts(task)
+    if not path.exists():
+        summary = generate_planar_demos(path, task=name, n_demos=n_demos, seed=seed, image=image, **kwargs)
+        print(f"[jumpflow-demos] wrote {summary['n_demos']} {name} demos to {path} "
+              f"({summary['n_failed'] + summary['n_mode_mismatch']} failed attempts dropped, "
+              f"{summary['seconds_per_demo']:.2f} s/demo)", file=sys.stderr)
+        return path
+    from jumpflow.datasets.robomimic import RobomimicFile
+    with RobomimicFile(path) as rf:
+        if rf.env_meta.get("env_name") != name:
+            raise ValueError(f"{path}: existing file holds task {rf.env_meta.get('env_name')!r}, asked for {name!r}; "
+                             "remove it or choose another path")
+        if len(rf.demo_names()) < n_demos:
+            raise ValueError(f"{path}: existing file holds {len(rf.demo_names())} demos, asked for {n_demos}; "
+                             "remove it to regenerate")
+        if image and "overhead_image" not in rf.obs_keys():
+            raise ValueError(f"{path}: existing file has no image observations (keys {rf.obs_keys()}); "
+                             "asked for image=True")
+    return path
+
+
+# ---------------------------------------------------------------------------- jumpflow-demos hook
+def is_planar_task(task: str) -> bool:
+    """Whether ``task`` names a planar task (``BlockPush``, ``ReachAround`` or an alias)."""
+    from jumpflow.envs.registry import planar_task_name
+
+    return planar_task_name(task) is not None
+
+
+def generate_from_demos_args(out, task: str, n_demos: int = 200, seed: int = 0, image: bool = False,
+                             camera_size: int = 84, keep_failed: bool = False, max_steps: int | None = None,
+                             max_attempts: int | None = None, valid_fraction: float = 0.1, progress: bool = True,
+                             compress_images: bool = False, style: str = "ph", **_robosuite_only) -> dict:
+    """:func:`generate_planar_demos` called with ``jumpflow.envs.demos.generate_demos``'s arguments
+    (its robosuite-only ones, e.g. ``image_keys``, are ignored: the planar camera is ``overhead``)."""
+    name, _, _ = _task_parts(task)
+    if style != "ph":
+        raise ValueError(f"{name}: demo style {style!r} is not available for planar tasks (their oracle is "
+                         "the only style); use style 'ph'")
+    if keep_failed:
+        raise ValueError(f"{name}: keep_failed is not available for planar tasks (only successful demos "
+                         "with their mode are written)")
+    return generate_planar_demos(out, task=name, n_demos=n_demos, seed=seed, image=image, camera_size=camera_size,
+                                 max_steps=max_steps, max_attempts=max_attempts, valid_fraction=valid_fraction,
+                                 progress=progress, compress_images=compress_images)

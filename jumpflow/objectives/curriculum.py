@@ -1,0 +1,72 @@
+"""Training-step state for objectives with curricula (alpha-Flow's alpha schedule, iCT's
+step doubling, sCT's tangent warm-up), written once.
+
+The step lives in a buffer of a small module that the objective asks for through
+``extra_modules``; the generator keeps it in ``net.aux``, so it is checkpointed with the
+weights, copied (not averaged) by the trainer's EMA, and advanced by ``on_step_end``. An
+objective never keeps a mutable counter of its own."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from jumpflow.objectives.base import require
+
+
+class StepCounter(nn.Module):
+    """Optimiser steps taken: an ``int64`` scalar buffer ``step``."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        self.step += 1
+
+    def forward(self) -> int:
+        return int(self.step)
+
+
+def counter_of(net, key: str, owner: str) -> StepCounter:
+    """``net.aux[key]``, with a message naming the objective when the net has no such module."""
+    aux = getattr(net, "aux", None)
+    if aux is None or key not in aux:
+        raise ValueError(f"{owner} needs the step counter net.aux[{key!r}] (the Generator builds it from "
+                         f"objective.extra_modules)")
+    return aux[key]
+
+
+SCHEDULES = ("sigmoid", "linear", "constant")
+
+
+def check_ramp(schedule: str, steps, gamma: float, prefix: str) -> tuple[int, int]:
+    """Validate the arguments of :func:`ramp`; returns ``(begin, finish)`` as ints."""
+    require(schedule in SCHEDULES, f"{prefix}_schedule", f"must be one of {SCHEDULES}, got {schedule!r}")
+    require(isinstance(steps, (list, tuple)) and len(steps) == 2, f"{prefix}_steps",
+            f"must be [begin, end] training steps, got {steps!r}")
+    begin, finish = steps
+    require(all(isinstance(s, (int, float)) and float(s).is_integer() for s in steps) and 0 <= begin < finish,
+            f"{prefix}_steps", f"need integers 0 <= begin < end, got {steps!r}")
+    require(gamma > 0, f"{prefix}_gamma", f"must be > 0, got {gamma}")
+    return int(begin), int(finish)
+
+
+def ramp(step: int, schedule: str, start: float, end: float, begin: int, finish: int, gamma: float) -> float:
+    """Value of a schedule from ``start`` (before ``begin``) to ``end`` (after ``finish``).
+
+    ``sigmoid``: ``start + (end - start) * sigmoid(gamma * (step - mid) / (finish - begin))``
+    with ``mid`` halfway (alpha-Flow's curriculum, gamma 25); ``linear``; ``constant``
+    (always ``start``)."""
+    if schedule == "constant" or step < begin:
+        return float(start)
+    if step > finish:
+        return float(end)
+    if schedule == "linear":
+        frac = (step - begin) / (finish - begin)
+    else:
+        frac = 1.0 / (1.0 + math.exp(-gamma * (step - 0.5 * (begin + finish)) / (finish - begin)))
+    return float(start + (end - start) * frac)

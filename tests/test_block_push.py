@@ -1,0 +1,249 @@
+"""Planar MuJoCo tasks (BlockPush, ReachAround), their oracles, oracle demos and the env registry."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+BP_KEYS = ["effector_pos", "block_pos", "block_yaw", "block2_pos", "block2_yaw", "target_pos", "target2_pos"]
+
+
+def _fake_factory(env_meta, obs_keys=None, image_keys=(), camera_size=None, **kw):
+    return {"built": env_meta["env_name"], "obs_keys": obs_keys, "kw": kw}
+
+
+def _binomial_ok(count: int, n: int, p: float, z: float = 3.5) -> bool:
+    return abs(count - n * p) <= z * math.sqrt(n * p * (1 - p))
+
+
+# ---------------------------------------------------------------------------- registry (no simulator)
+def test_registry_rejects_unknown_type_and_env_in_one_line():
+    from jumpflow.envs.registry import make_sim
+
+    with pytest.raises(ValueError) as e:
+        make_sim({"env_name": "door-open-v2", "type": "metaworld", "env_kwargs": {}})
+    msg = str(e.value)
+    assert "'metaworld'" in msg and "'jumpflow'" in msg and "1 (robosuite)" in msg and "\n" not in msg
+    with pytest.raises(ValueError) as e:
+        make_sim(json.dumps({"env_name": "BlockPull", "type": "jumpflow"}))
+    msg = str(e.value)
+    assert "'BlockPull'" in msg and "BlockPush" in msg and "ReachAround" in msg and "\n" not in msg
+
+
+def test_registry_dispatch_and_new_family(monkeypatch):
+    from jumpflow.envs import registry
+
+    assert registry.sim_class_path({"env_name": "Lift", "type": 1}) == "jumpflow.envs.sim:RobosuiteSim"
+    assert registry.sim_class_path({"env_name": "Lift"}) == "jumpflow.envs.sim:RobosuiteSim"     # robomimic default
+    assert registry.sim_class_path({"env_name": "ReachAround", "type": "jumpflow"}).endswith(":ReachAroundSim")
+    # a later family (e.g. MetaWorld) is one more entry, imported when first used
+    monkeypatch.setitem(registry.SIM_FAMILIES, "fake", f"{__name__}:_fake_factory")
+    built = registry.make_sim({"env_name": "door", "type": "fake"}, obs_keys=["a"], model_seed=3)
+    assert built == {"built": "door", "obs_keys": ["a"], "kw": {"model_seed": 3}}
+    assert registry.planar_task_name("block_push") == "BlockPush" and registry.planar_task_name("Lift") is None
+    with pytest.raises(ValueError, match=r"env_kwargs \['speed'\] are unknown"):
+        registry.planar_env_meta("BlockPush", speed=2)
+
+
+# ---------------------------------------------------------------------------- simulators
+@pytest.mark.sim
+def test_sims_from_registry_reset_by_seed_and_reject_bad_input():
+    from jumpflow.envs.registry import make_sim, planar_env_meta
+
+    sim = make_sim(planar_env_meta("BlockPush"), obs_keys=BP_KEYS)
+    assert type(sim).__name__ == "BlockPushSim" and sim.action_dim == 2
+    a, b, c = sim.reset(5), sim.reset(5), sim.reset(6)
+    assert sorted(a) == sorted(BP_KEYS) and all(v.shape == (2,) for v in a.values())
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.allclose(a["block_pos"], c["block_pos"])
+    assert np.linalg.norm(a["block_pos"] - a["block2_pos"]) > 0.1
+    assert abs(a["target_pos"][0] - a["target2_pos"][0]) > 0.2          # targets 0.24 m apart in x
+    with pytest.raises(ValueError, match=r"state has shape \(3,\)"):
+        sim.reset_to(np.zeros(3))
+    with pytest.raises(ValueError, match="action has 7 dims"):
+        sim.step(np.zeros(7))
+    with pytest.raises(ValueError, match=r"observation keys \['object'\] are not produced"):
+        make_sim(planar_env_meta("BlockPush"), obs_keys=["object"])
+    with pytest.raises(ValueError, match=r"image keys \['agentview_image'\]"):
+        make_sim(planar_env_meta("ReachAround"), image_keys=["agentview_image"])
+    with pytest.raises(ValueError, match=r"env_kwargs \['nope'\] are unknown"):
+        make_sim({"env_name": "ReachAround", "type": "jumpflow", "env_kwargs": {"nope": 1}})
+    sim.close()
+
+
+@pytest.mark.sim
+def test_block_push_success_and_mode_bookkeeping():
+    """p1 / p2 and the committed mode on hand-placed blocks (state layout: time, qpos (10), qvel (10),
+    targets (4), step, in_target (2), entered_step (2), committed (2))."""
+    from jumpflow.envs.block_push import BlockPushSim
+
+    sim = BlockPushSim()
+    sim.reset(0)
+    base = sim.get_state()
+    t0, t1 = base[21:23], base[23:25]
+    far0, far1 = np.array([0.35, -0.3]), np.array([0.5, -0.3])
+
+    def place(state, b0, b1):
+        s = state.copy()
+        s[3:5], s[6], s[7:9], s[10] = b0, 0.0, b1, 0.0          # block xy and yaw
+        s[11:21] = 0.0                                          # at rest
+        sim.reset_to(s)
+        sim.step(np.zeros(2))
+        return sim.get_state()
+
+    assert sim.current_mode() is None and sim.success_dict() == {"p1": False, "p2": False}
+    s = place(base, far0, t0)                                   # block 1 into target 0
+    assert sim.current_mode() == "b1t0" and sim.success_dict() == {"p1": True, "p2": False}
+    assert sim.reward() == 0.5
+    s = place(s, t1, t0)                                        # then block 0 into target 1
+    assert sim.success_dict() == {"p1": True, "p2": True} and sim.is_success() and sim.reward() == 1.0
+    assert sim.current_mode() == "b1t0"                         # block 1 was there first
+    place(s, t0 + [0.045, 0.0], t0)                             # both in target 0: not distinct
+    assert sim.success_dict() == {"p1": True, "p2": False}
+    s = place(s, far0, far1)                                    # all out: the committed mode stays
+    assert sim.current_mode() == "b1t0" and not sim.success_dict()["p1"]
+    place(s, t1, far1)                                          # another block enters first now
+    assert sim.current_mode() == "b0t1"
+
+
+@pytest.mark.sim
+def test_reach_around_mean_of_the_two_modes_crashes():
+    from jumpflow.envs.reach_around import ReachAroundOracle, ReachAroundSim
+
+    sim = ReachAroundSim()
+    for side in ("left", "right"):
+        obs = sim.reset(4)
+        oracle = ReachAroundOracle(side=side)
+        for _ in range(60):
+            obs, _, success = sim.step(oracle.act(obs))
+            if success:
+                break
+        assert success and sim.current_mode() == side and not sim.stuck
+    obs = sim.reset(4)
+    left, right = ReachAroundOracle(side="left"), ReachAroundOracle(side="right")
+    for _ in range(60):
+        obs, _, success = sim.step(0.5 * (left.act(obs) + right.act(obs)))
+        assert not success
+    assert sim.stuck and sim.current_mode() is None
+    stuck_at = obs["agent_pos"].copy()
+    obs, _, _ = sim.step(np.array([1.0, 1.0]))                  # a crashed agent stays put
+    np.testing.assert_allclose(obs["agent_pos"], stuck_at, atol=1e-9)
+    assert np.linalg.norm(stuck_at) < 0.085                     # stopped at the post (radius 0.06 + 0.02)
+
+
+# ---------------------------------------------------------------------------- oracle demos
+@pytest.fixture(scope="module")
+def block_push_demos(tmp_path_factory):
+    from jumpflow.envs.planar_demos import generate_planar_demos
+
+    path = tmp_path_factory.mktemp("bp") / "bp.hdf5"
+    summary = generate_planar_demos(path, "BlockPush", n_demos=60, seed=0, progress=False)
+    return path, summary
+
+
+@pytest.mark.sim
+def test_block_push_oracle_modes_and_success(block_push_demos):
+    from jumpflow.eval.modes import read_demo_modes
+
+    path, summary = block_push_demos
+    n = summary["n_demos"]
+    assert n == 60 and summary["n_attempts"] <= 63                     # p2 >= 0.95 on these seeds
+    assert summary["success_rate"] >= 0.9 and summary["p1_rate"] >= summary["success_rate"]
+    modes = read_demo_modes(path)
+    counts = {m: modes.count(m) for m in ("b0t0", "b0t1", "b1t0", "b1t1")}
+    assert sum(counts.values()) == n and counts == summary["mode_counts"]
+    assert all(_binomial_ok(c, n, 0.25) for c in counts.values()), counts
+
+
+@pytest.mark.sim
+def test_block_push_demo_replays_from_its_initial_state(block_push_demos):
+    import h5py
+    from jumpflow.datasets.robomimic import RobomimicFile
+    from jumpflow.envs.registry import make_sim
+
+    path, _ = block_push_demos
+    with RobomimicFile(path) as rf:
+        meta = rf.env_meta
+        assert meta["type"] == "jumpflow" and meta["env_name"] == "BlockPush"
+        assert meta["env_kwargs"]["control_freq"] == 10 and meta["env_kwargs"]["horizon"] == 350
+        demo = rf.read_demo("demo_3", BP_KEYS)
+        assert demo["action"].shape[1] == 2 and np.abs(demo["action"]).max() <= 1.0
+    sim = make_sim(meta, obs_keys=BP_KEYS)
+    with h5py.File(path, "r") as f:
+        for name in ("demo_0", "demo_3"):
+            g = f[f"data/{name}"]
+            states, actions = g["states"][()], g["actions"][()]
+            assert json.loads(g.attrs["draw"])["order"][0] == g.attrs["mode"]
+            obs = sim.reset_to(states[0])
+            for k in BP_KEYS:
+                np.testing.assert_array_equal(obs[k], g[f"obs/{k}"][0])
+            for t, a in enumerate(actions):
+                np.testing.assert_array_equal(sim.get_state(), states[t])
+                obs, _, success = sim.step(a)
+                assert success == (t == len(actions) - 1)
+            assert success and sim.current_mode() == g.attrs["mode"]
+            np.testing.assert_array_equal(obs["block_pos"], g["next_obs/block_pos"][-1])
+            k = len(actions) // 2                    # any stored row resets to its observation
+            obs = sim.reset_to(states[k])
+            np.testing.assert_array_equal(obs["effector_pos"], g["obs/effector_pos"][k])
+    sim.close()
+
+
+@pytest.mark.sim
+def test_reach_around_demos_modes_replay_and_images(tmp_path):
+    import h5py
+    from jumpflow.envs.demos import ensure_demos, generate_demos
+    from jumpflow.envs.reach_around import ReachAroundSim
+    from jumpflow.eval.modes import read_demo_modes
+
+    path = tmp_path / "ra.hdf5"
+    summary = generate_demos(path, "reach_around", n_demos=60, seed=100, progress=False)     # the CLI's entry
+    assert summary["task"] == "ReachAround" and summary["n_attempts"] <= 63
+    modes = read_demo_modes(path)
+    assert set(modes) == {"left", "right"} and _binomial_ok(modes.count("left"), 60, 0.5)
+    sim = ReachAroundSim()
+    with h5py.File(path, "r") as f:
+        for name in ("demo_0", "demo_1"):
+            g = f[f"data/{name}"]
+            sim.reset_to(g["states"][0])
+            for a in g["actions"][()]:
+                _, _, success = sim.step(a)
+            assert success and sim.current_mode() == g.attrs["mode"]
+            assert g.attrs["num_samples"] <= 60
+    img_path = tmp_path / "ra_img.hdf5"
+    assert ensure_demos(img_path, "ReachAround", n_demos=2, seed=0, image=True, progress=False) == img_path
+    with h5py.File(img_path, "r") as f:
+        img = f["data/demo_0/obs/overhead_image"][()]
+        assert img.dtype == np.uint8 and img.shape[1:] == (84, 84, 3)
+        assert not np.array_equal(img[0], img[-1])                 # the agent moved in the picture
+        sim = ReachAroundSim(image_keys=("overhead_image",))
+        np.testing.assert_array_equal(sim.reset_to(f["data/demo_0/states"][0])["overhead_image"], img[0])
+    ensure_demos(img_path, "ReachAround", n_demos=2, image=True)       # existing file: checked, kept
+    with pytest.raises(ValueError, match="holds task 'ReachAround', asked for 'BlockPush'"):
+        ensure_demos(img_path, "BlockPush", n_demos=2)
+    with pytest.raises(ValueError, match="style 'mh' is not available for planar tasks"):
+        generate_demos(tmp_path / "x.hdf5", "BlockPush", n_demos=2, style="mh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ra.hdf5", "ra_img.hdf5"]   # no temp files left
+
+
+@pytest.mark.sim
+def test_gym_env_runs_planar_task_and_reports_mode():
+    from jumpflow.envs.gym_env import RobomimicGymEnv
+    from jumpflow.envs.reach_around import ReachAroundOracle
+    from jumpflow.envs.registry import planar_env_meta
+
+    env = RobomimicGymEnv(planar_env_meta("ReachAround"), obs_keys=["agent_pos", "goal_pos"], n_obs_steps=2,
+                          n_action_steps=1, max_steps=60)
+    obs, info = env.reset(seed=11)
+    assert obs["agent_pos"].shape == (2, 2) and info["mode"] is None and info["mode_switches"] == 0
+    oracle = ReachAroundOracle(side="right")
+    done = False
+    while not done:
+        obs, _, term, trunc, info = env.step(oracle.act({k: v[-1] for k, v in obs.items()})[None])
+        done = term or trunc
+    assert info["success"] and term and info["mode"] == "right" and info["mode_switches"] == 0
+    assert env.render().shape == (128, 128, 3)                      # "agentview" -> the overhead camera
+    env.close()
