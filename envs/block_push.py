@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from jumpflow.envs.planar import PlanarSim
+from jumpflow.envs.planar import PlanarSim, servo_actuators
 
 BLOCK_HALF = 0.02            # block half side (4 cm cube)
 EFFECTOR_RADIUS = 0.015
@@ -93,12 +93,7 @@ BLOCK_PUSH_XML = f"""
             rgba="0.2 0.7 0.3 1" contype="3" conaffinity="3"/>
     </body>
   </worldbody>
-  <actuator>
-    <position name="servo_x" joint="effector_x" kp="2000" kv="60" forcerange="-40 40"
-              ctrlrange="{WORKSPACE[0][0]} {WORKSPACE[1][0]}"/>
-    <position name="servo_y" joint="effector_y" kp="2000" kv="60" forcerange="-40 40"
-              ctrlrange="{WORKSPACE[0][1]} {WORKSPACE[1][1]}"/>
-  </actuator>
+{servo_actuators(WORKSPACE)}
 </mujoco>
 """
 

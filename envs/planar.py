@@ -62,6 +62,17 @@ def _register_exit_hook() -> None:
         _EXIT_HOOK.append(True)
 
 
+def servo_actuators(workspace) -> str:
+    """MJCF of the two position servos (x, y) that drive a planar effector inside ``workspace``
+    (``((x_lo, y_lo), (x_hi, y_hi))``): stiff enough to track 10 Hz targets, force-limited so a
+    blocked effector pushes without exploding."""
+    (x_lo, y_lo), (x_hi, y_hi) = workspace
+    return f"""  <actuator>
+    <position name="servo_x" joint="effector_x" kp="2000" kv="60" forcerange="-40 40" ctrlrange="{x_lo} {x_hi}"/>
+    <position name="servo_y" joint="effector_y" kp="2000" kv="60" forcerange="-40 40" ctrlrange="{y_lo} {y_hi}"/>
+  </actuator>"""
+
+
 def planar_env_meta(env_name: str, **env_kwargs) -> dict:
     """``env_meta`` of a planar task: ``{"env_name", "type": "jumpflow", "env_version", "env_kwargs"}``."""
     return {"env_name": env_name, "type": PLANAR_TYPE, "env_version": str(mujoco.__version__),

@@ -118,21 +118,11 @@ def run_oracle_episode(sim, oracle, seed: int, max_steps: int) -> dict:
 
 
 def _write_demo(grp, ep: dict, compress_images: bool) -> None:
-    grp.attrs["num_samples"] = int(ep["actions"].shape[0])
-    grp.attrs["model_file"] = ep["model_file"]
-    grp.attrs["seed"] = int(ep["seed"])
-    grp.attrs["success"] = bool(ep["success"])
-    grp.attrs["mode"] = str(ep["mode"])
-    grp.attrs["draw"] = json.dumps(ep["draw"])
-    for name in ("states", "actions", "rewards", "dones"):
-        grp.create_dataset(name, data=ep[name])
-    for part in ("obs", "next_obs"):
-        sub = grp.create_group(part)
-        for k, v in ep[part].items():
-            if v.dtype == np.uint8 and compress_images:
-                sub.create_dataset(k, data=v, chunks=(1,) + v.shape[1:], compression="lzf")
-            else:
-                sub.create_dataset(k, data=v)
+    """The robomimic demo layout (``jumpflow.envs.demos``), with the oracle's mode and draw."""
+    from jumpflow.envs.demos import _write_demo as write_robomimic_demo
+
+    write_robomimic_demo(grp, {**ep, "attrs": {**ep.get("attrs", {}), "mode": str(ep["mode"]),
+                                               "draw": json.dumps(ep["draw"])}}, compress_images)
 
 
 def generate_planar_demos(out: str | os.PathLike, task: str = "BlockPush", n_demos: int = 200, seed: int = 0,

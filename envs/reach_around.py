@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from jumpflow.envs.planar import PlanarSim
+from jumpflow.envs.planar import PlanarSim, servo_actuators
 
 AGENT_RADIUS = 0.02
 POST_RADIUS = 0.06
@@ -60,12 +60,7 @@ REACH_AROUND_XML = f"""
             contype="2" conaffinity="2"/>
     </body>
   </worldbody>
-  <actuator>
-    <position name="servo_x" joint="effector_x" kp="2000" kv="60" forcerange="-40 40"
-              ctrlrange="{WORKSPACE[0][0]} {WORKSPACE[1][0]}"/>
-    <position name="servo_y" joint="effector_y" kp="2000" kv="60" forcerange="-40 40"
-              ctrlrange="{WORKSPACE[0][1]} {WORKSPACE[1][1]}"/>
-  </actuator>
+{servo_actuators(WORKSPACE)}
 </mujoco>
 """
 

@@ -8,6 +8,8 @@ Drifting's frozen feature map)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +38,26 @@ class ClassEmbedding(nn.Module):
 
     def null(self, cond: Tensor) -> Tensor:
         return self.table.weight[self.num_classes].expand_as(cond)        # (B, dim)
+
+
+class GuidanceEmbedding(nn.Module):
+    """A guidance scale ``w: (B,)`` -> ``(B, dim)`` added to the condition: the one piece for
+    methods that train with a sampled scale and take it as an input (Drifting's ``alpha``, TVM's
+    ``beta = 1 / w``, improved MeanFlow's ``omega``; seed ``002``: ``x = f(eps, c, gamma)``).
+
+    Sinusoidal features of ``log w`` (scales are multiplicative), a 2-layer MLP, and an output
+    layer initialised at zero, so a generator is exactly its unguided self until it learns."""
+
+    def __init__(self, dim: int, freqs: int = 16):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(100.0), freqs)), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, scale: Tensor) -> Tensor:
+        arg = scale.float().clamp_min(1e-3).log()[:, None] * self.freqs[None]          # (B, F)
+        return self.mlp(torch.cat([arg.sin(), arg.cos()], dim=1))                       # (B, dim)
 
 
 class Generator(nn.Module):
@@ -71,6 +93,19 @@ class Generator(nn.Module):
         self.data_key, self.cond_key, self.clip_sample = data_key, cond_key, clip_sample
         self.shape = tuple(shape) if shape is not None else getattr(backbone, "shape", None)
         self.aux = nn.ModuleDict(objective.extra_modules(backbone))
+        self.guidance_embed = None
+        if getattr(objective, "guidance_input", False) and cond_encoder is not None:
+            width = getattr(cond_encoder, "dim", None) or getattr(cond_encoder, "out_dim", None)
+            if width is None:
+                raise ValueError("guidance as an input needs a condition encoder with a known width (dim or out_dim)")
+            self.guidance_embed = GuidanceEmbedding(int(width))
+
+    def guidance_condition(self, cond: Tensor, scale: Tensor) -> Tensor:
+        """``cond: (B, C)`` with the guidance scale ``scale: (B,)`` embedded into it (objectives
+        that train with a sampled scale call this for training rows and at sampling)."""
+        if self.guidance_embed is None:
+            raise ValueError("this generator takes no guidance input (its objective has guidance_input = False)")
+        return cond + self.guidance_embed(scale.to(cond.device)).to(cond.dtype)
 
     # -- the net interface objectives call ------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None, **kw):

@@ -234,6 +234,9 @@ class Objective:
     uses_jvp: bool = False
     #: the method can apply a guidance scale chosen at sampling (two-evaluation CFG or an input)
     guidance_at_sampling: bool = False
+    #: the method trains with a sampled guidance scale that the generator takes as an input
+    #: (``Generator.guidance_condition``: one shared embedding added to the condition)
+    guidance_input: bool = False
     #: valid ``Inference.sampler`` names (empty: one sampler, ``sampler`` must be ``None``)
     samplers: tuple[str, ...] = ()
     #: inference defaults; set by ``set_inference_defaults`` in the constructor, never after

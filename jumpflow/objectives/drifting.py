@@ -130,6 +130,8 @@ class Drifting(Objective):
             require(not unknown, "guidance_alpha", f"unknown keys {unknown}; valid: low, high, power, no_guidance_frac")
             require(n_uncond_neg > 0, "guidance_alpha", "needs n_uncond_neg > 0 (the unconditional negatives it weighs)")
         self.alpha_sampler = None if guidance_alpha is None else AlphaSampler(**guidance_alpha)
+        # trained with a sampled alpha: the generator takes it as an input, chosen at sampling
+        self.guidance_input = self.guidance_at_sampling = guidance_alpha is not None
         require(gen_per_group is None or gen_per_group >= 1, "gen_per_group", f"must be >= 1, got {gen_per_group}")
         temperatures = tuple(float(t) for t in temperatures)
         require(len(temperatures) > 0 and all(t > 0 for t in temperatures), "temperatures",
@@ -238,4 +240,7 @@ class Drifting(Objective):
         steps = self.resolve(inference).steps
         require(steps == 1, "inference.steps", f"a drifting generator is one-step; got steps={steps}")
         ones = torch.ones(noise.shape[0], device=noise.device, dtype=noise.dtype)
+        if self.guidance_input and cond is not None:                            # alpha chosen at sampling
+            alpha = float(self.resolve(inference).guidance)
+            cond = net.guidance_condition(cond, torch.full_like(ones, alpha))
         return net(noise, ones, ones, cond)

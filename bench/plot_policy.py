@@ -1,0 +1,103 @@
+"""Plots of the policy benchmark (``bench/results/policy.json``): rollout behaviour-mode
+frequencies per objective against the demos' on a multimodal task, and success against NFE.
+
+    python -m bench.plot_policy --task block_push_lowdim
+    python -m bench.plot_policy --task reach_around_lowdim
+
+Writes ``bench/results/policy_modes_<task>.png`` and ``bench/results/policy_nfe_<task>.png``
+(atomically) and prints the numbers it plotted."""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import numpy as np
+
+from bench.common import RESULTS, load_rows, print_table
+from jumpflow.io import atomic_write
+
+
+def mode_rows(rows: list[dict], task: str, demo: dict[str, float] | None = None
+              ) -> tuple[list[str], dict[str, dict[str, float]], dict[str, float]]:
+    """Per variant (``objective-sampler-nfe``): the rollout mode frequencies averaged over seeds
+    (``mode_freq/<m>`` of the last checkpoint), and the demos' frequencies."""
+    freqs: dict[str, list[dict]] = defaultdict(list)
+    demo = dict(demo or {})
+    for r in rows:
+        if r["task"] != task or "mode_entropy_ratio" not in r:
+            continue
+        label = f"{r['objective']}-{r['nfe']}" if r["sampler"] == r["objective"] else f"{r['sampler']}-{r['nfe']}"
+        freqs[label].append({k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("mode_freq/")})
+    modes = sorted({m for fs in freqs.values() for f in fs for m in f} | set(demo))
+    mean = {lab: {m: float(np.mean([f.get(m, 0.0) for f in fs])) for m in modes} for lab, fs in freqs.items()}
+    return modes, mean, demo
+
+
+def plot_modes(rows: list[dict], task: str, demo: dict[str, float] | None = None):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes, mean, demo = mode_rows(rows, task, demo)
+    if not mean:
+        raise SystemExit(f"no rows with mode metrics for {task} in {RESULTS / 'policy.json'}")
+    labels = (["demos"] if demo else []) + sorted(mean)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(labels), 3.6))
+    bottom = np.zeros(len(labels))
+    for m in modes:
+        vals = np.array(([demo.get(m, 0.0)] if demo else []) + [mean[lab][m] for lab in sorted(mean)])
+        ax.bar(labels, vals, bottom=bottom, label=m)
+        bottom += vals
+    ax.set_ylabel("share of episodes")
+    ax.set_title(f"{task}: behaviour modes of rollouts (mean over seeds) vs demos")
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    ax.tick_params(axis="x", rotation=45, labelsize=8)
+    fig.tight_layout()
+    path = RESULTS / f"policy_modes_{task}.png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    print_table([{"variant": lab, **{m: round(v, 3) for m, v in mean[lab].items()}} for lab in sorted(mean)])
+    return path
+
+
+def plot_nfe(rows: list[dict], task: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["task"] == task:
+            name = r["objective"] if r["sampler"] in (r["objective"], None) else f"{r['objective']} ({r['sampler']})"
+            curves[name][int(r["nfe"])].append(float(r.get("success_last_mean", r["success_rate"])))
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, pts in sorted(curves.items()):
+        nfes = sorted(pts)
+        ax.plot(nfes, [np.mean(pts[n]) for n in nfes], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE per action chunk")
+    ax.set_ylabel("success (mean over seeds)")
+    ax.set_title(f"{task}: success against NFE")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = RESULTS / f"policy_nfe_{task}.png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="block_push_lowdim")
+    ap.add_argument("--demos", default=None, help="the task's HDF5 (its demos' mode frequencies are drawn too)")
+    args = ap.parse_args(argv)
+    rows = load_rows(RESULTS / "policy.json")
+    demo = None
+    if args.demos:
+        from jumpflow.eval.modes import mode_distribution, read_demo_modes
+        demo = mode_distribution(read_demo_modes(args.demos))
+    print(plot_modes(rows, args.task, demo))
+    print(plot_nfe(rows, args.task))
+
+
+if __name__ == "__main__":
+    main()
