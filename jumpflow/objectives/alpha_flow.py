@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from jumpflow.objectives.base import LossOutput, require
 from jumpflow.objectives.curriculum import StepCounter, check_ramp, counter_of, ramp
 from jumpflow.objectives.meanflow import MeanFlow
-from jumpflow.timeconv import expand_like, interpolate, velocity
+from jumpflow.timeconv import expand_like
 
 
 class AlphaFlow(MeanFlow):
@@ -127,18 +127,7 @@ class AlphaFlow(MeanFlow):
 
     def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:
         alpha = self.current_alpha(net)
-        b = x.shape[0]
-        eps = torch.randn_like(x)                                            # (B, *shape)
-        t, r = self.sample_times(b, x.device, x.dtype)                       # (B,), (B,)
-        z = interpolate(x, eps, t)                                           # (B, *shape)
-        v = velocity(x, eps)                                                 # (B, *shape)
-
-        dropped = torch.zeros(b, dtype=torch.bool, device=x.device)
-        if cond is not None and self.class_drop_prob > 0:
-            dropped = torch.rand(b, device=x.device) < self.class_drop_prob
-            cond = torch.where(expand_like(dropped, cond), net.null_cond(cond), cond)
-        if cond is not None and self.uses_guidance:
-            v = self._guided_velocity(net, z, t, v, cond, dropped)
+        t, r, z, v, cond = self.training_draw(net, x, cond)
 
         if alpha == 0.0:
             u, u_tgt = self.prediction_and_target(net, z, r, t, v, cond)    # MeanFlow's JVP branch

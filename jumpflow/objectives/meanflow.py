@@ -99,7 +99,9 @@ class MeanFlow(Objective):
         keep = torch.rand(n, device=device) < self.ratio_r_neq_t
         return t, torch.where(keep, r, t)
 
-    def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:
+    def training_draw(self, net, x: Tensor, cond: Tensor | None):
+        """``(t, r, z_t, v, cond)`` of one training batch: times, the noisy point, the (guided)
+        velocity and the condition after label dropout (shared with the MeanFlow family)."""
         b = x.shape[0]
         eps = torch.randn_like(x)                                   # (B, *shape)
         t, r = self.sample_times(b, x.device, x.dtype)              # (B,), (B,)
@@ -112,6 +114,10 @@ class MeanFlow(Objective):
             cond = torch.where(expand_like(dropped, cond), net.null_cond(cond), cond)
         if cond is not None and self.uses_guidance:
             v = self._guided_velocity(net, z, t, v, cond, dropped)
+        return t, r, z, v, cond
+
+    def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:
+        t, r, z, v, cond = self.training_draw(net, x, cond)
 
         u, u_tgt = self.prediction_and_target(net, z, r, t, v, cond)   # (B, *shape) each
         err = u - u_tgt                                             # (B, *shape)
