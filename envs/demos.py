@@ -38,31 +38,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from jumpflow.envs.demo_format import record_episode, write_demo
 from jumpflow.envs.sim import canonical_task, default_env_meta
+
 from jumpflow.io import atomic_write
 
 DEMO_SEED_LIMIT = 100_000      # demo seeds are expected below this; test seeds start at 1_000_000
 DEFAULT_MAX_STEPS = {"Lift": 400, "PickPlaceCan": 400, "NutAssemblySquare": 400}
 # mh episodes are slower (pauses, detours, a missed grasp); robomimic's mh demos run longer than ph too
 MH_MAX_STEPS = {"Lift": 600, "PickPlaceCan": 800, "NutAssemblySquare": 800}
-
-
-def _write_demo(grp, episode: dict, compress_images: bool) -> None:
-    grp.attrs["num_samples"] = int(episode["actions"].shape[0])
-    grp.attrs["model_file"] = episode["model_file"]
-    grp.attrs["seed"] = int(episode["seed"])
-    grp.attrs["success"] = bool(episode["success"])
-    for key, value in episode.get("attrs", {}).items():      # the mh style's draws (none for ph)
-        grp.attrs[key] = value
-    for name in ("states", "actions", "rewards", "dones"):
-        grp.create_dataset(name, data=episode[name])
-    for part in ("obs", "next_obs"):
-        sub = grp.create_group(part)
-        for k, v in episode[part].items():
-            if v.dtype == np.uint8 and compress_images:
-                sub.create_dataset(k, data=v, chunks=(1,) + v.shape[1:], compression="lzf")
-            else:
-                sub.create_dataset(k, data=v)
 
 
 def run_expert_episode(sim, expert, seed: int, max_steps: int, image_keys=()) -> dict:
@@ -77,29 +61,7 @@ def run_expert_episode(sim, expert, seed: int, max_steps: int, image_keys=()) ->
     if hasattr(expert, "reseed"):
         expert.reseed(seed)
     expert.reset(obs)
-    model_file = sim.get_model_xml()
-    states, actions, rewards, obs_list = [], [], [], [obs]
-    success = False
-    for _ in range(max_steps):
-        states.append(sim.get_state())
-        a = np.clip(expert.act(obs), -1.0, 1.0)
-        obs, r, success = sim.step(a)
-        actions.append(a)
-        rewards.append(r)
-        obs_list.append(obs)
-        if success:
-            break
-    t = len(actions)
-    dones = np.zeros(t, dtype=np.int64)
-    dones[-1] = 1
-    keys = list(obs_list[0])
-    stacked = {k: np.stack([o[k] for o in obs_list]) for k in keys}
-    episode = {
-        "states": np.stack(states), "actions": np.stack(actions).astype(np.float64),
-        "rewards": np.asarray(rewards, dtype=np.float64), "dones": dones,
-        "obs": {k: v[:-1] for k, v in stacked.items()}, "next_obs": {k: v[1:] for k, v in stacked.items()},
-        "model_file": model_file, "seed": int(seed), "success": bool(success),
-    }
+    episode = record_episode(sim, expert.act, obs, seed, max_steps, model_file=sim.get_model_xml())
     if hasattr(expert, "episode_attrs"):
         episode["attrs"] = expert.episode_attrs()
     return episode
@@ -130,9 +92,9 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
     """
     import h5py
     from jumpflow.envs.experts import check_style, make_expert
+    from jumpflow.envs.planar_demos import generate_from_demos_args, is_planar_task
     from jumpflow.envs.sim import RobosuiteSim
     from tqdm import tqdm
-    from jumpflow.envs.planar_demos import generate_from_demos_args, is_planar_task
 
     if is_planar_task(task):       # BlockPush / ReachAround: jumpflow's planar tasks and their oracles
         return generate_from_demos_args(out, task, n_demos=n_demos, seed=seed, image=image, camera_size=camera_size,
@@ -171,7 +133,7 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
                             bar.set_postfix(failed=n_failed)
                             continue
                     name = f"demo_{len(names)}"
-                    _write_demo(data.create_group(name), ep, compress_images)
+                    write_demo(data.create_group(name), ep, compress_images)
                     names.append(name)
                     if "mode" in ep.get("attrs", {}):
                         modes[ep["attrs"]["mode"]] = modes.get(ep["attrs"]["mode"], 0) + 1

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from jumpflow.envs.demo_format import record_episode, write_demo
 
 ORACLE_STREAM = 1        # second entry of the oracle's seed: independent of the env's initial-state draw
 
@@ -92,36 +93,20 @@ def run_oracle_episode(sim, oracle, seed: int, max_steps: int) -> dict:
     """
     obs = sim.reset(seed=seed)
     oracle.reset(obs, seed=[int(seed), ORACLE_STREAM])
-    states, actions, rewards, obs_list = [], [], [], [obs]
-    success = p1 = False
-    for _ in range(max_steps):
-        states.append(sim.get_state())
-        a = np.clip(oracle.act(obs), -1.0, 1.0)
-        obs, r, success = sim.step(a)
-        actions.append(a)
-        rewards.append(r)
-        obs_list.append(obs)
-        p1 = p1 or bool(sim.success_dict().get("p1", success))
-        if success:
-            break
-    t = len(actions)
-    dones = np.zeros(t, dtype=np.int64)
-    dones[-1] = 1
-    stacked = {k: np.stack([o[k] for o in obs_list]) for k in obs_list[0]}
-    return {
-        "states": np.stack(states), "actions": np.stack(actions).astype(np.float64),
-        "rewards": np.asarray(rewards, dtype=np.float64), "dones": dones,
-        "obs": {k: v[:-1] for k, v in stacked.items()}, "next_obs": {k: v[1:] for k, v in stacked.items()},
-        "model_file": sim.get_model_xml(), "seed": int(seed), "success": bool(success), "p1": bool(p1),
-        "mode": oracle.mode, "realised_mode": sim.current_mode(), "draw": oracle.draw,
-    }
+    reached_p1 = []
+
+    def note_p1() -> None:
+        if sim.success_dict().get("p1", False):
+            reached_p1.append(True)
+    episode = record_episode(sim, oracle.act, obs, seed, max_steps, model_file=sim.get_model_xml(),
+                             after_step=note_p1)
+    return {**episode, "p1": bool(reached_p1) or episode["success"], "mode": oracle.mode,
+            "realised_mode": sim.current_mode(), "draw": oracle.draw}
 
 
 def _write_demo(grp, ep: dict, compress_images: bool) -> None:
     """The robomimic demo layout (``jumpflow.envs.demos``), with the oracle's mode and draw."""
-    from jumpflow.envs.demos import _write_demo as write_robomimic_demo
-
-    write_robomimic_demo(grp, {**ep, "attrs": {**ep.get("attrs", {}), "mode": str(ep["mode"]),
+    write_demo(grp, {**ep, "attrs": {**ep.get("attrs", {}), "mode": str(ep["mode"]),
                                                "draw": json.dumps(ep["draw"])}}, compress_images)
 
 
