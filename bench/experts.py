@@ -1,4 +1,4 @@
-"""Scripted-expert success rates (Lift, PickPlaceCan, NutAssemblySquare) over fixed seeds -> bench/results/experts.json.
+"""Scripted-expert success rates (Lift, PickPlaceCan, NutAssemblySquare; MetaWorld) over fixed seeds -> bench/results/experts.json.
 
 Usage: ``python -m bench.experts [--style ph|mh] [--n-episodes 100] [--tasks Lift PickPlaceCan] [--seed 0]``
 (``--debug``: 3 episodes per task). Episode ``k`` resets with seed ``seed + k`` (the demo
@@ -7,11 +7,18 @@ mh ``MH_MAX_STEPS``) and counts success. ``--style mh`` runs the human-like styl
 its draw seeded by the episode seed, exactly as ``jumpflow-demos --style mh`` does), so
 ``success_rate`` is the fraction of attempts the mh demo generator keeps. Rows are keyed by
 ``(task, style)``: a run replaces its own rows and keeps the others.
+
+MetaWorld: ``--tasks metaworld`` runs jumpflow's MetaWorld task set
+(``jumpflow.envs.metaworld_env.TASK_SET``, 14 tasks in four difficulty groups), or name v3 tasks
+(``--tasks push-v3 reach-v3``); MetaWorld's own scripted policy (``ENV_POLICY_MAP``) acts on
+``MetaWorldSim`` reset with seed ``seed + k`` (the demo generator's seeds) for at most MetaWorld's
+500 steps; rows carry ``family: "metaworld"`` and the task's ``group`` (style ``ph``: the only one).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -28,7 +35,54 @@ STYLES = ("ph", "mh")
 def machine_info() -> dict:
     import mujoco
     import robosuite
-    return {**machine(), "mujoco": mujoco.__version__, "robosuite": robosuite.__version__}
+    info = {**machine(), "mujoco": mujoco.__version__, "robosuite": robosuite.__version__}
+    with contextlib.suppress(ImportError):       # MetaWorld not installed: robosuite rows only
+        from jumpflow.envs.metaworld_env import metaworld_version
+        info["metaworld"] = metaworld_version()
+    return info
+
+
+def run_metaworld_task(task: str, n_episodes: int, seed: int, noise_std: float = 0.0) -> dict:
+    """MetaWorld's scripted policy on ``MetaWorldSim`` (episode ``k``: seed ``seed + k``, at most 500 steps)."""
+    from jumpflow.envs.metaworld_env import MetaWorldExpert, MetaWorldSim, metaworld_env_meta, task_group
+
+    meta = metaworld_env_meta(task)
+    max_steps = int(meta["env_kwargs"]["horizon"])
+    sim = MetaWorldSim(meta, obs_keys=["state"])
+    expert = MetaWorldExpert(meta["env_name"], noise_std=noise_std)
+    succ, lengths, failed_seeds = [], [], []
+    t0 = time.perf_counter()
+    for k in range(n_episodes):
+        obs = sim.reset(seed=seed + k)
+        expert.reset(seed + k)
+        ok, t = False, 0
+        for t in range(1, max_steps + 1):
+            obs, _, ok = sim.step(np.clip(expert.act(obs), -1.0, 1.0))
+            if ok:
+                break
+        succ.append(ok)
+        lengths.append(t)
+        if not ok:
+            failed_seeds.append(seed + k)
+    sec = time.perf_counter() - t0
+    sim.close()
+    return {"task": meta["env_name"], "family": "metaworld", "group": task_group(meta["env_name"]), "style": "ph",
+            "noise_std": float(noise_std), "n_episodes": n_episodes, "n_success": int(np.sum(succ)),
+            "success_rate": float(np.mean(succ)), "max_steps": max_steps, "mean_length": float(np.mean(lengths)),
+            "seconds_per_episode": sec / n_episodes, "seeds": f"{seed}..{seed + n_episodes - 1}",
+            "failed_seeds": failed_seeds}
+
+
+def _expand_tasks(tasks: list[str]) -> list[str]:
+    """``metaworld`` -> jumpflow's MetaWorld task set; other names as given."""
+    out = []
+    for t in tasks:
+        if t.lower() == "metaworld":
+            from jumpflow.envs.metaworld_env import TASK_SET
+            out += list(TASK_SET)
+        else:
+            out.append(t)
+    return out
 
 
 def run_task(task: str, n_episodes: int, seed: int, style: str = "ph", max_steps: int | None = None) -> dict:
@@ -78,7 +132,8 @@ def _key(row: dict) -> tuple[str, str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", nargs="+", default=["Lift", "PickPlaceCan", "NutAssemblySquare"])
+    p.add_argument("--tasks", nargs="+", default=["Lift", "PickPlaceCan", "NutAssemblySquare"],
+                   help="robosuite tasks, MetaWorld v3 names (push-v3) or 'metaworld' (jumpflow's MetaWorld task set)")
     p.add_argument("--style", default="ph", help="ph (the scripted expert) | mh (human-like, drawn per episode)")
     p.add_argument("--n-episodes", type=int, default=100, help="episodes per task (one value for all)")
     p.add_argument("--seed", type=int, default=0)
@@ -106,8 +161,15 @@ def main(argv=None) -> int:
         atomic_write_text(out, json.dumps(result, indent=1) + "\n")
         args.tasks = []
     rows, merged = [], None
-    for task in args.tasks:
-        rows.append(run_task(task, n, args.seed, args.style))
+    for task in _expand_tasks(args.tasks):
+        from jumpflow.envs.metaworld_env import looks_like_metaworld
+        if looks_like_metaworld(task):
+            if args.style != "ph":
+                print(f"bench.experts: MetaWorld tasks have one style, ph; got --style {args.style}", file=sys.stderr)
+                return 2
+            rows.append(run_metaworld_task(task, n, args.seed))
+        else:
+            rows.append(run_task(task, n, args.seed, args.style))
         r = rows[-1]
         print(f"{r['task']:<18} {r['style']} n={r['n_episodes']:<4} success={r['success_rate']:.3f} "
               f"len={r['mean_length']:.1f} {r['seconds_per_episode']:.2f} s/episode", flush=True)
@@ -120,7 +182,8 @@ def main(argv=None) -> int:
         merged = [{**x, "style": x.get("style", "ph")} for x in old_rows if _key(x) not in done] + rows
         result = {"bench": "experts", "machine": machine_info(),
                   "config": {"seed": args.seed, "max_steps": "per row (ph 400; mh: jumpflow.envs.demos.MH_MAX_STEPS)",
-                             "controller": "OSC_POSE", "control_freq": 20,
+                             "controller": "OSC_POSE (MetaWorld rows: its mocap hand, 80 Hz, 500 steps)",
+                             "control_freq": "20 (MetaWorld rows: 80)",
                              "note": "episode k of a task resets with seed + k (mh: and draws its style from it); "
                                      "n_episodes per row"},
                   "rows": merged}
@@ -129,9 +192,10 @@ def main(argv=None) -> int:
         rows = merged
     elif args.merge:
         rows = load_rows(out)
-    print("\n| task | style | n_episodes | success_rate |\n|---|---|---|---|")
+    print("\n| task | style | group | n_episodes | success_rate |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['task']} | {r.get('style', 'ph')} | {r['n_episodes']} | {r['success_rate']:.2f} |")
+        print(f"| {r['task']} | {r.get('style', 'ph')} | {r.get('group', '')} | {r['n_episodes']} | "
+              f"{r['success_rate']:.2f} |")
     print(f"wrote {out}")
     return 0
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
-from bench.common import write_results
+from bench.common import RESULTS, load_rows, write_results
 from jumpflow.trainer import train
 
 # objective -> (config overrides, NFEs evaluated)
@@ -29,6 +29,12 @@ PLAN = {
     "transition_matching": (["objective.transition_steps=4"], [4]),
     "drifting": (["objective.gen_per_group=null"], [1]),
     "ddpm": (["objective.inference.sampler=ddpm", "objective.clip_sample=null"], [1, 10, 100]),   # ancestral DDPM
+    "regression": ([], [1]),
+    "shortcut": ([], [1, 2, 4]),
+    "consistency": ([], [1, 2]),
+    "sct": ([], [1]),
+    "alpha_flow": ([], [1, 2]),
+    "improved_meanflow": ([], [1, 2]),
 }
 
 
@@ -63,14 +69,17 @@ def main(argv=None):
     ap.add_argument("--objectives", default=",".join(PLAN))
     args = ap.parse_args(argv)
     rows = []
+    done = [r for r in load_rows(RESULTS / "toy2d.json")
+            if not (r["dataset"] == args.dataset and r["objective"] in args.objectives.split(","))]
     with tempfile.TemporaryDirectory() as tmp:
         for objective in args.objectives.split(","):
             rows += run_one(objective, args.dataset, args.steps, args.batch, args.seed, Path(tmp))
             print(rows[-1], flush=True)
     write_results("toy2d", {"dataset": args.dataset, "steps": args.steps, "batch": args.batch, "backbone": "MLP",
                             "lr": 1e-3, "ema": 0.999, "eval_samples": 4000,
-                            "note": "transition_matching nfe = backbone evaluations (T=4), each with 8 head steps"},
-                  rows)
+                            "note": "transition_matching nfe = backbone evaluations (T=4), each with 8 head steps; "
+                                    "rows of other runs (datasets, objectives) are kept"},
+                  done + rows)
 
 
 if __name__ == "__main__":

@@ -92,10 +92,17 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
     """
     import h5py
     from jumpflow.envs.experts import check_style, make_expert
+    from jumpflow.envs.metaworld_demos import is_metaworld_task
     from jumpflow.envs.planar_demos import generate_from_demos_args, is_planar_task
     from jumpflow.envs.sim import RobosuiteSim
     from tqdm import tqdm
 
+    if is_metaworld_task(task):    # MetaWorld v3 (push-v3, metaworld:push-v3): MetaWorld's scripted policies
+        from jumpflow.envs.metaworld_demos import generate_from_demos_args as metaworld_from_demos_args
+        return metaworld_from_demos_args(out, task, n_demos=n_demos, seed=seed, image=image, camera_size=camera_size,
+                                         keep_failed=keep_failed, max_steps=max_steps, max_attempts=max_attempts,
+                                         valid_fraction=valid_fraction, progress=progress,
+                                         compress_images=compress_images, style=style)
     if is_planar_task(task):       # BlockPush / ReachAround: jumpflow's planar tasks and their oracles
         return generate_from_demos_args(out, task, n_demos=n_demos, seed=seed, image=image, camera_size=camera_size,
                                         keep_failed=keep_failed, max_steps=max_steps, max_attempts=max_attempts,
@@ -180,8 +187,13 @@ def ensure_demos(path: str | os.PathLike, task: str = "Lift", n_demos: int = 200
     mismatch raises ``ValueError`` naming the file. Extra ``kwargs`` go to :func:`generate_demos`.
     """
     from jumpflow.envs.experts import check_style
+    from jumpflow.envs.metaworld_demos import ensure_metaworld_demos, is_metaworld_task
     from jumpflow.envs.planar_demos import ensure_planar_demos, is_planar_task
 
+    if is_metaworld_task(task):    # MetaWorld v3 (push-v3): MetaWorld's scripted policies, the only style
+        if style != "ph":
+            raise ValueError(f"{task}: demo style {style!r} is not available for MetaWorld tasks; use style 'ph'")
+        return ensure_metaworld_demos(path, task=task, n_demos=n_demos, seed=seed, image=image, **kwargs)
     if is_planar_task(task):       # BlockPush / ReachAround (oracle demos; the only style is theirs)
         if style != "ph":
             raise ValueError(f"{task}: demo style {style!r} is not available for planar tasks; use style 'ph'")
@@ -221,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jumpflow-demos",
         description="Write scripted-expert demonstrations (robosuite, OSC_POSE) as a robomimic-format HDF5.")
     p.add_argument("--task", default="Lift", help="Lift | PickPlaceCan | NutAssemblySquare (aliases: lift, can, square); "
-                   "planar (oracle demos with a mode per demo): BlockPush | ReachAround")
+                   "planar (oracle demos with a mode per demo): BlockPush | ReachAround; "
+                   "MetaWorld (its scripted policies): push-v3 | metaworld:push-v3 | any v3 task")
     p.add_argument("--n-demos", type=int, default=200, help="successful demos to store (default 200)")
     p.add_argument("--out", required=True, help="output .hdf5 path (written atomically)")
     p.add_argument("--seed", type=int, default=0, help="first reset seed; attempt k uses seed+k (default 0)")

@@ -30,8 +30,9 @@ PLANAR_TYPE = "jumpflow"
 SIM_FAMILIES: dict = {
     ROBOSUITE_TYPE: "jumpflow.envs.sim:RobosuiteSim",
     PLANAR_TYPE: "jumpflow.envs.registry:make_planar_sim",
+    "metaworld": "jumpflow.envs.metaworld_env:MetaWorldSim",     # {"env_name": "push-v3", "type": "metaworld", ...}
 }
-FAMILY_NAMES = {ROBOSUITE_TYPE: "robosuite", PLANAR_TYPE: "jumpflow planar"}
+FAMILY_NAMES = {ROBOSUITE_TYPE: "robosuite", PLANAR_TYPE: "jumpflow planar", "metaworld": "MetaWorld"}
 
 # jumpflow planar env_name -> "module:class"
 PLANAR_ENVS: dict = {

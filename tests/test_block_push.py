@@ -24,7 +24,7 @@ def test_registry_rejects_unknown_type_and_env_in_one_line():
     from jumpflow.envs.registry import make_sim
 
     with pytest.raises(ValueError) as e:
-        make_sim({"env_name": "door-open-v2", "type": "metaworld", "env_kwargs": {}})
+        make_sim({"env_name": "door-open-v2", "type": "isaac", "env_kwargs": {}})
     msg = str(e.value)
     assert "'metaworld'" in msg and "'jumpflow'" in msg and "1 (robosuite)" in msg and "\n" not in msg
     with pytest.raises(ValueError) as e:

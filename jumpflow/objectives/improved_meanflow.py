@@ -9,17 +9,16 @@ from torch import Tensor
 from jumpflow.objectives.base import (
     Inference,
     LossOutput,
-    Objective,
-    TimeSampler,
     drop_condition,
     jump_sample,
     jvp_context,
     require,
 )
+from jumpflow.objectives.meanflow import AverageVelocityObjective
 from jumpflow.timeconv import expand_like, interpolate, velocity
 
 
-class ImprovedMeanFlow(Objective):
+class ImprovedMeanFlow(AverageVelocityObjective):
     """MeanFlow reformulated as a loss on the instantaneous velocity.
 
     The net is MeanFlow's average velocity ``u(z_t, r, t) = net(z_t, t, h=t-r)``. The MeanFlow
@@ -73,27 +72,10 @@ class ImprovedMeanFlow(Objective):
                  adaptive_c: float = 1e-2, adaptive_reduce: str = "sum", v_loss_weight: float = 0.0,
                  class_drop_prob: float = 0.0,
                  prediction: str = "native", data_t_min: float = 0.05, inference: dict | None = None):
-        self.set_prediction(prediction, data_t_min)
-        self.set_inference_defaults(inference, steps=1)
-        self.time_sampler = TimeSampler(**(time_sampler or {"kind": "logit_normal", "mean": -0.4, "std": 1.0}),
-                                        name="time_sampler")
-        require(0.0 <= ratio_r_neq_t <= 1.0, "ratio_r_neq_t", f"must be in [0, 1], got {ratio_r_neq_t}")
-        require(adaptive_p >= 0, "adaptive_p", f"must be >= 0, got {adaptive_p}")
-        require(adaptive_c > 0, "adaptive_c", f"must be > 0, got {adaptive_c}")
-        require(adaptive_reduce in ("sum", "mean"), "adaptive_reduce",
-                f"must be 'sum' or 'mean', got {adaptive_reduce!r}")
+        self.init_average_velocity(time_sampler, ratio_r_neq_t, adaptive_p, adaptive_c, adaptive_reduce,
+                                   class_drop_prob, prediction, data_t_min, inference)
         require(v_loss_weight >= 0, "v_loss_weight", f"must be >= 0, got {v_loss_weight}")
-        require(0.0 <= class_drop_prob < 1.0, "class_drop_prob", f"must be in [0, 1), got {class_drop_prob}")
-        self.ratio_r_neq_t, self.adaptive_p, self.adaptive_c = ratio_r_neq_t, adaptive_p, adaptive_c
-        self.adaptive_reduce = adaptive_reduce
-        self.v_loss_weight, self.class_drop_prob = v_loss_weight, class_drop_prob
-
-    def sample_times(self, n: int, device, dtype) -> tuple[Tensor, Tensor]:
-        """``(t, r)``: two draws sorted so ``t >= r``; a ``1 - ratio_r_neq_t`` share gets ``r = t``."""
-        a, b = self.time_sampler(n, device, dtype), self.time_sampler(n, device, dtype)
-        t, r = torch.maximum(a, b), torch.minimum(a, b)
-        keep = torch.rand(n, device=device) < self.ratio_r_neq_t
-        return t, torch.where(keep, r, t)
+        self.v_loss_weight = v_loss_weight
 
     def velocity_target_and_tangent(self, net, z: Tensor, t: Tensor, v: Tensor, cond: Tensor | None):
         """The guidance hook: ``(v_target, tangent, v_hat)``: the loss target, the JVP tangent in

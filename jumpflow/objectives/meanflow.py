@@ -6,13 +6,56 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jumpflow.objectives.base import Inference, LossOutput, Objective, TimeSampler, jump_sample, jvp_context, require
+from jumpflow.objectives.base import (
+    Inference,
+    LossOutput,
+    Objective,
+    TimeSampler,
+    jump_sample,
+    jvp_context,
+    require,
+)
 from jumpflow.timeconv import expand_like, interpolate, velocity
 
 TANGENTS = ("v_0_1", "v_0_0", "v_1_0", "v_1_1")
 
 
-class MeanFlow(Objective):
+class AverageVelocityObjective(Objective):
+    """What the MeanFlow family shares, written once: the ``(t, r)`` sampler, the adaptive
+    weight and the validation of their knobs (MeanFlow, improved MeanFlow, alpha-Flow)."""
+
+    def init_average_velocity(self, time_sampler: dict | None, ratio_r_neq_t: float, adaptive_p: float,
+                              adaptive_c: float, adaptive_reduce: str, class_drop_prob: float, prediction: str,
+                              data_t_min: float, inference: dict | None) -> None:
+        self.set_prediction(prediction, data_t_min)
+        self.set_inference_defaults(inference, steps=1)
+        self.time_sampler = TimeSampler(**(time_sampler or {"kind": "logit_normal", "mean": -0.4, "std": 1.0}),
+                                        name="time_sampler")
+        require(0.0 <= ratio_r_neq_t <= 1.0, "ratio_r_neq_t", f"must be in [0, 1], got {ratio_r_neq_t}")
+        require(adaptive_p >= 0, "adaptive_p", f"must be >= 0, got {adaptive_p}")
+        require(adaptive_c > 0, "adaptive_c", f"must be > 0, got {adaptive_c}")
+        require(adaptive_reduce in ("sum", "mean"), "adaptive_reduce",
+                f"must be 'sum' or 'mean', got {adaptive_reduce!r}")
+        require(0.0 <= class_drop_prob < 1.0, "class_drop_prob", f"must be in [0, 1), got {class_drop_prob}")
+        self.ratio_r_neq_t, self.adaptive_p, self.adaptive_c = ratio_r_neq_t, adaptive_p, adaptive_c
+        self.adaptive_reduce, self.class_drop_prob = adaptive_reduce, class_drop_prob
+
+    def sample_times(self, n: int, device, dtype) -> tuple[Tensor, Tensor]:
+        """``(t, r)``: two draws sorted so ``t >= r``; a ``1 - ratio_r_neq_t`` share gets ``r = t``."""
+        a, b = self.time_sampler(n, device, dtype), self.time_sampler(n, device, dtype)
+        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        keep = torch.rand(n, device=device) < self.ratio_r_neq_t
+        return t, torch.where(keep, r, t)
+
+    def adaptive_weight(self, err: Tensor) -> Tensor:
+        """``w = 1 / sg(||err||^2 + c)^p`` per sample, ``||err||^2`` summed (or averaged, with
+        ``adaptive_reduce="mean"``) over the non-batch dims. ``err: (B, *shape) -> (B,)``."""
+        sq = err.detach().pow(2).flatten(1)
+        sq = sq.sum(1) if self.adaptive_reduce == "sum" else sq.mean(1)
+        return (sq + self.adaptive_c).pow(-self.adaptive_p)
+
+
+class MeanFlow(AverageVelocityObjective):
     """Average-velocity objective.
 
     The net models ``u_theta(z_t, r, t) ~ u(z_t, r, t) = 1/(t - r) int_r^t v(z_tau, tau) dtau``
@@ -62,28 +105,18 @@ class MeanFlow(Objective):
                  adaptive_c: float = 1e-2, adaptive_reduce: str = "sum", omega: float = 1.0, kappa: float = 0.0,
                  guidance_interval: tuple[float, float] = (0.0, 1.0), class_drop_prob: float = 0.0,
                  prediction: str = "native", data_t_min: float = 0.05, inference: dict | None = None):
-        self.set_prediction(prediction, data_t_min)
-        self.set_inference_defaults(inference, steps=1)
-        self.time_sampler = TimeSampler(**(time_sampler or {"kind": "logit_normal", "mean": -0.4, "std": 1.0}),
-                                        name="time_sampler")
-        require(0.0 <= ratio_r_neq_t <= 1.0, "ratio_r_neq_t", f"must be in [0, 1], got {ratio_r_neq_t}")
+        self.init_average_velocity(time_sampler, ratio_r_neq_t, adaptive_p, adaptive_c, adaptive_reduce,
+                                   class_drop_prob, prediction, data_t_min, inference)
         require(tangent in TANGENTS, "tangent", f"must be one of {TANGENTS}, got {tangent!r}")
         require(time_embedding in ("t_h", "t_r"), "time_embedding", f"must be 't_h' or 't_r', got {time_embedding!r}")
-        require(adaptive_p >= 0, "adaptive_p", f"must be >= 0, got {adaptive_p}")
-        require(adaptive_c > 0, "adaptive_c", f"must be > 0, got {adaptive_c}")
-        require(adaptive_reduce in ("sum", "mean"), "adaptive_reduce",
-                f"must be 'sum' or 'mean', got {adaptive_reduce!r}")
         require(omega > 0, "omega", f"must be > 0, got {omega}")
         # 1 - omega - kappa may be negative: that is the extrapolation of classifier-free
         # guidance (effective scale omega / (1 - kappa); the paper's B/2 uses 1 and 0.5)
         require(0.0 <= kappa < 1.0, "kappa", f"need 0 <= kappa < 1, got {kappa}")
         lo, hi = guidance_interval
         require(0.0 <= lo < hi <= 1.0, "guidance_interval", f"need 0 <= lo < hi <= 1, got {guidance_interval}")
-        require(0.0 <= class_drop_prob < 1.0, "class_drop_prob", f"must be in [0, 1), got {class_drop_prob}")
-        self.ratio_r_neq_t, self.tangent, self.time_embedding = ratio_r_neq_t, tangent, time_embedding
-        self.adaptive_p, self.adaptive_c, self.adaptive_reduce = adaptive_p, adaptive_c, adaptive_reduce
+        self.tangent, self.time_embedding = tangent, time_embedding
         self.omega, self.kappa, self.guidance_interval = omega, kappa, (float(lo), float(hi))
-        self.class_drop_prob = class_drop_prob
 
     @property
     def uses_guidance(self) -> bool:
@@ -91,13 +124,6 @@ class MeanFlow(Objective):
 
     def _second_time(self, t: Tensor, r: Tensor) -> Tensor:
         return t - r if self.time_embedding == "t_h" else r
-
-    def sample_times(self, n: int, device, dtype) -> tuple[Tensor, Tensor]:
-        """``(t, r)``: two draws sorted so ``t >= r``; a ``1 - ratio_r_neq_t`` share gets ``r = t``."""
-        a, b = self.time_sampler(n, device, dtype), self.time_sampler(n, device, dtype)
-        t, r = torch.maximum(a, b), torch.minimum(a, b)
-        keep = torch.rand(n, device=device) < self.ratio_r_neq_t
-        return t, torch.where(keep, r, t)
 
     def training_draw(self, net, x: Tensor, cond: Tensor | None):
         """``(t, r, z_t, v, cond)`` of one training batch: times, the noisy point, the (guided)
@@ -124,13 +150,6 @@ class MeanFlow(Objective):
         sq = err.pow(2).flatten(1).mean(1)                          # (B,)
         loss = self.adaptive_weight(err) * sq                       # (B,)
         return LossOutput(loss, {"mse": sq.mean().item(), "frac_r_neq_t": (r != t).float().mean().item()})
-
-    def adaptive_weight(self, err: Tensor) -> Tensor:
-        """``w = 1 / sg(||err||^2 + c)^p`` per sample, ``||err||^2`` summed (or averaged, with
-        ``adaptive_reduce="mean"``) over the non-batch dims. ``err: (B, *shape) -> (B,)``."""
-        sq = err.detach().pow(2).flatten(1)
-        sq = sq.sum(1) if self.adaptive_reduce == "sum" else sq.mean(1)
-        return (sq + self.adaptive_c).pow(-self.adaptive_p)
 
     def prediction_and_target(self, net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Tensor | None):
         """``u_theta(z, r, t)`` and ``sg(u_tgt) = sg(v - (t - r) du/dt)`` (paper eq. 10) by one JVP."""
