@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 

@@ -136,7 +136,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 TASKS = sorted(p.stem for p in (CONFIGS / "task").glob("*.yaml"))
 #: which tasks each recipe's workload takes
-WORKLOAD_TASKS = {"policy": [t for t in TASKS if t.endswith(("_lowdim", "_image"))], "toy2d": ["toy2d"],
+WORKLOAD_TASKS = {"policy": [t for t in TASKS if t.endswith(("_lowdim", "_image")) or t == "metaworld"], "toy2d": ["toy2d"],
                   "mnist": ["mnist"], "imagenet256": ["imagenet256_latent", "imagenet256_pixel", "fake"]}
 
 
