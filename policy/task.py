@@ -102,6 +102,11 @@ class PolicyTask(Task):
             ensure_demos(self.dataset_path, task=self.env, n_demos=self.n_demos, seed=self.demo_seed,
                          image=self.image, **extra)
         data = self._dataset()
+        from jumpflow.envs.registry import sim_class_path
+        try:                                   # an env the evaluator cannot build fails here, not after training
+            sim_class_path(data.env_meta)
+        except (ValueError, TypeError) as err:
+            raise ConfigError("task.dataset", f"{self.dataset_path}: data.attrs['env_args']: {err}") from None
         meta = data.shape_meta()
         self._set_shapes({k: tuple(meta["obs"][k]) for k in self.obs_keys}, int(meta["action"][0]), data.env_meta)
         self._normalizer = data.get_normalizer()

@@ -247,3 +247,27 @@ def test_gym_env_runs_planar_task_and_reports_mode():
     assert info["success"] and term and info["mode"] == "right" and info["mode_switches"] == 0
     assert env.render().shape == (128, 128, 3)                      # "agentview" -> the overhead camera
     env.close()
+
+
+def test_dataset_naming_an_unknown_env_type_fails_at_prepare(tmp_path):
+    """A dataset whose env_meta names an env family nobody registered fails in one line naming
+    the file and the key, before any training (and before anything is written)."""
+    import json
+
+    import h5py
+    from jumpflow.envs.planar_demos import generate_planar_demos
+    from jumpflow.policy.task import PolicyTask
+
+    from jumpflow.errors import ConfigError
+
+    path = tmp_path / "reach.hdf5"
+    generate_planar_demos(path, task="ReachAround", n_demos=3, seed=0, progress=False)
+    with h5py.File(path, "r+") as f:
+        meta = json.loads(f["data"].attrs["env_args"])
+        f["data"].attrs["env_args"] = json.dumps({**meta, "type": "isaac"})
+    task = PolicyTask(str(path), generate_if_missing=False, obs_keys=["agent_pos", "goal_pos"],
+                      cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError) as err:
+        task.prepare()
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and "env_args" in msg and "isaac" in msg
