@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from jumpflow.envs.planar import PlanarSim, servo_actuators
+from jumpflow.envs.planar import PlanarSim, effector_body, free_planar_box, servo_actuators
 
 BLOCK_HALF = 0.02            # block half side (4 cm cube)
 EFFECTOR_RADIUS = 0.015
@@ -70,28 +70,9 @@ BLOCK_PUSH_XML = f"""
       <geom name="target1" type="cylinder" size="{TARGET_RADIUS} 0.0005" rgba="0.3 0.6 0.95 1"
             contype="0" conaffinity="0"/>
     </body>
-    <body name="effector" pos="0 0 0.022">
-      <joint name="effector_x" type="slide" axis="1 0 0" range="{WORKSPACE[0][0]} {WORKSPACE[1][0]}"/>
-      <joint name="effector_y" type="slide" axis="0 1 0" range="{WORKSPACE[0][1]} {WORKSPACE[1][1]}"/>
-      <geom name="effector" type="cylinder" size="{EFFECTOR_RADIUS} 0.02" mass="0.5" rgba="0.2 0.2 0.2 1"
-            contype="2" conaffinity="2"/>
-    </body>
-    <body name="block0" pos="0 0 {BLOCK_HALF}">
-      <joint name="block0_x" type="slide" axis="1 0 0"/>
-      <joint name="block0_y" type="slide" axis="0 1 0"/>
-      <joint name="block0_z" type="slide" axis="0 0 1"/>
-      <joint name="block0_yaw" type="hinge" axis="0 0 1"/>
-      <geom name="block0" type="box" size="{BLOCK_HALF} {BLOCK_HALF} {BLOCK_HALF}" mass="0.1"
-            rgba="0.85 0.2 0.2 1" contype="3" conaffinity="3"/>
-    </body>
-    <body name="block1" pos="0 0 {BLOCK_HALF}">
-      <joint name="block1_x" type="slide" axis="1 0 0"/>
-      <joint name="block1_y" type="slide" axis="0 1 0"/>
-      <joint name="block1_z" type="slide" axis="0 0 1"/>
-      <joint name="block1_yaw" type="hinge" axis="0 0 1"/>
-      <geom name="block1" type="box" size="{BLOCK_HALF} {BLOCK_HALF} {BLOCK_HALF}" mass="0.1"
-            rgba="0.2 0.7 0.3 1" contype="3" conaffinity="3"/>
-    </body>
+{effector_body("effector", WORKSPACE, EFFECTOR_RADIUS, "0.2 0.2 0.2 1")}
+{free_planar_box("block0", BLOCK_HALF, "0.85 0.2 0.2 1")}
+{free_planar_box("block1", BLOCK_HALF, "0.2 0.7 0.3 1")}
   </worldbody>
 {servo_actuators(WORKSPACE)}
 </mujoco>

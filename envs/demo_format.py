@@ -55,3 +55,21 @@ def record_episode(sim, act, obs: dict, seed: int, max_steps: int, model_file: s
         "obs": {k: v[:-1] for k, v in stacked.items()}, "next_obs": {k: v[1:] for k, v in stacked.items()},
         "model_file": model_file, "seed": int(seed), "success": bool(success),
     }
+
+
+def check_existing_demos(path, task_name: str, n_demos: int, image: bool) -> None:
+    """An existing demo file may be reused only when it holds ``task_name``, at least ``n_demos``
+    demos and (``image``) camera observations; otherwise one line says why (it is never
+    overwritten)."""
+    from jumpflow.datasets.robomimic import RobomimicFile
+
+    with RobomimicFile(path) as rf:
+        if rf.env_meta.get("env_name") != task_name:
+            raise ValueError(f"{path}: existing file holds task {rf.env_meta.get('env_name')!r}, asked for "
+                             f"{task_name!r}; remove it or choose another path")
+        if len(rf.demo_names()) < n_demos:
+            raise ValueError(f"{path}: existing file holds {len(rf.demo_names())} demos, asked for {n_demos}; "
+                             "remove it to regenerate")
+        if image and not any(k.endswith("_image") for k in rf.obs_keys()):
+            raise ValueError(f"{path}: existing file has no image observations (keys {rf.obs_keys()}); "
+                             "asked for image=True")

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from jumpflow.envs.demo_format import record_episode, write_demo
+from jumpflow.envs.demo_format import check_existing_demos, record_episode, write_demo
 
 
 def generate_metaworld_demos(out: str | os.PathLike, task: str = "push-v3", n_demos: int = 50, seed: int = 0,
@@ -139,17 +139,7 @@ def ensure_metaworld_demos(path: str | os.PathLike, task: str = "push-v3", n_dem
               f"({summary['n_failed']} failed attempts dropped, {summary['seconds_per_demo']:.2f} s/demo)",
               file=sys.stderr)
         return path
-    from jumpflow.datasets.robomimic import RobomimicFile
-    with RobomimicFile(path) as rf:
-        if rf.env_meta.get("env_name") != name:
-            raise ValueError(f"{path}: existing file holds task {rf.env_meta.get('env_name')!r}, asked for {name!r}; "
-                             "remove it or choose another path")
-        if len(rf.demo_names()) < n_demos:
-            raise ValueError(f"{path}: existing file holds {len(rf.demo_names())} demos, asked for {n_demos}; "
-                             "remove it to regenerate")
-        if image and not any(k.endswith("_image") for k in rf.obs_keys()):
-            raise ValueError(f"{path}: existing file has no image observations (keys {rf.obs_keys()}); "
-                             "asked for image=True")
+    check_existing_demos(path, name, n_demos, image)
     return path
 
 

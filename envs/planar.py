@@ -62,6 +62,28 @@ def _register_exit_hook() -> None:
         _EXIT_HOOK.append(True)
 
 
+def effector_body(name: str, workspace, radius: float, rgba: str) -> str:
+    """MJCF of a planar effector: a cylinder on two slide joints (``effector_x``, ``effector_y``)
+    limited to ``workspace``, driven by :func:`servo_actuators`."""
+    (x_lo, y_lo), (x_hi, y_hi) = workspace
+    return f"""    <body name="{name}" pos="0 0 0.022">
+      <joint name="effector_x" type="slide" axis="1 0 0" range="{x_lo} {x_hi}"/>
+      <joint name="effector_y" type="slide" axis="0 1 0" range="{y_lo} {y_hi}"/>
+      <geom name="{name}" type="cylinder" size="{radius} 0.02" mass="0.5" rgba="{rgba}" contype="2" conaffinity="2"/>
+    </body>"""
+
+
+def free_planar_box(name: str, half: float, rgba: str) -> str:
+    """MJCF of a box that slides in x, y (and settles in z) and turns about z on the table."""
+    joints = "\n".join(f'      <joint name="{name}_{axis}" type="slide" axis="{vec}"/>'
+                        for axis, vec in (("x", "1 0 0"), ("y", "0 1 0"), ("z", "0 0 1")))
+    return f"""    <body name="{name}" pos="0 0 {half}">
+{joints}
+      <joint name="{name}_yaw" type="hinge" axis="0 0 1"/>
+      <geom name="{name}" type="box" size="{half} {half} {half}" mass="0.1" rgba="{rgba}" contype="3" conaffinity="3"/>
+    </body>"""
+
+
 def servo_actuators(workspace) -> str:
     """MJCF of the two position servos (x, y) that drive a planar effector inside ``workspace``
     (``((x_lo, y_lo), (x_hi, y_hi))``): stiff enough to track 10 Hz targets, force-limited so a

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from jumpflow.envs.planar import PlanarSim, servo_actuators
+from jumpflow.envs.planar import PlanarSim, effector_body, servo_actuators
 
 AGENT_RADIUS = 0.02
 POST_RADIUS = 0.06
@@ -53,12 +53,7 @@ REACH_AROUND_XML = f"""
     <body name="goal" mocap="true" pos="0 0.25 0.0005">
       <geom name="goal" type="cylinder" size="0.03 0.0005" rgba="0.3 0.8 0.3 1" contype="0" conaffinity="0"/>
     </body>
-    <body name="agent" pos="0 0 0.022">
-      <joint name="effector_x" type="slide" axis="1 0 0" range="{WORKSPACE[0][0]} {WORKSPACE[1][0]}"/>
-      <joint name="effector_y" type="slide" axis="0 1 0" range="{WORKSPACE[0][1]} {WORKSPACE[1][1]}"/>
-      <geom name="agent" type="cylinder" size="{AGENT_RADIUS} 0.02" mass="0.5" rgba="0.2 0.2 0.7 1"
-            contype="2" conaffinity="2"/>
-    </body>
+{effector_body("agent", WORKSPACE, AGENT_RADIUS, "0.2 0.2 0.7 1")}
   </worldbody>
 {servo_actuators(WORKSPACE)}
 </mujoco>
