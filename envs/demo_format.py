@@ -73,3 +73,62 @@ def check_existing_demos(path, task_name: str, n_demos: int, image: bool) -> Non
         if image and not any(k.endswith("_image") for k in rf.obs_keys()):
             raise ValueError(f"{path}: existing file has no image observations (keys {rf.obs_keys()}); "
                              "asked for image=True")
+
+
+def write_demo_file(out, label: str, n_demos: int, seed: int, max_attempts: int, run_episode, env_meta: dict,
+                    reject=None, valid_fraction: float = 0.1, compress_images: bool = False, progress: bool = True,
+                    data_attrs: dict | None = None) -> dict:
+    """Attempt episodes ``run_episode(seed + k)`` until ``n_demos`` are kept, then write the file
+    atomically (``jumpflow.io.atomic_write``: nothing half-written; a shortfall writes nothing).
+
+    ``reject(episode) -> None | reason`` decides (default: keep successes only); the ``data``
+    group gets ``total``, ``env_args`` and ``data_attrs``; ``mask/train`` and ``mask/valid`` split
+    the demos (``valid_fraction``, at least one of each when there are two or more).
+    Returns ``{"attempts", "rejected": {reason: n}, "total", "names"}``."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import h5py
+    from tqdm import tqdm
+
+    from jumpflow.io import atomic_write
+
+    reject = reject or (lambda ep: None if ep["success"] else "failed")
+    stats: dict = {"attempts": 0, "rejected": {}, "total": 0, "names": []}
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            data = f.create_group("data")
+            bar = tqdm(total=n_demos, desc=f"{label} demos", unit="demo", disable=not progress, file=sys.stderr)
+            while len(stats["names"]) < n_demos and stats["attempts"] < max_attempts:
+                ep = run_episode(seed + stats["attempts"])
+                stats["attempts"] += 1
+                reason = reject(ep)
+                if reason is not None:
+                    stats["rejected"][reason] = stats["rejected"].get(reason, 0) + 1
+                    continue
+                demo = f"demo_{len(stats['names'])}"
+                write_demo(data.create_group(demo), ep, compress_images)
+                stats["names"].append(demo)
+                stats["total"] += ep["actions"].shape[0]
+                bar.update(1)
+                bar.set_postfix(failed=sum(stats["rejected"].values()))
+            bar.close()
+            names = stats["names"]
+            if len(names) < n_demos:
+                raise RuntimeError(f"{label}: only {len(names)} of {n_demos} demos succeeded in {stats['attempts']} "
+                                   f"attempts (seeds {seed}..{seed + stats['attempts'] - 1}); nothing written to {out}")
+            data.attrs["total"] = int(stats["total"])
+            data.attrs["env_args"] = json.dumps(env_meta)
+            for key, value in (data_attrs or {}).items():
+                data.attrs[key] = value
+            n_valid = round(valid_fraction * len(names))
+            n_valid = min(max(n_valid, 1 if valid_fraction > 0 else 0), len(names) - 1) if len(names) > 1 else 0
+            mask = f.create_group("mask")
+            mask.create_dataset("train", data=np.array(names[: len(names) - n_valid], dtype="S"))
+            mask.create_dataset("valid", data=np.array(names[len(names) - n_valid:], dtype="S"))
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(out), write)
+    return stats

@@ -21,14 +21,12 @@ or at ``max_steps`` (MetaWorld's 500); only successful episodes are kept. Writte
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from jumpflow.envs.demo_format import check_existing_demos, record_episode, write_demo
+from jumpflow.envs.demo_format import check_existing_demos, record_episode, write_demo_file
 
 
 def generate_metaworld_demos(out: str | os.PathLike, task: str = "push-v3", n_demos: int = 50, seed: int = 0,
@@ -52,11 +50,8 @@ def generate_metaworld_demos(out: str | os.PathLike, task: str = "push-v3", n_de
         ``{"path", "task", "n_demos", "n_attempts", "n_failed", "success_rate", "noise_std", "seconds",
         "seconds_per_demo", "total_samples"}`` (success rate over attempts).
     """
-    import h5py
     from jumpflow.envs.metaworld_env import MetaWorldExpert, MetaWorldSim, check_task_name, metaworld_env_meta
-    from tqdm import tqdm
 
-    from jumpflow.io import atomic_write
 
     name = check_task_name(task)
     if n_demos < 1:
@@ -76,51 +71,24 @@ def generate_metaworld_demos(out: str | os.PathLike, task: str = "push-v3", n_de
     image_keys = tuple(f"{c}_image" for c in cameras) if image else ()
     sim = MetaWorldSim(env_meta, image_keys=image_keys)
     expert = MetaWorldExpert(name, noise_std=noise_std)
-    stats = {"attempts": 0, "failed": 0, "total": 0, "names": []}
     t0 = time.perf_counter()
 
-    def write(tmp: str) -> None:
-        with h5py.File(tmp, "w") as f:
-            data = f.create_group("data")
-            bar = tqdm(total=n_demos, desc=f"{name} demos", unit="demo", disable=not progress, file=sys.stderr)
-            while len(stats["names"]) < n_demos and stats["attempts"] < max_attempts:
-                s = seed + stats["attempts"]
-                stats["attempts"] += 1
-                obs = sim.reset(seed=s)
-                expert.reset(s)
-                ep = record_episode(sim, expert.act, obs, s, max_steps, model_file=sim.get_model_xml())
-                if not ep["success"]:
-                    stats["failed"] += 1
-                    continue
-                demo = f"demo_{len(stats['names'])}"
-                write_demo(data.create_group(demo), ep, compress_images)
-                stats["names"].append(demo)
-                stats["total"] += ep["actions"].shape[0]
-                bar.update(1)
-                bar.set_postfix(failed=stats["failed"])
-            bar.close()
-            names = stats["names"]
-            if len(names) < n_demos:
-                raise RuntimeError(f"{name}: only {len(names)} of {n_demos} demos succeeded in {stats['attempts']} "
-                                   f"attempts (seeds {seed}..{seed + stats['attempts'] - 1}); nothing written to {out}")
-            data.attrs["total"] = int(stats["total"])
-            data.attrs["env_args"] = json.dumps(env_meta)
-            data.attrs["noise_std"] = float(noise_std)
-            n_valid = round(valid_fraction * len(names))
-            n_valid = min(max(n_valid, 1 if valid_fraction > 0 else 0), len(names) - 1) if len(names) > 1 else 0
-            mask = f.create_group("mask")
-            mask.create_dataset("train", data=np.array(names[: len(names) - n_valid], dtype="S"))
-            mask.create_dataset("valid", data=np.array(names[len(names) - n_valid:], dtype="S"))
+    def run(episode_seed: int) -> dict:
+        obs = sim.reset(seed=episode_seed)
+        expert.reset(episode_seed)
+        return record_episode(sim, expert.act, obs, episode_seed, max_steps, model_file=sim.get_model_xml())
 
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     try:
-        atomic_write(Path(out), write)
+        stats = write_demo_file(out, name, n_demos, seed, max_attempts, run, env_meta,
+                                valid_fraction=valid_fraction, compress_images=compress_images, progress=progress,
+                                data_attrs={"noise_std": float(noise_std)})
     finally:
         sim.close()
     seconds = time.perf_counter() - t0
     n, attempts = len(stats["names"]), max(stats["attempts"], 1)
+    failed = stats["rejected"].get("failed", 0)
     return {"path": str(out), "task": name, "n_demos": n, "n_attempts": stats["attempts"],
-            "n_failed": stats["failed"], "success_rate": (stats["attempts"] - stats["failed"]) / attempts,
+            "n_failed": failed, "success_rate": (stats["attempts"] - failed) / attempts,
             "noise_std": float(noise_std), "seconds": seconds, "seconds_per_demo": seconds / max(n, 1),
             "total_samples": stats["total"]}
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from jumpflow.envs.demo_format import check_existing_demos, record_episode, write_demo
+from jumpflow.envs.demo_format import check_existing_demos, record_episode, write_demo_file
 
 ORACLE_STREAM = 1        # second entry of the oracle's seed: independent of the env's initial-state draw
 
@@ -104,12 +104,6 @@ def run_oracle_episode(sim, oracle, seed: int, max_steps: int) -> dict:
             "realised_mode": sim.current_mode(), "draw": oracle.draw}
 
 
-def _write_demo(grp, ep: dict, compress_images: bool) -> None:
-    """The robomimic demo layout (``jumpflow.envs.demos``), with the oracle's mode and draw."""
-    write_demo(grp, {**ep, "attrs": {**ep.get("attrs", {}), "mode": str(ep["mode"]),
-                                               "draw": json.dumps(ep["draw"])}}, compress_images)
-
-
 def generate_planar_demos(out: str | os.PathLike, task: str = "BlockPush", n_demos: int = 200, seed: int = 0,
                           image: bool = False, camera_size: int = 84, max_steps: int | None = None,
                           max_attempts: int | None = None, valid_fraction: float = 0.1, progress: bool = True,
@@ -129,11 +123,8 @@ def generate_planar_demos(out: str | os.PathLike, task: str = "BlockPush", n_dem
         ``{"path", "task", "n_demos", "n_attempts", "n_failed", "n_mode_mismatch", "success_rate",
         "p1_rate", "mode_counts", "seconds", "seconds_per_demo", "total_samples"}`` (rates over attempts).
     """
-    import h5py
     from jumpflow.envs.registry import planar_env_meta
-    from tqdm import tqdm
 
-    from jumpflow.io import atomic_write
 
     name, sim_cls, oracle_cls = _task_parts(task)
     if n_demos < 1:
@@ -147,53 +138,35 @@ def generate_planar_demos(out: str | os.PathLike, task: str = "BlockPush", n_dem
     max_attempts = int(max_attempts or 2 * n_demos + 20)
     sim = sim_cls(env_meta, image_keys=("overhead_image",) if image else ())
     oracle = oracle_cls(max_delta=sim.max_delta)
-    stats = {"attempts": 0, "failed": 0, "mismatch": 0, "p1": 0, "total": 0, "names": [], "modes": {}}
+    counts = {"p1": 0, "modes": {}}
     t0 = time.perf_counter()
 
-    def write(tmp: str) -> None:
-        with h5py.File(tmp, "w") as f:
-            data = f.create_group("data")
-            bar = tqdm(total=n_demos, desc=f"{name} demos", unit="demo", disable=not progress, file=sys.stderr)
-            while len(stats["names"]) < n_demos and stats["attempts"] < max_attempts:
-                ep = run_oracle_episode(sim, oracle, seed + stats["attempts"], max_steps)
-                stats["attempts"] += 1
-                stats["p1"] += int(ep["p1"])
-                if not ep["success"]:
-                    stats["failed"] += 1
-                    continue
-                if ep["realised_mode"] != ep["mode"]:
-                    stats["mismatch"] += 1
-                    continue
-                demo = f"demo_{len(stats['names'])}"
-                _write_demo(data.create_group(demo), ep, compress_images)
-                stats["names"].append(demo)
-                stats["total"] += ep["actions"].shape[0]
-                stats["modes"][ep["mode"]] = stats["modes"].get(ep["mode"], 0) + 1
-                bar.update(1)
-                bar.set_postfix(failed=stats["failed"] + stats["mismatch"])
-            bar.close()
-            names = stats["names"]
-            if len(names) < n_demos:
-                raise RuntimeError(f"{name}: only {len(names)} of {n_demos} demos succeeded in {stats['attempts']} "
-                                   f"attempts (seeds {seed}..{seed + stats['attempts'] - 1}); nothing written to {out}")
-            data.attrs["total"] = int(stats["total"])
-            data.attrs["env_args"] = json.dumps(env_meta)
-            n_valid = round(valid_fraction * len(names))
-            n_valid = min(max(n_valid, 1 if valid_fraction > 0 else 0), len(names) - 1) if len(names) > 1 else 0
-            mask = f.create_group("mask")
-            mask.create_dataset("train", data=np.array(names[: len(names) - n_valid], dtype="S"))
-            mask.create_dataset("valid", data=np.array(names[len(names) - n_valid:], dtype="S"))
+    def run(episode_seed: int) -> dict:
+        ep = run_oracle_episode(sim, oracle, episode_seed, max_steps)
+        counts["p1"] += int(ep["p1"])
+        ep["attrs"] = {**ep.get("attrs", {}), "mode": str(ep["mode"]), "draw": json.dumps(ep["draw"])}
+        return ep
+
+    def reject(ep: dict):
+        if not ep["success"]:
+            return "failed"
+        if ep["realised_mode"] != ep["mode"]:
+            return "mismatch"
+        counts["modes"][ep["mode"]] = counts["modes"].get(ep["mode"], 0) + 1
+        return None
 
     try:
-        atomic_write(Path(out), write)
+        stats = write_demo_file(out, name, n_demos, seed, max_attempts, run, env_meta, reject=reject,
+                                valid_fraction=valid_fraction, compress_images=compress_images, progress=progress)
     finally:
         sim.close()
     seconds = time.perf_counter() - t0
     n, attempts = len(stats["names"]), max(stats["attempts"], 1)
+    failed = stats["rejected"].get("failed", 0)
     return {"path": str(out), "task": name, "n_demos": n, "n_attempts": stats["attempts"],
-            "n_failed": stats["failed"], "n_mode_mismatch": stats["mismatch"],
-            "success_rate": (stats["attempts"] - stats["failed"]) / attempts, "p1_rate": stats["p1"] / attempts,
-            "mode_counts": dict(sorted(stats["modes"].items())), "seconds": seconds,
+            "n_failed": failed, "n_mode_mismatch": stats["rejected"].get("mismatch", 0),
+            "success_rate": (stats["attempts"] - failed) / attempts, "p1_rate": counts["p1"] / attempts,
+            "mode_counts": dict(sorted(counts["modes"].items())), "seconds": seconds,
             "seconds_per_demo": seconds / max(n, 1), "total_samples": stats["total"]}
 
 
