@@ -132,3 +132,13 @@ def write_demo_file(out, label: str, n_demos: int, seed: int, max_attempts: int,
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(Path(out), write)
     return stats
+
+
+def check_generation_args(n_demos: int, camera_size: int, valid_fraction: float) -> None:
+    """One-line errors for a demo generator's counts, before any simulator or file exists."""
+    if n_demos < 1:
+        raise ValueError(f"n_demos must be >= 1, got {n_demos}")
+    if camera_size < 8:
+        raise ValueError(f"camera_size must be >= 8 pixels, got {camera_size}")
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")

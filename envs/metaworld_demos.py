@@ -26,7 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-from jumpflow.envs.demo_format import check_existing_demos, record_episode, write_demo_file
+from jumpflow.envs.demo_format import (
+    check_existing_demos,
+    check_generation_args,
+    record_episode,
+    write_demo_file,
+)
 
 
 def generate_metaworld_demos(out: str | os.PathLike, task: str = "push-v3", n_demos: int = 50, seed: int = 0,
@@ -54,12 +59,7 @@ def generate_metaworld_demos(out: str | os.PathLike, task: str = "push-v3", n_de
 
 
     name = check_task_name(task)
-    if n_demos < 1:
-        raise ValueError(f"n_demos must be >= 1, got {n_demos}")
-    if camera_size < 8:
-        raise ValueError(f"camera_size must be >= 8 pixels, got {camera_size}")
-    if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    check_generation_args(n_demos, camera_size, valid_fraction)
     if noise_std < 0:
         raise ValueError(f"noise_std must be >= 0, got {noise_std}")
     env_meta = metaworld_env_meta(name, **{**(env_kwargs or {}), "camera_size": int(camera_size)})

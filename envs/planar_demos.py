@@ -30,7 +30,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from jumpflow.envs.demo_format import check_existing_demos, record_episode, write_demo_file
+from jumpflow.envs.demo_format import (
+    check_existing_demos,
+    check_generation_args,
+    record_episode,
+    write_demo_file,
+)
 
 ORACLE_STREAM = 1        # second entry of the oracle's seed: independent of the env's initial-state draw
 
@@ -127,12 +132,7 @@ def generate_planar_demos(out: str | os.PathLike, task: str = "BlockPush", n_dem
 
 
     name, sim_cls, oracle_cls = _task_parts(task)
-    if n_demos < 1:
-        raise ValueError(f"n_demos must be >= 1, got {n_demos}")
-    if camera_size < 8:
-        raise ValueError(f"camera_size must be >= 8 pixels, got {camera_size}")
-    if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    check_generation_args(n_demos, camera_size, valid_fraction)
     env_meta = planar_env_meta(name, **{**(env_kwargs or {}), "camera_size": int(camera_size)})
     max_steps = int(max_steps or env_meta["env_kwargs"]["horizon"])
     max_attempts = int(max_attempts or 2 * n_demos + 20)
