@@ -142,3 +142,12 @@ def check_generation_args(n_demos: int, camera_size: int, valid_fraction: float)
         raise ValueError(f"camera_size must be >= 8 pixels, got {camera_size}")
     if not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+
+
+def demo_summary(out, task_name: str, stats: dict, seconds: float) -> dict:
+    """The common part of a demo generator's summary from :func:`write_demo_file`'s stats."""
+    n, attempts = len(stats["names"]), max(stats["attempts"], 1)
+    failed = stats["rejected"].get("failed", 0)
+    return {"path": str(out), "task": task_name, "n_demos": n, "n_attempts": stats["attempts"], "n_failed": failed,
+            "success_rate": (stats["attempts"] - failed) / attempts, "seconds": seconds,
+            "seconds_per_demo": seconds / max(n, 1), "total_samples": stats["total"]}

@@ -29,6 +29,7 @@ from pathlib import Path
 from jumpflow.envs.demo_format import (
     check_existing_demos,
     check_generation_args,
+    demo_summary,
     record_episode,
     write_demo_file,
 )
@@ -84,13 +85,7 @@ def generate_metaworld_demos(out: str | os.PathLike, task: str = "push-v3", n_de
                                 data_attrs={"noise_std": float(noise_std)})
     finally:
         sim.close()
-    seconds = time.perf_counter() - t0
-    n, attempts = len(stats["names"]), max(stats["attempts"], 1)
-    failed = stats["rejected"].get("failed", 0)
-    return {"path": str(out), "task": name, "n_demos": n, "n_attempts": stats["attempts"],
-            "n_failed": failed, "success_rate": (stats["attempts"] - failed) / attempts,
-            "noise_std": float(noise_std), "seconds": seconds, "seconds_per_demo": seconds / max(n, 1),
-            "total_samples": stats["total"]}
+    return {**demo_summary(out, name, stats, time.perf_counter() - t0), "noise_std": float(noise_std)}
 
 
 def ensure_metaworld_demos(path: str | os.PathLike, task: str = "push-v3", n_demos: int = 50, seed: int = 0,

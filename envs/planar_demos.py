@@ -33,6 +33,7 @@ import numpy as np
 from jumpflow.envs.demo_format import (
     check_existing_demos,
     check_generation_args,
+    demo_summary,
     record_episode,
     write_demo_file,
 )
@@ -160,14 +161,9 @@ def generate_planar_demos(out: str | os.PathLike, task: str = "BlockPush", n_dem
                                 valid_fraction=valid_fraction, compress_images=compress_images, progress=progress)
     finally:
         sim.close()
-    seconds = time.perf_counter() - t0
-    n, attempts = len(stats["names"]), max(stats["attempts"], 1)
-    failed = stats["rejected"].get("failed", 0)
-    return {"path": str(out), "task": name, "n_demos": n, "n_attempts": stats["attempts"],
-            "n_failed": failed, "n_mode_mismatch": stats["rejected"].get("mismatch", 0),
-            "success_rate": (stats["attempts"] - failed) / attempts, "p1_rate": counts["p1"] / attempts,
-            "mode_counts": dict(sorted(counts["modes"].items())), "seconds": seconds,
-            "seconds_per_demo": seconds / max(n, 1), "total_samples": stats["total"]}
+    summary = demo_summary(out, name, stats, time.perf_counter() - t0)
+    return {**summary, "n_mode_mismatch": stats["rejected"].get("mismatch", 0),
+            "p1_rate": counts["p1"] / max(stats["attempts"], 1), "mode_counts": dict(sorted(counts["modes"].items()))}
 
 
 def ensure_planar_demos(path: str | os.PathLike, task: str = "BlockPush", n_demos: int = 200, seed: int = 0,
