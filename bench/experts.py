@@ -32,6 +32,16 @@ from jumpflow.checkpoint import atomic_write_text
 STYLES = ("ph", "mh")
 
 
+
+def run_until_success(sim, act, obs, max_steps: int) -> tuple[bool, int]:
+    """Step ``act(obs)`` until the first success or ``max_steps``: ``(success, steps taken)``."""
+    ok, t = False, 0
+    for t in range(1, max_steps + 1):
+        obs, _, ok = sim.step(act(obs))
+        if ok:
+            break
+    return ok, t
+
 def machine_info() -> dict:
     import mujoco
     import robosuite
@@ -55,11 +65,7 @@ def run_metaworld_task(task: str, n_episodes: int, seed: int, noise_std: float =
     for k in range(n_episodes):
         obs = sim.reset(seed=seed + k)
         expert.reset(seed + k)
-        ok, t = False, 0
-        for t in range(1, max_steps + 1):
-            obs, _, ok = sim.step(np.clip(expert.act(obs), -1.0, 1.0))
-            if ok:
-                break
+        ok, t = run_until_success(sim, lambda o: np.clip(expert.act(o), -1.0, 1.0), obs, max_steps)
         succ.append(ok)
         lengths.append(t)
         if not ok:
@@ -101,11 +107,7 @@ def run_task(task: str, n_episodes: int, seed: int, style: str = "ph", max_steps
         if style == "mh":
             expert.reseed(seed + k)           # the draw is a function of the episode seed, as in jumpflow-demos
         expert.reset(obs)
-        ok, t = False, 0
-        for t in range(1, max_steps + 1):
-            obs, _, ok = sim.step(expert.act(obs))
-            if ok:
-                break
+        ok, t = run_until_success(sim, expert.act, obs, max_steps)
         succ.append(ok)
         lengths.append(t)
         if not ok:
