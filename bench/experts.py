@@ -128,6 +128,34 @@ def run_task(task: str, n_episodes: int, seed: int, style: str = "ph", max_steps
     return row
 
 
+def run_planar_task(task: str, n_episodes: int, seed: int) -> dict:
+    """A planar oracle (Block Push / Reach Around) over ``n_episodes`` seeds: success (p2 on Block
+    Push), p1, the modes it took, the modes it drew."""
+    from jumpflow.envs.planar_demos import _task_parts, run_oracle_episode
+    from jumpflow.envs.registry import planar_env_meta
+
+    name, sim_cls, oracle_cls = _task_parts(task)
+    meta = planar_env_meta(name)
+    max_steps = int(meta["env_kwargs"]["horizon"])
+    sim = sim_cls(meta)
+    oracle = oracle_cls(max_delta=sim.max_delta)
+    eps, t0 = [], time.perf_counter()
+    try:
+        for k in range(n_episodes):
+            eps.append(run_oracle_episode(sim, oracle, seed + k, max_steps))
+    finally:
+        sim.close()
+    modes: dict[str, int] = {}
+    for ep in eps:
+        modes[str(ep["realised_mode"])] = modes.get(str(ep["realised_mode"]), 0) + 1
+    return {"task": name, "family": "planar", "style": "oracle", "n_episodes": n_episodes,
+            "n_success": sum(ep["success"] for ep in eps), "success_rate": float(np.mean([ep["success"] for ep in eps])),
+            "p1_rate": float(np.mean([ep["p1"] for ep in eps])), "max_steps": max_steps,
+            "mean_length": float(np.mean([len(ep["actions"]) for ep in eps])), "modes": dict(sorted(modes.items())),
+            "seconds_per_episode": (time.perf_counter() - t0) / n_episodes, "seeds": f"{seed}..{seed + n_episodes - 1}",
+            "failed_seeds": [seed + k for k, ep in enumerate(eps) if not ep["success"]]}
+
+
 def _key(row: dict) -> tuple[str, str]:
     return row["task"], row.get("style", "ph")      # rows written before styles existed are ph
 
@@ -165,11 +193,14 @@ def main(argv=None) -> int:
     rows, merged = [], None
     for task in _expand_tasks(args.tasks):
         from jumpflow.envs.metaworld_env import looks_like_metaworld
+        from jumpflow.envs.registry import planar_task_name
         if looks_like_metaworld(task):
             if args.style != "ph":
                 print(f"bench.experts: MetaWorld tasks have one style, ph; got --style {args.style}", file=sys.stderr)
                 return 2
             rows.append(run_metaworld_task(task, n, args.seed))
+        elif planar_task_name(task) is not None:
+            rows.append(run_planar_task(task, n, args.seed))
         else:
             rows.append(run_task(task, n, args.seed, args.style))
         r = rows[-1]
