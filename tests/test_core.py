@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from oracles import GaussianOracle, PointOracle  # noqa: E402 - tests/ helper
 from torch import nn
 
 from jumpflow.backbones.mlp import MLP
@@ -41,48 +42,6 @@ def test_time_convention_pinned():
 
 
 # ---------------------------------------------------------------- oracle nets
-class PointOracle(nn.Module):
-    """Exact velocities when the data is the single point ``x0``: every average velocity
-    along the straight path is ``u(z, r, t) = (z - x0) / t``."""
-
-    def __init__(self, x0):
-        super().__init__()
-        self.x0 = x0
-        self.aux = {"tvm_target": lambda z, t, h, c: (z - self.x0) / t[:, None]}
-
-    def forward(self, z, t, h, cond):
-        return (z - self.x0) / t[:, None]
-
-
-class GaussianOracle(nn.Module):
-    """Exact average velocity for 1-D data ``N(m, s^2)``: the flow keeps the normalised
-    coordinate ``n = (z - (1 - t) m) / sigma_t``, ``sigma_t = sqrt((1-t)^2 s^2 + t^2)``."""
-
-    def __init__(self, m, s):
-        super().__init__()
-        self.m, self.s = m, s
-
-    def sigma(self, t):
-        return torch.sqrt((1 - t) ** 2 * self.s ** 2 + t ** 2)
-
-    def flow(self, z, t, r):
-        n = (z - (1 - t)[:, None] * self.m) / self.sigma(t)[:, None]
-        return (1 - r)[:, None] * self.m + self.sigma(r)[:, None] * n
-
-    def forward(self, z, t, h, cond):
-        r = t - h
-        small = h.abs() < 1e-6
-        h_safe = torch.where(small, torch.ones_like(h), h)
-        avg = (z - self.flow(z, t, r)) / h_safe[:, None]
-        inst = self.marginal_velocity(z, t)
-        return torch.where(small[:, None], inst, avg)
-
-    def marginal_velocity(self, z, t):
-        ds = ((t - (1 - t) * self.s ** 2) / self.sigma(t))[:, None]       # d sigma_t / dt
-        n = (z - (1 - t)[:, None] * self.m) / self.sigma(t)[:, None]
-        return -self.m + ds * n
-
-
 def test_meanflow_point_data_loss_zero_and_one_step_exact():
     x0 = torch.tensor([[0.7, -1.3]], dtype=torch.float64)
     net = PointOracle(x0)

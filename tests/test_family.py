@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from oracles import GaussianOracle, PointOracle
 from torch import nn
 
 from jumpflow.backbones.mlp import MLP
@@ -29,48 +30,6 @@ NEW = ("regression", "shortcut", "consistency", "sct", "alpha_flow", "improved_m
 
 
 # ---------------------------------------------------------------- oracles (exact fields)
-def _col(t, z):
-    return t.reshape(-1, *([1] * (z.dim() - 1)))
-
-
-class PointOracle(nn.Module):
-    """Data is the single point ``x0``: every average velocity is ``(z - x0) / t``."""
-
-    def __init__(self, x0):
-        super().__init__()
-        self.register_buffer("x0", x0)
-
-    def forward(self, z, t, h, cond=None):
-        return (z - self.x0) / _col(t, z)
-
-
-class GaussOracle(nn.Module):
-    """Data ``N(m, s^2 I)``: the flow keeps ``n = (z - (1 - t) m) / sigma_t``,
-    ``sigma_t = sqrt((1 - t)^2 s^2 + t^2)``; ``forward`` is the exact average velocity of the
-    jump ``t -> t - h`` (the marginal velocity at ``h = 0``)."""
-
-    def __init__(self, m, s):
-        super().__init__()
-        self.m, self.s = m, s
-
-    def sigma(self, t):
-        return torch.sqrt((1 - t) ** 2 * self.s ** 2 + t ** 2)
-
-    def flow(self, z, t, r):
-        n = (z - _col(1 - t, z) * self.m) / _col(self.sigma(t), z)
-        return _col(1 - r, z) * self.m + _col(self.sigma(r), z) * n
-
-    def velocity(self, z, t):
-        ds = (t - (1 - t) * self.s ** 2) / self.sigma(t)
-        return -self.m + _col(ds, z) * (z - _col(1 - t, z) * self.m) / _col(self.sigma(t), z)
-
-    def forward(self, z, t, h, cond=None):
-        small = h.abs() < 1e-9
-        h_safe = torch.where(small, torch.ones_like(h), h)
-        avg = (z - self.flow(z, t, t - h)) / _col(h_safe, z)
-        return torch.where(_col(small, z), self.velocity(z, t), avg)
-
-
 X0 = torch.tensor([[0.7, -1.3]], dtype=F64)
 
 
@@ -154,7 +113,7 @@ def test_regression_oracle_and_one_step_only():
 # ---------------------------------------------------------------- shortcut
 def test_shortcut_target_is_two_exact_half_jumps():
     torch.manual_seed(0)
-    oracle = GaussOracle(0.8, 0.5)
+    oracle = GaussianOracle(0.8, 0.5)
     obj = Shortcut()
     z = torch.randn(6, 1, dtype=F64)
     t = torch.tensor([1.0, 1.0, 0.75, 0.5, 0.5, 0.25], dtype=F64)
@@ -186,7 +145,7 @@ def test_shortcut_point_oracle_loss_zero_and_samples_exact(target_decay):
     out = obj.loss(gen, point_batch(), None)
     assert out.loss.abs().max() < 1e-20 and "self_consistency" in out.metrics
     eps = torch.randn(16, 2, dtype=F64)
-    gauss = GaussOracle(0.8, 0.5)
+    gauss = GaussianOracle(0.8, 0.5)
     for steps in (1, 2, 4):
         assert torch.allclose(obj.sample(gen, eps, None, steps), X0.expand(16, 2), atol=1e-12)
         e1 = eps[:, :1]
@@ -241,7 +200,7 @@ def test_ict_point_oracle_loss_zero_counter_and_samples():
     eps = torch.randn(16, 2, dtype=F64)
     for steps in (1, 2):
         assert torch.allclose(obj.sample(gen, eps, None, steps), X0.expand(16, 2), atol=1e-12)
-    gauss = GaussOracle(0.8, 0.5)
+    gauss = GaussianOracle(0.8, 0.5)
     t_max = torch.full((16,), obj.t_max, dtype=F64)
     e1 = eps[:, :1]
     expected = gauss.flow(obj.t_max * e1, t_max, torch.zeros_like(t_max))
@@ -265,7 +224,7 @@ def test_sct_tangent_vanishes_on_the_exact_flow():
     """``df/dt = v - u - t du/dt = 0`` along the marginal velocity of Gaussian data, and the
     point oracle's loss is exactly zero."""
     torch.manual_seed(0)
-    gauss = GaussOracle(0.8, 0.5)
+    gauss = GaussianOracle(0.8, 0.5)
     obj = ContinuousConsistency(adaptive_weight="fixed", tangent_warmup_steps=0)
     z = torch.randn(64, 1, dtype=F64)
     t = torch.rand(64, dtype=F64) * 0.9 + 0.05
@@ -339,7 +298,7 @@ def test_alpha_flow_point_oracle_loss_zero(alpha):
     out = obj.loss(PointOracle(X0), point_batch(), None)
     assert out.loss.abs().max() < 1e-20
     eps = torch.randn(16, 1, dtype=F64)
-    assert torch.allclose(obj.sample(GaussOracle(0.8, 0.5), eps, None, 1), 0.8 + 0.5 * eps, atol=1e-12)
+    assert torch.allclose(obj.sample(GaussianOracle(0.8, 0.5), eps, None, 1), 0.8 + 0.5 * eps, atol=1e-12)
 
 
 def test_alpha_flow_sigmoid_curriculum_on_the_step_buffer():
@@ -364,7 +323,7 @@ def test_imf_compound_velocity_is_the_marginal_velocity():
     """With the exact average velocity of Gaussian data and its own ``u(z, t, t)`` as the
     tangent, ``V = u + (t - r) du/dt`` is exactly the marginal velocity (the iMF target)."""
     torch.manual_seed(0)
-    gauss = GaussOracle(0.8, 0.5)
+    gauss = GaussianOracle(0.8, 0.5)
     obj = ImprovedMeanFlow()
     z = torch.randn(64, 1, dtype=F64)
     t = torch.rand(64, dtype=F64) * 0.9 + 0.05
