@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -13,6 +14,22 @@ import torch
 from jumpflow.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def arg_parser(doc: str | None, threads: int | None = 1) -> argparse.ArgumentParser:
+    """A bench script's parser: its docstring as help, and ``--threads`` (torch CPU threads,
+    ``None``: torch's default), applied by :func:`parse_args`."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=threads, help="torch CPU threads")
+    return ap
+
+
+def parse_args(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse ``argv`` and set torch's thread count from ``--threads``."""
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def machine() -> dict:

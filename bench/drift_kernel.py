@@ -9,12 +9,11 @@ dense group (image-like) where BLAS-backed torch is hard to beat.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
-from bench.common import write_results
+from bench.common import arg_parser, parse_args, write_results
 from jumpflow.drift import drift_field
 
 CASES = [  # groups, gen, pos, d
@@ -38,11 +37,9 @@ def time_call(fn, repeats):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__, threads=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(ap, argv)
     temps = (0.02, 0.05, 0.2)
     rows = []
     for groups, g, p, d in CASES:

@@ -53,7 +53,7 @@ VARIANTS = {
 DP_CHECKPOINTS = 5
 
 
-def evaluate_variant(model, task: str, episodes: int, run_dir) -> dict:
+def evaluate_variant(model, episodes: int, run_dir) -> dict:
     """One rollout evaluation: success, latency, episode length and, on tasks whose demos label
     behaviour modes, the mode metrics (entropy ratio, TV, switches, frequencies)."""
     evaluator = model.task.evaluator(run_dir, n_episodes=episodes, n_videos=1)
@@ -132,6 +132,11 @@ def main(argv=None):
     ap.add_argument("--reuse", action="store_true",
                     help="evaluate an existing finished run directory instead of training it again")
     ap.add_argument("--override", action="append", default=[], help="extra hydra override (repeatable)")
+    ap.add_argument("--style", choices=("ph", "mh"), default="ph",
+                    help="demonstrations: ph (the scripted expert) or mh (human-like, multimodal); "
+                         "mh rows are labelled <task>_mh")
+    ap.add_argument("--variants", default=None,
+                    help="evaluate only these sampler:nfe pairs, e.g. meanflow:1,ddpm:100,ddim:10 (default: all)")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite policy.md from policy.json and stop")
     ap.add_argument("--protocol", choices=("last", "dp"), default="last",
                     help="last: evaluate the final EMA policy; dp: Diffusion Policy's protocol, the last "
@@ -144,14 +149,18 @@ def main(argv=None):
         print_table(seed_summary(rows))
         return
     done = {(r["task"], r["objective"], r["sampler"], r["nfe"], r["seed"]) for r in rows}
-    for task in args.tasks.split(","):
+    wanted = None if args.variants is None else set(args.variants.split(","))
+    for task_name in args.tasks.split(","):
+        task = task_name if args.style == "ph" else f"{task_name}_mh"      # the rows' label
         for objective in args.objectives.split(","):
             for seed in map(int, args.seeds.split(",")):
-                variants = VARIANTS[objective]
-                if not args.overwrite and all((task, objective, s or lbl, n, seed) in done for lbl, n, s in variants):
+                variants = [v for v in VARIANTS[objective] if wanted is None or f"{v[2] or v[0]}:{v[1]}" in wanted]
+                if not variants or (not args.overwrite
+                                    and all((task, objective, s or lbl, n, seed) in done for lbl, n, s in variants)):
                     continue
                 run_dir = Path(args.runs) / f"{task}_{objective}_s{seed}"
-                overrides = [f"experiment={recipe_for(task)}", f"task={task}", f"objective={objective}", f"seed={seed}", "logger=none", "trainer.progress=false",
+                overrides = [f"experiment={recipe_for(task_name)}", f"task={task_name}",
+                             *([f"task.demo_style={args.style}"] if args.style != "ph" else []), f"objective={objective}", f"seed={seed}", "logger=none", "trainer.progress=false",
                              "trainer.eval_at_end=false", f"run_dir={run_dir}", *args.override]
                 if args.steps:
                     overrides.append(f"trainer.max_steps={args.steps}")
@@ -182,7 +191,7 @@ def main(argv=None):
                     evals = []
                     for model in models:
                         model.set_inference({"steps": nfe, "sampler": sampler})
-                        evals.append(evaluate_variant(model, task, args.episodes, result["run_dir"]))
+                        evals.append(evaluate_variant(model, args.episodes, result["run_dir"]))
                     last = evals[-1]
                     row = {"task": task, "objective": objective, "sampler": sampler or label, "nfe": nfe, "seed": seed,
                            **last, "train_seconds": train_seconds, "train_steps": int(result["step"]),

@@ -14,7 +14,6 @@ Writes ``bench/results/policy_latency.json`` and prints the table.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from bench.common import write_results
+from bench.common import arg_parser, parse_args, write_results
 from bench.policy import VARIANTS
 from jumpflow.checkpoint import load_model
 
@@ -41,14 +40,12 @@ def time_calls(model, obs: dict, calls: int, warmup: int = 5) -> np.ndarray:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__, threads=2)
     ap.add_argument("--tasks", default="lift_lowdim,can_lowdim,lift_image")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default="runs/bench_policy")
     ap.add_argument("--calls", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(ap, argv)
     rows = []
     for task in args.tasks.split(","):
         obs = None

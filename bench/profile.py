@@ -11,7 +11,6 @@ of each phase) and prints the table.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from hydra import compose, initialize_config_module
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from bench.common import write_results
+from bench.common import arg_parser, parse_args, write_results
 from jumpflow.build import build_components
 from jumpflow.trainer import GlobalBatchSampler, ItemSeeded
 
@@ -49,13 +48,11 @@ class Clock:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--demos", type=int, default=10)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--episodes", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(ap, argv)
     clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "lift.hdf5"

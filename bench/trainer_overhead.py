@@ -11,7 +11,6 @@ normalisation, logging). ``ratio`` is plain it/s over trainer it/s (1.0: no over
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -21,7 +20,7 @@ import torch
 from hydra import compose, initialize_config_module
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from bench.common import write_results
+from bench.common import arg_parser, parse_args, write_results
 from jumpflow.build import build_components
 from jumpflow.trainer import train
 
@@ -62,17 +61,15 @@ def plain_loop(cfg, steps: int) -> float:
 
 def trainer_loop(cfg, steps: int) -> float:
     result = train(cfg)
-    rates = [json.loads(line).get("train/it_per_s") for line in open(Path(result["run_dir"]) / "metrics.jsonl")]
+    rates = [json.loads(line).get("train/it_per_s") for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     return float([r for r in rates if r][-1])          # the second half (log_every = steps / 2)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--objectives", default="meanflow,flow_matching")
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(ap, argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data" / "lift.hdf5"

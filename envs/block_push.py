@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from jumpflow.envs.planar import PlanarSim, effector_body, free_planar_box, servo_actuators
+from jumpflow.envs.planar import PlanarSim, effector_body, free_planar_box, planar_scene
 
 BLOCK_HALF = 0.02            # block half side (4 cm cube)
 EFFECTOR_RADIUS = 0.015
@@ -45,22 +45,14 @@ WORKSPACE = ((0.15, -0.5), (0.70, 0.5))
 EFFECTOR_START = (0.3, -0.4)
 MIN_BLOCK_DIST = 0.1
 
-BLOCK_PUSH_XML = f"""
-<mujoco model="jumpflow_block_push">
-  <compiler angle="radian" autolimits="true"/>
-  <option timestep="0.004" integrator="implicitfast" cone="elliptic"/>
-  <visual>
-    <quality offsamples="0" shadowsize="0"/>
-    <global offwidth="640" offheight="640"/>
-    <headlight ambient="0.35 0.35 0.35" diffuse="0.3 0.3 0.3" specular="0 0 0"/>
-  </visual>
+BLOCK_PUSH_XML = planar_scene(
+    "jumpflow_block_push", light_pos="0.4 0 1.5", camera_pos="0.42 -0.08 0.92", workspace=WORKSPACE,
+    option_extra=' cone="elliptic"',
+    defaults="""
   <default>
     <geom friction="0.3 0.005 0.0001" solref="0.01 1"/>
-  </default>
-  <worldbody>
-    <light pos="0.4 0 1.5" dir="0 0 -1" directional="true" diffuse="0.4 0.4 0.4" castshadow="false"/>
-    <camera name="overhead" pos="0.42 -0.08 0.92" xyaxes="1 0 0 0 1 0" fovy="45"/>
-    <geom name="table" type="plane" size="0.6 0.7 0.01" pos="0.42 0 0" rgba="0.6 0.6 0.58 1"
+  </default>""",
+    bodies=f"""    <geom name="table" type="plane" size="0.6 0.7 0.01" pos="0.42 0 0" rgba="0.6 0.6 0.58 1"
           friction="0.5 0.005 0.0001" contype="1" conaffinity="1"/>
     <body name="target0" mocap="true" pos="0.28 0.2 0.0005">
       <geom name="target0" type="cylinder" size="{TARGET_RADIUS} 0.0005" rgba="0.95 0.8 0.2 1"
@@ -72,11 +64,7 @@ BLOCK_PUSH_XML = f"""
     </body>
 {effector_body("effector", WORKSPACE, EFFECTOR_RADIUS, "0.2 0.2 0.2 1")}
 {free_planar_box("block0", BLOCK_HALF, "0.85 0.2 0.2 1")}
-{free_planar_box("block1", BLOCK_HALF, "0.2 0.7 0.3 1")}
-  </worldbody>
-{servo_actuators(WORKSPACE)}
-</mujoco>
-"""
+{free_planar_box("block1", BLOCK_HALF, "0.2 0.7 0.3 1")}""")
 
 
 def mode_name(block: int, target: int) -> str:

@@ -76,14 +76,16 @@ class _Expert:
     pos_gain = 1.0
     rot_gain = 1.0
     patience = 1.0            # phase time-outs are scaled by this (the mh wrapper raises it for slow operators)
+    #: what a task's expert remembers within an episode (cleared to ``None`` by ``reset``)
+    episode_fields: tuple[str, ...] = ()
 
     def __init__(self):
-        self.phase = 0
-        self.t_phase = 0
-        self.r_target = None
+        self.reset()
 
     def reset(self, obs: dict | None = None) -> None:
         self.phase, self.t_phase, self.r_target = 0, 0, None
+        for name in self.episode_fields:
+            setattr(self, name, None)
 
     def _late(self, steps: int) -> bool:
         """True once the current phase has run longer than ``steps`` x ``patience`` steps."""
@@ -92,6 +94,12 @@ class _Expert:
     def _next(self, phase: int | None = None) -> None:
         self.phase = self.phase + 1 if phase is None else phase
         self.t_phase = 0
+
+    def _advance_if(self, done: bool, obs: dict, *action_args, **action_kwargs) -> np.ndarray:
+        """``_action(obs, ...)``, after moving on to the next phase if ``done``."""
+        if done:
+            self._next()
+        return self._action(obs, *action_args, **action_kwargs)
 
     def _action(self, obs: dict, target_pos: np.ndarray, grip: float, max_speed: float = 1.0) -> np.ndarray:
         eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
@@ -133,19 +141,14 @@ class LiftExpert(_Expert):
         if self.phase == 0:                           # hover above the cube, gripper open
             target = cube + [0.0, 0.0, self.hover]
             err = target - eef
-            if np.linalg.norm(err[:2]) < 0.01 and abs(err[2]) < 0.02 or self._late(60):
-                self._next()
-            return self._action(obs, target, -1.0)
+            done = np.linalg.norm(err[:2]) < 0.01 and abs(err[2]) < 0.02 or self._late(60)
+            return self._advance_if(done, obs, target, -1.0)
         if self.phase == 1:                           # descend to grasp height
             target = cube + [0.0, 0.0, -0.003]
-            if np.linalg.norm(target - eef) < 0.01 or self._late(40):
-                self._next()
-            return self._action(obs, target, -1.0)
+            return self._advance_if(np.linalg.norm(target - eef) < 0.01 or self._late(40), obs, target, -1.0)
         if self.phase == 2:                           # close
             target = cube + [0.0, 0.0, -0.003]
-            if self.t_phase >= 10:
-                self._next()
-            return self._action(obs, target, 1.0)
+            return self._advance_if(self.t_phase >= 10, obs, target, 1.0)
         target = np.array([cube[0], cube[1], cube[2] + 0.2])   # lift
         return self._action(obs, target, 1.0, max_speed=0.8)
 
@@ -161,14 +164,11 @@ class CanExpert(_Expert):
     carry_z = 1.05
     release_z = 0.93
 
+    episode_fields = ("_grasp_xy",)
+
     def __init__(self, bin_target=(0.1975, 0.4025, 0.8)):
         super().__init__()
         self.bin_target = np.asarray(bin_target, dtype=np.float64)
-        self._grasp_xy = None
-
-    def reset(self, obs: dict | None = None) -> None:
-        super().reset(obs)
-        self._grasp_xy = None
 
     def grasp_point(self, obs: dict) -> np.ndarray:
         """Where the gripper closes: the can's centre."""
@@ -184,38 +184,26 @@ class CanExpert(_Expert):
         if ph == 0:                                   # hover above the can
             target = can + [0.0, 0.0, 0.10]
             err = target - eef
-            if np.linalg.norm(err[:2]) < 0.01 and abs(err[2]) < 0.03 or self._late(60):
-                self._next()
-            return self._action(obs, target, -1.0)
+            done = np.linalg.norm(err[:2]) < 0.01 and abs(err[2]) < 0.03 or self._late(60)
+            return self._advance_if(done, obs, target, -1.0)
         if ph == 1:                                   # descend
             target = can + [0.0, 0.0, 0.0]
-            if np.linalg.norm(target - eef) < 0.01 or self._late(40):
-                self._next()
-            return self._action(obs, target, -1.0)
+            return self._advance_if(np.linalg.norm(target - eef) < 0.01 or self._late(40), obs, target, -1.0)
         if ph == 2:                                   # close
-            if self.t_phase >= 10:
-                self._next()
-            return self._action(obs, can, 1.0)
+            return self._advance_if(self.t_phase >= 10, obs, can, 1.0)
         if ph == 3:                                   # lift straight up
             target = np.array([eef[0], eef[1], self.carry_z])
-            if eef[2] > self.carry_z - 0.03 or self._late(60):
-                self._next()
-            return self._action(obs, target, 1.0)
+            return self._advance_if(eef[2] > self.carry_z - 0.03 or self._late(60), obs, target, 1.0)
         if ph == 4:                                   # carry over the target bin
             target = np.array([self.bin_target[0], self.bin_target[1], self.carry_z])
-            if np.linalg.norm((target - eef)[:2]) < 0.02 or self._late(80):
-                self._next()
-            return self._action(obs, target, 1.0)
+            done = np.linalg.norm((target - eef)[:2]) < 0.02 or self._late(80)
+            return self._advance_if(done, obs, target, 1.0)
         if ph == 5:                                   # lower
             target = np.array([self.bin_target[0], self.bin_target[1], self.release_z])
-            if abs(target[2] - eef[2]) < 0.015 or self._late(40):
-                self._next()
-            return self._action(obs, target, 1.0)
+            return self._advance_if(abs(target[2] - eef[2]) < 0.015 or self._late(40), obs, target, 1.0)
         if ph == 6:                                   # open
             target = np.array([self.bin_target[0], self.bin_target[1], self.release_z])
-            if self.t_phase >= 8:
-                self._next()
-            return self._action(obs, target, -1.0)
+            return self._advance_if(self.t_phase >= 8, obs, target, -1.0)
         target = np.array([self.bin_target[0], self.bin_target[1], self.carry_z])   # retreat
         return self._action(obs, target, -1.0)
 
@@ -233,14 +221,11 @@ class SquareExpert(_Expert):
     release_nut_z = 0.855         # success needs the nut below table + 0.05 = 0.87
     flip_handle = False           # grasp with the wrist half a turn from the nearer choice (mh style)
 
+    episode_fields = ("r0",)
+
     def __init__(self, peg=(0.23, 0.1, 0.85)):
         super().__init__()
         self.peg = np.asarray(peg, dtype=np.float64)
-        self.r0 = None
-
-    def reset(self, obs: dict | None = None) -> None:
-        super().reset(obs)
-        self.r0 = None
 
     def handle_turn(self, nut_yaw: float) -> float:
         """Wrist turn about world z (from the start rotation ``r0``) that puts the fingers across the
@@ -276,37 +261,27 @@ class SquareExpert(_Expert):
             target = grasp + [0.0, 0.0, 0.08]
             err = target - eef
             rot_err = np.linalg.norm(_mat2axisangle(self.r_target @ r_eef.T))
-            if (np.linalg.norm(err[:2]) < 0.01 and abs(err[2]) < 0.02 and rot_err < 0.05) or self._late(100):
-                self._next()
-            return self._action(obs, target, -1.0)
+            done = (np.linalg.norm(err[:2]) < 0.01 and abs(err[2]) < 0.02 and rot_err < 0.05) or self._late(100)
+            return self._advance_if(done, obs, target, -1.0)
         if ph == 1:                                   # descend around the handle
-            if np.linalg.norm(grasp - eef) < 0.008 or self._late(40):
-                self._next()
-            return self._action(obs, grasp, -1.0)
+            return self._advance_if(np.linalg.norm(grasp - eef) < 0.008 or self._late(40), obs, grasp, -1.0)
         if ph == 2:                                   # close
-            if self.t_phase >= 10:
-                self._next()
-            return self._action(obs, grasp, 1.0)
+            return self._advance_if(self.t_phase >= 10, obs, grasp, 1.0)
         if ph == 3:                                   # lift
-            if eef[2] > self.carry_z - 0.03 or self._late(60):
-                self._next()
-            return self._action(obs, np.array([eef[0], eef[1], self.carry_z]), 1.0)
+            done = eef[2] > self.carry_z - 0.03 or self._late(60)
+            return self._advance_if(done, obs, np.array([eef[0], eef[1], self.carry_z]), 1.0)
         if ph == 4:                                   # nut centre over the peg, nut square to it
             target = eef + np.r_[self.peg[:2] - nut[:2], 0.0]
             target[2] = self.carry_z
             aligned = abs(_wrap(-nut_yaw, np.pi / 2)) < 0.03
-            if (np.linalg.norm((self.peg - nut)[:2]) < 0.005 and aligned) or self._late(100):
-                self._next()
-            return self._action(obs, target, 1.0, max_speed=0.6)
+            done = (np.linalg.norm((self.peg - nut)[:2]) < 0.005 and aligned) or self._late(100)
+            return self._advance_if(done, obs, target, 1.0, max_speed=0.6)
         if ph == 5:                                   # lower onto the peg, correcting xy
             target = eef + np.r_[self.peg[:2] - nut[:2], -0.03]
-            if nut[2] < self.release_nut_z or self._late(60):
-                self._next()
-            return self._action(obs, target, 1.0, max_speed=0.5)
+            done = nut[2] < self.release_nut_z or self._late(60)
+            return self._advance_if(done, obs, target, 1.0, max_speed=0.5)
         if ph == 6:                                   # open
-            if self.t_phase >= 8:
-                self._next()
-            return self._action(obs, eef, -1.0)
+            return self._advance_if(self.t_phase >= 8, obs, eef, -1.0)
         return self._action(obs, np.array([eef[0], eef[1], self.carry_z]), -1.0)   # retreat
 
 

@@ -57,14 +57,13 @@ step: the continuation agrees to solver tolerance, not bitwise.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import re
 from typing import ClassVar
 
 import numpy as np
-from jumpflow.envs.planar import _LIVE_SIMS, _register_exit_hook
-from jumpflow.envs.rendering import require_offscreen_rendering, select_gl_backend
+from jumpflow.envs.mujoco_sim import MujocoSim
+from jumpflow.envs.rendering import select_gl_backend
 
 select_gl_backend()          # MuJoCo reads MUJOCO_GL when it is first imported
 
@@ -151,7 +150,7 @@ def metaworld_env_meta(task: str, **env_kwargs) -> dict:
             "env_kwargs": {**DEFAULT_KWARGS, **env_kwargs}}
 
 
-class MetaWorldSim:
+class MetaWorldSim(MujocoSim):
     """One MetaWorld v3 task behind jumpflow's sim interface (see the module docstring).
 
     Args:
@@ -166,6 +165,8 @@ class MetaWorldSim:
     IMAGE_KEYS = tuple(f"{c}_image" for c in CAMERAS)
     LOWDIM_KEYS = LOWDIM_KEYS
     DEFAULT_KWARGS: ClassVar[dict] = DEFAULT_KWARGS
+    DEFAULT_CAMERA = DEFAULT_CAMERA
+    CAMERA_ALIASES: ClassVar[dict] = CAMERA_ALIASES
 
     def __init__(self, env_meta: dict | str, obs_keys=None, image_keys=(), camera_size: int | None = None,
                  env_kwargs_override: dict | None = None, model_seed: int = 0):
@@ -174,36 +175,12 @@ class MetaWorldSim:
         if env_meta.get("type") != METAWORLD_TYPE:
             raise ValueError(f"env_meta type {env_meta.get('type')!r} is not {METAWORLD_TYPE!r}")
         name = check_task_name(env_meta.get("env_name"))          # before anything is built
-        self.env_meta = copy.deepcopy(env_meta)
-        kwargs = dict(self.env_meta.get("env_kwargs") or {})
-        kwargs.update(env_kwargs_override or {})
-        unknown = sorted(set(kwargs) - set(DEFAULT_KWARGS))
-        if unknown:
-            raise ValueError(f"{name}: env_kwargs {unknown} are unknown; valid: {sorted(DEFAULT_KWARGS)}")
-        self.kwargs = {**DEFAULT_KWARGS, **kwargs}
-        self.image_keys = tuple(image_keys)
-        bad = [k for k in self.image_keys if k not in self.IMAGE_KEYS]
-        if bad:
-            raise ValueError(f"{name}: image keys {bad} are not produced; valid: {list(self.IMAGE_KEYS)}")
-        self.obs_keys = tuple(obs_keys) if obs_keys is not None else None
-        if self.obs_keys is not None:
-            bad = [k for k in self.obs_keys if k not in LOWDIM_KEYS and k not in self.IMAGE_KEYS]
-            if bad:
-                raise ValueError(f"{name}: observation keys {bad} are not produced by this env; it has "
-                                 f"{list(LOWDIM_KEYS) + list(self.IMAGE_KEYS)}")
-            self.image_keys += tuple(k for k in self.obs_keys if k in self.IMAGE_KEYS and k not in self.image_keys)
-        self.camera_size = int(camera_size if camera_size is not None else self.kwargs["camera_size"])
-        if self.image_keys:
-            require_offscreen_rendering()
-        self.name = name
-        self._renderers: dict[tuple[int, int], mujoco.Renderer] = {}
-        self._closed = True
+        self._configure(name, env_meta, obs_keys, image_keys, camera_size, env_kwargs_override)
 
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
         self.env = ALL_V3_ENVIRONMENTS[name](reward_function_version=str(self.kwargs["reward_function_version"]))
-        self._closed = False
-        _LIVE_SIMS.add(self)
+        self._opened()
         env = self.env
         freq = 1.0 / (env.model.opt.timestep * env.frame_skip)
         if abs(float(self.kwargs["control_freq"]) - freq) > 1e-6:
@@ -222,10 +199,6 @@ class MetaWorldSim:
         self.reset(seed=0)
 
     # ------------------------------------------------------------------ basics
-    @property
-    def task(self) -> str:
-        return self.name
-
     @property
     def action_dim(self) -> int:
         return 4
@@ -270,12 +243,7 @@ class MetaWorldSim:
 
     def reset_to(self, state: np.ndarray, model_xml: str | None = None) -> dict:
         """Set the simulator to a stored state row and return its observation (``model_xml`` ignored)."""
-        state = np.asarray(state, dtype=np.float64).reshape(-1)
-        if state.shape != (self.state_dim,):
-            raise ValueError(f"{self.name}: state has shape {state.shape}, this env's state has ({self.state_dim},) = "
-                             + ", ".join(f"{k} ({n})" for k, n in self.state_layout))
-        if not np.isfinite(state).all():
-            raise ValueError(f"{self.name}: state contains NaN or inf")
+        state = self._check_state(state, ", ".join(f"{k} ({n})" for k, n in self.state_layout))
         s = self._split(state)
         env, m = self.env, self.env.model
         # MetaWorld's own reset with the reset vector frozen rebuilds what the task derives from it
@@ -316,15 +284,11 @@ class MetaWorldSim:
     # ------------------------------------------------------------------ stepping
     def step(self, action: np.ndarray):
         """One control step (12.5 ms). Returns ``(obs, reward, success)``."""
-        action = np.asarray(action, dtype=np.float64).reshape(-1)
-        if action.shape[0] != 4:
-            raise ValueError(f"{self.name}: action has {action.shape[0]} dims, env expects 4")
-        if not np.isfinite(action).all():
-            raise ValueError(f"{self.name}: action is not finite: {action}")
+        action = self._check_action(action)
         if self.env.curr_path_length >= self.env.max_path_length:
             raise ValueError(f"{self.name}: episode is over ({self.env.max_path_length} steps, env_kwargs horizon); "
                              "reset first")
-        obs, reward, _, _, info = self.env.step(np.clip(action, -1.0, 1.0))
+        obs, reward, _, _, info = self.env.step(action)
         self._obs = np.asarray(obs, dtype=np.float64)
         self._info = dict(info)
         self._success = bool(info.get("success", 0.0))
@@ -343,50 +307,12 @@ class MetaWorldSim:
         return {"state": o.copy(), "hand_pos": o[0:3].copy(), "gripper": o[3:4].copy(), "obj_state": o[4:FRAME].copy(),
                 "goal_pos": o[2 * FRAME:].copy()}
 
-    def observe(self) -> dict:
-        """Observation of the current state: ``{key: (D,) float64}`` (+ ``<camera>_image (H, W, 3)`` uint8)."""
-        low = self._lowdim()
-        keys = self.obs_keys if self.obs_keys is not None else LOWDIM_KEYS
-        out = {k: low[k] for k in keys if k in low}
-        for k in self.image_keys:
-            out[k] = self.render(k.removesuffix("_image"), self.camera_size, self.camera_size)
-        return out
+    def _image_camera(self, key: str) -> str:
+        return key.removesuffix("_image")
 
-    def render(self, camera_name: str = DEFAULT_CAMERA, height: int = 84, width: int = 84) -> np.ndarray:
-        """RGB render ``(H, W, 3)`` uint8 of the current state from one of MetaWorld's cameras
-        (``agentview`` is an alias of ``corner2``)."""
-        require_offscreen_rendering()
-        camera_name = CAMERA_ALIASES.get(camera_name, camera_name)
-        m = self.env.model
-        if mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_CAMERA, camera_name) < 0:
-            raise ValueError(f"{self.name}: no camera {camera_name!r}; cameras: {list(CAMERAS)}")
-        size = (int(height), int(width))
-        renderer = self._renderers.get(size)
-        if renderer is None:
-            m.vis.global_.offheight = max(m.vis.global_.offheight, size[0])
-            m.vis.global_.offwidth = max(m.vis.global_.offwidth, size[1])
-            renderer = mujoco.Renderer(m, height=size[0], width=size[1])
-            _register_exit_hook()
-            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
-            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
-            self._renderers[size] = renderer
-        renderer.update_scene(self.env.data, camera=camera_name)
-        return renderer.render().copy()
-
-    def close(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        self._closed = True
-        for r in self._renderers.values():
-            with contextlib.suppress(Exception):
-                r.close()
-        self._renderers = {}
+    def _release(self) -> None:
         with contextlib.suppress(Exception):
             self.env.close()
-
-    def __del__(self):
-        with contextlib.suppress(Exception):
-            self.close()
 
 
 # ---------------------------------------------------------------------------- scripted experts

@@ -27,15 +27,12 @@ computation as the original episode.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import copy
 import json
-import weakref
 from typing import ClassVar
 
 import numpy as np
-from jumpflow.envs.rendering import require_offscreen_rendering, select_gl_backend
+from jumpflow.envs.mujoco_sim import MujocoSim
+from jumpflow.envs.rendering import select_gl_backend
 
 select_gl_backend()          # MuJoCo reads MUJOCO_GL when it is first imported
 
@@ -43,23 +40,6 @@ import mujoco
 
 PLANAR_TYPE = "jumpflow"     # env_meta["type"] of jumpflow's own planar tasks
 OVERHEAD_IMAGE = "overhead_image"
-
-_LIVE_SIMS: weakref.WeakSet = weakref.WeakSet()
-_EXIT_HOOK = []
-
-
-def _close_live_sims() -> None:
-    for sim in list(_LIVE_SIMS):
-        sim.close()
-
-
-def _register_exit_hook() -> None:
-    """Free GL contexts before the interpreter tears EGL / OSMesa down (avoids noisy ``__del__``
-    errors). Registered after MuJoCo's GL module registered its own exit handler, so it runs first
-    (``atexit`` runs last-registered first)."""
-    if not _EXIT_HOOK:
-        atexit.register(_close_live_sims)
-        _EXIT_HOOK.append(True)
 
 
 def effector_body(name: str, workspace, radius: float, rgba: str) -> str:
@@ -84,6 +64,30 @@ def free_planar_box(name: str, half: float, rgba: str) -> str:
     </body>"""
 
 
+def planar_scene(model: str, light_pos: str, camera_pos: str, bodies: str, workspace,
+                 option_extra: str = "", defaults: str = "") -> str:
+    """The MJCF of a planar task: jumpflow's physics options, cheap offscreen rendering, a top-down
+    light and the ``overhead`` camera around the task's ``bodies`` (MJCF lines), and the effector's
+    servos over ``workspace``."""
+    return f"""
+<mujoco model="{model}">
+  <compiler angle="radian" autolimits="true"/>
+  <option timestep="0.004" integrator="implicitfast"{option_extra}/>
+  <visual>
+    <quality offsamples="0" shadowsize="0"/>
+    <global offwidth="640" offheight="640"/>
+    <headlight ambient="0.35 0.35 0.35" diffuse="0.3 0.3 0.3" specular="0 0 0"/>
+  </visual>{defaults}
+  <worldbody>
+    <light pos="{light_pos}" dir="0 0 -1" directional="true" diffuse="0.4 0.4 0.4" castshadow="false"/>
+    <camera name="overhead" pos="{camera_pos}" xyaxes="1 0 0 0 1 0" fovy="45"/>
+{bodies}
+  </worldbody>
+{servo_actuators(workspace)}
+</mujoco>
+"""
+
+
 def servo_actuators(workspace) -> str:
     """MJCF of the two position servos (x, y) that drive a planar effector inside ``workspace``
     (``((x_lo, y_lo), (x_hi, y_hi))``): stiff enough to track 10 Hz targets, force-limited so a
@@ -101,7 +105,7 @@ def planar_env_meta(env_name: str, **env_kwargs) -> dict:
             "env_kwargs": dict(env_kwargs)}
 
 
-class PlanarSim:
+class PlanarSim(MujocoSim):
     """Base class: a MuJoCo model with a PD-servoed planar effector and an overhead camera.
 
     Args:
@@ -124,6 +128,7 @@ class PlanarSim:
     XML = ""
     LOWDIM_KEYS: tuple[str, ...] = ()
     IMAGE_KEYS = (OVERHEAD_IMAGE,)
+    DEFAULT_CAMERA = "overhead"
     CAMERA_ALIASES: ClassVar[dict] = {"agentview": "overhead"}   # the evaluator's default video camera
     DEFAULT_KWARGS: ClassVar[dict] = {}
     STATE_LAYOUT: tuple[tuple[str, int], ...] = ()
@@ -138,28 +143,7 @@ class PlanarSim:
             env_meta = json.loads(env_meta)
         if env_meta.get("env_name") != self.TASK:
             raise ValueError(f"env_meta names env {env_meta.get('env_name')!r}, but this is the {self.TASK} sim")
-        self.env_meta = copy.deepcopy(env_meta)
-        kwargs = dict(self.env_meta.get("env_kwargs") or {})
-        kwargs.update(env_kwargs_override or {})
-        unknown = sorted(set(kwargs) - set(self.DEFAULT_KWARGS))
-        if unknown:
-            raise ValueError(f"{self.TASK}: env_kwargs {unknown} are unknown; valid: {sorted(self.DEFAULT_KWARGS)}")
-        self.kwargs = {**self.DEFAULT_KWARGS, **kwargs}
-        self.image_keys = tuple(image_keys)
-        bad = [k for k in self.image_keys if k not in self.IMAGE_KEYS]
-        if bad:
-            raise ValueError(f"{self.TASK}: image keys {bad} are not produced; valid: {list(self.IMAGE_KEYS)}")
-        self.obs_keys = tuple(obs_keys) if obs_keys is not None else None
-        if self.obs_keys is not None:
-            bad = [k for k in self.obs_keys if k not in self.LOWDIM_KEYS and k not in self.IMAGE_KEYS]
-            if bad:
-                raise ValueError(f"{self.TASK}: observation keys {bad} are not produced by this env; it has "
-                                 f"{list(self.LOWDIM_KEYS) + list(self.IMAGE_KEYS)}")
-            # an image key named in obs_keys is rendered even if image_keys did not name it
-            self.image_keys += tuple(k for k in self.obs_keys if k in self.IMAGE_KEYS and k not in self.image_keys)
-        self.camera_size = int(camera_size if camera_size is not None else self.kwargs.get("camera_size", 84))
-        if self.image_keys:
-            require_offscreen_rendering()
+        self._configure(self.TASK, env_meta, obs_keys, image_keys, camera_size, env_kwargs_override)
         self.model = mujoco.MjModel.from_xml_string(self.XML)
         self.data = mujoco.MjData(self.model)
         control_freq = float(self.kwargs["control_freq"])
@@ -169,18 +153,12 @@ class PlanarSim:
         lo = self.model.actuator_ctrlrange[:, 0].copy()
         hi = self.model.actuator_ctrlrange[:, 1].copy()
         self._ctrl_lo, self._ctrl_hi = lo, hi
-        self._renderers: dict[tuple[int, int], mujoco.Renderer] = {}
         self._extra_size = sum(n for _, n in self.STATE_LAYOUT)
-        self._closed = False
-        _LIVE_SIMS.add(self)
+        self._opened()
         self._setup()
         self.reset(seed=0)
 
     # ------------------------------------------------------------------ basics
-    @property
-    def task(self) -> str:
-        return self.TASK
-
     @property
     def action_dim(self) -> int:
         return 2
@@ -208,13 +186,8 @@ class PlanarSim:
         ``model_xml`` is accepted for parity with ``RobosuiteSim`` and ignored (the scene is fixed;
         per-episode quantities such as target positions are in the state).
         """
-        state = np.asarray(state, dtype=np.float64).reshape(-1)
-        if state.shape != (self.state_dim,):
-            raise ValueError(f"{self.TASK}: state has shape {state.shape}, this env's state has "
-                             f"({self.state_dim},) = time, qpos ({self.model.nq}), qvel ({self.model.nv}), "
-                             f"{', '.join(f'{n} ({k})' for n, k in self.STATE_LAYOUT)}")
-        if not np.isfinite(state).all():
-            raise ValueError(f"{self.TASK}: state contains NaN or inf")
+        state = self._check_state(state, f"time, qpos ({self.model.nq}), qvel ({self.model.nv}), "
+                                         + ", ".join(f"{n} ({k})" for n, k in self.STATE_LAYOUT))
         # a full data reset clears warm-starts and controls, so that the same state always gives
         # bitwise the same continuation (reset(seed) goes through here too)
         mujoco.mj_resetData(self.model, self.data)
@@ -238,12 +211,7 @@ class PlanarSim:
     # ------------------------------------------------------------------ stepping
     def step(self, action: np.ndarray):
         """One control step (``1 / control_freq`` s). Returns ``(obs, reward, success)``."""
-        action = np.asarray(action, dtype=np.float64).reshape(-1)
-        if action.shape[0] != self.action_dim:
-            raise ValueError(f"{self.TASK}: action has {action.shape[0]} dims, env expects {self.action_dim}")
-        if not np.isfinite(action).all():
-            raise ValueError(f"{self.TASK}: action is not finite: {action}")
-        self._apply_action(np.clip(action, -1.0, 1.0))
+        self._apply_action(self._check_action(action))
         if self.SUBSTEP_CHECK:
             for _ in range(self.n_substeps):
                 mujoco.mj_step(self.model, self.data)
@@ -263,48 +231,8 @@ class PlanarSim:
     def _after_substep(self) -> None:
         pass
 
-    # ------------------------------------------------------------------ observations
-    def observe(self) -> dict:
-        """Observation of the current state: ``{key: (D,) float64}`` (+ ``overhead_image (H, W, 3)`` uint8)."""
-        low = self._lowdim()
-        keys = self.obs_keys if self.obs_keys is not None else self.LOWDIM_KEYS
-        out = {k: low[k] for k in keys if k in low}
-        for k in self.image_keys:
-            out[k] = self.render("overhead", self.camera_size, self.camera_size)
-        return out
-
-    def render(self, camera_name: str = "overhead", height: int = 84, width: int = 84) -> np.ndarray:
-        """Upright RGB render ``(H, W, 3)`` uint8 of the current state (``agentview`` is an alias of
-        ``overhead``, the evaluator's default video camera)."""
-        require_offscreen_rendering()
-        camera_name = self.CAMERA_ALIASES.get(camera_name, camera_name)
-        if mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_CAMERA, camera_name) < 0:
-            cams = [self.model.camera(i).name for i in range(self.model.ncam)]
-            raise ValueError(f"{self.TASK}: no camera {camera_name!r}; cameras: {cams}")
-        size = (int(height), int(width))
-        renderer = self._renderers.get(size)
-        if renderer is None:
-            renderer = mujoco.Renderer(self.model, height=size[0], width=size[1])
-            _register_exit_hook()
-            # shadows and reflections cost most of a software-rendered frame and carry no information
-            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
-            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
-            self._renderers[size] = renderer
-        renderer.update_scene(self.data, camera=camera_name)
-        return renderer.render().copy()
-
-    def close(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        self._closed = True
-        for r in self._renderers.values():
-            with contextlib.suppress(Exception):     # a GL context already gone at exit
-                r.close()
-        self._renderers = {}
-
-    def __del__(self):
-        with contextlib.suppress(Exception):
-            self.close()
+    def _image_camera(self, key: str) -> str:
+        return "overhead"
 
     # ------------------------------------------------------------------ task hooks
     def _setup(self) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from jumpflow.envs.planar import PlanarSim, effector_body, servo_actuators
+from jumpflow.envs.planar import PlanarSim, effector_body, planar_scene
 
 AGENT_RADIUS = 0.02
 POST_RADIUS = 0.06
@@ -35,29 +35,15 @@ WAYPOINT_X = 0.16
 WORKSPACE = ((-0.3, -0.35), (0.3, 0.35))
 SIDES = ("left", "right")
 
-REACH_AROUND_XML = f"""
-<mujoco model="jumpflow_reach_around">
-  <compiler angle="radian" autolimits="true"/>
-  <option timestep="0.004" integrator="implicitfast"/>
-  <visual>
-    <quality offsamples="0" shadowsize="0"/>
-    <global offwidth="640" offheight="640"/>
-    <headlight ambient="0.35 0.35 0.35" diffuse="0.3 0.3 0.3" specular="0 0 0"/>
-  </visual>
-  <worldbody>
-    <light pos="0 0 1.5" dir="0 0 -1" directional="true" diffuse="0.4 0.4 0.4" castshadow="false"/>
-    <camera name="overhead" pos="0 0 0.9" xyaxes="1 0 0 0 1 0" fovy="45"/>
-    <geom name="floor" type="plane" size="0.4 0.4 0.01" rgba="0.6 0.6 0.58 1" contype="0" conaffinity="0"/>
+REACH_AROUND_XML = planar_scene(
+    "jumpflow_reach_around", light_pos="0 0 1.5", camera_pos="0 0 0.9", workspace=WORKSPACE,
+    bodies=f"""    <geom name="floor" type="plane" size="0.4 0.4 0.01" rgba="0.6 0.6 0.58 1" contype="0" conaffinity="0"/>
     <geom name="post" type="cylinder" size="{POST_RADIUS} 0.04" pos="{POST_POS[0]} {POST_POS[1]} 0.04"
           rgba="0.4 0.3 0.25 1" contype="2" conaffinity="2"/>
     <body name="goal" mocap="true" pos="0 0.25 0.0005">
       <geom name="goal" type="cylinder" size="0.03 0.0005" rgba="0.3 0.8 0.3 1" contype="0" conaffinity="0"/>
     </body>
-{effector_body("agent", WORKSPACE, AGENT_RADIUS, "0.2 0.2 0.7 1")}
-  </worldbody>
-{servo_actuators(WORKSPACE)}
-</mujoco>
-"""
+{effector_body("agent", WORKSPACE, AGENT_RADIUS, "0.2 0.2 0.7 1")}""")
 
 
 class ReachAroundSim(PlanarSim):

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from jumpflow.backbones import layers
 from jumpflow.backbones.embeddings import TimeCondEmbedder
 from jumpflow.backbones.layers import ATTENTION_MODES, LayerNorm, Linear, attention, has_forward_grad  # noqa: F401
 from jumpflow.errors import ConfigError
@@ -270,8 +271,7 @@ class DiT(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None = None,
                 return_features: bool = False):
-        if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"DiT expects inputs of shape (B, {self.shape}), got {tuple(x.shape)}")
+        layers.check_input_shape(self, x)
         c = self.embed(t, h, cond)                                        # (B, D)
         if self.normalized_modulation:
             c = F.rms_norm(c, (c.shape[-1],), eps=1e-6)                   # (B, D)

@@ -143,3 +143,9 @@ class ConvTranspose1d(nn.ConvTranspose1d):
             return self._apply_conv(x, self.bias)                         # (B, C_out, 2T)
         out = self._apply_conv(primal, self.bias)                         # (B, C_out, 2T)
         return forward_ad.make_dual(out, self._apply_conv(tangent, None))  # (B, C_out, 2T)
+
+
+def check_input_shape(net: nn.Module, x: Tensor) -> None:
+    """A one-line error when ``x`` is not ``(B, *net.shape)`` (every backbone checks its input)."""
+    if tuple(x.shape[1:]) != net.shape:
+        raise ValueError(f"{type(net).__name__} expects inputs of shape (B, {net.shape}), got {tuple(x.shape)}")

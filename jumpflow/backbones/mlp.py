@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from jumpflow.backbones.embeddings import TimeCondEmbedder
-from jumpflow.backbones.layers import LayerNorm
+from jumpflow.backbones.layers import LayerNorm, check_input_shape
 from jumpflow.errors import ConfigError
 
 
@@ -66,8 +66,7 @@ class MLP(nn.Module):
         return tokens.reshape(tokens.shape[0], *self.shape)
 
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None = None, return_features: bool = False):
-        if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"MLP expects inputs of shape (B, {self.shape}), got {tuple(x.shape)}")
+        check_input_shape(self, x)
         emb = self.embed(t, h, cond)                               # (B, W)
         y = self.inp(x.reshape(x.shape[0], -1))                   # (B, W)
         for block in self.blocks:

@@ -36,6 +36,7 @@ from jumpflow.backbones.layers import (
     GroupNorm,
     Linear,
     attention,
+    check_input_shape,
 )
 from jumpflow.errors import ConfigError
 
@@ -132,8 +133,7 @@ class UNet1D(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None = None,
                 return_features: bool = False):
-        if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"UNet1D expects inputs of shape (B, {self.shape}), got {tuple(x.shape)}")
+        check_input_shape(self, x)
         emb = self.embed(t, h, cond)                                      # (B, E)
         y = rearrange(x, "b t a -> b a t")                                # (B, A, T)
         skips = []
@@ -309,8 +309,7 @@ class UNet2D(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None = None,
                 return_features: bool = False):
-        if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"UNet2D expects inputs of shape (B, {self.shape}), got {tuple(x.shape)}")
+        check_input_shape(self, x)
         emb = self.embed(t, h, cond)                                      # (B, E)
         y = self.inp(x)                                                   # (B, M, H, W)
         skips = [y]

@@ -6,15 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jumpflow.objectives.base import (
-    Inference,
-    LossOutput,
-    Objective,
-    TimeSampler,
-    jump_sample,
-    jvp_context,
-    require,
-)
+from jumpflow.objectives import base
+from jumpflow.objectives.base import Inference, LossOutput, Objective, TimeSampler, require
 from jumpflow.timeconv import expand_like, interpolate, velocity
 
 TANGENTS = ("v_0_1", "v_0_0", "v_1_0", "v_1_1")
@@ -157,7 +150,7 @@ class MeanFlow(AverageVelocityObjective):
 
         def u_fn(z_, r_, t_):
             return net(z_, t_, self._second_time(t_, r_), cond)
-        with jvp_context():
+        with base.jvp_context():
             u, dudt = torch.func.jvp(u_fn, (z, r, t), (tz, tr, tt))  # (B, *shape) each
         return u, (v - expand_like(t - r, u) * dudt).detach()
 
@@ -189,4 +182,4 @@ class MeanFlow(AverageVelocityObjective):
             fn = lambda z, t, h: net(z, t, h, cond)
         else:
             fn = lambda z, t, h: net(z, t, t - h, cond)
-        return jump_sample(fn, noise, steps, average=True)
+        return base.jump_sample(fn, noise, steps, average=True)

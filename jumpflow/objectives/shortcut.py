@@ -9,16 +9,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from jumpflow.objectives.base import (
-    Inference,
-    LossOutput,
-    Objective,
-    TimeSampler,
-    drop_condition,
-    jump_sample,
-    per_sample_mse,
-    require,
-)
+from jumpflow.objectives import base
+from jumpflow.objectives.base import Inference, LossOutput, Objective, TimeSampler, require
 from jumpflow.timeconv import expand_like, interpolate, velocity
 
 
@@ -137,7 +129,7 @@ class Shortcut(Objective):
         b = x.shape[0]
         n_sc = int(b * self.self_consistency_fraction)
         eps = torch.randn_like(x)                                          # (B, *shape)
-        cond = drop_condition(net, cond, self.class_drop_prob)
+        cond = base.drop_condition(net, cond, self.class_drop_prob)
         t_fm = self.time_sampler(b - n_sc, x.device, x.dtype)              # (B - n_sc,)
         t_sc, d_sc = self.sample_jumps(n_sc, x.device, x.dtype)            # (n_sc,) each
         t = torch.cat([t_sc, t_fm])                                        # (B,)
@@ -148,7 +140,7 @@ class Shortcut(Objective):
             sc = self.self_consistency_target(self._teacher(net), z[:n_sc], t_sc, d_sc,
                                               None if cond is None else cond[:n_sc])
             target = torch.cat([sc, target[n_sc:]])
-        loss = per_sample_mse(net(z, t, h, cond), target)                  # (B,)
+        loss = base.per_sample_mse(net(z, t, h, cond), target)             # (B,)
         metrics = {"mse": loss.mean().item(), "fm": loss[n_sc:].mean().item()}
         if n_sc > 0:
             metrics["self_consistency"] = loss[:n_sc].mean().item()
@@ -158,4 +150,4 @@ class Shortcut(Objective):
     def sample(self, net, noise: Tensor, cond: Tensor | None, inference: Inference | int | None = None) -> Tensor:
         inf = self.resolve(inference)
         fn = self.guided(net, cond, inf.guidance)
-        return jump_sample(lambda z, t, h: fn(z, t, self._h(h)), noise, inf.steps, average=True)
+        return base.jump_sample(lambda z, t, h: fn(z, t, self._h(h)), noise, inf.steps, average=True)
