@@ -67,11 +67,52 @@ def run_expert_episode(sim, expert, seed: int, max_steps: int, image_keys=()) ->
     return episode
 
 
+_WORKER: dict = {}
+
+
+def _start_worker(env_meta: dict, image_keys: tuple, camera_size: int, task: str, style: str, max_steps: int) -> None:
+    """Build one process's simulator and expert (a worker of :func:`expert_episodes`)."""
+    from jumpflow.envs.experts import make_expert
+    from jumpflow.envs.sim import RobosuiteSim
+
+    sim = RobosuiteSim(env_meta, obs_keys=None, image_keys=image_keys, camera_size=camera_size)
+    _WORKER.update(sim=sim, expert=make_expert(task, sim.env, style=style), max_steps=max_steps,
+                   image_keys=image_keys)
+
+
+def _worker_episode(seed: int) -> dict:
+    return run_expert_episode(_WORKER["sim"], _WORKER["expert"], seed, _WORKER["max_steps"], _WORKER["image_keys"])
+
+
+def expert_episodes(env_meta: dict, image_keys: tuple, camera_size: int, task: str, style: str, max_steps: int,
+                    seeds: range, workers: int = 1):
+    """Yield the expert's episodes for ``seeds``, in seed order.
+
+    An episode is a function of its seed alone (``reset(seed)``; an mh style is drawn from the seed),
+    so ``workers > 1`` processes (spawned, each with its own simulator) give exactly the episodes one
+    process gives, in the same order; a consumer that stops early leaves at most ``workers`` episodes
+    computed for nothing."""
+    if workers <= 1:
+        _start_worker(env_meta, image_keys, camera_size, task, style, max_steps)
+        try:
+            for s in seeds:
+                yield _worker_episode(s)
+        finally:
+            _WORKER.pop("sim").close()
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")      # no fork of a process that holds torch threads or GL contexts
+    with ctx.Pool(workers, initializer=_start_worker,
+                  initargs=(env_meta, image_keys, camera_size, task, style, max_steps)) as pool:
+        yield from pool.imap(_worker_episode, seeds, chunksize=1)
+
+
 def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 200, seed: int = 0,
                    image: bool = False, camera_size: int = 84, image_keys=("agentview_image",
                    "robot0_eye_in_hand_image"), keep_failed: bool = False, max_steps: int | None = None,
                    max_attempts: int | None = None, valid_fraction: float = 0.1, progress: bool = True,
-                   compress_images: bool = False, style: str = "ph") -> dict:
+                   compress_images: bool = False, style: str = "ph", workers: int = 1) -> dict:
     """Generate ``n_demos`` successful expert demos into a robomimic-format HDF5 at ``out``.
 
     Args:
@@ -86,15 +127,16 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
         valid_fraction: share of demos listed in ``mask/valid`` (the rest in ``mask/train``).
         style: ``"ph"`` (scripted expert) or ``"mh"`` (a human-like style drawn per episode from
             the episode's seed, stored as ``data/demo_<i>`` attributes; see the module docstring).
+        workers: processes rolling the expert out (robosuite tasks); the file is the same for any
+            number (episodes are functions of their seeds and are written in seed order).
     Returns:
         ``{"path", "task", "style", "n_demos", "n_attempts", "n_failed", "success_rate", "seconds",
         "seconds_per_demo", "total_samples"}`` (+ ``"modes"``: demos per mode label, for mh).
     """
     import h5py
-    from jumpflow.envs.experts import check_style, make_expert
+    from jumpflow.envs.experts import check_style
     from jumpflow.envs.metaworld_demos import is_metaworld_task
     from jumpflow.envs.planar_demos import generate_from_demos_args, is_planar_task
-    from jumpflow.envs.sim import RobosuiteSim
     from tqdm import tqdm
 
     if is_metaworld_task(task):    # MetaWorld v3 (push-v3, metaworld:push-v3): MetaWorld's scripted policies
@@ -112,14 +154,16 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
     task = canonical_task(task)
     if n_demos < 1:
         raise ValueError(f"n_demos must be >= 1, got {n_demos}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     max_steps = max_steps or (MH_MAX_STEPS if style == "mh" else DEFAULT_MAX_STEPS).get(task, 400)
     max_attempts = max_attempts or 2 * n_demos + 20
     env_meta = default_env_meta(task, image=image, camera_size=camera_size)
     image_keys = tuple(image_keys) if image else ()
-    sim = RobosuiteSim(env_meta, obs_keys=None, image_keys=image_keys, camera_size=camera_size)
-    expert = make_expert(task, sim.env, style=style)
+    episodes = expert_episodes(env_meta, image_keys, camera_size, task, style, max_steps,
+                               range(seed, seed + max_attempts), workers)
     t0 = time.perf_counter()
     n_ok = n_failed = attempts = total = 0
     names: list[str] = []
@@ -131,8 +175,7 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
                 data = f.create_group("data")
                 bar = tqdm(total=n_demos, desc=f"{task} demos", unit="demo", disable=not progress,
                            file=sys.stderr)
-                while n_ok < n_demos and attempts < max_attempts:
-                    ep = run_expert_episode(sim, expert, seed + attempts, max_steps, image_keys)
+                for ep in episodes:
                     attempts += 1
                     if not ep["success"]:
                         n_failed += 1
@@ -148,6 +191,8 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
                     n_ok += int(ep["success"]) if not keep_failed else 1
                     bar.update(1)
                     bar.set_postfix(failed=n_failed)
+                    if n_ok >= n_demos:
+                        break
                 bar.close()
                 if n_ok < n_demos:
                     raise RuntimeError(f"{task}: only {n_ok} of {n_demos} demos succeeded in {attempts} attempts "
@@ -156,7 +201,7 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
                 data.attrs["env_args"] = json.dumps(env_meta)
                 if style != "ph":                 # ph files stay byte-identical to what they always were
                     data.attrs["demo_style"] = style
-                n_valid = int(round(valid_fraction * len(names)))
+                n_valid = round(valid_fraction * len(names))
                 if len(names) > 1:
                     n_valid = min(max(n_valid, 1 if valid_fraction > 0 else 0), len(names) - 1)
                 else:
@@ -167,7 +212,7 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
                 f.flush()
         atomic_write(out, write)      # a killed run leaves no half file; the next run removes its temp
     finally:
-        sim.close()
+        episodes.close()
     seconds = time.perf_counter() - t0
     summary = {"path": str(out), "task": task, "style": style, "n_demos": len(names), "n_attempts": attempts,
                "n_failed": n_failed, "success_rate": (attempts - n_failed) / max(attempts, 1),
@@ -178,13 +223,14 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
 
 
 def ensure_demos(path: str | os.PathLike, task: str = "Lift", n_demos: int = 200, seed: int = 0,
-                 image: bool = False, style: str = "ph", **kwargs) -> Path:
+                 image: bool = False, style: str = "ph", workers: int = 1, **kwargs) -> Path:
     """Return ``path``, generating ``n_demos`` expert demos there first if the file is missing.
 
     An existing file is checked (readable robomimic HDF5 of the same task with at least
     ``n_demos`` demos, image keys present if ``image``, written in ``style``: a file without a
     ``demo_style`` attribute, robomimic's own included, counts as ``ph``) and never overwritten; a
-    mismatch raises ``ValueError`` naming the file. Extra ``kwargs`` go to :func:`generate_demos`.
+    mismatch raises ``ValueError`` naming the file. ``workers``: processes generating robosuite demos
+    (the planar and MetaWorld generators run in one). Extra ``kwargs`` go to :func:`generate_demos`.
     """
     from jumpflow.envs.experts import check_style
     from jumpflow.envs.metaworld_demos import ensure_metaworld_demos, is_metaworld_task
@@ -202,7 +248,8 @@ def ensure_demos(path: str | os.PathLike, task: str = "Lift", n_demos: int = 200
     path = Path(path)
     task = canonical_task(task)
     if not path.exists():
-        summary = generate_demos(path, task=task, n_demos=n_demos, seed=seed, image=image, style=style, **kwargs)
+        summary = generate_demos(path, task=task, n_demos=n_demos, seed=seed, image=image, style=style,
+                                 workers=workers, **kwargs)
         print(f"[jumpflow-demos] wrote {summary['n_demos']} {task} {style} demos to {path} "
               f"({summary['n_failed']} failed attempts dropped, {summary['seconds_per_demo']:.2f} s/demo)",
               file=sys.stderr)
@@ -246,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-failed", action="store_true", help="store failed attempts too")
     p.add_argument("--max-steps", type=int, default=None, help="episode cap (default 400)")
     p.add_argument("--valid-fraction", type=float, default=0.1, help="share of demos in mask/valid")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes rolling the expert out (robosuite tasks; the file does not depend on it)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="write 2 demos only (smoke test)")
@@ -266,7 +315,7 @@ def main(argv=None) -> int:
     summary = generate_demos(out, task=args.task, n_demos=2 if args.debug else args.n_demos, seed=args.seed,
                              image=args.image, camera_size=args.camera_size, keep_failed=args.keep_failed,
                              max_steps=args.max_steps, valid_fraction=args.valid_fraction,
-                             progress=not args.no_progress, style=args.style)
+                             progress=not args.no_progress, style=args.style, workers=args.workers)
     print(json.dumps(summary, indent=1))
     return 0
 

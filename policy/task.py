@@ -29,6 +29,7 @@ class PolicyTask(Task):
         encoder: ``ObsEncoder`` kwargs (image_trunk, crop_size, ...).
         filter_key: ``mask/<filter_key>`` demos only (null: all).
         demo_style: ``ph`` (scripted, the default) or ``mh`` (human-like, multimodal) generated demos.
+        demo_workers: processes generating robosuite demos (the file does not depend on it).
         inference: sampling settings at evaluation (``steps``, ``sampler``, ``guidance``; missing
             ones: the objective's defaults, which live in the objective's config).
         eval_nfe: extra NFEs evaluated at the end (``[[steps, sampler-or-null], ...]``).
@@ -43,10 +44,11 @@ class PolicyTask(Task):
                  n_obs_steps: int = 2, n_action_steps: int = 8, encoder: dict | None = None,
                  filter_key: str | None = None, inference: dict | None = None, eval_episodes: int = 50,
                  eval_envs: int = 1, eval_max_steps: int = 400, eval_videos: int = 2,
-                 temporal_ensemble: float | None = None, cache_dir: str | None = None, prefix_max: int = 0):
+                 temporal_ensemble: float | None = None, cache_dir: str | None = None, prefix_max: int = 0,
+                 demo_workers: int = 1):
         for name, v in (("horizon", horizon), ("n_obs_steps", n_obs_steps), ("n_action_steps", n_action_steps),
                         ("eval_episodes", eval_episodes), ("eval_envs", eval_envs), ("n_demos", n_demos),
-                        ("eval_max_steps", eval_max_steps)):
+                        ("eval_max_steps", eval_max_steps), ("demo_workers", demo_workers)):
             if int(v) < 1:
                 raise ConfigError(name, f"must be >= 1, got {v}")
         if eval_videos < 0:
@@ -66,6 +68,7 @@ class PolicyTask(Task):
         self.dataset_path = Path(dataset).expanduser()
         self.env, self.n_demos, self.demo_seed, self.image = env, int(n_demos), int(demo_seed), bool(image)
         self.demo_style, self.generate_if_missing = demo_style, bool(generate_if_missing)
+        self.demo_workers = int(demo_workers)
         self.obs_keys = list(obs_keys)
         self.horizon, self.n_obs_steps, self.n_action_steps = int(horizon), int(n_obs_steps), int(n_action_steps)
         self.encoder_kwargs = dict(encoder or {})
@@ -100,7 +103,7 @@ class PolicyTask(Task):
             from jumpflow.envs.demos import ensure_demos
             extra = {} if self.demo_style == "ph" else {"style": self.demo_style}
             ensure_demos(self.dataset_path, task=self.env, n_demos=self.n_demos, seed=self.demo_seed,
-                         image=self.image, **extra)
+                         image=self.image, workers=self.demo_workers, **extra)
         data = self._dataset()
         from jumpflow.envs.registry import sim_class_path
         try:                                   # an env the evaluator cannot build fails here, not after training

@@ -148,16 +148,33 @@ def _yaw(q_xyzw: np.ndarray) -> float:
     return float(np.arctan2(2 * (x * y + z * w), 1 - 2 * (y * y + z * z)))
 
 
-def test_mh_demos_deterministic_by_seed_via_cli(tmp_path, lift_mh):
+def test_mh_demos_deterministic_by_seed_via_cli_and_workers(tmp_path, lift_mh):
+    """The CLI with two worker processes writes exactly the demos one process wrote (every array
+    and attribute of each demo), in seed order."""
     import h5py
     from jumpflow.envs.demos import main
 
     out = tmp_path / "mh2.hdf5"
-    assert main(["--task", "lift", "--style", "mh", "--n-demos", "2", "--out", str(out), "--no-progress"]) == 0
+    assert main(["--task", "lift", "--style", "mh", "--n-demos", "3", "--out", str(out), "--no-progress",
+                 "--workers", "2"]) == 0
     with h5py.File(out, "r") as a, h5py.File(lift_mh[0], "r") as b:
-        for n in ("demo_0", "demo_1"):
-            np.testing.assert_array_equal(a[f"data/{n}/actions"][()], b[f"data/{n}/actions"][()])
-            assert a[f"data/{n}"].attrs["mode"] == b[f"data/{n}"].attrs["mode"]
+        assert list(a["data"]) == ["demo_0", "demo_1", "demo_2"]
+        for n in ("demo_0", "demo_1", "demo_2"):
+            ga, gb = a[f"data/{n}"], b[f"data/{n}"]
+            assert dict(ga.attrs) == dict(gb.attrs)
+            keys = []
+            ga.visititems(lambda k, obj, keys=keys: keys.append(k) if isinstance(obj, h5py.Dataset) else None)
+            assert keys
+            for k in keys:
+                np.testing.assert_array_equal(ga[k][()], gb[k][()], err_msg=f"{n}/{k}")
+
+
+def test_workers_must_be_positive(tmp_path):
+    from jumpflow.envs.demos import generate_demos
+
+    with pytest.raises(ValueError, match="workers"):
+        generate_demos(tmp_path / "x.hdf5", "Lift", n_demos=1, workers=0)
+    assert not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------------- ph unchanged, bad input
