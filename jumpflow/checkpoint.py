@@ -17,6 +17,11 @@ process killed mid-write leaves the previous checkpoint as the latest one. The l
 ``keep`` checkpoints are kept. Reading verifies the sha256: a truncated or modified file
 raises :class:`CheckpointError` naming the file (and the previous checkpoint, which stays
 loadable).
+
+FSDP (``trainer.parallel=fsdp``): the same files. On save every process all-gathers each
+sharded tensor (:func:`gather_full_state`) and rank 0 writes the full state; on load every
+process reads the full state and keeps its own shard (:func:`restore_state`), so a checkpoint
+does not depend on how the run was split and resumes under DDP, FSDP or one process alike.
 """
 
 from __future__ import annotations
@@ -260,6 +265,64 @@ def load_model(run_dir_or_ckpt: str | Path, use_ema: bool = True, device: str | 
     return model.to(device).eval(), cfg
 
 
+# ------------------------------------------------------------------ FSDP: gather on save, shard on load
+def _is_dtensor(value) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def _full(value, keep: bool):
+    """A DTensor all-gathered (a collective), on the CPU where ``keep``; other values as they are."""
+    if isinstance(value, torch.Tensor) and _is_dtensor(value):
+        full = value.full_tensor()
+        return full.cpu() if keep else None
+    return value
+
+
+def gather_full_state(obj) -> dict:
+    """The unsharded ``state_dict()`` of an FSDP-sharded module (or ``AveragedModel``) or of an
+    optimiser over sharded parameters: every DTensor all-gathered, in the layout of an unsharded
+    run. A collective: every process calls it in the same order; rank 0 gets the state, the
+    others an empty dict (they drop each gathered tensor at once)."""
+    import torch.distributed as dist
+
+    keep = dist.get_rank() == 0
+    state = obj.state_dict()
+    if isinstance(obj, torch.optim.Optimizer):
+        inner = {i: {k: _full(v, keep) for k, v in s.items()} for i, s in state["state"].items()}
+        return {"state": inner, "param_groups": state["param_groups"]} if keep else {}
+    full = {k: _full(v, keep) for k, v in state.items()}
+    return full if keep else {}
+
+
+def _shard_like(full: torch.Tensor, ref):
+    """``full`` as a DTensor placed like ``ref`` (this process keeps its own shard; no
+    communication), or ``full`` itself when ``ref`` is not a DTensor."""
+    if not (isinstance(ref, torch.Tensor) and _is_dtensor(ref)) or not isinstance(full, torch.Tensor):
+        return full
+    if tuple(full.shape) != tuple(ref.shape):
+        return full                                      # load_state_dict names the mismatch
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(device=ref.device, dtype=ref.dtype), ref.device_mesh, ref.placements,
+                             src_data_rank=None)
+
+
+def _sharded_like(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    current = module.state_dict()
+    return {k: _shard_like(v, current.get(k)) for k, v in state.items()}
+
+
+def _optimizer_sharded_like(optimizer, state: dict) -> dict:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    inner = {}
+    for i, s in state["state"].items():
+        ref = params[int(i)] if int(i) < len(params) else None
+        inner[i] = {k: (_shard_like(v, ref) if k != "step" else v) for k, v in s.items()}
+    return {**state, "state": inner}
+
+
 # ------------------------------------------------------------------ training state <-> checkpoint
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"rng.torch_cpu": torch.get_rng_state()}
@@ -273,12 +336,17 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def collect_state(model, ema, optimizer, scheduler, resolved: dict, position: dict, world_size: int,
-                  run_id: str, task_artifact: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Everything a checkpoint holds: ``(tensors, JSON meta)`` (see the module docstring)."""
-    tensors = prefixed(model.state_dict(), "model")
+                  run_id: str, task_artifact: dict, full: tuple | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Everything a checkpoint holds: ``(tensors, JSON meta)`` (see the module docstring).
+
+    ``full``: ``(model, ema, optimiser)`` state dicts already gathered by
+    :func:`gather_full_state` (FSDP), used instead of the objects' own ``state_dict()``."""
+    model_sd, ema_sd, optim_sd = full if full is not None else (
+        model.state_dict(), None if ema is None else ema.state_dict(), optimizer.state_dict())
+    tensors = prefixed(model_sd, "model")
     if ema is not None:
-        tensors.update(prefixed(ema.state_dict(), "ema"))
-    optim_meta = split_state(optimizer.state_dict(), "optim", tensors)
+        tensors.update(prefixed(ema_sd, "ema"))
+    optim_meta = split_state(optim_sd, "optim", tensors)
     rng_tensors, rng_meta = _rng_state()
     tensors.update(rng_tensors)
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
@@ -290,16 +358,20 @@ def collect_state(model, ema, optimizer, scheduler, resolved: dict, position: di
 
 def restore_state(path, tensors, meta, model, ema, optimizer, scheduler, cfg, warn=print) -> tuple[int, str | None]:
     """Load a checkpoint into a run's model, EMA, optimiser, scheduler and RNGs; returns
-    ``(step, run_id)``."""
-    load_state_into(model, unprefixed(tensors, "model"), "model weights", path)
+    ``(step, run_id)``. An FSDP-sharded model (and its EMA and optimiser) keeps this process's
+    shard of each full tensor."""
+    sharded = any(_is_dtensor(p) for p in model.parameters())
+    like = _sharded_like if sharded else (lambda module, state: state)
+    load_state_into(model, like(model, unprefixed(tensors, "model")), "model weights", path)
     if ema is not None:
         state = unprefixed(tensors, "ema")
         if state:
-            load_state_into(ema, state, "EMA weights", path)
+            load_state_into(ema, like(ema, state), "EMA weights", path)
         else:
             warn(f"warning: {path} has no EMA weights; the EMA restarts from the model")
     try:
-        optimizer.load_state_dict(merge_state(meta["optimizer"], tensors))
+        optim_state = merge_state(meta["optimizer"], tensors)
+        optimizer.load_state_dict(_optimizer_sharded_like(optimizer, optim_state) if sharded else optim_state)
         sched = dict(meta["scheduler"])
         sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
         scheduler.load_state_dict(sched)

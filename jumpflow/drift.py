@@ -18,7 +18,10 @@ positives and generated negatives). For each temperature ``tau``::
     V      = sum_tau V_tau / rms(V_tau)                 (rms over the whole batch)
 
 Valid pairs exclude padded positives and self-pairs: these get ``A = 0`` and stay out of
-``S``. (The official code masks self-pairs by adding 100 to their normalised distance instead:
+``S``. Groups of unequal sizes (Drifting's field over a global batch gathered from several
+processes) are padded, with ``gen_mask`` / ``neg_mask`` marking the real generated samples and
+extra negatives: a padded generated sample is neither a row nor a negative column, its field
+is 0 and it is left out of the rms. (The official code masks self-pairs by adding 100 to their normalised distance instead:
 they keep the floor ``sqrt(1e-6)`` in the negative sum, and their ~0 distance counts in the
 mean, making ``S`` smaller by a factor ``1 - 1/M`` for ``M`` targets per row, 11% when
 ``G = 8, P = 1``; not copied here.) ``floor = 1e-6`` is the official affinity floor
@@ -41,7 +44,7 @@ from torch import Tensor
 _NEG_INF = -math.inf
 
 
-def _check(gen: Tensor, pos: Tensor, pos_mask, neg, temperatures) -> None:
+def _check(gen: Tensor, pos: Tensor, pos_mask, neg, temperatures, gen_mask=None, neg_mask=None) -> None:
     if gen.dim() != 3 or pos.dim() != 3:
         raise ValueError(f"drift_field: gen and pos must be (groups, n, d), got {tuple(gen.shape)}, {tuple(pos.shape)}")
     if gen.shape[0] != pos.shape[0] or gen.shape[2] != pos.shape[2]:
@@ -50,6 +53,10 @@ def _check(gen: Tensor, pos: Tensor, pos_mask, neg, temperatures) -> None:
         raise ValueError(f"drift_field: pos_mask must be {tuple(pos.shape[:2])}, got {tuple(pos_mask.shape)}")
     if neg is not None and (neg.dim() != 3 or neg.shape[0] != gen.shape[0] or neg.shape[2] != gen.shape[2]):
         raise ValueError(f"drift_field: neg must be (groups, U, d={gen.shape[2]}), got {tuple(neg.shape)}")
+    if gen_mask is not None and tuple(gen_mask.shape) != tuple(gen.shape[:2]):
+        raise ValueError(f"drift_field: gen_mask must be {tuple(gen.shape[:2])}, got {tuple(gen_mask.shape)}")
+    if neg_mask is not None and (neg is None or tuple(neg_mask.shape) != tuple(neg.shape[:2])):
+        raise ValueError(f"drift_field: neg_mask must be the shape of neg[:, :, 0], got {tuple(neg_mask.shape)}")
     if len(temperatures) == 0 or any(t <= 0 for t in temperatures):
         raise ValueError(f"temperatures: need a non-empty list of positive values, got {list(temperatures)}")
 
@@ -75,7 +82,8 @@ def _group_neg_weight(neg_weight, n_groups: int, dtype, device) -> Tensor:
 
 def drift_field_torch(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, neg: Tensor | None = None,
                       neg_weight: float | Tensor = 1.0, temperatures=(0.02, 0.05, 0.2), gen_as_neg: bool = True,
-                      attraction_only: bool = False, scale: str = "batch", floor: float = 1e-6) -> Tensor:
+                      attraction_only: bool = False, scale: str = "batch", floor: float = 1e-6,
+                      gen_mask: Tensor | None = None, neg_mask: Tensor | None = None) -> Tensor:
     """Per-temperature raw fields ``(K, groups, G, d)`` (before rms normalisation), in torch."""
     n_groups, g, _ = gen.shape
     p = pos.shape[1]
@@ -89,6 +97,12 @@ def drift_field_torch(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, 
         valid[:, :, :p] &= pos_mask[:, None, :]
     if gen_as_neg:
         valid[:, :, p:p + g] &= ~torch.eye(g, dtype=torch.bool, device=gen.device)
+    if gen_mask is not None:                                            # padded generated samples
+        valid &= gen_mask[:, :, None]
+        if gen_as_neg:
+            valid[:, :, p:p + g] &= gen_mask[:, None, :]
+    if neg_mask is not None and neg is not None:                        # padded extra negatives
+        valid[:, :, m - neg.shape[1]:] &= neg_mask[:, None, :]
     weight = torch.ones(n_groups, m, dtype=gen.dtype, device=gen.device)   # (Gr, M)
     if neg is not None:
         weight[:, m - neg.shape[1]:] = _group_neg_weight(neg_weight, n_groups, gen.dtype, gen.device)[:, None]
@@ -122,7 +136,7 @@ def drift_field_torch(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, 
 
 
 @numba.njit(parallel=True, fastmath={"nsz", "arcp", "contract", "reassoc"}, cache=True)
-def _drift_scale_numba(gen, pos, pos_mask, neg, neg_w, gen_as_neg):  # pragma: no cover - jit
+def _drift_scale_numba(gen, pos, pos_mask, neg, neg_w, gen_as_neg, gen_mask, neg_mask):  # pragma: no cover - jit
     # Per group: sum_valid w_j d_ij and sum_valid w_j (float64); the caller adds them up.
     n_groups, g, d = gen.shape
     p = pos.shape[1]
@@ -135,16 +149,20 @@ def _drift_scale_numba(gen, pos, pos_mask, neg, neg_w, gen_as_neg):  # pragma: n
         total = 0.0
         wsum = 0.0
         for i in range(g):
+            if not gen_mask[grp, i]:
+                continue
             for j in range(m):
                 if j < p:
                     if not pos_mask[grp, j]:
                         continue
                     w = 1.0
                 elif j < p + n_gen_neg:
-                    if j - p == i:
+                    if j - p == i or not gen_mask[grp, j - p]:
                         continue
                     w = 1.0
                 else:
+                    if not neg_mask[grp, j - p - n_gen_neg]:
+                        continue
                     w = neg_w[grp]
                 acc = 0.0
                 for c in range(d):
@@ -164,7 +182,7 @@ def _drift_scale_numba(gen, pos, pos_mask, neg, neg_w, gen_as_neg):  # pragma: n
 
 @numba.njit(parallel=True, fastmath={"nsz", "arcp", "contract", "reassoc"}, cache=True)
 def _drift_numba(gen, pos, pos_mask, neg, neg_w, taus, gen_as_neg, attraction_only, batch_scale,
-                 floor):  # pragma: no cover - jit
+                 floor, gen_mask, neg_mask):  # pragma: no cover - jit
     # One pass per group: gather the targets once, distances once, then per temperature
     # E_r = exp(L - row max), E_c = exp(L - column max) (two exps per pair, each stable) and
     # A = sqrt(E_r / S_row * E_c / S_col): the log-sum-exps without a third exp.
@@ -192,6 +210,12 @@ def _drift_numba(gen, pos, pos_mask, neg, neg_w, taus, gen_as_neg, attraction_on
         for i in range(g):
             for j in range(m):
                 ok = pos_mask[grp, j] if j < p else not (gen_as_neg and j - p == i and j < p + g)
+                if not gen_mask[grp, i]:
+                    ok = False
+                elif j >= p + n_gen_neg:
+                    ok = ok and neg_mask[grp, j - p - n_gen_neg]
+                elif j >= p:
+                    ok = ok and gen_mask[grp, j - p]
                 valid[i, j] = ok
                 acc = 0.0
                 for c in range(d):
@@ -267,7 +291,8 @@ def _drift_numba(gen, pos, pos_mask, neg, neg_w, taus, gen_as_neg, attraction_on
 
 def drift_field_numba(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, neg: Tensor | None = None,
                       neg_weight: float | Tensor = 1.0, temperatures=(0.02, 0.05, 0.2), gen_as_neg: bool = True,
-                      attraction_only: bool = False, scale: str = "batch", floor: float = 1e-6) -> Tensor:
+                      attraction_only: bool = False, scale: str = "batch", floor: float = 1e-6,
+                      gen_mask: Tensor | None = None, neg_mask: Tensor | None = None) -> Tensor:
     """Per-temperature raw fields ``(K, groups, G, d)``, fused numba kernel on the CPU."""
     dtype = np.float64 if gen.dtype == torch.float64 else np.float32
     g_np = gen.detach().cpu().numpy().astype(dtype, copy=False)
@@ -280,19 +305,24 @@ def drift_field_numba(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, 
     neg_w = np.ascontiguousarray(_group_neg_weight(neg_weight, g_np.shape[0], torch.float64, "cpu").numpy()
                                  .astype(dtype))
     g_np, p_np, n_np = np.ascontiguousarray(g_np), np.ascontiguousarray(p_np), np.ascontiguousarray(n_np)
+    g_mask = (np.ones(g_np.shape[:2], dtype=np.bool_) if gen_mask is None
+              else np.ascontiguousarray(gen_mask.detach().cpu().numpy().astype(np.bool_)))
+    n_mask = (np.ones(n_np.shape[:2], dtype=np.bool_) if neg_mask is None
+              else np.ascontiguousarray(neg_mask.detach().cpu().numpy().astype(np.bool_)))
     batch_scale = 0.0
     if scale == "batch":
-        wd, ww = _drift_scale_numba(g_np, p_np, mask, n_np, neg_w, bool(gen_as_neg))
+        wd, ww = _drift_scale_numba(g_np, p_np, mask, n_np, neg_w, bool(gen_as_neg), g_mask, n_mask)
         batch_scale = max(float(wd.sum()) / max(float(ww.sum()), 1e-30), 1e-12)
     out = _drift_numba(g_np, p_np, mask, n_np, neg_w, taus, bool(gen_as_neg), bool(attraction_only),
-                       float(batch_scale), float(floor))
+                       float(batch_scale), float(floor), g_mask, n_mask)
     return torch.from_numpy(out).to(device=gen.device, dtype=gen.dtype)
 
 
 def drift_field(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, neg: Tensor | None = None,
                 neg_weight: float | Tensor = 1.0, temperatures=(0.02, 0.05, 0.2), gen_as_neg: bool = True,
                 attraction_only: bool = False, impl: str = "auto", normalize: bool = True,
-                scale: str = "batch", floor: float = 1e-6) -> Tensor:
+                scale: str = "batch", floor: float = 1e-6, gen_mask: Tensor | None = None,
+                neg_mask: Tensor | None = None) -> Tensor:
     """The drift field ``V: (groups, G, d)`` for generated ``gen: (groups, G, d)``.
 
     Args:
@@ -307,8 +337,11 @@ def drift_field(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, neg: T
             every group: the official code's) or ``"group"`` (each group's own mean).
         floor: affinity floor, ``A = sqrt(max(softmax_row * softmax_col, floor))`` on valid
             pairs (official: 1e-6; 0: none).
+        gen_mask: ``(groups, G)`` bool, the real generated samples of padded groups (``None``:
+            all); padded ones get a field of 0 and stay out of the rms.
+        neg_mask: ``(groups, U)`` bool, the real extra negatives (``None``: all).
     """
-    _check(gen, pos, pos_mask, neg, temperatures)
+    _check(gen, pos, pos_mask, neg, temperatures, gen_mask, neg_mask)
     _check_options(gen, neg_weight, scale, floor)
     if impl not in ("auto", "torch", "numba"):
         raise ValueError(f"impl: must be 'auto', 'torch' or 'numba', got {impl!r}")
@@ -318,9 +351,14 @@ def drift_field(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, neg: T
     with torch.no_grad():
         if isinstance(neg_weight, Tensor):
             neg_weight = neg_weight.detach()
+        masks = {} if gen_mask is None and neg_mask is None else {"gen_mask": gen_mask, "neg_mask": neg_mask}
         per_tau = fn(gen.detach(), pos.detach(), pos_mask, None if neg is None else neg.detach(), neg_weight,
-                     tuple(temperatures), gen_as_neg, attraction_only, scale, float(floor))   # (K, Gr, G, d)
-        if normalize:
+                     tuple(temperatures), gen_as_neg, attraction_only, scale, float(floor), **masks)   # (K, Gr, G, d)
+        if normalize and gen_mask is not None:                                # rms over the real rows only
+            count = gen_mask.sum().clamp_min(1) * per_tau.shape[-1]
+            rms = (per_tau.pow(2).flatten(1).sum(1) / count).sqrt()           # (K,)
+            per_tau = per_tau / rms.clamp_min(1e-12)[:, None, None, None]
+        elif normalize:
             rms = per_tau.pow(2).flatten(1).mean(1).sqrt()                    # (K,)
             per_tau = per_tau / rms.clamp_min(1e-12)[:, None, None, None]
         return per_tau.sum(0)                                                  # (Gr, G, d)

@@ -67,6 +67,7 @@ class TrainerConfig:
     device: str = "auto"
     progress: bool = True
     cpu_threads: Optional[int] = None
+    parallel: str = "ddp"          # under torchrun: ddp (DistributedDataParallel) | fsdp (fully_shard)
 
     def __post_init__(self):
         for name, lo in (("max_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("num_workers", 0),
@@ -78,6 +79,7 @@ class TrainerConfig:
         _check(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads",
                f"must be >= 1 or null, got {self.cpu_threads}")
         _check(self.precision in ("fp32", "bf16"), "precision", f"must be one of fp32, bf16; got {self.precision!r}")
+        _check(self.parallel in ("ddp", "fsdp"), "parallel", f"must be one of ddp, fsdp; got {self.parallel!r}")
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device",
                f"must be auto, cpu or cuda[:N], got {self.device!r}")
 

@@ -5,10 +5,18 @@ networks only in the ``backbone`` config. One step::
 
     for each of the grad_accum micro-batches of this rank's share of the global batch:
         seed the noise RNG from (seed, step, shard)        # shard = rank * grad_accum + micro
-        loss = model.compute_loss(batch).loss.mean() / (world * grad_accum)
-        loss.backward()                                    # (bf16 autocast unless the objective uses JVPs)
-    all-reduce (sum) the gradients across ranks            # no DDP wrapper: JVPs need the bare module
+        loss, metrics = engine(batch)                      # engine: DDP(LossModule(model)) under torchrun
+        (loss / grad_accum).backward()                     # (bf16 autocast unless the objective uses JVPs)
+                                                           # DDP averages over ranks; no_sync on all but
+                                                           # the last micro-batch
     clip, AdamW step, warm-up + cosine LR, objective.on_step_end(model), EMA update
+
+Under ``torchrun`` the loss module (``jumpflow.distributed.LossModule``: the generator whose
+``forward(batch)`` is the objective's loss) is wrapped by ``DistributedDataParallel``, so the
+JVP objectives run inside DDP's forward; ``trainer.parallel=fsdp`` shards it with
+``fully_shard`` instead (checkpoints gather the full state on save and shard it back on load).
+An objective whose loss couples the samples of the batch (``couples_shards``: Drifting's field)
+sees every shard of the global batch (``jumpflow.distributed.gather_shards``).
 
 Determinism: the seed fixes initialisation, the data order (a ``torch.Generator`` seeded
 from (seed, epoch) permutes the dataset; the global batch of step ``k`` is a fixed slice of
@@ -23,9 +31,9 @@ raise :class:`jumpflow.config.ConfigError` before anything is written or trained
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
+import gc
 import json
 import math
 import os
@@ -42,19 +50,29 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
-from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
 from jumpflow.build import build_components
 from jumpflow.checkpoint import (
     collect_state,
+    gather_full_state,
     latest_valid_checkpoint,
     read_checkpoint,
     restore_state,
     save_checkpoint,
 )
 from jumpflow.config import ConfigError, validate_config
+from jumpflow.distributed import (
+    LossModule,
+    ShardPayload,
+    ShardSet,
+    comm_device,
+    fsdp_shard,
+    set_gradient_sync,
+    shard_scope,
+    wrap_ddp,
+)
 
 _MASK = (1 << 63) - 1
 
@@ -214,53 +232,17 @@ def init_distributed(device_cfg: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
 
 
-def _comm_device() -> torch.device:
-    """Where collective buffers live: the current GPU for NCCL, the CPU for gloo."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def broadcast_str(text: str, info: DistInfo) -> str:
     """Rank 0's string on every rank (tensors only, no pickling)."""
     if info.world == 1:
         return text
-    dev = _comm_device()
+    dev = comm_device()
     data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=dev)
     n = torch.tensor([data.numel()], dtype=torch.int64, device=dev)
     dist.broadcast(n, 0)
     buf = data if info.rank == 0 else torch.zeros(int(n.item()), dtype=torch.uint8, device=dev)
     dist.broadcast(buf, 0)
     return bytes(buf.cpu().tolist()).decode()
-
-
-def allreduce_grads(params: list[nn.Parameter], bucket_bytes: int = 32 << 20) -> None:
-    """Sum gradients over ranks (losses are pre-divided by the number of shards).
-
-    A parameter that got no gradient on any rank keeps ``grad = None`` (AdamW then skips it,
-    as a single process would); one that got a gradient somewhere gets zeros elsewhere."""
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=_comm_device())
-    dist.all_reduce(has)
-    grads = []
-    for p, n in zip(params, has.tolist()):
-        if n == 0:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    bucket, size = [], 0
-    for g in grads + [None]:
-        if g is not None:
-            bucket.append(g)
-            size += g.numel() * g.element_size()
-        if bucket and (g is None or size >= bucket_bytes):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat)
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
-            bucket, size = [], 0
 
 
 # ------------------------------------------------------------------------------ logging
@@ -317,6 +299,7 @@ def train(cfg: DictConfig) -> dict:
         return _train(cfg, info)
     finally:
         if info.owns_group and dist.is_initialized():
+            gc.collect()        # FSDP / DDP state (reference cycles) goes while its process group lives
             dist.destroy_process_group()
 
 
@@ -358,6 +341,25 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, 0)
 
+    ecfg = cfg.ema
+    ema = None
+    if ecfg.enabled:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(ecfg.decay)), use_buffers=True)
+        decay_at = partial(ema_decay, decay=float(ecfg.decay),
+                           power=None if ecfg.power is None else float(ecfg.power),
+                           inv_gamma=float(ecfg.inv_gamma), min_decay=float(ecfg.min_decay),
+                           update_after_step=int(ecfg.update_after_step))
+    parallel = str(OmegaConf.select(cfg, "trainer.parallel", default="ddp"))
+    loss_module = LossModule(model, bf16=use_bf16)
+    sharded = info.world > 1 and parallel == "fsdp"
+    eval_copy = None
+    if sharded:
+        # rank 0 evaluates alone: it gets an unsharded copy that the gathered weights are loaded into
+        eval_copy = copy.deepcopy(model) if info.rank == 0 else None
+        fsdp_shard(loss_module)                   # blocks, then the loss module (its forward is the root's)
+        if ema is not None:
+            fsdp_shard(ema.module)                # EMA shards sit where the model's do
+
     params = [p for p in model.parameters() if p.requires_grad]
     ocfg = cfg.optim
     wd = float(ocfg.weight_decay)
@@ -370,14 +372,6 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_factor, warmup=int(ocfg.warmup_steps), total=max_steps, schedule=str(ocfg.schedule),
         min_ratio=float(ocfg.min_lr_ratio)))
-    ecfg = cfg.ema
-    ema = None
-    if ecfg.enabled:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(ecfg.decay)), use_buffers=True)
-        decay_at = partial(ema_decay, decay=float(ecfg.decay),
-                           power=None if ecfg.power is None else float(ecfg.power),
-                           inv_gamma=float(ecfg.inv_gamma), min_decay=float(ecfg.min_decay),
-                           update_after_step=int(ecfg.update_after_step))
 
     # -- resume ------------------------------------------------------------------------------
     ckpt_dir = run_dir / "checkpoints"
@@ -419,9 +413,14 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
     batches = iter(loader)
 
     def evaluate(at: int) -> dict:
+        if sharded:                               # every rank gathers; rank 0 evaluates an unsharded copy
+            state = gather_full_state(ema.module if ema is not None else model)
+            if not is_main:
+                return {}
+            eval_copy.load_state_dict(state)
         if not is_main:
             return {}
-        target = ema.module if ema is not None else model
+        target = eval_copy if sharded else ema.module if ema is not None else model
         was = target.training
         target.eval()
         py, npy = random.getstate(), np.random.get_state()
@@ -436,10 +435,14 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
         return metrics
 
     def checkpoint(at: int) -> None:
+        full = None
+        if sharded:                               # a collective: the full (unsharded) state on rank 0
+            full = (gather_full_state(model), None if ema is None else gather_full_state(ema),
+                    gather_full_state(optimizer))
         if is_main:
             position = sampler.position(at)
             tensors, meta = collect_state(model, ema, optimizer, scheduler, resolved, position, info.world, run_id,
-                                          task.artifact())
+                                          task.artifact(), full=full)
             tensors["rng.data_sampler"] = sampler.generator(position["epoch"]).get_state()
             save_checkpoint(ckpt_dir, at, tensors, meta, keep=int(tcfg.keep_checkpoints))
 
@@ -452,28 +455,51 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
     grad_clip = None if tcfg.grad_clip is None else float(tcfg.grad_clip)
     eval_metrics: dict = {}
     last_saved = step if resume and step > 0 else -1
+    engine = wrap_ddp(loss_module, device) if info.world > 1 and not sharded else loss_module
+    coupled = shards > 1 and bool(getattr(objective, "couples_shards", False))
+
+    def record_shards(micro_batches: list, at: int) -> list[dict]:
+        """The prepass of a loss that couples shards, with grad_accum > 1: each micro-batch's
+        contribution to the global batch, recorded without gradient (same seeds as the pass)."""
+        local = []
+        with torch.no_grad():
+            for micro, batch in enumerate(micro_batches):
+                shard = info.rank * accum + micro
+                torch.manual_seed(mix_seed(seed, at, shard, 0x401E))
+                try:
+                    with shard_scope(ShardSet(shard, info.world, accum, recording=True)):
+                        loss_module(batch)
+                except ShardPayload as recorded:
+                    local.append(recorded.payload)
+                else:
+                    raise RuntimeError(f"{type(objective).__name__} couples shards but never called gather_shards")
+        return local
+
     model.train()
     t_last, steps_since = time.perf_counter(), 0
     try:
         while step < max_steps:
             sums: dict[str, float] = {}
             loss_sum = torch.zeros((), device=device)
+            step_set = None
+            if coupled:
+                micro_batches = [to_device(next(batches), device) for _ in range(accum)]
+                step_set = {"local": record_shards(micro_batches, step) if accum > 1 else None, "cache": {}}
             for micro in range(accum):
-                batch = to_device(next(batches), device)
+                batch = micro_batches[micro] if coupled else to_device(next(batches), device)
                 shard = info.rank * accum + micro
-                torch.manual_seed(mix_seed(seed, step, shard, 0x401E))
-                autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 \
-                    else contextlib.nullcontext()
-                with autocast:
-                    out = model.compute_loss(batch)
-                loss = out.loss.float().mean()
-                (loss / shards).backward()
+                scope = None if step_set is None else ShardSet(shard, info.world, accum, **step_set)
+                with set_gradient_sync(engine, sync=micro == accum - 1):    # no_sync but on the last
+                    torch.manual_seed(mix_seed(seed, step, shard, 0x401E))
+                    with shard_scope(scope):
+                        loss, metrics = engine(batch)
+                    (loss / accum).backward()     # DDP / FSDP average over ranks: the mean over all shards
                 loss_sum += loss.detach()
-                for k, v in (out.metrics or {}).items():
+                for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / accum
-            if info.world > 1:
-                allreduce_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+            if sharded:
+                grad_norm = grad_norm.full_tensor()
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -492,7 +518,7 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
             if step % log_every == 0 or step == max_steps:
                 loss_val = loss_sum / accum
                 if info.world > 1:
-                    loss_val = loss_val.to(_comm_device())
+                    loss_val = loss_val.to(comm_device())
                     dist.all_reduce(loss_val)
                     loss_val /= info.world
                 loss_val = float(loss_val)

@@ -1,14 +1,22 @@
 """Drifting Models: Deng, Li, Zhang, He et al., "Generative Modeling via Drifting"
-(arXiv 2602.04770, 2026)."""
+(arXiv 2602.04770, 2026).
+
+Under ``torchrun`` (or with ``grad_accum > 1``) the field is computed over the *global* batch:
+each shard's generated, positive and unconditional-negative features are gathered without
+gradient (``jumpflow.distributed.gather_shards``), and each shard's loss is on its own
+generated samples, so the field of N processes is the field of one process holding every
+shard (:func:`merge_shards`, :func:`global_drift_field`)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from jumpflow.distributed import current_shards, gather_shards
 from jumpflow.drift import SCALES, drift_field
 from jumpflow.objectives.base import Inference, LossOutput, Objective, require
 
@@ -25,6 +33,116 @@ def uncond_negative_weight(alpha: Tensor | float, gen_per_group: int, n_uncond: 
     alpha``, which extrapolates the conditional positives by ``alpha`` (``alpha = 1``: no
     guidance, weight 0). ``alpha: (Gr,)`` or a number -> same."""
     return (alpha - 1.0) * (gen_per_group - 1) / max(int(n_uncond), 1)
+
+
+def _pad_by_group(group: Tensor, n_groups: int) -> tuple[Tensor, Tensor, int]:
+    """Slots of rows in a padded ``(n_groups, width)`` layout: ``(group (N,), slot (N,), width)``
+    with rows kept in their order within each group (stable)."""
+    counts = torch.bincount(group, minlength=n_groups)                       # (Gr,)
+    width = int(counts.max()) if group.numel() else 0
+    order = torch.argsort(group, stable=True)
+    start = torch.cumsum(counts, 0) - counts                                 # (Gr,)
+    slot = torch.empty_like(group)
+    slot[order] = torch.arange(group.numel(), device=group.device) - start[group[order]]
+    return group, slot, width
+
+
+def _scatter_pad(values: Tensor, group: Tensor, slot: Tensor, n_groups: int, width: int) -> tuple[Tensor, Tensor]:
+    """``values (N, d)`` placed at ``[group, slot]`` of ``(n_groups, width, d)``, and the mask."""
+    out = values.new_zeros((n_groups, width, values.shape[1]))
+    mask = torch.zeros(n_groups, width, dtype=torch.bool, device=values.device)
+    out[group, slot] = values
+    mask[group, slot] = True
+    return out, mask
+
+
+@dataclass
+class ShardLayout:
+    """Where the rows of every shard go in the global groups (:func:`merge_shards`).
+
+    Attributes:
+        n_groups: global groups ``Gr``.
+        gen: ``(group, slot)`` of every generated row, all shards concatenated in shard order;
+            ``gen_width`` the padded group size, ``gen_mask (Gr, G)``.
+        pos_group, pos: positives of each global group: ``pos`` indexes the concatenated data
+            rows, ``(Gr, P)`` (``pos_mask``); a condition split into several groups (different
+            guidance scales) lends its data to each.
+        neg: ``(group, slot)`` of every unconditional negative, ``neg_width``, ``neg_mask``.
+        group_alpha: ``(Gr,)`` guidance scale of each group (``None`` without guidance).
+        gen_count, neg_count: ``(Gr,)`` real generated samples and negatives per group.
+        own: ``slice`` of the caller's generated rows in the concatenation.
+    """
+
+    n_groups: int
+    gen: tuple[Tensor, Tensor]
+    gen_width: int
+    gen_mask: Tensor
+    pos: Tensor
+    pos_mask: Tensor
+    neg: tuple[Tensor, Tensor]
+    neg_width: int
+    neg_mask: Tensor
+    group_alpha: Tensor | None
+    gen_count: Tensor
+    neg_count: Tensor
+    own: slice
+
+
+def merge_shards(parts: list[dict[str, Tensor]], own: int, group_by: str, conditional: bool) -> ShardLayout:
+    """The global groups of the shards ``parts`` (each from ``Drifting.shard_payload``).
+
+    A global group is, for ``group_by="cond"``, one condition (and one guidance scale, when
+    scales are drawn: generated samples made at different scales are different distributions)
+    over every shard; for ``"sample"``, one data row; for unconditional data, the whole batch.
+    Its generated samples are those of every shard's local group that maps to it (shard order,
+    then local order), its positives every data row with its condition (shard order, then row
+    order), its unconditional negatives those its local groups drew. Deterministic in ``parts``:
+    every process (and one process holding every shard) builds the same layout."""
+    dev = parts[0]["row_group"].device
+    n_local = [int(p["cond"].shape[0]) for p in parts]                         # local groups per shard
+    offsets = torch.tensor([0, *n_local], device=dev).cumsum(0)[:-1].tolist()
+    total = sum(n_local)
+    cond = torch.cat([p["cond"] for p in parts])                             # (L, C) float64
+    alpha = torch.cat([p["alpha"] for p in parts]) if "alpha" in parts[0] else None   # (L,)
+    if not conditional:
+        cond_id = torch.zeros(total, dtype=torch.long, device=dev)
+        key_id = cond_id
+    elif group_by == "sample":
+        cond_id = key_id = torch.arange(total, device=dev)
+    else:
+        cond_id = torch.unique(cond, dim=0, return_inverse=True)[1]          # (L,)
+        key_id = cond_id if alpha is None else torch.unique(torch.cat([cond, alpha[:, None]], 1), dim=0,
+                                                            return_inverse=True)[1]
+    n_groups = int(key_id.max()) + 1
+    group_cond = torch.zeros(n_groups, dtype=torch.long, device=dev)
+    group_cond[key_id] = cond_id                                             # (Gr,) condition of each group
+    group_alpha = None
+    if alpha is not None:
+        group_alpha = torch.zeros(n_groups, dtype=alpha.dtype, device=dev)
+        group_alpha[key_id] = alpha                                          # equal within a group
+    # generated rows
+    gen_group = torch.cat([key_id[off + p["gen_group"]] for off, p in zip(offsets, parts)])
+    gen_group, gen_slot, gen_width = _pad_by_group(gen_group, n_groups)
+    gen_mask = torch.zeros(n_groups, gen_width, dtype=torch.bool, device=dev)
+    gen_mask[gen_group, gen_slot] = True
+    # positives: the data rows of each condition, then lent to each group of that condition
+    row_cond = torch.cat([cond_id[off + p["row_group"]] for off, p in zip(offsets, parts)])   # (N,)
+    n_cond = int(cond_id.max()) + 1
+    row_cond, row_slot, p_width = _pad_by_group(row_cond, n_cond)
+    by_cond = torch.full((n_cond, p_width), -1, dtype=torch.long, device=dev)
+    by_cond[row_cond, row_slot] = torch.arange(row_cond.numel(), device=dev)
+    pos = by_cond[group_cond]                                                # (Gr, P) row index or -1
+    pos_mask = pos >= 0
+    # unconditional negatives
+    neg_group = torch.cat([key_id[off + p["neg_group"]] for off, p in zip(offsets, parts)])
+    neg_group, neg_slot, neg_width = _pad_by_group(neg_group, n_groups)
+    neg_mask = torch.zeros(n_groups, neg_width, dtype=torch.bool, device=dev)
+    neg_mask[neg_group, neg_slot] = True
+    n_gen = [int(p["gen_group"].shape[0]) for p in parts]
+    start = sum(n_gen[:own])
+    return ShardLayout(n_groups, (gen_group, gen_slot), gen_width, gen_mask, pos, pos_mask, (neg_group, neg_slot),
+                       neg_width, neg_mask, group_alpha, gen_mask.sum(1), neg_mask.sum(1),
+                       slice(start, start + n_gen[own]))
 
 
 class AlphaSampler:
@@ -109,6 +227,9 @@ class Drifting(Objective):
     """
 
     name = "drifting"
+    #: the field couples every sample of the batch: under torchrun / grad_accum it is taken over
+    #: the global batch (the trainer's shards, ``jumpflow.distributed.gather_shards``)
+    couples_shards = True
 
     def from_data_prediction(self, z: Tensor, t: Tensor, x_hat: Tensor) -> Tensor:
         return x_hat                                    # the generator's output is a sample already
@@ -212,6 +333,8 @@ class Drifting(Objective):
         x_gen = net(noise, ones, ones, gen_cond)                                # (Gr*G, *shape)
 
         gen_blocks = self._features(net, x_gen)                                 # [(Gr*G, d_i)]
+        if current_shards() is not None:                                        # a global batch of several shards
+            return self._global_loss(net, x, gen_blocks, group_cond, row_group, alpha, g, metrics)
         with torch.no_grad():
             pos_blocks = self._features(net, pos.flatten(0, 1))                 # [(Gr*P, d_i)]
             neg_blocks, neg_weight = [None] * len(gen_blocks), self.uncond_weight
@@ -231,6 +354,78 @@ class Drifting(Objective):
                                 impl=self.kernel, scale=self.scale, floor=self.affinity_floor)   # (Gr, G, d_i)
                 target = f_gen.detach() + v.reshape(f_gen.shape)                # (Gr*G, d_i)
             loss = loss + (f_gen - target).pow(2).mean(1)                       # (Gr*G,)
+            drift_sq += v.pow(2).mean().item()
+        metrics["drift_norm"] = (drift_sq / len(gen_blocks)) ** 0.5
+        return LossOutput(loss, metrics)
+
+    def _uncond_rows(self, row_group: Tensor, n_groups: int, alpha) -> Tensor | None:
+        if self.n_uncond_neg > 0 and (self.uncond_weight > 0 or alpha is not None):
+            return self.uncond_negative_rows(row_group, n_groups, self.n_uncond_neg)   # (Gr, U) or None
+        return None
+
+    def shard_payload(self, net, x: Tensor, gen_blocks: list[Tensor], group_cond: Tensor | None, row_group: Tensor,
+                      alpha: Tensor | None, g: int) -> dict[str, Tensor]:
+        """What this shard lends to the global field (detached): ``cond (Gr, C)`` of each local
+        group (float64; ``(Gr, 0)`` unconditional), ``alpha (Gr,)`` (with guidance),
+        ``row_group (B,)`` and ``gen_group (Gr*G,)`` / ``neg_group (Gr*U,)`` (local group of each
+        data row, generated sample, unconditional negative), and per feature block ``i``:
+        ``gen.i (Gr*G, d_i)``, ``pos.i (B, d_i)`` (every data row), ``neg.i (Gr*U, d_i)``."""
+        n_groups = 1 if group_cond is None else group_cond.shape[0]
+        with torch.no_grad():
+            pos_blocks = self._features(net, x)                                 # [(B, d_i)]
+            rows = self._uncond_rows(row_group, n_groups, alpha)                # (Gr, U) or None
+            if rows is not None:
+                neg_blocks = self._features(net, x[rows.flatten()])             # [(Gr*U, d_i)]
+                neg_group = torch.arange(n_groups, device=x.device).repeat_interleave(rows.shape[1])
+            else:
+                neg_blocks = [f.new_zeros((0, f.shape[1])) for f in pos_blocks]
+                neg_group = torch.zeros(0, dtype=torch.long, device=x.device)
+        cond = (group_cond.detach().double() if group_cond is not None
+                else torch.zeros(n_groups, 0, dtype=torch.float64, device=x.device))
+        out = {"cond": cond, "row_group": row_group, "neg_group": neg_group,
+               "gen_group": torch.arange(n_groups, device=x.device).repeat_interleave(g)}
+        if self.alpha_sampler is not None:
+            out["alpha"] = alpha.double()
+        for i, (f_gen, f_pos, f_neg) in enumerate(zip(gen_blocks, pos_blocks, neg_blocks)):
+            out[f"gen.{i}"], out[f"pos.{i}"], out[f"neg.{i}"] = f_gen.detach(), f_pos, f_neg
+        return out
+
+    def global_drift_field(self, parts: list[dict[str, Tensor]], own: int) -> list[Tensor]:
+        """The drift field of shard ``own``'s generated samples over the global batch ``parts``
+        (``shard_payload`` of every shard): one ``(G_own, d_i)`` per feature block. Every global
+        group's field is computed (the column softmax and the rms couple the rows), then the
+        caller's rows are taken."""
+        layout = merge_shards(parts, own, self.group_by, conditional=parts[0]["cond"].shape[1] > 0)
+        neg_weight = self.uncond_weight
+        if layout.group_alpha is not None:
+            neg_weight = (layout.group_alpha - 1.0) * (layout.gen_count - 1) / layout.neg_count.clamp_min(1)   # (Gr,)
+        fields = []
+        n_blocks = sum(1 for k in parts[0] if k.startswith("gen."))
+        for i in range(n_blocks):
+            f_gen = torch.cat([p[f"gen.{i}"] for p in parts])                   # (sum G_s, d)
+            f_pos = torch.cat([p[f"pos.{i}"] for p in parts])                   # (N, d)
+            f_neg = torch.cat([p[f"neg.{i}"] for p in parts])                   # (sum U_s, d)
+            gen, gen_mask = _scatter_pad(f_gen, *layout.gen, layout.n_groups, layout.gen_width)   # (Gr, G, d)
+            pos = f_pos[layout.pos.clamp_min(0)] * layout.pos_mask[..., None]   # (Gr, P, d)
+            neg, neg_mask = None, None
+            if f_neg.shape[0] > 0:
+                neg, neg_mask = _scatter_pad(f_neg, *layout.neg, layout.n_groups, layout.neg_width)   # (Gr, U, d)
+            w = neg_weight.to(f_gen.dtype) if isinstance(neg_weight, Tensor) else neg_weight
+            v = drift_field(gen, pos, layout.pos_mask, neg, w, self.temperatures,
+                            attraction_only=self.attraction_only, impl=self.kernel, scale=self.scale,
+                            floor=self.affinity_floor, gen_mask=gen_mask, neg_mask=neg_mask)   # (Gr, G, d)
+            fields.append(v[layout.gen[0][layout.own], layout.gen[1][layout.own]])   # (G_own, d)
+        return fields
+
+    def _global_loss(self, net, x, gen_blocks, group_cond, row_group, alpha, g, metrics) -> LossOutput:
+        """The loss of this shard's generated samples under the field of the global batch."""
+        payload = self.shard_payload(net, x, gen_blocks, group_cond, row_group, alpha, g)
+        parts, own = gather_shards(payload)
+        fields = self.global_drift_field(parts, own)
+        loss, drift_sq = 0.0, 0.0
+        for f_gen, v in zip(gen_blocks, fields):
+            target = f_gen.detach() + v                                         # (G_own, d_i)
+            loss = loss + (f_gen - target).pow(2).mean(1)                       # (G_own,)
             drift_sq += v.pow(2).mean().item()
         metrics["drift_norm"] = (drift_sq / len(gen_blocks)) ** 0.5
         return LossOutput(loss, metrics)
