@@ -5,7 +5,13 @@ several NFE are scored by sliced W2 and MMD against a held-out sample of the sam
 
     python -m bench.toy2d [--dataset checkerboard] [--steps 3000] [--objectives meanflow,drifting]
 
-Writes ``bench/results/toy2d.json`` and prints the table.
+The distillation objectives (``distill_consistency``, ``distill_ayf``) need a teacher: the bench
+trains one Flow Matching run (same data, backbone and steps; the ``flow_matching`` run itself when it
+is in ``--objectives``) and passes its run directory as ``objective.teacher``, or takes an existing
+one from ``--teacher``. Their rows record ``teacher`` and ``teacher_steps``.
+
+Writes ``bench/results/toy2d.json`` (rows of other datasets and objectives are kept, re-read just
+before writing) and prints the table.
 """
 
 from __future__ import annotations
@@ -35,11 +41,24 @@ PLAN = {
     "sct": ([], [1]),
     "alpha_flow": ([], [1, 2]),
     "improved_meanflow": ([], [1, 2]),
+    "ect": ([], [1, 2]),
+    "distill_consistency": ([], [1, 2]),
+    "distill_ayf": ([], [1, 2, 4]),
+    "transition_matching_ar": (["objective.transition_steps=4"], [4]),
 }
+#: objectives trained from a frozen Flow Matching teacher (``objective.teacher=<run_dir>``)
+NEEDS_TEACHER = ("distill_consistency", "distill_ayf")
 
 
-def run_one(objective: str, dataset: str, steps: int, batch: int, seed: int, out_dir: Path) -> list[dict]:
+def run_one(objective: str, dataset: str, steps: int, batch: int, seed: int, out_dir: Path,
+            teacher: Path | None = None) -> list[dict]:
     overrides, nfes = PLAN[objective]
+    extra = {}
+    if objective in NEEDS_TEACHER:
+        if teacher is None:
+            raise ValueError(f"{objective} needs a teacher run directory")
+        overrides = [*overrides, f"objective.teacher={teacher}"]
+        extra = {"teacher": "flow_matching", "teacher_steps": _steps_of(teacher)}
     with initialize_config_module(config_module="jumpflow.configs", version_base=None):
         cfg = compose("train", overrides=[
             f"objective={objective}", "backbone=mlp", "task=toy2d", f"task.dataset={dataset}",
@@ -56,8 +75,14 @@ def run_one(objective: str, dataset: str, steps: int, batch: int, seed: int, out
     sec_per_step = 1.0 / (sum(rates) / len(rates)) if rates else wall / steps
     m = {k.split("/", 1)[-1]: v for k, v in result["metrics"].items()}   # the trainer prefixes "eval/"
     return [{"dataset": dataset, "objective": objective, "nfe": nfe, "sliced_w2": m.get(f"sliced_w2_nfe{nfe}"),
-             "mmd": m.get(f"mmd_nfe{nfe}"), "sec_per_step": sec_per_step, "train_steps": steps, "seed": seed}
+             "mmd": m.get(f"mmd_nfe{nfe}"), "sec_per_step": sec_per_step, "train_steps": steps, "seed": seed, **extra}
             for nfe in nfes]
+
+
+def _steps_of(run_dir: Path) -> int:
+    from jumpflow.checkpoint import read_checkpoint, resolve_checkpoint
+
+    return int(read_checkpoint(resolve_checkpoint(run_dir))[1]["step"])
 
 
 def main(argv=None):
@@ -67,18 +92,36 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--objectives", default=",".join(PLAN))
+    ap.add_argument("--teacher", default=None,
+                    help="a trained flow_matching run directory for the distillation objectives "
+                         "(default: train one here, same data / backbone / steps)")
     args = ap.parse_args(argv)
+    objectives = args.objectives.split(",")
+    unknown = [o for o in objectives if o not in PLAN]
+    if unknown:
+        ap.error(f"unknown objectives {unknown}; valid: {', '.join(PLAN)}")
+    if "flow_matching" in objectives:                      # its run is the teacher: train it first
+        objectives = ["flow_matching"] + [o for o in objectives if o != "flow_matching"]
     rows = []
-    done = [r for r in load_rows(RESULTS / "toy2d.json")
-            if not (r["dataset"] == args.dataset and r["objective"] in args.objectives.split(","))]
+    teacher = Path(args.teacher) if args.teacher else None
     with tempfile.TemporaryDirectory() as tmp:
-        for objective in args.objectives.split(","):
-            rows += run_one(objective, args.dataset, args.steps, args.batch, args.seed, Path(tmp))
+        for objective in objectives:
+            if objective in NEEDS_TEACHER and teacher is None:
+                print("training the flow_matching teacher", flush=True)
+                run_one("flow_matching", args.dataset, args.steps, args.batch, args.seed, Path(tmp) / "teacher")
+                teacher = Path(tmp) / "teacher" / "flow_matching"
+            rows += run_one(objective, args.dataset, args.steps, args.batch, args.seed, Path(tmp), teacher)
+            if objective == "flow_matching" and teacher is None:
+                teacher = Path(tmp) / "flow_matching"
             print(rows[-1], flush=True)
+    done = [r for r in load_rows(RESULTS / "toy2d.json")         # re-read: other runs may have written
+            if not (r["dataset"] == args.dataset and r["objective"] in objectives)]
     write_results("toy2d", {"dataset": args.dataset, "steps": args.steps, "batch": args.batch, "backbone": "MLP",
                             "lr": 1e-3, "ema": 0.999, "eval_samples": 4000,
-                            "note": "transition_matching nfe = backbone evaluations (T=4), each with 8 head steps; "
-                                    "rows of other runs (datasets, objectives) are kept"},
+                            "note": "transition_matching(_ar) nfe = backbone evaluations (T=4), each with 8 head "
+                                    "steps (per token for _ar); distill_* rows distil a flow_matching teacher "
+                                    "trained at the same budget (teacher_steps); rows of other runs (datasets, "
+                                    "objectives) are kept"},
                   done + rows)
 
 

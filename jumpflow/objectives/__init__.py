@@ -1,9 +1,11 @@
 """One class per objective; ``OBJECTIVES`` maps the lower-case config names to them."""
 
 from jumpflow.objectives.alpha_flow import AlphaFlow
+from jumpflow.objectives.artm import AutoregressiveTransitionMatching
 from jumpflow.objectives.base import LossOutput, Objective, TimeSampler, jump_sample
-from jumpflow.objectives.consistency import ConsistencyTraining
+from jumpflow.objectives.consistency import ConsistencyTraining, EasyConsistencyTraining
 from jumpflow.objectives.ddpm import DDPM
+from jumpflow.objectives.distill import AlignYourFlow, ConsistencyDistillation
 from jumpflow.objectives.drifting import Drifting
 from jumpflow.objectives.flow_matching import FlowMatching
 from jumpflow.objectives.improved_meanflow import ImprovedMeanFlow
@@ -27,15 +29,23 @@ OBJECTIVES = {
     "sct": ContinuousConsistency,
     "alpha_flow": AlphaFlow,
     "improved_meanflow": ImprovedMeanFlow,
+    "ect": EasyConsistencyTraining,
+    "distill_consistency": ConsistencyDistillation,
+    "distill_ayf": AlignYourFlow,
+    "transition_matching_ar": AutoregressiveTransitionMatching,
 }
 
 __all__ = [
     "DDPM",
     "OBJECTIVES",
+    "AlignYourFlow",
     "AlphaFlow",
+    "AutoregressiveTransitionMatching",
+    "ConsistencyDistillation",
     "ConsistencyTraining",
     "ContinuousConsistency",
     "Drifting",
+    "EasyConsistencyTraining",
     "FlowMatching",
     "ImprovedMeanFlow",
     "LossOutput",

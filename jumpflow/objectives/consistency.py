@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from jumpflow.objectives.base import Inference, LossOutput, Objective, per_sample_mse, require
-from jumpflow.objectives.curriculum import StepCounter, counter_of
+from jumpflow.objectives.curriculum import StepCounter, counter_of, halvings
 from jumpflow.timeconv import expand_like, interpolate
 
 
@@ -148,6 +148,124 @@ class ConsistencyTraining(Objective):
         c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(x[0].numel())
         loss = weight * pseudo_huber(f_hi - f_lo, c)                          # (B,)
         return LossOutput(loss, {"mse": per_sample_mse(f_hi.detach(), f_lo).mean().item(), "levels": float(n)})
+
+    @torch.no_grad()
+    def sample(self, net, noise: Tensor, cond: Tensor | None, inference: Inference | int | None = None) -> Tensor:
+        return consistency_sample(net, noise, cond, self.resolve(inference).steps, self.t_max)
+
+
+class EasyConsistencyTraining(Objective):
+    """Easy Consistency Tuning / Training (ECT): Geng, Pokle, Luo, Lin, Kolter, "Consistency Models
+    Made Easy" (ICLR 2025, arXiv:2406.14548). Continuous time, with the gap ``t - r`` shrinking over
+    training; optionally started from a Flow Matching (or any same-backbone) checkpoint.
+
+    **Pairs** (in EDM's ``sigma``; jumpflow's flow time ``t = sigma / (1 + sigma)`` at the edge, as
+    for :class:`ConsistencyTraining`)::
+
+        sigma_t = exp(N(P_mean, P_std)),  clamped to [sigma_min, sigma_max]
+        sigma_r = max(sigma_t - sigma_t n(sigma_t) / q^a, 0),   n(sigma) = 1 + k sigmoid(-b sigma)
+        a = min(floor(k_step / d), stages - 1),   d = curriculum_steps // stages
+        L = w(sigma_t, sigma_r) * d( f(z_t, t),  sg f(z_r, r) ),   w = 1 / (sigma_t - sigma_r)   (inverse_dt)
+
+    with one ``eps`` for both points, ``f(z_t, t) = z_t - t u(z_t, t, h=t)`` (boundary condition
+    built in: :func:`consistency_function`) and the pseudo-Huber ``d``. In the first stage
+    ``n >= 1`` gives ``r = 0`` and ``f(z_0, 0) = x``: the loss is denoising regression (ECT's
+    "diffusion pretraining is consistency training at ``dt = t``"); each stage divides ``dt`` by
+    ``q``, towards the continuous-time limit. The stage index comes from the step counter in
+    ``net.aux["ect_step"]`` (checkpointed, advanced by ``on_step_end``;
+    :func:`~jumpflow.objectives.curriculum.halvings`).
+
+    **Initialisation** (``init_from``): the student's backbone starts from a checkpoint's (read when
+    the student is first moved or trained, like a distillation teacher, never when a trained ECT
+    student is loaded): from a Flow Matching velocity ``v``, ``f = z_t - t v(z_t, t)`` is its
+    one-step denoiser ``E[x | z_t]`` up to the ``h`` input, ECT's starting point.
+
+    Sampling as iCT: ``x = f(t_max eps, t_max)``, ``t_max = sigma_max / (1 + sigma_max)``; more steps re-noise.
+
+    Shapes: ``x, eps, z, f: (B, *shape)``; ``t, r, sigma: (B,)``; ``cond: (B, C)`` or ``None``.
+
+    Args:
+        sigma_min, sigma_max: clamp of the sampled ``sigma_t`` (and ``t_max`` of sampling).
+        noise_mean, noise_std: ``P_mean, P_std`` of the lognormal (ECT: -1.1, 2.0).
+        q: shrink factor of ``dt`` per stage (> 1; ECT: 2); k, b: ``n(sigma) = 1 + k sigmoid(-b sigma)``
+            (ECT: 8, 1).
+        stages: number of stages ``a = 0 .. stages - 1``; curriculum_steps: the training length they span.
+        huber_c: pseudo-Huber ``c``; ``null``: ``0.00054 sqrt(D)``.
+        weighting: ``inverse_dt`` (ECT) or ``uniform``.
+        init_from: run directory or checkpoint to initialise the backbone from; ``null``: none.
+        prediction, data_t_min: ``"data"``: the backbone estimates clean data.
+        inference: defaults of ``sample`` (``steps``: 1).
+    """
+
+    name = "ect"
+    counter_key = "ect_step"
+    init_key = "ect_init"
+    WEIGHTINGS = ("inverse_dt", "uniform")
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, noise_mean: float = -1.1,
+                 noise_std: float = 2.0, q: float = 2.0, k: float = 8.0, b: float = 1.0, stages: int = 8,
+                 curriculum_steps: int = 400_000, huber_c: float | None = None, weighting: str = "inverse_dt",
+                 init_from: str | None = None, prediction: str = "native", data_t_min: float = 0.05,
+                 inference: dict | None = None):
+        self.set_prediction(prediction, data_t_min)
+        self.set_inference_defaults(inference, steps=1)
+        require(sigma_min > 0, "sigma_min", f"must be > 0, got {sigma_min}")
+        require(sigma_max > sigma_min, "sigma_max", f"must be > sigma_min = {sigma_min}, got {sigma_max}")
+        require(noise_std > 0, "noise_std", f"must be > 0, got {noise_std}")
+        require(q > 1, "q", f"must be > 1 (dt shrinks by q per stage), got {q}")
+        require(k >= 0, "k", f"must be >= 0, got {k}")
+        require(b > 0, "b", f"must be > 0, got {b}")
+        require(isinstance(stages, int) and not isinstance(stages, bool) and stages >= 1, "stages",
+                f"must be an integer >= 1, got {stages!r}")
+        require(isinstance(curriculum_steps, int) and curriculum_steps >= 1, "curriculum_steps",
+                f"must be an integer >= 1, got {curriculum_steps!r}")
+        require(huber_c is None or huber_c > 0, "huber_c", f"must be > 0 or null (auto), got {huber_c}")
+        require(weighting in self.WEIGHTINGS, "weighting", f"must be one of {self.WEIGHTINGS}, got {weighting!r}")
+        require(init_from is None or (isinstance(init_from, str) and init_from.strip() != ""), "init_from",
+                f"must be a run directory or checkpoint path, or null, got {init_from!r}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.noise_mean, self.noise_std = float(noise_mean), float(noise_std)
+        self.q, self.k, self.b, self.stages, self.curriculum_steps = float(q), float(k), float(b), stages, curriculum_steps
+        self.huber_c, self.weighting, self.init_from = huber_c, weighting, init_from
+        self.t_max = self.sigma_max / (1.0 + self.sigma_max)
+
+    def extra_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {self.counter_key: StepCounter()}
+        if self.init_from is not None:
+            from jumpflow.objectives.teacher import FrozenCheckpoint
+
+            mods[self.init_key] = FrozenCheckpoint(self.init_from, "objective.init_from", students=(backbone,),
+                                                   keep=False, shape=getattr(backbone, "shape", None), kinds=None)
+        return mods
+
+    def on_step_end(self, net) -> None:
+        counter_of(net, self.counter_key, self.name).advance()
+
+    def gap(self, sigma: Tensor, stage: int) -> Tensor:
+        """``sigma_r`` of ``sigma_t`` at stage ``a``: ``max(sigma - sigma n(sigma) / q^a, 0)``."""
+        n = 1.0 + self.k * torch.sigmoid(-self.b * sigma)
+        return (sigma - sigma * n / self.q ** stage).clamp_min(0.0)
+
+    def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:
+        if self.init_from is not None and self.init_key in getattr(net, "aux", {}):
+            net.aux[self.init_key].prepare()                                 # a student built, never moved
+        stage = halvings(int(counter_of(net, self.counter_key, self.name).step), self.curriculum_steps, self.stages)
+        b = x.shape[0]
+        s_t = torch.exp(torch.randn(b, dtype=torch.float64) * self.noise_std + self.noise_mean)
+        s_t = s_t.clamp(self.sigma_min, self.sigma_max)                       # (B,) float64
+        s_r = self.gap(s_t, stage)                                            # (B,)
+        t = (s_t / (1 + s_t)).to(x.device, x.dtype)                           # (B,)
+        r = (s_r / (1 + s_r)).to(x.device, x.dtype)
+        eps = torch.randn_like(x)                                             # (B, *shape)
+        f_t = consistency_function(net, interpolate(x, eps, t), t, cond)
+        with torch.no_grad():
+            z_r = interpolate(x, eps, r)                                      # (B, *shape)
+            f_r = torch.where(expand_like(r > 0, z_r), consistency_function(net, z_r, r, cond), z_r)  # f(z, 0) = z
+        c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(x[0].numel())
+        weight = (1.0 / (s_t - s_r)).to(x.device, x.dtype) if self.weighting == "inverse_dt" else torch.ones_like(t)
+        loss = weight * pseudo_huber(f_t - f_r, c)                            # (B,)
+        return LossOutput(loss, {"mse": per_sample_mse(f_t.detach(), f_r).mean().item(), "stage": float(stage),
+                                 "frac_r0": (s_r == 0).double().mean().item()})
 
     @torch.no_grad()
     def sample(self, net, noise: Tensor, cond: Tensor | None, inference: Inference | int | None = None) -> Tensor:

@@ -70,3 +70,11 @@ def ramp(step: int, schedule: str, start: float, end: float, begin: int, finish:
     else:
         frac = 1.0 / (1.0 + math.exp(-gamma * (step - 0.5 * (begin + finish)) / (finish - begin)))
     return float(start + (end - start) * frac)
+
+
+def halvings(step: int, curriculum_steps: int, stages: int) -> int:
+    """Stage index ``a = min(floor(step / d), stages - 1)`` with ``d = max(1, curriculum_steps // stages)``:
+    how many times a step size has been divided by the shrink factor at training step ``step``
+    (ECT's ``dt = t n(t) / q^a``; iCT's doubling of ``N`` uses the same stage length)."""
+    per_stage = max(1, int(curriculum_steps) // int(stages))
+    return min(int(step) // per_stage, int(stages) - 1)

@@ -67,6 +67,7 @@ class TransitionMatching(Objective):
 
     name = "transition_matching"
     guidance_at_sampling = True
+    head_key = "transition_head"
 
     def __init__(self, transition_steps: int = 4, inner_steps: int = 8, head_width: int = 256, head_depth: int = 3,
                  head_samples: int = 4, train_times: str = "discrete", class_drop_prob: float = 0.0,
@@ -85,60 +86,89 @@ class TransitionMatching(Objective):
         self.set_inference_defaults(inference, steps=transition_steps)
         self.inner_sampler = TimeSampler("uniform", name="inner_sampler")
 
-    def extra_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+    def token_dim(self, backbone: nn.Module) -> int:
+        """``P``, the width of the backbone's tokens (``tokenize: (B, *shape) -> (B, N, P)``)."""
         shape = getattr(backbone, "shape", None)
         if shape is None or not hasattr(backbone, "tokenize") or not hasattr(backbone, "feature_dim"):
-            raise ValueError("transition_matching needs a backbone with shape, tokenize() and feature_dim")
-        token_dim = backbone.tokenize(torch.zeros(1, *shape)).shape[-1]
-        return {"transition_head": TransitionHead(backbone.feature_dim, token_dim, self.head_width, self.head_depth)}
+            raise ValueError(f"{self.name} needs a backbone with shape, tokenize() and feature_dim")
+        return backbone.tokenize(torch.zeros(1, *shape)).shape[-1]
+
+    def extra_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
+        token_dim = self.token_dim(backbone)
+        return {self.head_key: TransitionHead(backbone.feature_dim, token_dim, self.head_width, self.head_depth)}
+
+    def draw_times(self, b: int, x: Tensor) -> Tensor:
+        """``t: (B,)`` of a training batch: the T-grid ``{1/T, ..., 1}`` or ``U(0, 1]``."""
+        if self.train_times == "discrete":
+            k = torch.randint(1, self.transition_steps + 1, (b,), device=x.device)
+            return k.to(x.dtype) / self.transition_steps                       # (B,)
+        return 1.0 - torch.rand(b, device=x.device, dtype=x.dtype)             # (B,) in (0, 1]
+
+    def head_inputs(self, net, out: Tensor, feats: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        """What the head is conditioned on besides ``(Y_sigma, sigma)``: DTM's head reads the
+        backbone's features ``(B, N, F)`` only."""
+        return (feats,)
+
+    def inner_flow_loss(self, head, inputs: tuple[Tensor, ...], y: Tensor) -> Tensor:
+        """Per-sample inner flow matching loss of ``p(Y | inputs)`` with ``head_samples`` draws of
+        ``(eta, sigma)`` per row: ``y: (B, N, P)``, each input ``(B, N, *)`` -> ``(B,)``."""
+        b, s = y.shape[0], self.head_samples
+        inputs = tuple(a.repeat(s, 1, 1) for a in inputs)                      # (S*B, N, *) each
+        y = y.repeat(s, 1, 1)                                                  # (S*B, N, P)
+        eta = torch.randn_like(y)                                              # (S*B, N, P)
+        sigma = self.inner_sampler(y.shape[0] * y.shape[1], y.device, y.dtype).reshape(y.shape[:2])  # (S*B, N)
+        y_sigma = (1 - sigma[..., None]) * y + sigma[..., None] * eta          # (S*B, N, P)
+        pred = head(*inputs, y_sigma, sigma)                                   # (S*B, N, P)
+        return (pred - (eta - y)).pow(2).mean((1, 2)).reshape(s, b).mean(0)    # (B,)
 
     def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:
         b = x.shape[0]
         eps = torch.randn_like(x)                                              # (B, *shape)
-        if self.train_times == "discrete":
-            k = torch.randint(1, self.transition_steps + 1, (b,), device=x.device)
-            t = k.to(x.dtype) / self.transition_steps                          # (B,)
-        else:
-            t = 1.0 - torch.rand(b, device=x.device, dtype=x.dtype)            # (B,) in (0, 1]
+        t = self.draw_times(b, x)                                              # (B,)
         z_t = interpolate(x, eps, t)                                           # (B, *shape)
         cond = drop_condition(net, cond, self.class_drop_prob)                 # (B, C) or None
-        _, feats = net(z_t, t, torch.zeros_like(t), cond, return_features=True)  # (B, N, F)
+        out, feats = net(z_t, t, torch.zeros_like(t), cond, return_features=True)  # (B, *shape), (B, N, F)
         y = net.tokenize(x - eps)                                              # (B, N, P)
-        s = self.head_samples
-        feats = feats.repeat(s, 1, 1)                                          # (S*B, N, F)
-        y = y.repeat(s, 1, 1)                                                  # (S*B, N, P)
-        eta = torch.randn_like(y)                                              # (S*B, N, P)
-        sigma = self.inner_sampler(y.shape[0] * y.shape[1], x.device, x.dtype).reshape(y.shape[:2])  # (S*B, N)
-        y_sigma = (1 - sigma[..., None]) * y + sigma[..., None] * eta          # (S*B, N, P)
-        pred = net.aux["transition_head"](feats, y_sigma, sigma)               # (S*B, N, P)
-        per = (pred - (eta - y)).pow(2).mean((1, 2)).reshape(s, b).mean(0)     # (B,)
+        per = self.inner_flow_loss(net.aux[self.head_key], self.head_inputs(net, out, feats, y), y)
         return LossOutput(per, {"inner_mse": per.mean().item()})
+
+    def features(self, net, z: Tensor, t: Tensor, cond: Tensor | None, null: Tensor | None):
+        """``(out, feats)`` of the backbone at ``(z, t)``; with guidance (``null`` given) one batched
+        pass on ``[c; null]``: ``(2B, ...)``."""
+        if null is not None:
+            b = z.shape[0]
+            return net(torch.cat([z, z]), torch.cat([t, t]), torch.zeros(2 * b, device=z.device, dtype=z.dtype),
+                       torch.cat([cond, null]), return_features=True)          # (2B, ...): [c; null]
+        return net(z, t, torch.zeros_like(t), cond, return_features=True)      # (B, ...)
+
+    def inner_sample(self, head_fn, y: Tensor, guidance: float | None) -> Tensor:
+        """``Y`` from ``y = eta`` (sigma = 1) by ``inner_steps`` Euler steps of ``head_fn(y_sigma, sigma)``
+        to sigma = 0; with ``guidance = w`` the head runs on ``[y; y]`` against ``[c; null]`` inputs and
+        ``g_w = g_null + w (g_c - g_null)``. ``y: (B, N', P)``."""
+        for j in range(self.inner_steps):
+            sig = 1.0 - j / self.inner_steps
+            sigma = torch.full(y.shape[:2], sig, device=y.device, dtype=y.dtype)
+            if guidance is not None:
+                g_c, g_n = head_fn(torch.cat([y, y]), torch.cat([sigma, sigma])).chunk(2)
+                g = g_n + guidance * (g_c - g_n)                                # (B, N', P)
+            else:
+                g = head_fn(y, sigma)                                           # (B, N', P)
+            y = y - (1.0 / self.inner_steps) * g                                # (B, N', P)
+        return y
 
     @torch.no_grad()
     def sample(self, net, noise: Tensor, cond: Tensor | None, inference: Inference | int | None = None) -> Tensor:
         inf = self.resolve(inference)
         steps, w = inf.steps, float(inf.guidance)
         guided = cond is not None and w != 1.0
-        head = net.aux["transition_head"]
+        head = net.aux[self.head_key]
         z = noise
         b = z.shape[0]
         null = net.null_cond(cond) if guided else None                              # (B, C)
         for i in range(steps):
             t = torch.full((b,), 1.0 - i / steps, device=z.device, dtype=z.dtype)
-            if guided:
-                _, feats = net(torch.cat([z, z]), torch.cat([t, t]), torch.zeros(2 * b, device=z.device, dtype=z.dtype),
-                               torch.cat([cond, null]), return_features=True)      # (2B, N, F): [c; null]
-            else:
-                _, feats = net(z, t, torch.zeros_like(t), cond, return_features=True)   # (B, N, F)
+            _, feats = self.features(net, z, t, cond, null)                         # (B or 2B, N, F)
             y = torch.randn_like(net.tokenize(z))                                   # (B, N, P) at sigma = 1
-            for j in range(self.inner_steps):
-                sig = 1.0 - j / self.inner_steps
-                sigma = torch.full(y.shape[:2], sig, device=z.device, dtype=z.dtype)
-                if guided:
-                    g_c, g_n = head(feats, torch.cat([y, y]), torch.cat([sigma, sigma])).chunk(2)
-                    g = g_n + w * (g_c - g_n)                                       # (B, N, P)
-                else:
-                    g = head(feats, y, sigma)                                       # (B, N, P)
-                y = y - (1.0 / self.inner_steps) * g                                # (B, N, P)
+            y = self.inner_sample(lambda y_, s_: head(feats, y_, s_), y, w if guided else None)
             z = z + net.untokenize(y) / steps                                       # (B, *shape)
         return z
