@@ -28,6 +28,13 @@ Writes ``bench/results/images.json`` (rows: dataset, objective, nfe, n_samples, 
     python bench/images.py --tag c --objectives drifting --drift-gen 64              # a Drifting variant row
     wait; python bench/images.py --finalize      # merges parts, Inception FID on every row, table
     python bench/images.py --steps 20 --n-fid 200 --n-inception 0 --out /tmp/imgbench   # smoke
+
+A guidance sweep at sampling (``--guidance``, for objectives trained to take the scale as an input
+or guiding by two evaluations), on a variant trained with extra overrides, into its own result file:
+
+    python bench/images.py --bench images_tvm_guidance --tag g --objectives tvm --label tvm-guided \
+        --override 'objective.guidance={w_min: 1.0, w_max: 4.0}' --guidance 1,1.5,2,3,4
+    python bench/images.py --bench images_tvm_guidance --finalize --n-inception 0   # + <bench>_guidance.png
 """
 
 from __future__ import annotations
@@ -89,6 +96,7 @@ def overrides_for(objective: str, args, enc_path: Path, run_dir: Path) -> list[s
           f"seed={args.seed}", f"run_dir={run_dir}"]
     if objective in DATA_PREDICTION:
         ov.append(f"objective.prediction={args.prediction}")
+    ov += list(args.override or [])
     if objective == "drifting":
         ov += [f"objective.feature_map.path={enc_path}", f"objective.feature_map.kind={args.enc_arch}",
                f"objective.feature_map.width={args.enc_width}", f"objective.gen_per_group={args.drift_gen}",
@@ -97,7 +105,10 @@ def overrides_for(objective: str, args, enc_path: Path, run_dir: Path) -> list[s
 
 
 def row_label(objective: str, args) -> str:
-    """``objective``; Drifting rows name their variant, e.g. ``drifting-G64-separate``."""
+    """``objective``; Drifting rows name their variant, e.g. ``drifting-G64-separate``; ``--label``
+    names any variant."""
+    if args.label:
+        return args.label
     if objective == "drifting":
         enc = "" if args.enc_arch == "mlp" else f"-{args.enc_arch}{args.enc_width}"
         return f"drifting-G{args.drift_gen}-{args.drift_blocks}{enc}"
@@ -123,14 +134,17 @@ def train_row(objective: str, args, enc_path: Path, run_dir: Path) -> tuple[torc
 
 
 @torch.no_grad()
-def generate(model: Generator, n: int, nfe: int, seed: int, batch: int = 500, sampler: str | None = None):
-    """Class-balanced: sample ``i`` has label ``i % 10``; fixed noise per ``seed``. -> uint8 NHWC."""
+def generate(model: Generator, n: int, nfe: int, seed: int, batch: int = 500, sampler: str | None = None,
+             guidance: float | None = None):
+    """Class-balanced: sample ``i`` has label ``i % 10``; fixed noise per ``seed``; ``guidance``: the
+    scale at sampling (``None``: the objective's default). -> uint8 NHWC."""
     labels = torch.arange(n) % 10
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, 1, 32, 32), generator=g)
     out = []
     for i in range(0, n, batch):
-        x = model.generate(labels[i:i + batch], noise=noise[i:i + batch], steps=nfe, sampler=sampler)
+        x = model.generate(labels[i:i + batch], noise=noise[i:i + batch], steps=nfe, sampler=sampler,
+                           guidance=guidance)
         out.append(to_uint8(x))
     return torch.cat(out).numpy(), labels.numpy()
 
@@ -151,6 +165,33 @@ def save_grid(panels: list[tuple[str, np.ndarray]], path: Path, per_class: int =
         ax.imshow(np.concatenate(rows, axis=0), cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+
+
+def save_guidance_plot(rows: list[dict], path: Path) -> None:
+    """Classifier FID against the guidance scale at sampling: one line per swept variant and NFE,
+    a dashed level per unswept row of the same objective and NFE (its baseline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    swept = sorted({(r["objective"], r["label"].rsplit("-w", 1)[0], r["nfe"]) for r in rows if "guidance" in r})
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for i, (objective, base, nfe) in enumerate(swept):
+        pts = sorted((r["guidance"], r["fid"]) for r in rows
+                     if "guidance" in r and r["label"].rsplit("-w", 1)[0] == base and r["nfe"] == nfe)
+        line, = ax.plot(*zip(*pts), marker="o", label=f"{base} {nfe} NFE")
+        for r in rows:
+            if "guidance" not in r and r["objective"] == objective and r["nfe"] == nfe:
+                ax.axhline(r["fid"], color=line.get_color(), ls="--", lw=1,
+                           label=f"{r.get('label', objective)} {nfe} NFE (no guidance input)")
+    ax.set_xlabel("guidance scale at sampling")
+    ax.set_ylabel("classifier FID (lower is better)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
@@ -187,6 +228,14 @@ def main(argv=None) -> int:
     p.add_argument("--drift-blocks", choices=("concat", "separate"), default="separate",
                    help="one drift field over the concatenated features, or one per feature block")
     p.add_argument("--tag", default="all", help="name of this part (parts can run in parallel)")
+    p.add_argument("--bench", default="images",
+                   help="result name: parts <bench>.part-<tag>.json, merged <bench>.json (a sweep apart from the main table)")
+    p.add_argument("--label", default="", help="row label of a variant (default: the objective's name)")
+    p.add_argument("--override", action="append", default=[],
+                   help="extra hydra override of the trained rows (repeatable), e.g. 'objective.guidance={w_min: 1, w_max: 4}'")
+    p.add_argument("--guidance", default="",
+                   help="guidance scales to sweep at sampling, e.g. 1,1.5,2,3 (objectives with guidance at sampling; "
+                        "rows get a 'guidance' field and the label suffix -w<scale>)")
     p.add_argument("--finalize", action="store_true", help="merge the parts, add Inception FID, print the table")
     p.add_argument("--inception-select", default="",
                    help="only these saved rows for Inception, e.g. flow_matching:1,drifting:1 (CPU budget)")
@@ -203,7 +252,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cache").mkdir(exist_ok=True)
-    log_path = out / f"images.{args.tag}.log"
+    log_path = out / f"{args.bench}.{args.tag}.log"
 
     def log(msg):
         print(msg, flush=True)
@@ -234,7 +283,7 @@ def main(argv=None) -> int:
     data_fid = frechet_distance(mu_t, s_t, mu_ref, sig_ref)
     log(f"classifier FID floors: held-out 1k vs 1k {floor:.3f}; {args.n_fid} training digits vs held-out {data_fid:.3f}")
 
-    result = {"bench": "images", "machine": machine(),
+    result = {"bench": args.bench, "machine": machine(),
               "config": {"dataset": "mnist (official test set split 8000 train / 2000 held-out, padded 32x32)",
                          "backbone": f"MLP width {args.width} depth {args.depth} (FiLM on t, h, class)",
                          "cond": f"ClassEmbedding(10, {args.cond_dim}), no guidance",
@@ -249,34 +298,49 @@ def main(argv=None) -> int:
                          "nfe_note": "transition_matching: nfe = backbone passes (each followed by 8 head steps); "
                                      "ddpm nfe 100 = ancestral DDPM, nfe 10 = DDIM"},
               "rows": []}
-    json_path = out / f"images.part-{args.tag}.json"
+    json_path = out / f"{args.bench}.part-{args.tag}.json"
+    if args.override:
+        result["config"]["overrides"] = list(args.override)
+    sweep = [float(w) for w in args.guidance.split(",") if w.strip()]
 
     for name in args.objectives.split(","):
         nfes = PLAN[name]
         log(f"== {name}: training {args.steps} steps")
         ema, sec = train_row(name, args, enc_path, Path(args.runs) / f"{args.tag}_{name}")
         log(f"  {name}: {sec:.3f} s/step")
-        label = row_label(name, args)
-        panels = []
+        base = row_label(name, args)
+        scales = sweep if sweep and ema.objective.guidance_at_sampling else [None]
+        panels, sweep_panels = [], []
         for nfe in nfes:
             sampler = ("ddim" if nfe < 100 else "ddpm") if name == "ddpm" else None
-            t0 = time.time()
-            imgs, _ = generate(ema, args.n_fid, nfe, seed=args.seed + 1000, sampler=sampler)
-            sample_s = time.time() - t0
-            mu, sig = feature_stats(features_of(imgs, cls_feat))
-            row = {"dataset": "mnist", "objective": name, "label": label, "nfe": nfe, "n_samples": args.n_fid,
-                   "fid": round(frechet_distance(mu, sig, mu_ref, sig_ref), 4),
-                   "sampler": sampler or ("euler" if name == "flow_matching" else "native"),
-                   "sec_per_step": round(sec, 4), "sample_seconds": round(sample_s, 2)}
-            if args.n_inception > 0 and (args.inception_rows == "all" or (name, nfe) in KEY_ROWS):
-                keep = imgs[: args.n_inception]
-                atomic_write(out / "cache" / f"samples_{label}_nfe{nfe}.npz", lambda tmp, k=keep: np.savez(tmp, arr_0=k))
-            result["rows"].append(row)
-            log(f"  {label} nfe={nfe}: fid {row['fid']:.3f}")
-            panels.append((f"{label} {nfe} NFE" + (f" ({sampler})" if sampler else ""), imgs[:80]))
-            result["config"]["elapsed_s"] = round(time.time() - t_start, 1)
-            write_json_atomic(json_path, result)
-        save_grid(panels, out / f"images_{label}.png")
+            for w in scales:
+                label = base if w is None else f"{base}-w{w:g}"
+                t0 = time.time()
+                imgs, _ = generate(ema, args.n_fid, nfe, seed=args.seed + 1000, sampler=sampler, guidance=w)
+                sample_s = time.time() - t0
+                mu, sig = feature_stats(features_of(imgs, cls_feat))
+                row = {"dataset": "mnist", "objective": name, "label": label, "nfe": nfe, "n_samples": args.n_fid,
+                       "fid": round(frechet_distance(mu, sig, mu_ref, sig_ref), 4),
+                       "sampler": sampler or ("euler" if name == "flow_matching" else "native"),
+                       "sec_per_step": round(sec, 4), "sample_seconds": round(sample_s, 2)}
+                if w is not None:
+                    row["guidance"] = w
+                if args.n_inception > 0 and (args.inception_rows == "all" or (name, nfe) in KEY_ROWS):
+                    keep = imgs[: args.n_inception]
+                    atomic_write(out / "cache" / f"samples_{label}_nfe{nfe}.npz",
+                                 lambda tmp, k=keep: np.savez(tmp, arr_0=k))
+                result["rows"].append(row)
+                log(f"  {label} nfe={nfe}: fid {row['fid']:.3f}")
+                title = f"{base} {nfe} NFE" + (f" ({sampler})" if sampler else "")
+                if w == scales[0]:
+                    panels.append((title + ("" if w is None else f" w={w:g}"), imgs[:80]))
+                if w is not None and nfe == nfes[0]:
+                    sweep_panels.append((f"{base} {nfe} NFE w={w:g}", imgs[:80]))
+                result["config"]["elapsed_s"] = round(time.time() - t_start, 1)
+                write_json_atomic(json_path, result)
+        save_grid(panels, out / f"images_{base}.png")
+        if len(sweep_panels) > 1:
+            save_grid(sweep_panels, out / f"images_{base}_guidance.png")
 
     log(f"part {args.tag} done in {time.time() - t_start:.0f} s")
     return 0
@@ -345,9 +409,9 @@ def finalize(args) -> int:
     """Merge ``images.part-*.json`` into ``images.json``, add Inception FID for the rows whose
     samples were saved, the ratios to Flow Matching at 100 steps, and print the table."""
     out = Path(args.out)
-    parts = sorted(out.glob("images.part-*.json"))
+    parts = sorted(out.glob(f"{args.bench}.part-*.json"))
     if not parts:
-        raise FileNotFoundError(f"{out}: no images.part-*.json; run the training parts first")
+        raise FileNotFoundError(f"{out}: no {args.bench}.part-*.json; run the training parts first")
     merged = None
     for path in parts:
         part = json.loads(path.read_text())
@@ -365,7 +429,9 @@ def finalize(args) -> int:
         "every such row was noisy (FM-100 classifier FID 51 at 1,000 steps in the previous run of this bench). "
         "Small-sample Inception FID is biased upward; compare rows, not published numbers.")
     order = list(PLAN)
-    rows = sorted(merged["rows"], key=lambda r: (order.index(r["objective"]), -r["nfe"] if r["objective"] == "ddpm" else r["nfe"]))
+    rows = sorted(merged["rows"], key=lambda r: (order.index(r["objective"]), r.get("label", r["objective"]).split("-w")[0],
+                                                 -r["nfe"] if r["objective"] == "ddpm" else r["nfe"],
+                                                 r.get("guidance", 0.0)))
     merged["rows"] = rows
     if args.n_inception > 0:
         if args.inception_rows == "all":
@@ -388,7 +454,9 @@ def finalize(args) -> int:
             r["fid_ratio_to_fm100"] = round(r["fid"] / fm100["fid"], 3)
             if "fid_inception" in r and "fid_inception" in fm100:
                 r["fid_inception_ratio_to_fm100"] = round(r["fid_inception"] / fm100["fid_inception"], 3)
-    write_json_atomic(out / "images.json", merged)
+    write_json_atomic(out / f"{args.bench}.json", merged)
+    if any("guidance" in r for r in rows):
+        save_guidance_plot(rows, out / f"{args.bench}_guidance.png")
     print(f"\n{'objective':<30}{'nfe':>5}{'n':>6}{'fid':>10}{'ratio':>8}{'fid_incep':>11}{'ratio':>8}{'s/step':>8}")
     for r in rows:
         print(f"{r.get('label', r['objective']):<30}{r['nfe']:>5}{r['n_samples']:>6}{r['fid']:>10.3f}"

@@ -60,6 +60,15 @@ class GuidanceEmbedding(nn.Module):
         return self.mlp(torch.cat([arg.sin(), arg.cos()], dim=1))                       # (B, dim)
 
 
+def _rng_state(raw_cond):
+    """``(cpu state, (cuda device, its state) or None)`` of the generators that an encoder of
+    ``raw_cond`` (a tensor or a dict of tensors) draws from."""
+    first = next(iter(raw_cond.values())) if isinstance(raw_cond, dict) else raw_cond
+    device = first.device if isinstance(first, Tensor) else torch.device("cpu")
+    cuda = (device, torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
 class Generator(nn.Module):
     """``forward(x, t, h, cond)`` is the backbone's; ``compute_loss(batch)`` and
     ``generate(raw_cond, ...)`` are what the trainer and the workloads call. One loss path and
@@ -99,13 +108,21 @@ class Generator(nn.Module):
             if width is None:
                 raise ValueError("guidance as an input needs a condition encoder with a known width (dim or out_dim)")
             self.guidance_embed = GuidanceEmbedding(int(width))
+        # copies of the condition path for an objective whose target network has its own (TVM's EMA
+        # target): made here, once the guidance embedding exists; they live in ``aux`` too
+        condition_modules = getattr(objective, "extra_condition_modules", None)
+        if condition_modules is not None:
+            self.aux.update(condition_modules(cond_encoder, self.guidance_embed))
+        self._encoded = None        # the last encode()'s input, for reencode_condition
 
-    def guidance_condition(self, cond: Tensor, scale: Tensor) -> Tensor:
+    def guidance_condition(self, cond: Tensor, scale: Tensor, embed: nn.Module | None = None) -> Tensor:
         """``cond: (B, C)`` with the guidance scale ``scale: (B,)`` embedded into it (objectives
-        that train with a sampled scale call this for training rows and at sampling)."""
-        if self.guidance_embed is None:
+        that train with a sampled scale call this for training rows and at sampling). ``embed``:
+        another copy of the guidance embedding (an EMA target's), else the generator's own."""
+        embed = self.guidance_embed if embed is None else embed
+        if embed is None:
             raise ValueError("this generator takes no guidance input (its objective has guidance_input = False)")
-        return cond + self.guidance_embed(scale.to(cond.device)).to(cond.dtype)
+        return cond + embed(scale.to(cond.device)).to(cond.dtype)
 
     # -- the net interface objectives call ------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None, **kw):
@@ -143,7 +160,34 @@ class Generator(nn.Module):
         if isinstance(raw_cond, dict) and self.normalizer is not None:
             raw_cond = {k: (self.normalizer.normalize(k, v.float()) if k in self.normalizer else v)
                         for k, v in raw_cond.items()}
-        return self.cond_encoder(raw_cond)
+        if not getattr(self.objective, "reencodes_condition", False):
+            return self.cond_encoder(raw_cond)
+        state = _rng_state(raw_cond)                   # before the encoder draws its random crops
+        cond = self.cond_encoder(raw_cond)                                    # (B, C)
+        self._encoded = (raw_cond, state, cond.shape[0], cond.shape[1])
+        return cond
+
+    def reencode_condition(self, cond: Tensor, encoder: nn.Module) -> Tensor:
+        """The condition of the last :meth:`encode` (``cond: (B, C')``, its first ``C`` columns
+        the encoder's, any later ones appended by a workload, e.g. ChunkPolicy's prefix) with the
+        encoder's columns computed again by ``encoder`` (a copy of ``cond_encoder``, e.g. an EMA
+        target's) from the same normalised raw condition under the same random state, so random
+        crops match; the appended columns are kept (detached). Kept only for objectives with
+        ``reencodes_condition = True``. -> ``(B, C')``."""
+        if self._encoded is None:
+            raise ValueError("reencode_condition needs a condition encoded by this generator first "
+                             "(compute_loss / encode with an objective that sets reencodes_condition)")
+        raw, state, rows, width = self._encoded
+        if cond.shape[0] != rows or cond.shape[1] < width:
+            raise ValueError(f"reencode_condition: cond has shape {tuple(cond.shape)}, the last encoded "
+                             f"condition was ({rows}, {width})")
+        devices = [state[1][0]] if state[1] is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(state[0])
+            if state[1] is not None:
+                torch.cuda.set_rng_state(state[1][1], state[1][0])
+            feats = encoder(raw)                                              # (B, C)
+        return torch.cat([feats, cond[:, width:].detach()], dim=1) if cond.shape[1] > width else feats
 
     # -- what the trainer and workloads call ----------------------------------------------
     def compute_loss(self, batch: dict) -> LossOutput:
