@@ -24,13 +24,14 @@ Writes ``bench/results/realtime.json`` (``--out``: elsewhere) and prints the tab
 from __future__ import annotations
 
 import argparse
+import json
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import write_results
+from bench.common import RESULTS, write_results
 
 MODES = ("sync", "async", "ensemble", "rtc")
 
@@ -40,7 +41,7 @@ class HoldPolicy:
     of 16 x 7 on Lift's low-dim keys, ``latency_s`` of sleep per call, prefix conditioning."""
 
     n_obs_steps, n_action_steps, horizon, action_dim = 2, 8, 16, 7
-    supports_prefix = True
+    supports_prefix, prefix_max = True, 8
     inference_steps = 1
 
     def __init__(self, latency_s: float = 0.002):
@@ -85,21 +86,29 @@ def evaluator_settings(policy, max_steps: int | None) -> dict:
                 max_steps=max_steps or int(getattr(task, "eval_max_steps", 400)))
 
 
-def mode_rows(policy, base: dict, delays: list, modes: list, episodes: int, max_steps: int | None) -> list[dict]:
+def mode_rows(policy, base: dict, delays: list, modes: list, episodes: int, max_steps: int | None,
+              policy_seed: int | None = 0, execute_steps: int | None = None) -> list[dict]:
+    """One row per (mode, delay); every row runs the same test seeds and, with ``policy_seed``,
+    the same policy noise per episode (paired comparisons)."""
     from jumpflow.eval.rollout import RolloutEvaluator
 
     rows = []
-    ev = RolloutEvaluator(n_episodes=episodes, **evaluator_settings(policy, max_steps))
+    ev = RolloutEvaluator(n_episodes=episodes, policy_seed=policy_seed, execute_steps=execute_steps,
+                          **evaluator_settings(policy, max_steps))
     try:
         for mode in modes:
             for d in delays:
                 res = ev.run(policy, mode=mode, delay=d)
-                rows.append({**base, "mode": mode, "delay": d, "success_rate": res["success_rate"],
+                rows.append({**base, "mode": mode, "delay": d, "execute_steps": res["execute_steps"],
+                             "success_rate": res["success_rate"],
+                             "success_se": float(np.sqrt(res["success_rate"] * (1 - res["success_rate"])
+                                                         / max(1, res["n_episodes"]))),
                              "periods_to_success": res["mean_periods_to_success"],
                              "stall_periods": res["mean_stall_periods"], "steps": res["mean_episode_length"],
                              "delay_steps_p50": res["delay_steps_p50"], "latency_ms_p50": res["latency_ms_p50"],
                              "latency_ms_p95": res["latency_ms_p95"], "rtc_fallback": res["rtc_fallback"],
-                             "episodes": res["n_episodes"], "env_errors": res["n_env_errors"]})
+                             "episodes": res["n_episodes"], "env_errors": res["n_env_errors"],
+                             "policy_seed": policy_seed})
                 print(f"  {mode:8s} d={d}: success {res['success_rate']:.2f}, periods to success "
                       f"{res['mean_periods_to_success']}", flush=True)
     finally:
@@ -108,7 +117,7 @@ def mode_rows(policy, base: dict, delays: list, modes: list, episodes: int, max_
 
 
 def wallclock_row(policy, base: dict, episodes: int, max_steps: int | None, mode: str,
-                  seed_offset: int) -> tuple[dict, dict]:
+                  seed_offset: int, policy_seed: int | None = 0) -> tuple[dict, dict]:
     """Episodes of the paced simulator under the wall-clock controller; also returns one real
     observation (for the server's requests)."""
     from jumpflow.envs.gym_env import RobomimicGymEnv
@@ -127,8 +136,11 @@ def wallclock_row(policy, base: dict, episodes: int, max_steps: int | None, mode
                 sample_obs = {k: np.array(io.obs[k]) for k in s["obs_keys"]}
             if hasattr(policy, "reset"):
                 policy.reset()
+            if policy_seed is not None:
+                import torch
+                torch.manual_seed(policy_seed + seed_offset + i)
             ctl = RealtimeController(io.infer, io.observe, io.step, control_freq=freq, mode=mode,
-                                     execute_steps=s["n_action_steps"])
+                                     action_horizon=s["n_action_steps"])
             st = ctl.run(max_periods=4 * s["max_steps"])
             stats.append(st)
             ok = bool(io.info.get("success"))
@@ -149,12 +161,16 @@ def wallclock_row(policy, base: dict, episodes: int, max_steps: int | None, mode
            "period_ms_p95": float(np.max([st.period_ms_p95 for st in stats])),
            "jitter_ms_p95": float(np.max([st.jitter_ms_p95 for st in stats])),
            "latency_ms_p50": float(np.median(np.concatenate([st.latency_ms for st in stats]))),
+           "latency_ms_p95": float(np.percentile(np.concatenate([st.latency_ms for st in stats]), 95)),
+           "delay_steps_p50": float(np.median(np.concatenate([st.delays for st in stats]))),
+           "delay_steps_max": int(max(max(st.delays, default=0) for st in stats)),
            "episodes": episodes}
     return row, sample_obs
 
 
-def server_row(policy, base: dict, obs: dict, requests: int) -> dict:
-    """Round trips over loopback to an in-process ``PolicyServer``."""
+def server_row(policy, base: dict, obs: dict, requests: int, prefix_len: int | None = None) -> dict:
+    """Round trips over loopback to an in-process ``PolicyServer`` (``prefix_len``: requests carry
+    a committed prefix of that many rows, the rtc request; the reply is the whole chunk)."""
     from jumpflow.serve import PolicyServer, packb, unpackb
 
     srv = PolicyServer(policy, host="127.0.0.1", port=0)
@@ -177,6 +193,8 @@ def server_row(policy, base: dict, obs: dict, requests: int) -> dict:
                     raise RuntimeError(reply)
                 return unpackb(reply)
             close, kind = ws.close, "websockets"
+        if prefix_len is not None:
+            obs = {**obs, "prefix": np.zeros((prefix_len, int(policy.action_dim)), np.float32)}
         rtt, inner = [], []
         for i in range(requests + 5):
             t0 = time.perf_counter()
@@ -189,7 +207,7 @@ def server_row(policy, base: dict, obs: dict, requests: int) -> dict:
     finally:
         srv.shutdown()
         thread.join(timeout=10)
-    return {**base, "mode": "server", "client": kind, "requests": requests,
+    return {**base, "mode": "server", "client": kind, "requests": requests, "prefix_len": prefix_len,
             "roundtrip_ms_p50": float(np.percentile(rtt, 50)), "roundtrip_ms_p95": float(np.percentile(rtt, 95)),
             "infer_ms_p50": float(np.percentile(inner, 50)),
             "overhead_ms_p50": float(np.percentile(np.asarray(rtt) - np.asarray(inner), 50))}
@@ -199,6 +217,8 @@ def parse_delays(text: str) -> list:
     out = []
     for tok in text.split(","):
         tok = tok.strip()
+        if not tok:
+            continue
         out.append(tok if tok == "measured" else int(tok))
     return out
 
@@ -210,9 +230,14 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--delays", default="0,1,2,4,8", help="control periods, or 'measured'")
     ap.add_argument("--episodes", type=int, default=50, help="episodes per (mode, delay) row")
+    ap.add_argument("--policy-seed", type=int, default=0,
+                    help="seed of the policy noise per episode (same in every row: paired comparisons); -1: unseeded")
+    ap.add_argument("--execute-steps", type=int, default=None,
+                    help="steps between requests in sync/async/rtc (default: the policy's n_action_steps)")
+    ap.add_argument("--append", action="store_true", help="add the rows to the result file's instead of replacing them")
     ap.add_argument("--max-steps", type=int, default=None, help="episode cap (default: the task's)")
     ap.add_argument("--wallclock-episodes", type=int, default=5, help="0: skip the wall-clock rows")
-    ap.add_argument("--wallclock-mode", default="async", choices=MODES)
+    ap.add_argument("--wallclock-mode", default="async", help=f"comma list of {MODES}: one row each")
     ap.add_argument("--roundtrips", type=int, default=200, help="server requests (0: skip the server rows)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -229,6 +254,10 @@ def main(argv=None) -> int:
         if m not in MODES:
             ap.error(f"--modes: {m!r} is not one of {MODES}")
     delays = parse_delays(args.delays)
+    wallclock_modes = [m.strip() for m in args.wallclock_mode.split(",") if m.strip()]
+    for m in wallclock_modes:
+        if m not in MODES:
+            ap.error(f"--wallclock-mode: {m!r} is not one of {MODES}")
     from jumpflow.eval.rollout import TEST_SEED_OFFSET
 
     from jumpflow.serve import load_serving_policy
@@ -238,23 +267,35 @@ def main(argv=None) -> int:
         policy = HoldPolicy() if run is None else load_serving_policy(run, device=args.device)
         base = describe(policy, run)
         print(f"{base['run']}: {base['task']} / {base['objective']} nfe {base['nfe']}", flush=True)
-        rows += mode_rows(policy, base, delays, modes, args.episodes, args.max_steps)
+        if modes and delays:
+            rows += mode_rows(policy, base, delays, modes, args.episodes, args.max_steps,
+                              None if args.policy_seed < 0 else args.policy_seed, args.execute_steps)
         sample = None
-        if args.wallclock_episodes > 0:
-            row, sample = wallclock_row(policy, base, args.wallclock_episodes, args.max_steps, args.wallclock_mode,
-                                        TEST_SEED_OFFSET)
+        for wmode in (wallclock_modes if args.wallclock_episodes > 0 else []):
+            row, sample = wallclock_row(policy, base, args.wallclock_episodes, args.max_steps, wmode,
+                                        TEST_SEED_OFFSET, None if args.policy_seed < 0 else args.policy_seed)
             rows.append(row)
+            print(f"  wallclock {wmode}: success {row['success_rate']:.2f}, misses {row['deadline_misses']}/"
+                  f"{row['periods']} periods, delay p50 {row['delay_steps_p50']}", flush=True)
         if args.roundtrips > 0:
             if sample is None:
                 from jumpflow.serve import policy_metadata, zero_request
                 sample = zero_request(policy_metadata(policy))
             rows.append(server_row(policy, base, sample, args.roundtrips))
+            if getattr(policy, "supports_prefix", False) and getattr(policy, "prefix_max", 0):
+                rows.append(server_row(policy, base, sample, args.roundtrips, prefix_len=int(policy.prefix_max)))
     config = {"runs": args.runs or ["fake"], "modes": modes, "delays": delays, "episodes": args.episodes,
               "max_steps": args.max_steps, "wallclock_episodes": args.wallclock_episodes,
               "wallclock_mode": args.wallclock_mode, "roundtrips": args.roundtrips, "device": args.device,
+              "policy_seed": args.policy_seed, "execute_steps": args.execute_steps,
               "note": "delay in control periods (20 Hz unless the env says otherwise); periods_to_success counts "
                       "stalls; sync pays d periods per chunk, async/rtc/ensemble only where the plan runs out"}
-    write_results("realtime", config, rows, path=Path(args.out) if args.out else None)
+    out = Path(args.out) if args.out else RESULTS / "realtime.json"
+    if args.append and out.exists():
+        old = json.loads(out.read_text())
+        parts = old["config"].get("parts", [old["config"]])
+        config, rows = {"parts": [*parts, config]}, old["rows"] + rows
+    write_results("realtime", config, rows, path=out)
     return 0
 
 

@@ -10,8 +10,14 @@ executed actions is the *execution mode* (DESIGN.md, "a policy executes in one o
   ``k_req`` arrives ``d`` control periods later, at step ``k_req + d`` when the old chunk lasted
   that long; its first ``d`` rows are skipped (those steps have passed) and it replaces the old
   one. A new chunk is requested ``execute_steps`` steps after the previous request (Black et
-  al. 2025's ``s``). When the old chunk runs out before the new one arrives the robot stalls
-  (holds) and no more rows are skipped than steps actually passed.
+  al. 2025's execution horizon ``s``), so each chunk runs rows ``d .. s + d - 1``. By default
+  (:func:`execution_horizon`) ``s = max(1, n_action_steps - d)``: a chunk runs the rows that
+  ``sync`` runs, ``0 .. n_action_steps - 1``, less the ``d`` that pass during inference, and
+  never a row past the policy's action horizon (with ``s = n_action_steps`` every chunk would
+  run ``d`` rows further into its open-loop future than the policy was trained to execute). No
+  request is made while one is in flight, so in practice ``s >= d``. When the old chunk runs
+  out before the new one arrives the robot stalls (holds) and no more rows are skipped than
+  steps actually passed.
 - ``ensemble``: temporal ensembling (ACT, Zhao et al. 2023): a chunk is requested every
   ``ensemble_every`` steps; the action at step ``k`` is the weighted mean of every received
   chunk's row for ``k``, weights ``exp(-m * i)`` with ``i = 0`` the oldest chunk
@@ -56,6 +62,15 @@ def control_freq_of(env_meta: dict | None, default: float = DEFAULT_CONTROL_FREQ
     if not env_meta:
         return float(default)
     return float((env_meta.get("env_kwargs") or {}).get("control_freq", default))
+
+
+def execution_horizon(mode: str, n_action_steps: int, delay: int) -> int:
+    """Default steps between requests: ``n_action_steps`` in ``sync`` (and ``ensemble``, which
+    uses its own ``ensemble_every``); ``max(1, n_action_steps - delay)`` in ``async`` / ``rtc``, so
+    that the rows a chunk runs, ``delay .. s + delay - 1``, stay within the action horizon."""
+    if mode in ("async", "rtc"):
+        return max(1, int(n_action_steps) - int(delay))
+    return int(n_action_steps)
 
 
 def check_mode(mode: str) -> str:
@@ -274,20 +289,26 @@ class RealtimeController:
         control_freq: ticks per second.
         mode: one of :data:`MODES`; ``rtc`` commits the next ``d`` planned actions with ``d`` the
             last measured delay in periods (1 before the first measurement).
-        execute_steps, ensemble_every, ensemble_decay: see :class:`ChunkScheduler`.
+        execute_steps: steps between requests in ``sync`` / ``async`` / ``rtc``; None (default):
+            :func:`execution_horizon` of ``action_horizon`` and that same ``d``.
+        action_horizon: the policy's ``n_action_steps`` (the rows of a chunk it is meant to run).
+        ensemble_every, ensemble_decay: see :class:`ChunkScheduler`.
         clock, sleep: the time source (tests may inject their own).
     """
 
     def __init__(self, infer_fn: Callable[[Any, np.ndarray | None], np.ndarray], observe_fn: Callable[[], Any],
                  step_fn: Callable[[np.ndarray | None], bool], control_freq: float = DEFAULT_CONTROL_FREQ,
-                 mode: str = "async", execute_steps: int = 8, ensemble_every: int = 1,
+                 mode: str = "async", execute_steps: int | None = None, ensemble_every: int = 1,
                  ensemble_decay: float = 0.01, clock: Callable[[], float] = time.perf_counter,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, action_horizon: int = 8):
         if control_freq <= 0:
             raise ValueError(f"control_freq: must be > 0, got {control_freq}")
         self.infer_fn, self.observe_fn, self.step_fn = infer_fn, observe_fn, step_fn
         self.control_freq, self.mode = float(control_freq), check_mode(mode)
-        self.scheduler = ChunkScheduler(mode, execute_steps, ensemble_every, ensemble_decay)
+        self.execute_steps = None if execute_steps is None else int(execute_steps)
+        self.action_horizon = int(action_horizon)
+        self.scheduler = ChunkScheduler(mode, self.execute_steps or self.action_horizon, ensemble_every,
+                                        ensemble_decay)
         self.clock, self.sleep = clock, sleep
 
     def _infer(self, obs, prefix):
@@ -329,6 +350,8 @@ class RealtimeController:
                     d_est = max(1, delay_steps(lat, self.control_freq))
                     sched.receive(chunk, pending[1], k)
                     pending = None
+                if self.execute_steps is None:
+                    sched.execute_steps = execution_horizon(self.mode, self.action_horizon, d_est)
                 if pending is None and sched.needs_request(k):
                     prefix = sched.committed(k, d_est) if self.mode == "rtc" else None
                     obs = self.observe_fn()

@@ -30,7 +30,9 @@ in which the robot had no action (waiting for a chunk: in ``sync`` every request
 stall. Per episode: ``periods`` and ``periods_to_success`` (stalls included; exact when
 ``terminate_on_success``); the step limit ``max_steps`` counts executed actions, not periods.
 ``rtc`` commits the next ``d`` planned actions (with ``delay="measured"``: the previous request's
-``d``, 1 before the first).
+``d``, 1 before the first). ``async`` and ``rtc`` request a chunk every ``s = n_action_steps - d``
+steps by default (at least 1; :func:`jumpflow.eval.realtime.execution_horizon`), so each chunk runs
+rows ``d .. n_action_steps - 1``, within the action horizon the policy was trained to run.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from jumpflow.eval.realtime import ChunkScheduler, ChunkSource, check_mode, control_freq_of, delay_steps
+from jumpflow.eval.realtime import (ChunkScheduler, ChunkSource, check_mode, control_freq_of, delay_steps,
+                                   execution_horizon)
 
 from jumpflow.io import atomic_write
 
@@ -90,7 +93,10 @@ class RolloutEvaluator:
         terminate_on_success: end an episode at its first success.
         mode: execution mode, one of ``sync``, ``async``, ``ensemble``, ``rtc`` (``run`` may override).
         delay: inference delay in control periods (int >= 0) or ``"measured"`` (``run`` may override).
-        execute_steps: steps between requests in ``sync`` / ``async`` / ``rtc`` (None: ``n_action_steps``).
+        execute_steps: steps between requests in ``sync`` / ``async`` / ``rtc``; None (default):
+            ``n_action_steps`` in ``sync``, ``max(1, n_action_steps - d)`` in ``async`` / ``rtc`` (with
+            ``delay="measured"``: the last measured ``d``), so that a chunk arriving ``d`` steps after
+            its request runs rows ``d .. n_action_steps - 1`` and never a row past the action horizon.
         ensemble_every, ensemble_decay: ``ensemble`` requests a chunk every this many steps; ACT's
             weight ``exp(-decay * i)``, ``i = 0`` the oldest chunk.
         control_freq: control frequency in Hz for ``delay="measured"`` (None: env_meta's, else 20).
@@ -98,6 +104,11 @@ class RolloutEvaluator:
             observations, ``(m, A)`` action blocks, ``info`` with ``success``, ``max_reward``,
             ``steps``, ``error``) instead of the robosuite one; ``env_meta`` may then be None.
         clock: time source of the latency measurement (tests inject a fake one).
+        policy_seed: when set, torch's global generator is seeded with ``policy_seed + seed`` at each
+            batch's reset (``seed``: its first episode's), so that a stochastic policy draws the same
+            noise for the same episode under every mode and delay (common random numbers: paired
+            comparisons between modes; with ``d = 0`` sync, async and rtc then coincide). None:
+            torch's generator is left alone.
     """
 
     def __init__(self, env_meta, n_episodes: int = 50, n_envs: int = 1, max_steps: int = 400,
@@ -106,7 +117,8 @@ class RolloutEvaluator:
                  camera_size: int | None = None, video_camera: str = "agentview", video_size: int = 128,
                  fps: int = 20, terminate_on_success: bool = True, mode: str = "sync", delay: int | str = 0,
                  execute_steps: int | None = None, ensemble_every: int = 1, ensemble_decay: float = 0.01,
-                 control_freq: float | None = None, env_fn=None, clock=time.perf_counter):
+                 control_freq: float | None = None, env_fn=None, clock=time.perf_counter,
+                 policy_seed: int | None = None):
         if env_meta is None and env_fn is None:
             raise ValueError("env_meta: required unless env_fn is given")
         self.env_meta = _resolve_env_meta(env_meta)
@@ -123,13 +135,14 @@ class RolloutEvaluator:
         self.obs_keys = list(obs_keys)
         self.fps = fps
         self.mode, self.delay = check_mode(mode), _check_delay(delay)
-        self.execute_steps = int(execute_steps) if execute_steps is not None else self.n_action_steps
+        self.execute_steps = int(execute_steps) if execute_steps is not None else None      # None: auto
         self.ensemble_every, self.ensemble_decay = int(ensemble_every), float(ensemble_decay)
-        ChunkScheduler(self.mode, self.execute_steps, self.ensemble_every)          # validates
+        ChunkScheduler(self.mode, self.execute_steps or self.n_action_steps, self.ensemble_every)   # validates
         self.control_freq = float(control_freq) if control_freq is not None else control_freq_of(self.env_meta)
         if self.control_freq <= 0:
             raise ValueError(f"control_freq: must be > 0, got {self.control_freq}")
         self.env_fn, self.clock = env_fn, clock
+        self.policy_seed = None if policy_seed is None else int(policy_seed)
         self._env_kwargs = dict(env_meta=self.env_meta, obs_keys=self.obs_keys, n_obs_steps=self.n_obs_steps,
                                 n_action_steps=self.n_action_steps, max_steps=self.max_steps,
                                 camera_size=camera_size, terminate_on_success=terminate_on_success,
@@ -181,7 +194,8 @@ class RolloutEvaluator:
         "latency_ms_p95", "n_episodes", "n_env_errors", "seeds", "videos", "episodes": [{"seed",
         "success", "max_reward", "length", "error", "periods", "stall_periods", "periods_to_success",
         "requests"}], "seconds", "mode", "requested_mode", "rtc_fallback", "delay", "delay_steps_p50",
-        "delay_steps_max", "execute_steps", "control_freq", "mean_periods_to_success",
+        "delay_steps_max", "execute_steps" (an int, or ``"auto"``), "execute_steps_used" (the
+        execution horizons that ran), "control_freq", "mean_periods_to_success",
         "mean_stall_periods"}``. ``mode`` is the execution mode that ran: ``rtc`` on a policy without
         ``supports_prefix`` runs ``async`` (``rtc_fallback`` true). On envs with behaviour modes each
         episode also has the env's ``mode`` (the behaviour committed to) and ``mode_switches``
@@ -199,6 +213,7 @@ class RolloutEvaluator:
         episodes: list[dict] = []
         latencies: list[float] = []
         delays: list[int] = []
+        horizons: list[int] = []
         videos: list[str] = []
         for b0 in range(0, self.n_episodes, n):
             m = min(n, self.n_episodes - b0)
@@ -212,13 +227,16 @@ class RolloutEvaluator:
                 obs, info = self._venv.reset(seed=seeds, options={"reset_mask": active.copy()})
                 if hasattr(policy, "reset"):
                     policy.reset()
+                if self.policy_seed is not None:
+                    import torch
+                    torch.manual_seed(self.policy_seed + seeds[0])
                 done = ~active.copy()
                 for j in range(m):           # a reset that failed ends that episode at once
                     if info.get("error") is not None and info["error"][j]:
                         done[j] = True
                         finals[j] = {"success": False, "max_reward": 0.0, "steps": 0, "error": str(info["error"][j]),
                                      "periods": 0, "periods_to_success": None, "requests": 0}
-                self._run_batch(policy, source, mode, delay, obs, done, finals, latencies, delays)
+                self._run_batch(policy, source, mode, delay, obs, done, finals, latencies, delays, horizons)
             except ValueError:
                 raise
             except Exception as e:           # a worker died: its episodes fail, start fresh envs
@@ -257,13 +275,14 @@ class RolloutEvaluator:
             "videos": videos, "episodes": episodes, "seconds": time.perf_counter() - t_start,
             "mode": mode, "requested_mode": requested, "rtc_fallback": source.rtc_fallback, "delay": delay,
             "delay_steps_p50": float(np.percentile(dl, 50)), "delay_steps_max": int(dl.max()),
-            "execute_steps": self.execute_steps, "control_freq": self.control_freq,
+            "execute_steps": self.execute_steps if self.execute_steps is not None else "auto",
+            "execute_steps_used": sorted(set(horizons)), "control_freq": self.control_freq,
             "mean_periods_to_success": float(np.mean(to_success)) if to_success else None,
             "mean_stall_periods": float(np.mean([e["stall_periods"] for e in episodes])),
         }
 
     def _run_batch(self, policy, source: ChunkSource, mode: str, delay, obs, done: np.ndarray, finals: list,
-                   latencies: list, delays: list) -> None:
+                   latencies: list, delays: list, horizons: list | None = None) -> None:
         """One batch of lock-step episodes under ``mode``; fills ``finals[j]`` as episodes end.
 
         Clock: ``T`` control periods, ``k`` executed steps (shared by the batch: all live envs
@@ -275,7 +294,8 @@ class RolloutEvaluator:
         import torch
 
         n = self.n_envs
-        sched = ChunkScheduler(mode, self.execute_steps, self.ensemble_every, self.ensemble_decay)
+        sched = ChunkScheduler(mode, self.execute_steps or self.n_action_steps, self.ensemble_every,
+                               self.ensemble_decay)
         T = k = 0
         requests = 0
         pending = None                                    # (arrival period, chunk, k_req)
@@ -284,6 +304,8 @@ class RolloutEvaluator:
             if pending is not None and T >= pending[0]:
                 sched.receive(pending[1], pending[2], k)
                 pending = None
+            if self.execute_steps is None:
+                sched.execute_steps = execution_horizon(mode, self.n_action_steps, last_d)
             if pending is None and sched.needs_request(k):
                 d_commit = last_d if delay == "measured" else delay
                 prefix = sched.committed(k, d_commit) if mode == "rtc" and source.supports_prefix else None
@@ -297,8 +319,12 @@ class RolloutEvaluator:
                 d = delay_steps(lat, self.control_freq) if delay == "measured" else delay
                 delays.append(d)
                 last_d = d
+                if self.execute_steps is None:
+                    sched.execute_steps = execution_horizon(mode, self.n_action_steps, last_d)
                 sched.mark_requested(k)
                 requests += 1
+                if horizons is not None:
+                    horizons.append(sched.interval)
                 if d == 0:
                     sched.receive(chunk, k, k)
                 else:

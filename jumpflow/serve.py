@@ -18,6 +18,21 @@ not a map, a missing key, a wrong shape or dtype, NaN or inf, the policy raising
 by a text frame ``"error: ..."`` naming the key, and the connection goes on serving. No pickle:
 arrays are rebuilt from raw bytes with an allow-list of dtypes.
 
+Real-time chunking over the wire (optional request fields; ``prefix`` and ``prefix_len`` are
+reserved names, never observation keys): ``"prefix"``, the raw actions already committed for
+the next ``m`` control steps, ``(m, A)`` (or ``(B, m, A)`` with batched observations), ``m <=``
+the metadata's ``prefix_max``, row ``j`` the action of step ``k + j`` where ``k`` is the step of
+the newest observation; and ``"prefix_len"``, an int ``<= m`` (default ``m``) saying how many of
+those rows count. A request with a ``prefix`` field is answered with the whole future part of the
+chunk, ``actions: (chunk_steps, A)`` (``(B, chunk_steps, A)``), ``chunk_steps = horizon -
+n_obs_steps + 1`` from the metadata, generated given the prefix (``policy.predict_chunk(obs,
+prefix, prefix_len)``) with its first ``prefix_len`` rows equal to the prefix; row ``j`` is again
+step ``k + j``. ``prefix`` with zero rows asks for the whole chunk without conditioning (plain
+asynchronous execution; any policy with ``predict_chunk``); a non-empty prefix needs a policy
+trained with prefix conditioning (``prefix_max > 0``). A prefix that is not a finite numeric array
+of the right shape, is longer than ``prefix_max``, or a ``prefix_len`` outside ``[0, m]``, gets
+an error frame naming ``prefix`` / ``prefix_len``.
+
 Several clients are served at once (one thread per connection, ``websockets.sync.server``);
 calls into the policy are serialised by a lock. ``GET /healthz`` answers ``200 OK``.
 """
@@ -132,7 +147,11 @@ def policy_metadata(policy, obs_keys=None, obs_shapes=None, env_meta=None, contr
             "horizon": int(getattr(policy, "horizon", getattr(policy, "n_action_steps", 1))),
             "action_dim": int(getattr(policy, "action_dim", 0)) or None,
             "control_freq": float(control_freq) if control_freq else control_freq_of(env_meta),
-            "env_meta": env_meta}
+            "env_meta": env_meta,
+            "prefix_max": int(getattr(policy, "prefix_max", 0) or 0) if hasattr(policy, "predict_chunk") else 0,
+            "chunk_steps": None}
+    if hasattr(policy, "predict_chunk"):
+        meta["chunk_steps"] = meta["horizon"] - meta["n_obs_steps"] + 1
     return meta
 
 
@@ -164,6 +183,8 @@ class PolicyServer:
         self.obs_keys = list(self.metadata.get("obs_keys") or [])
         if not self.obs_keys:
             raise ValueError("obs_keys: the policy has none; pass obs_keys=[...]")
+        if {"prefix", "prefix_len"} & set(self.obs_keys):
+            raise ValueError("obs_keys: 'prefix' and 'prefix_len' are reserved request fields")
         shapes = self.metadata.get("obs_shapes")
         self.obs_shapes = {k: tuple(shapes[k]) for k in self.obs_keys} if shapes else None
         self.n_obs_steps = int(self.metadata.get("n_obs_steps") or getattr(policy, "n_obs_steps", 1))
@@ -207,7 +228,9 @@ class PolicyServer:
         return None
 
     def parse_request(self, message) -> tuple[dict, bool]:
-        """A frame -> ``({key: array (B, n_obs_steps, ...)}, batched)``; raises :class:`RequestError`."""
+        """A frame -> ``({key: array (B, n_obs_steps, ...)}, batched)``; raises :class:`RequestError`.
+        A request with a ``prefix`` field (see the module doc) also has ``out["prefix"]``, float32
+        ``(B, m, A)``, and ``out["prefix_len"]``, an int."""
         if isinstance(message, str):
             raise RequestError("request must be a binary msgpack frame, got a text frame")
         try:
@@ -269,21 +292,81 @@ class PolicyServer:
                 out[key] = v
         if batch == 0:
             raise RequestError("empty batch")
+        if "prefix" in obs:
+            out["prefix"], out["prefix_len"] = self._parse_prefix(obs["prefix"], obs.get("prefix_len"),
+                                                                  bool(batched), batch)
+        elif "prefix_len" in obs:
+            raise RequestError("'prefix_len' given without 'prefix'")
         return out, bool(batched)
+
+    def _parse_prefix(self, v, n, batched: bool, batch: int) -> tuple[np.ndarray, int]:
+        """The ``prefix`` / ``prefix_len`` fields -> ``(float32 (B, m, A), prefix_len)``."""
+        if not hasattr(self.policy, "predict_chunk"):
+            raise RequestError("'prefix': this policy has no predict_chunk (whole chunks cannot be served)")
+        prefix_max = int(self.metadata.get("prefix_max") or 0)
+        a = self.metadata.get("action_dim")
+        if isinstance(v, _BadArray):
+            raise RequestError(f"'prefix': bad array encoding: {v.reason}")
+        ndim = 3 if batched else 2
+        if isinstance(v, (list, tuple)):
+            try:
+                v = np.asarray(v, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise RequestError("'prefix': not a numeric array") from None
+            if v.size == 0:
+                v = v.reshape((batch, 0, 0) if batched else (0, 0))
+        if not isinstance(v, np.ndarray) or v.dtype.kind not in "iuf":
+            got = f"dtype {v.dtype}" if isinstance(v, np.ndarray) else type(v).__name__
+            raise RequestError(f"'prefix': expected a numeric array of actions, got {got}")
+        want = f"[{batch}, m, {a}]" if batched else f"[m, {a}]"
+        if (v.ndim != ndim or (batched and v.shape[0] != batch)
+                or (a and v.shape[-1] != a and v.shape[-2] > 0)):
+            raise RequestError(f"'prefix': shape {list(v.shape)}, expected {want} with m <= prefix_max = {prefix_max}")
+        v = np.array(v if batched else v[None], dtype=np.float32)                 # (B, m, A), writable
+        m = v.shape[1]
+        if m > prefix_max:
+            raise RequestError(f"'prefix': {m} rows, longer than the policy's prefix_max = {prefix_max}"
+                               + (" (it was trained without prefix conditioning; send zero rows for a "
+                                  "plain whole chunk)" if prefix_max == 0 else ""))
+        if not np.isfinite(v).all():
+            raise RequestError("'prefix': contains NaN or inf")
+        if n is None:
+            n = m
+        elif isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+            raise RequestError(f"'prefix_len': expected an int, got {type(n).__name__}")
+        n = int(n)
+        if not 0 <= n <= m:
+            raise RequestError(f"'prefix_len': {n} is outside [0, {m}] (the prefix has {m} rows)")
+        if n == 0:
+            v = v[:, :0]
+        return v, n
 
     def infer(self, obs: dict, batched: bool) -> dict:
         """The reply of a parsed request (the policy under the server's lock)."""
         import torch
 
+        obs = dict(obs)
+        prefix, prefix_len = obs.pop("prefix", None), obs.pop("prefix_len", 0)
         obs_t = {k: torch.from_numpy(v) for k, v in obs.items()}
         with self._lock:
             t0 = time.perf_counter()
-            out = self.policy.predict_action(obs_t)
+            if prefix is None:
+                out = self.policy.predict_action(obs_t)
+            elif prefix_len > 0:
+                out = self.policy.predict_chunk(obs_t, prefix=torch.from_numpy(prefix), prefix_len=prefix_len)
+            else:
+                out = self.policy.predict_chunk(obs_t)
             if hasattr(out, "detach"):
                 out = out.detach().float().cpu().numpy()
             infer_ms = (time.perf_counter() - t0) * 1e3
         actions = np.asarray(out, dtype=np.float32)
         b = next(iter(obs.values())).shape[0]
+        if prefix is not None:                         # the whole chunk: its future rows
+            start = self.n_obs_steps - 1
+            if actions.ndim != 3 or actions.shape[0] != b or actions.shape[1] <= start:
+                raise RuntimeError(f"policy.predict_chunk returned shape {list(actions.shape)}, expected "
+                                   f"[{b}, horizon, A]")
+            actions = actions[:, start:]
         if actions.ndim != 3 or actions.shape[0] != b:
             raise RuntimeError(f"policy returned shape {list(actions.shape)}, expected [{b}, n_action_steps, A]")
         if not np.isfinite(actions).all():

@@ -127,9 +127,10 @@ def test_sync_executes_chunks_and_pays_delay_in_stalls(delay):
 
 
 def test_async_delay_two_skips_passed_rows():
-    """async, d = 2, a request every 4 steps: the first chunk is waited for (2 stalls); chunk
-    requested at k_req arrives at k_req + 2 and runs from its row 2; the old one runs until then."""
-    res, executed = _evaluate(ScriptedPolicy(), "async", 2, success_at=14)
+    """async, d = 2, a request every 4 steps (execute_steps given): the first chunk is waited for
+    (2 stalls); chunk requested at k_req arrives at k_req + 2 and runs from its row 2; the old one
+    runs until then."""
+    res, executed = _evaluate(ScriptedPolicy(), "async", 2, success_at=14, execute_steps=N_ACT)
     expected = []
     for k in range(14):
         k_req = max(0, 4 * ((k - 2) // 4))
@@ -142,7 +143,7 @@ def test_async_delay_two_skips_passed_rows():
 def test_async_stalls_when_the_delay_outlasts_the_chunk():
     """async, d = 8 > L = 7 future rows: a chunk requested 4 steps into the last one arrives after
     it ran out; rows skipped = steps actually passed (3 of them), not d."""
-    res, executed = _evaluate(ScriptedPolicy(), "async", 8, success_at=11)
+    res, executed = _evaluate(ScriptedPolicy(), "async", 8, success_at=11, execute_steps=N_ACT)
     # r0 at k=0 (T 0 -> 8), runs rows 0..6 (k 0..6); r1 requested at k=4 (T 12) arrives T 20 at k=7
     np.testing.assert_array_equal(executed[:7], _expect([(0, k) for k in range(7)]))
     np.testing.assert_array_equal(executed[7:11], _expect([(4, 3), (4, 4), (4, 5), (4, 6)]))
@@ -181,8 +182,8 @@ def test_rtc_passes_the_committed_prefix():
     """rtc, d = 2: each request after the first carries the 2 planned actions of the steps that
     pass during inference; the executed stream is async's, continued by the prefix rows."""
     policy = ScriptedPolicy(prefix_aware=True)
-    res, executed = _evaluate(policy, "rtc", 2, success_at=14)
-    assert res["mode"] == "rtc" and not res["rtc_fallback"]
+    res, executed = _evaluate(policy, "rtc", 2, success_at=14, execute_steps=N_ACT)
+    assert res["mode"] == "rtc" and not res["rtc_fallback"] and res["execute_steps"] == N_ACT
     assert [c["k"] for c in policy.calls] == [0, 4, 8, 12]
     assert policy.calls[0]["prefix"] is None
     np.testing.assert_array_equal(policy.calls[1]["prefix"][0], _expect([(0, 4), (0, 5)]))
@@ -217,10 +218,16 @@ def test_measured_delay_uses_the_wall_clock():
     assert res["episodes"][0]["periods_to_success"] == 12 + 3 * 3 and res["latency_ms_p50"] == pytest.approx(120)
     clock = FakeClock()
     res, executed = _evaluate(ScriptedPolicy(clock=clock, latency=0.12), "async", "measured", clock=clock,
-                              control_freq=10.0)                          # 10 Hz: ceil(1.2) = 2
+                              control_freq=10.0, execute_steps=N_ACT)     # 10 Hz: ceil(1.2) = 2
     assert res["delay_steps_max"] == 2 and res["episodes"][0]["periods_to_success"] == 12 + 2
     np.testing.assert_array_equal(executed, _expect([(max(0, 4 * ((k - 2) // 4)), k - max(0, 4 * ((k - 2) // 4)))
                                                      for k in range(12)]))
+    # default execution horizon: s = N_ACT - (the last measured d = 2) = 2 after the first request
+    clock = FakeClock()
+    policy = ScriptedPolicy(clock=clock, latency=0.12)
+    res, executed = _evaluate(policy, "async", "measured", clock=clock, control_freq=10.0)
+    assert res["execute_steps"] == "auto" and res["execute_steps_used"] == [2]
+    assert [c["k"] for c in policy.calls] == [0, 2, 4, 6, 8, 10] and executed[:, 1].max() <= N_ACT - 1
 
 
 def test_invalid_mode_and_delay_raise():
@@ -245,7 +252,7 @@ def test_scheduler_committed_prefix_is_the_plan():
 
 
 # ---------------------------------------------------------------------- wall-clock controller
-def _controller(mode, infer_s, chunk_len, execute_steps, freq=100.0):
+def _controller(mode, infer_s, chunk_len, execute_steps, freq=100.0, action_horizon=8):
     from jumpflow.eval.realtime import RealtimeController
 
     log = []
@@ -259,8 +266,19 @@ def _controller(mode, infer_s, chunk_len, execute_steps, freq=100.0):
         return False
 
     ctl = RealtimeController(infer, lambda: len([a for a in log if a is not None]), step, control_freq=freq,
-                             mode=mode, execute_steps=execute_steps)
+                             mode=mode, execute_steps=execute_steps, action_horizon=action_horizon)
     return ctl, log
+
+
+def test_controller_default_execution_horizon_stays_within_the_action_horizon():
+    """execute_steps=None: requests every action_horizon - d ticks (d the measured delay, 1 here),
+    so no executed row reaches the action horizon (chunks are longer: 10 rows)."""
+    ctl, log = _controller("async", 0.001, chunk_len=10, execute_steps=None, freq=50.0, action_horizon=5)
+    stats = ctl.run(max_periods=40)
+    executed = [a for a in log if a is not None]
+    assert stats.steps == len(executed) and all(a[1] == k - a[0] for k, a in enumerate(executed))
+    assert max(a[1] for a in executed) <= 4, [a[1] for a in executed]
+    assert stats.requests >= 8
 
 
 def test_controller_fast_inference_meets_deadlines():
@@ -367,3 +385,58 @@ def test_behaviour_mode_info_is_kept_per_episode():
     ev.close()
     assert [(e["mode"], e["mode_switches"]) for e in res["episodes"]] == [("left", 1), ("left", 1)]
     assert "mode" not in _evaluate(ScriptedPolicy(), "sync", 0)[0]["episodes"][0]
+
+
+class NoisyPolicy(ScriptedPolicy):
+    """ScriptedPolicy plus noise drawn from torch's global generator (a stochastic one-step policy)."""
+
+    def predict_chunk(self, obs, prefix=None, prefix_len=0):
+        import torch
+
+        chunk = super().predict_chunk(obs, prefix, prefix_len)
+        noise = torch.randn(chunk.shape).numpy()
+        if prefix is not None:
+            noise[:, N_OBS - 1:N_OBS - 1 + prefix_len] = 0.0                    # committed rows stay exact
+        return chunk + noise
+
+
+def test_policy_seed_gives_common_random_numbers_across_modes_and_delays():
+    """With ``policy_seed`` the same episode draws the same noise in every mode: at d = 0 sync,
+    async and rtc execute the same actions, sync executes the same actions at every delay (the
+    world waits), and two runs of one mode agree; without it, two runs differ."""
+    runs = {(m, d): _evaluate(NoisyPolicy(prefix_aware=True), m, d, success_at=14, policy_seed=5)[1]
+            for m, d in [("sync", 0), ("async", 0), ("rtc", 0), ("sync", 3)]}
+    for key in [("async", 0), ("rtc", 0), ("sync", 3)]:
+        np.testing.assert_array_equal(runs[key], runs[("sync", 0)], err_msg=str(key))
+    again = _evaluate(NoisyPolicy(prefix_aware=True), "rtc", 2, success_at=14, policy_seed=5)[1]
+    np.testing.assert_array_equal(again, _evaluate(NoisyPolicy(prefix_aware=True), "rtc", 2, success_at=14,
+                                                   policy_seed=5)[1])
+    a = _evaluate(NoisyPolicy(), "sync", 0, success_at=14)[1]
+    assert not np.array_equal(a, _evaluate(NoisyPolicy(), "sync", 0, success_at=14)[1])
+
+
+@pytest.mark.parametrize("mode", ["async", "rtc"])
+@pytest.mark.parametrize("delay", [1, 2])
+def test_async_and_rtc_execute_only_rows_within_the_action_horizon(mode, delay):
+    """Default execution horizon ``s = n_action_steps - d``: a chunk requested at ``k`` arrives at
+    ``k + d`` and runs rows ``d .. n_action_steps - 1`` (the rows sync runs, less the ``d`` that pass
+    during inference); the next request goes out at ``k + s``, so the committed prefix is rows
+    ``s .. n_action_steps - 1`` and no row at or past ``n_action_steps`` is ever executed. (With
+    ``s = n_action_steps`` each chunk ran ``d`` rows past the policy's action horizon and the
+    prefix was its least reliable rows: Reach Around rtc at d = 4 lost 0.11 success to sync.)"""
+    policy = ScriptedPolicy(prefix_aware=mode == "rtc")
+    res, executed = _evaluate(policy, mode, delay, success_at=20, max_steps=40)
+    s = N_ACT - delay
+    assert res["execute_steps"] == "auto" and res["episodes"][0]["success"]
+    assert [c["k"] for c in policy.calls] == list(range(0, 20, s))[:len(policy.calls)]
+    assert len(policy.calls) >= (20 - N_ACT) // s
+    assert executed[:, 1].max() <= N_ACT - 1, executed[:, 1]
+    # the first chunk runs from row 0 (the robot stalled d periods); every later one from row d
+    np.testing.assert_array_equal(executed[:N_ACT, :2], _expect([(0, j) for j in range(N_ACT)])[:, :2])
+    for k in range(N_ACT, 20):
+        k_req = s * ((k - delay) // s)
+        assert tuple(executed[k, :2]) == (k_req, k - k_req), (k, executed[k])
+    assert res["episodes"][0]["stall_periods"] == delay
+    if mode == "rtc":
+        for c in policy.calls[1:]:
+            np.testing.assert_array_equal(c["prefix"][0, :, 1], np.arange(s, s + delay))

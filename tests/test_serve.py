@@ -220,3 +220,140 @@ def test_server_without_serving_shuts_down_and_cli_errors(tmp_path, capsys):
     assert "jumpflow-serve: error:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--help"])
+
+
+# ---------------------------------------------------------------------- prefix over the wire (rtc)
+PH, PA, P_OBS, P_ACT, P_MAX = 8, 2, 2, 4, 3
+
+
+def _chunk_policy():
+    """A small untrained ChunkPolicy with prefix conditioning (MeanFlow, stochastic: the tests
+    seed torch's global generator before each call, the server's thread uses the same one)."""
+    import torch
+
+    from jumpflow.backbones import build_backbone
+    from jumpflow.normalizer import Normalizer
+    from jumpflow.objectives import OBJECTIVES
+    from jumpflow.policy.chunk_policy import ChunkPolicy
+    from jumpflow.policy.encoders import ObsEncoder
+
+    torch.manual_seed(0)
+    encoder = ObsEncoder({"state": (3,)}, P_OBS, lowdim_mlp=0)
+    cond_dim = encoder.out_dim + ChunkPolicy.prefix_cond_dim(P_MAX, PA)
+    norm = Normalizer.fit({"action": np.linspace(-2, 2, 100, dtype=np.float32).reshape(50, PA),
+                           "state": np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)})
+    policy = ChunkPolicy(encoder, build_backbone("MLP", (PH, PA), cond_dim, width=32, depth=2),
+                         OBJECTIVES["meanflow"](), norm, PH, P_OBS, P_ACT, PA, prefix_max=P_MAX)
+    return policy.eval()
+
+
+@pytest.fixture
+def chunk_server():
+    from jumpflow.serve import PolicyServer
+
+    srv = PolicyServer(_chunk_policy(), host="127.0.0.1", port=0, obs_keys=["state"], obs_shapes={"state": (3,)})
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    thread.join(timeout=10)
+
+
+def test_openpi_client_prefix_request_gets_the_in_process_chunk(chunk_server):
+    """A request with ``prefix`` (and ``prefix_len``) is answered with the future rows of
+    ``predict_chunk(obs, prefix, prefix_len)``, exactly the in-process chunk for the same noise;
+    its first ``prefix_len`` rows are the committed actions. Zero rows: the plain whole chunk;
+    no prefix field: ``predict_action`` as before."""
+    import torch
+
+    wcp = pytest.importorskip("openpi_client.websocket_client_policy")
+    client = wcp.WebsocketClientPolicy("127.0.0.1", chunk_server.port)
+    meta = client.get_server_metadata()
+    assert meta["prefix_max"] == P_MAX and meta["chunk_steps"] == PH - P_OBS + 1
+    policy, start = chunk_server.policy, P_OBS - 1
+    rng = np.random.default_rng(0)
+
+    def both(obs, prefix=None, prefix_len=None, **extra):
+        req = {"state": obs, **extra}
+        if prefix is not None:
+            req["prefix"] = prefix
+        if prefix_len is not None:
+            req["prefix_len"] = prefix_len
+        torch.manual_seed(11)
+        remote = client.infer(req)["actions"]
+        batched = obs.ndim == 3
+        obs_t = {"state": torch.from_numpy(obs if batched else obs[None])}
+        torch.manual_seed(11)
+        if prefix is None:
+            local = policy.predict_action(obs_t).numpy()
+        else:
+            pre = torch.from_numpy(np.asarray(prefix, np.float32).reshape((obs_t["state"].shape[0], -1, PA)))
+            m = pre.shape[1] if prefix_len is None else prefix_len
+            local = (policy.predict_chunk(obs_t, prefix=pre, prefix_len=m) if m else
+                     policy.predict_chunk(obs_t)).numpy()[:, start:]
+        return remote, (local if batched else local[0])
+
+    for m in (1, 2, 3):                                            # unbatched, every prefix length
+        obs = rng.normal(size=(P_OBS, 3)).astype(np.float32)
+        prefix = rng.uniform(-1.5, 1.5, size=(m, PA)).astype(np.float32)
+        remote, local = both(obs, prefix)
+        assert remote.shape == (PH - P_OBS + 1, PA) and remote.dtype == np.float32
+        np.testing.assert_allclose(remote, local, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(remote[:m], prefix)
+    obs = rng.normal(size=(3, P_OBS, 3)).astype(np.float32)       # batched, prefix_len < m
+    prefix = rng.uniform(-1.5, 1.5, size=(3, 3, PA)).astype(np.float32)
+    remote, local = both(obs, prefix, prefix_len=np.int64(1))
+    assert remote.shape == (3, PH - P_OBS + 1, PA)
+    np.testing.assert_allclose(remote, local, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(remote[:, :1], prefix[:, :1])
+    obs = rng.normal(size=(P_OBS, 3)).astype(np.float32)
+    remote, local = both(obs, np.zeros((0, PA), np.float32))       # zero rows: the plain whole chunk
+    np.testing.assert_allclose(remote, local, rtol=1e-6, atol=1e-6)
+    remote, local = both(obs)                                      # no prefix: predict_action, as before
+    assert remote.shape == (P_ACT, PA)
+    np.testing.assert_allclose(remote, local, rtol=1e-6, atol=1e-6)
+
+
+def test_malformed_prefix_gets_error_frames_and_serving_goes_on(chunk_server, server):
+    from jumpflow.serve import packb, unpackb
+
+    ws, _ = _raw_client(chunk_server)
+    obs = np.zeros((P_OBS, 3), np.float32)
+    good = np.ones((2, PA), np.float32)
+    nan = good.copy()
+    nan[1, 0] = np.nan
+    cases = [
+        ({"prefix": np.ones((2, PA + 1), np.float32)}, "'prefix': shape [2, 3]"),
+        ({"prefix": np.ones((1, 2, PA), np.float32)}, "'prefix': shape [1, 2, 2]"),          # batched prefix, unbatched obs
+        ({"prefix": np.ones(PA, np.float32)}, "'prefix': shape [2]"),
+        ({"prefix": nan}, "'prefix': contains NaN or inf"),
+        ({"prefix": np.full((1, PA), np.inf, np.float32)}, "'prefix': contains NaN or inf"),
+        ({"prefix": np.ones((P_MAX + 1, PA), np.float32)}, "'prefix': 4 rows, longer than the policy's prefix_max = 3"),
+        ({"prefix": "two actions"}, "'prefix': expected a numeric array"),
+        ({"prefix": np.ones((2, PA), bool)}, "'prefix': expected a numeric array"),
+        ({"prefix": good, "prefix_len": 3}, "'prefix_len': 3 is outside [0, 2]"),
+        ({"prefix": good, "prefix_len": -1}, "'prefix_len': -1 is outside [0, 2]"),
+        ({"prefix": good, "prefix_len": 1.5}, "'prefix_len': expected an int"),
+        ({"prefix_len": 1}, "'prefix_len' given without 'prefix'"),
+    ]
+    for extra, expected in cases:
+        ws.send(packb({"state": obs, **extra}))
+        reply = ws.recv(timeout=10)
+        assert isinstance(reply, str) and reply.startswith("error: "), (expected, reply)
+        assert expected in reply, (expected, reply)
+    batched = np.zeros((2, P_OBS, 3), np.float32)
+    ws.send(packb({"state": batched, "prefix": np.ones((3, 1, PA), np.float32)}))              # batch of 3 for 2
+    reply = ws.recv(timeout=10)
+    assert isinstance(reply, str) and "'prefix': shape [3, 1, 2]" in reply, reply
+    ws.send(packb({"state": obs, "prefix": good}))
+    reply = unpackb(ws.recv(timeout=10))
+    assert reply["actions"].shape == (PH - P_OBS + 1, PA)
+    np.testing.assert_array_equal(reply["actions"][:2], good)
+    ws.close()
+    # a policy without predict_chunk (or without prefix training) says so by name
+    ws, meta = _raw_client(server)
+    assert meta["prefix_max"] == 0 and meta["chunk_steps"] is None
+    ws.send(packb({**_obs(1), "prefix": np.ones((1, A), np.float32)}))
+    reply = ws.recv(timeout=10)
+    assert isinstance(reply, str) and "'prefix': this policy has no predict_chunk" in reply, reply
+    ws.close()
