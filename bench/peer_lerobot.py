@@ -1,0 +1,514 @@
+"""Peer baseline: LeRobot's ``DiffusionPolicy`` trained and evaluated on jumpflow's data, budget and
+evaluator, beside jumpflow's own rows of ``bench/policy.py``.
+
+What is LeRobot's and what is jumpflow's:
+
+- LeRobot's (``lerobot`` 0.4.x, used as a dependency, none of its code copied): the model
+  (``DiffusionPolicy`` -> ``DiffusionModel``: the conditional 1-D UNet with FiLM, built from a
+  ``DiffusionConfig`` with ``input_features`` / ``output_features``), its noise scheduler (diffusers'
+  ``DDPMScheduler`` / ``DDIMScheduler``: squared-cosine betas, 100 training steps, epsilon prediction,
+  samples clipped to [-1, 1]), its loss (``DiffusionPolicy.forward``) and its sampler
+  (``DiffusionModel.generate_actions``). With ``--optim lerobot`` also its optimiser and LR schedule
+  presets (``DiffusionConfig.get_optimizer_preset`` / ``get_scheduler_preset``: Adam lr 1e-4, wd 1e-6,
+  cosine with 500 warm-up steps, grad-norm clip 10, no EMA).
+- jumpflow's: the data (the same robomimic HDF5, the same ``(obs[n_obs_steps], action[horizon])``
+  windows with Diffusion Policy's edge padding, read by ``jumpflow.datasets``; the same batches in
+  the same order: the trainer's ``GlobalBatchSampler`` with the same seed), the normalisation (the
+  task's fitted per-key min/max map to [-1, 1], which is LeRobot's ``MIN_MAX`` mode), the budget
+  (steps, batch size), the recipe's optimiser / LR schedule / EMA with ``--optim jumpflow`` (the
+  default: AdamW, warm-up + cosine, grad clip, EMA with DP's power warm-up, all read from the composed
+  ``experiment=policy_cpu`` config like jumpflow's rows), Diffusion Policy's checkpoint protocol (the
+  last 5 checkpoints, every tenth of training, each rolled out on the same test seeds) and the rollout
+  evaluator (``jumpflow.eval.rollout``) through :class:`LeRobotDPAdapter`'s ``predict_action``.
+
+Batches in LeRobot's format (:func:`to_lerobot_batch`): ``observation.state`` (proprioceptive keys:
+``robot*`` / ``agent*``), ``observation.environment_state`` (the other keys: object, goal; LeRobot's
+DP needs images or an environment state), both ``(B, n_obs_steps, D)``; ``action`` ``(B, horizon, A)``;
+``action_is_pad`` ``(B, horizon)`` and ``observation.*_is_pad`` ``(B, n_obs_steps)``: true where the
+window repeats an episode's first / last step, as ``LeRobotDataset`` marks them. The UNet's global
+condition is the concatenated normalised history, as in jumpflow's low-dim encoder.
+
+LeRobot pins an older torch (0.4.4: ``torch<2.11``), so it lives in its own virtual environment with
+jumpflow installed there without dependencies; this script runs in that environment, from outside
+the repository root (a bare ``datasets/`` folder on ``sys.path`` would hide Hugging Face's
+``datasets``, which LeRobot imports)::
+
+    python -m venv /work/venvs/lerobot
+    /work/venvs/lerobot/bin/pip install lerobot==0.4.4
+    /work/venvs/lerobot/bin/pip install "mujoco==3.9.0" "zarr>=3,<4" h5py "hydra-core>=1.3,<1.4" omegaconf \\
+        numba scipy matplotlib
+    /work/venvs/lerobot/bin/pip install --no-deps -e /work/main
+    cd /tmp && OMP_NUM_THREADS=1 /work/venvs/lerobot/bin/python /work/main/bench/peer_lerobot.py \\
+        --tasks reach_around_lowdim --seeds 0 --steps 1000
+
+Rows (``objective: lerobot_dp``, ``sampler`` ddpm at 100 NFE and ddim at 10, the fields of
+``bench/results/policy.json`` plus ``params``, ``down_dims``, ``optim``, ``lerobot``) go to
+``bench/results/peer_lerobot.json``; a table prints them beside jumpflow's rows of the same task.
+This module imports without LeRobot (the batch conversion is tested in the default suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+if __name__ == "__main__":
+    # as a script, neither bench/ (its profile.py hides the standard library's, which torch imports)
+    # nor the repository root (its datasets/ hides Hugging Face's, which LeRobot imports) on sys.path
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (_here, _here.parent)]
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+try:
+    from bench.common import RESULTS, load_rows, machine, print_table, write_results
+except ImportError:        # run as a file from outside the repository root (the lerobot venv)
+    _spec = importlib.util.spec_from_file_location("_bench_common", Path(__file__).with_name("common.py"))
+    _common = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_common)
+    RESULTS, load_rows, machine = _common.RESULTS, _common.load_rows, _common.machine
+    print_table, write_results = _common.print_table, _common.write_results
+
+OBJECTIVE = "lerobot_dp"
+OBS_STATE, OBS_ENV_STATE, ACTION = "observation.state", "observation.environment_state", "action"
+#: observation keys that go to ``observation.state`` (the rest: ``observation.environment_state``)
+STATE_PREFIXES = ("robot", "agent", "eef", "joint", "gripper", "proprio")
+#: (sampler, NFE): DDPM at its 100 training steps, DDIM at 10 (the rows of ``bench/policy.py``)
+VARIANTS = [("ddpm", 100), ("ddim", 10)]
+DP_CHECKPOINTS = 5
+#: the UNet sized for 2 CPU cores (jumpflow's ``UNet1D-S``); LeRobot's default is (512, 1024, 2048)
+CPU_DOWN_DIMS = (64, 128, 256)
+
+
+# ---------------------------------------------------------------------------- batch conversion
+def split_obs_keys(obs_keys, env_state_keys=None) -> tuple[list[str], list[str]]:
+    """``(state_keys, env_state_keys)``: proprioception (``robot*``, ``agent*``, ...) and the rest.
+
+    LeRobot's DP takes ``observation.state`` and, without cameras, needs
+    ``observation.environment_state`` too; both are concatenated into the UNet's condition, so the
+    split only names the parts. ``env_state_keys`` overrides the rule."""
+    obs_keys = list(obs_keys)
+    if env_state_keys is None:
+        env = [k for k in obs_keys if not k.lower().startswith(STATE_PREFIXES)]
+    else:
+        unknown = [k for k in env_state_keys if k not in obs_keys]
+        if unknown:
+            raise ValueError(f"env_state_keys {unknown} are not observation keys {obs_keys}")
+        env = [k for k in obs_keys if k in env_state_keys]
+    state = [k for k in obs_keys if k not in env]
+    if not state or not env:
+        raise ValueError(f"observation keys {obs_keys} split into state {state} and environment state {env}: "
+                         "LeRobot's low-dim DP needs both; name the environment-state keys with --env-state-keys")
+    return state, env
+
+
+def window_pad_masks(indices: np.ndarray, horizon: int, n_obs_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(action_is_pad (W, horizon), obs_is_pad (W, n_obs_steps))`` bool for rows of a window table
+    (``jumpflow.datasets.sequence.create_indices``: ``buffer_start, buffer_end, sample_start,
+    sample_end``): a position is padding when it lies outside ``[sample_start, sample_end)``, i.e.
+    it repeats the episode's first or last step."""
+    idx = np.asarray(indices).reshape(-1, 4)
+    pos = np.arange(horizon)[None, :]
+    pad = (pos < idx[:, 2:3]) | (pos >= idx[:, 3:4])
+    return pad, pad[:, :n_obs_steps].copy()
+
+
+def to_lerobot_batch(obs: dict, action, normalizer, state_keys, env_keys, action_is_pad=None,
+                     obs_is_pad=None) -> dict:
+    """jumpflow window batch -> LeRobot DP batch (normalised with jumpflow's fitted normalizer).
+
+    Args:
+        obs: ``{key: (B, n_obs_steps, D)}`` raw low-dim observations (tensors or arrays).
+        action: ``(B, horizon, A)`` raw actions, or ``None`` at inference.
+        normalizer: the task's :class:`jumpflow.normalizer.Normalizer` (``limits``: [-1, 1]).
+        state_keys, env_keys: see :func:`split_obs_keys`.
+        action_is_pad, obs_is_pad: ``(B, horizon)`` / ``(B, n_obs_steps)`` bool (see
+            :func:`window_pad_masks`); required with ``action``.
+    Returns:
+        ``{"observation.state", "observation.environment_state"}`` float32 ``(B, n_obs_steps, D)``,
+        plus, with ``action``: ``"action"`` ``(B, horizon, A)``, ``"action_is_pad"``,
+        ``"observation.state_is_pad"``, ``"observation.environment_state_is_pad"``.
+    """
+    def part(keys):
+        return torch.cat([torch.as_tensor(normalizer.normalize(k, torch.as_tensor(obs[k]))).float() for k in keys],
+                         dim=-1)
+    batch = {OBS_STATE: part(state_keys), OBS_ENV_STATE: part(env_keys)}
+    if action is not None:
+        if action_is_pad is None or obs_is_pad is None:
+            raise ValueError("to_lerobot_batch: action_is_pad and obs_is_pad are required with action")
+        batch[ACTION] = torch.as_tensor(normalizer.normalize(ACTION, torch.as_tensor(action))).float()
+        batch["action_is_pad"] = torch.as_tensor(action_is_pad, dtype=torch.bool)
+        batch[f"{OBS_STATE}_is_pad"] = torch.as_tensor(obs_is_pad, dtype=torch.bool)
+        batch[f"{OBS_ENV_STATE}_is_pad"] = torch.as_tensor(obs_is_pad, dtype=torch.bool).clone()
+    return batch
+
+
+def collate_windows(dataset, indices) -> tuple[dict, torch.Tensor, np.ndarray, np.ndarray]:
+    """``(obs {key: (B, n_obs, D)}, action (B, H, A), action_is_pad, obs_is_pad)`` of the windows
+    ``indices`` of a :class:`jumpflow.datasets.sequence.RobomimicSequenceDataset`."""
+    items = [dataset[int(i)] for i in indices]
+    obs = {k: torch.stack([it["obs"][k] for it in items]) for k in items[0]["obs"]}
+    action = torch.stack([it["action"] for it in items])
+    s = dataset.sampler
+    a_pad, o_pad = window_pad_masks(s.indices[np.asarray(indices, dtype=np.int64)], s.horizon, s.n_obs_steps)
+    return obs, action, a_pad, o_pad
+
+
+# ---------------------------------------------------------------------------- LeRobot side
+def _import_lerobot():
+    """LeRobot's DP classes. The repository root must not be on ``sys.path`` (its ``datasets/``
+    folder would hide Hugging Face's ``datasets``): such entries are dropped first."""
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
+    from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
+    return DiffusionConfig, DiffusionPolicy, FeatureType, PolicyFeature
+
+
+def lerobot_version() -> str:
+    from importlib.metadata import version
+    return version("lerobot")
+
+
+def make_config(obs_shapes: dict, state_keys, env_keys, action_dim: int, horizon: int, n_obs_steps: int,
+                n_action_steps: int, sampler: str = "ddpm", nfe: int = 100, down_dims=CPU_DOWN_DIMS,
+                diffusion_step_embed_dim: int = 128):
+    """LeRobot ``DiffusionConfig`` for low-dim inputs; everything not named here is LeRobot's default
+    (kernel 5, 8 groups, FiLM scale modulation, 100 squared-cosine DDPM steps, epsilon prediction,
+    clip to [-1, 1], no loss masking of padded actions)."""
+    DiffusionConfig, _, FeatureType, PolicyFeature = _import_lerobot()
+    def dim(keys):
+        return sum(int(np.prod(obs_shapes[k])) for k in keys)
+    return DiffusionConfig(
+        n_obs_steps=n_obs_steps, horizon=horizon, n_action_steps=n_action_steps,
+        input_features={OBS_STATE: PolicyFeature(type=FeatureType.STATE, shape=(dim(state_keys),)),
+                        OBS_ENV_STATE: PolicyFeature(type=FeatureType.ENV, shape=(dim(env_keys),))},
+        output_features={ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(int(action_dim),))},
+        down_dims=tuple(down_dims), diffusion_step_embed_dim=int(diffusion_step_embed_dim),
+        noise_scheduler_type=sampler.upper(), num_inference_steps=int(nfe), device="cpu")
+
+
+def make_policy(config):
+    _, DiffusionPolicy, _, _ = _import_lerobot()
+    return DiffusionPolicy(config)
+
+
+class LeRobotDPAdapter(torch.nn.Module):
+    """jumpflow's policy interface around a LeRobot ``DiffusionPolicy``.
+
+    ``predict_action(obs_dict) -> (B, n_action_steps, A)`` raw actions from ``obs_dict[key]``
+    ``(B, n_obs_steps, D)`` raw observations: normalise, LeRobot's ``generate_actions`` (its sampler,
+    ``horizon`` actions, the ``n_action_steps`` from the current step kept), unnormalise.
+    ``predict_chunk`` returns all ``horizon`` actions (for the evaluator's async / ensemble modes).
+    """
+
+    def __init__(self, policy, normalizer, state_keys, env_keys, n_obs_steps: int, n_action_steps: int):
+        super().__init__()
+        self.policy, self.normalizer = policy, normalizer
+        self.state_keys, self.env_keys = list(state_keys), list(env_keys)
+        self.n_obs_steps, self.n_action_steps = int(n_obs_steps), int(n_action_steps)
+        self.inference_steps = int(policy.diffusion.num_inference_steps)
+        self.eval()
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+    def _batch(self, obs_dict: dict) -> dict:
+        return to_lerobot_batch(obs_dict, None, self.normalizer, self.state_keys, self.env_keys)
+
+    @torch.no_grad()
+    def predict_action(self, obs_dict: dict) -> torch.Tensor:
+        actions = self.policy.diffusion.generate_actions(self._batch(obs_dict))
+        return self.normalizer.unnormalize(ACTION, actions)
+
+    @torch.no_grad()
+    def predict_chunk(self, obs_dict: dict) -> torch.Tensor:
+        batch = self._batch(obs_dict)
+        model = self.policy.diffusion
+        cond = model._prepare_global_conditioning(batch)
+        actions = model.conditional_sample(batch[OBS_STATE].shape[0], global_cond=cond)
+        return self.normalizer.unnormalize(ACTION, actions)
+
+
+# ---------------------------------------------------------------------------- training
+def compose_recipe(task: str, steps: int, overrides=()):
+    """jumpflow's composed config for ``task`` (``experiment=policy_cpu``), as ``bench/policy.py``
+    composes it: the task, the batch size, the optimiser, LR schedule, grad clip and EMA."""
+    from hydra import compose, initialize_config_module
+
+    recipe = "policy_cpu_image" if task.endswith("_image") else "policy_cpu"
+    with initialize_config_module(config_module="jumpflow.configs", version_base=None):
+        return compose("train", overrides=[f"experiment={recipe}", f"task={task}", "logger=none",
+                                           f"trainer.max_steps={steps}", *overrides])
+
+
+def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: int, keep: int,
+                     log=print) -> dict:
+    """Train LeRobot's DP on ``task``'s windows for ``cfg.trainer.max_steps`` steps of
+    ``cfg.trainer.batch_size``; returns ``{"checkpoints": [(step, state_dict)], "train_seconds",
+    "params", "losses"}`` (the EMA weights with ``optim="jumpflow"``, the trained ones with ``lerobot``)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from jumpflow.trainer import GlobalBatchSampler, ema_decay, lr_factor, mix_seed, seed_everything
+
+    tcfg, ocfg, ecfg = cfg.trainer, cfg.optim, cfg.ema
+    steps, batch_size = int(tcfg.max_steps), int(tcfg.batch_size)
+    dataset = task.train_dataset()
+    normalizer = dataset.get_normalizer()
+    state_keys, env_keys = split_obs_keys(task.obs_keys, getattr(task, "env_state_keys", None))
+    seed_everything(seed)
+    config = make_config(task.obs_shapes, state_keys, env_keys, task.action_dim, task.horizon, task.n_obs_steps,
+                         task.n_action_steps, down_dims=down_dims)
+    policy = make_policy(config)
+    policy.train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    ema = None
+    if optim == "jumpflow":
+        wd = float(ocfg.weight_decay)
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=float(ocfg.lr), betas=tuple(float(b) for b in ocfg.betas),
+                                      eps=float(ocfg.eps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+            lr_factor, warmup=int(ocfg.warmup_steps), total=steps, schedule=str(ocfg.schedule),
+            min_ratio=float(ocfg.min_lr_ratio)))
+        grad_clip = None if tcfg.grad_clip is None else float(tcfg.grad_clip)
+        if ecfg.enabled:
+            ema = AveragedModel(policy, multi_avg_fn=get_ema_multi_avg_fn(float(ecfg.decay)), use_buffers=True)
+            decay_at = partial(ema_decay, decay=float(ecfg.decay),
+                               power=None if ecfg.power is None else float(ecfg.power),
+                               inv_gamma=float(ecfg.inv_gamma), min_decay=float(ecfg.min_decay),
+                               update_after_step=int(ecfg.update_after_step))
+    elif optim == "lerobot":          # LeRobot's own presets for DP
+        opt_cfg = config.get_optimizer_preset()
+        optimizer = opt_cfg.build(policy.get_optim_params())
+        scheduler = config.get_scheduler_preset().build(optimizer, num_training_steps=steps)
+        grad_clip = float(opt_cfg.grad_clip_norm)
+    else:
+        raise ValueError(f"optim must be 'jumpflow' or 'lerobot', got {optim!r}")
+
+    sampler = iter(GlobalBatchSampler(len(dataset), batch_size, 1, [0], seed))
+    checkpoints, losses = [], []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        indices = [i for i, _ in next(sampler)]
+        obs, action, a_pad, o_pad = collate_windows(dataset, indices)
+        batch = to_lerobot_batch(obs, action, normalizer, state_keys, env_keys, a_pad, o_pad)
+        torch.manual_seed(mix_seed(seed, step, 0, 0x401E))        # the noise / timestep draw of this step
+        loss, _ = policy.forward(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.multi_avg_fn = get_ema_multi_avg_fn(decay_at(step + 1))
+            ema.update_parameters(policy)
+        losses.append(float(loss.detach()))
+        done = step + 1
+        if done % max(1, int(tcfg.log_every)) == 0 or done == steps:
+            log(f"[lerobot_dp seed {seed}] step {done}/{steps} loss {np.mean(losses[-int(tcfg.log_every):]):.4f} "
+                f"lr {optimizer.param_groups[0]['lr']:.2e} ({time.perf_counter() - t0:.0f} s)")
+        if done % ckpt_every == 0 or done == steps:
+            target = ema.module if ema is not None else policy
+            checkpoints.append((done, copy.deepcopy(target.state_dict())))
+            checkpoints = checkpoints[-keep:]
+    return {"checkpoints": checkpoints, "train_seconds": time.perf_counter() - t0, "normalizer": normalizer,
+            "params": sum(p.numel() for p in params), "losses": losses, "state_keys": state_keys,
+            "env_keys": env_keys, "config": config}
+
+
+def build_adapter(task, trained: dict, state_dict, sampler: str, nfe: int, down_dims) -> LeRobotDPAdapter:
+    """A DiffusionPolicy built with noise scheduler ``sampler`` and ``nfe`` inference steps, the
+    trained weights loaded (LeRobot's way of changing the sampler), behind :class:`LeRobotDPAdapter`."""
+    config = make_config(task.obs_shapes, trained["state_keys"], trained["env_keys"], task.action_dim, task.horizon,
+                         task.n_obs_steps, task.n_action_steps, sampler=sampler, nfe=nfe, down_dims=down_dims)
+    policy = make_policy(config)
+    policy.load_state_dict(state_dict)
+    return LeRobotDPAdapter(policy, trained["normalizer"], trained["state_keys"], trained["env_keys"],
+                            task.n_obs_steps, task.n_action_steps)
+
+
+def evaluate(evaluator, task, adapter, seed: int) -> dict:
+    """One rollout evaluation (success, episode length, mode metrics) through jumpflow's evaluator."""
+    torch.manual_seed(seed)
+    ev = evaluator.run(adapter)
+    out = {"success_rate": ev["success_rate"], "mean_episode_length": ev["mean_episode_length"],
+           "env_errors": ev["n_env_errors"], "rollout_latency_ms_p50": ev["latency_ms_p50"]}
+    out.update(task.mode_summary(ev))
+    return out
+
+
+def measure_latency(adapter, dataset, calls: int = 20, warmup: int = 2) -> dict:
+    """``predict_action`` wall time per chunk at batch 1 (one env, as jumpflow's rows measure it in
+    their rollouts), on observation histories of ``calls`` windows spread over the dataset."""
+    picks = np.linspace(0, len(dataset) - 1, calls + warmup).astype(int)
+    times = []
+    for j, i in enumerate(picks):
+        obs = {k: v[None] for k, v in dataset[int(i)]["obs"].items()}
+        t0 = time.perf_counter()
+        np.asarray(adapter.predict_action(obs))
+        if j >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"latency_ms_p50": float(np.percentile(times, 50)), "latency_ms_p95": float(np.percentile(times, 95)),
+            "latency_calls": len(times)}
+
+
+# ---------------------------------------------------------------------------- tables
+def jumpflow_rows(task: str, path: Path | None = None) -> list[dict]:
+    """jumpflow's rows of ``task`` in ``bench/results/policy.json``."""
+    return [r for r in load_rows(path or RESULTS / "policy.json") if r.get("task") == task]
+
+
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    vals = [r.get(key) for r in rows]
+    return sum(vals) / len(vals) if vals and all(v is not None for v in vals) else None
+
+
+def side_by_side(rows: list[dict], jf_rows: list[dict]) -> list[dict]:
+    """One line per (source, objective, sampler, NFE): success (last checkpoint, and DP's max /
+    last-5 mean) averaged over the training seeds that ran, latency p50, and the seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for source, rs in (("lerobot", rows), ("jumpflow", jf_rows)):
+        for r in rs:
+            groups.setdefault((source, r["task"], r["objective"], r["sampler"], r["nfe"]), []).append(r)
+    out = []
+    for (source, task, objective, sampler, nfe), rs in groups.items():
+        mean = partial(_mean_of, rs)
+        out.append({"source": source, "task": task, "objective": objective, "sampler": sampler, "nfe": nfe,
+                    "seeds": ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"])),
+                    "success": mean("success_rate"), "success_max": mean("success_max"),
+                    "success_last_mean": mean("success_last_mean"), "latency_ms_p50": mean("latency_ms_p50"),
+                    "mode_tv": mean("mode_tv"), "train_seconds": mean("train_seconds")})
+    return out
+
+
+# ---------------------------------------------------------------------------- main
+def make_row(task_name: str, seed: int, sampler: str, nfe: int, evals: list[dict], lat: dict, trained: dict,
+             cfg, args, down_dims) -> dict:
+    """A row in ``bench/results/policy.json``'s fields (DP protocol: the last checkpoint's success,
+    the max and mean over the checkpoints, mode metrics averaged over them)."""
+    last = evals[-1]
+    successes = [e["success_rate"] for e in evals]
+    row = {"task": task_name, "objective": OBJECTIVE, "sampler": sampler, "nfe": nfe, "seed": seed, **last, **lat,
+           "latency_batch": 1, "eval_envs": args.eval_envs, "train_seconds": trained["train_seconds"],
+           "train_steps": int(cfg.trainer.max_steps), "batch_size": int(cfg.trainer.batch_size),
+           "episodes": args.episodes, "threads": torch.get_num_threads(), "protocol": args.protocol,
+           "success_max": max(successes), "success_last_mean": sum(successes) / len(successes),
+           "checkpoint_successes": successes, "checkpoint_steps": [s for s, _ in trained["checkpoints"]],
+           "params": trained["params"], "down_dims": list(down_dims),
+           "backbone": f"lerobot DiffusionConditionalUnet1d down_dims={list(down_dims)} (CPU size)",
+           "optim": args.optim, "final_loss": float(np.mean(trained["losses"][-50:])),
+           "lerobot": lerobot_version(), "torch": torch.__version__,
+           "state_keys": trained["state_keys"], "env_state_keys": trained["env_keys"]}
+    for k in ("mode_entropy_ratio", "mode_tv", "mode_switches"):
+        if k in last and all(e.get(k) is not None for e in evals):
+            row[k] = sum(e[k] for e in evals) / len(evals)           # mean over the checkpoints
+    return row
+
+
+def _row_key(r: dict) -> tuple:
+    return r["task"], r["sampler"], r["nfe"], r["seed"], r.get("optim"), tuple(r.get("down_dims", ()))
+
+
+def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path) -> None:
+    """Train one seed, evaluate its checkpoints at every variant, write the rows as they finish."""
+    from hydra.utils import instantiate
+
+    cfg = compose_recipe(task_name, args.steps, args.override)
+    task = instantiate(cfg.task)
+    if args.env_state_keys:
+        task.env_state_keys = args.env_state_keys.split(",")
+    task.prepare()
+    total = int(cfg.trainer.max_steps)
+    ckpt_every = max(1, total // (2 * DP_CHECKPOINTS)) if args.protocol == "dp" else total
+    keep = DP_CHECKPOINTS if args.protocol == "dp" else 1
+    print(f"== {task_name} seed {seed}: LeRobot {lerobot_version()} DiffusionPolicy, down_dims {down_dims}, "
+          f"{total} steps x batch {int(cfg.trainer.batch_size)}, optim {args.optim}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s)", flush=True)
+    trained = train_lerobot_dp(cfg, task, seed, args.optim, down_dims, ckpt_every, keep, log=partial(print, flush=True))
+    # episodes run eval_envs at a time (spawned envs, one batched chunk request for all): the test seeds
+    # are the rows' (episode i resets with seed 1_000_000 + i); latency is measured apart, at batch 1
+    task.eval_envs = args.eval_envs
+    evaluator = task.evaluator(None, n_episodes=args.episodes, n_videos=0)
+    try:
+        for sampler, nfe in variants:
+            evals = []
+            for step, state_dict in trained["checkpoints"]:
+                t0 = time.perf_counter()
+                adapter = build_adapter(task, trained, state_dict, sampler, nfe, down_dims)
+                evals.append(evaluate(evaluator, task, adapter, seed))
+                print(f"   {sampler}-{nfe} step {step}: success {evals[-1]['success_rate']:.2f} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            lat = measure_latency(adapter, task.train_dataset(), args.latency_calls)
+            print(f"   {sampler}-{nfe}: latency p50 {lat['latency_ms_p50']:.1f} ms, p95 {lat['latency_ms_p95']:.1f} ms "
+                  "per chunk (batch 1)", flush=True)
+            row = make_row(task_name, seed, sampler, nfe, evals, lat, trained, cfg, args, down_dims)
+            # re-read: another process may have added rows since this one started
+            rows = [r for r in load_rows(out) if _row_key(r) != _row_key(row)] + [row]
+            print(json.dumps({k: v for k, v in row.items() if not k.startswith("mode_freq")}), flush=True)
+            write_results("peer_lerobot", {"episodes": args.episodes, "steps": args.steps, "protocol": args.protocol,
+                                           "overrides": args.override,
+                                           "note": "LeRobot DiffusionPolicy on jumpflow's windows, budget, test "
+                                                   "seeds and rollout evaluator"}, rows, path=out)
+    finally:
+        evaluator.close()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default="reach_around_lowdim")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--steps", type=int, default=1000, help="training steps (jumpflow's rows: 1000)")
+    ap.add_argument("--episodes", type=int, default=50)
+    ap.add_argument("--eval-envs", type=int, default=10, help="episodes rolled out together (spawned envs)")
+    ap.add_argument("--latency-calls", type=int, default=20, help="batch-1 predict_action calls timed")
+    ap.add_argument("--optim", choices=("jumpflow", "lerobot"), default="jumpflow",
+                    help="jumpflow: the recipe's AdamW / warm-up + cosine / clip / EMA (jumpflow's rows); "
+                         "lerobot: DiffusionConfig's presets (Adam 1e-4, 500 warm-up, clip 10, no EMA)")
+    ap.add_argument("--down-dims", default=",".join(map(str, CPU_DOWN_DIMS)),
+                    help="UNet stages (LeRobot's default 512,1024,2048; CPU: 64,128,256)")
+    ap.add_argument("--variants", default=",".join(f"{s}:{n}" for s, n in VARIANTS), help="sampler:nfe,...")
+    ap.add_argument("--protocol", choices=("last", "dp"), default="dp")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (jumpflow's rows: 1)")
+    ap.add_argument("--data", default=None, help="dataset folder (default: $JUMPFLOW_DATA, else <repo>/data)")
+    ap.add_argument("--env-state-keys", default=None, help="obs keys for observation.environment_state")
+    ap.add_argument("--override", action="append", default=[], help="extra hydra override of the recipe")
+    ap.add_argument("--out", default=str(RESULTS / "peer_lerobot.json"))
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--table-only", action="store_true", help="print the side-by-side table and stop")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    torch.set_num_threads(args.threads)
+    if args.data:
+        os.environ["JUMPFLOW_DATA"] = args.data
+    os.environ.setdefault("JUMPFLOW_DATA", str(ROOT / "data"))
+    tasks = args.tasks.split(",")
+    variants = [(v.split(":")[0], int(v.split(":")[1])) for v in args.variants.split(",")]
+    down_dims = tuple(int(d) for d in args.down_dims.split(","))
+    if not args.table_only:
+        _import_lerobot()                                         # fail here, before any work
+        for task_name in tasks:
+            for seed in map(int, args.seeds.split(",")):
+                done = {_row_key(r) for r in load_rows(out)}
+                if args.overwrite or not all((task_name, s, n, seed, args.optim, down_dims) in done
+                                             for s, n in variants):
+                    run_seed(task_name, seed, args, variants, down_dims, out)
+    rows = load_rows(out)
+    for task_name in tasks:
+        print(f"\n== {task_name}: LeRobot DP beside jumpflow's rows (bench/results/policy.json), mean over seeds")
+        print_table(side_by_side([r for r in rows if r["task"] == task_name], jumpflow_rows(task_name)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The LeRobot peer baseline's adapter (bench/peer_lerobot.py): jumpflow windows -> LeRobot DP
+batches (keys, shapes, padding masks, normalisation) and the ``predict_action`` adapter, on a tiny
+generated robomimic file. Runs without LeRobot; the tests that build LeRobot's DiffusionPolicy skip
+where ``lerobot`` is not installed (it lives in its own environment: see the bench's docstring)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from jumpflow.datasets.sequence import RobomimicSequenceDataset
+from robot_fixtures import LOWDIM, write_synthetic_robomimic
+
+from bench import peer_lerobot as pl
+
+H, N_OBS, N_ACT = 4, 2, 2
+LENGTHS = (5, 7, 4)
+
+
+@pytest.fixture
+def windows(tmp_path):
+    path = tmp_path / "synth.hdf5"
+    write_synthetic_robomimic(path, lengths=LENGTHS)
+    ds = RobomimicSequenceDataset(path, LOWDIM, horizon=H, n_obs_steps=N_OBS, n_action_steps=N_ACT,
+                                  cache_dir=tmp_path / "cache")
+    return ds, ds.get_normalizer()
+
+
+def test_split_obs_keys_proprioception_and_environment_state():
+    assert pl.split_obs_keys(LOWDIM) == (["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"], ["object"])
+    assert pl.split_obs_keys(["agent_pos", "goal_pos"]) == (["agent_pos"], ["goal_pos"])
+    assert pl.split_obs_keys(LOWDIM, ["object", "robot0_eef_quat"]) == (
+        ["robot0_eef_pos", "robot0_gripper_qpos"], ["robot0_eef_quat", "object"])
+    with pytest.raises(ValueError, match="env-state-keys"):
+        pl.split_obs_keys(["robot0_eef_pos", "robot0_gripper_qpos"])
+    with pytest.raises(ValueError, match="not observation keys"):
+        pl.split_obs_keys(LOWDIM, ["cube"])
+
+
+def test_pad_masks_mark_the_repeated_edge_steps(windows):
+    ds, _ = windows
+    s = ds.sampler
+    a_pad, o_pad = pl.window_pad_masks(s.indices, H, N_OBS)
+    assert a_pad.shape == (len(ds), H) and o_pad.shape == (len(ds), N_OBS) and a_pad.dtype == bool
+    assert np.array_equal(o_pad, a_pad[:, :N_OBS])
+    starts = np.concatenate([[0], np.cumsum(LENGTHS)[:-1]])
+    for w, (b0, b1, s0, _) in enumerate(s.indices):
+        ep = int(np.searchsorted(np.cumsum(LENGTHS), b0, side="right"))
+        t = (b0 - s0 - starts[ep]) + np.arange(H)              # unclamped time of each window position
+        expect = (t < 0) | (t >= LENGTHS[ep])
+        assert np.array_equal(a_pad[w], expect), w
+        # synthetic actions are 100 * demo + t: a padded position holds the first / last step's action
+        act = ds[w]["action"][:, 0].numpy()
+        assert np.allclose(act, 100 * ep + np.clip(t, 0, LENGTHS[ep] - 1))
+    # DP's windows: n_obs_steps - 1 padded steps before an episode, n_action_steps - 1 after
+    assert a_pad[:, 0].sum() == len(LENGTHS) * (N_OBS - 1)
+    assert a_pad[:, -1].sum() == len(LENGTHS) * (N_ACT - 1)
+
+
+def test_lerobot_batch_keys_shapes_and_normalisation(windows):
+    ds, norm = windows
+    idx = [0, 3, len(ds) - 1]
+    obs, action, a_pad, o_pad = pl.collate_windows(ds, idx)
+    state_keys, env_keys = pl.split_obs_keys(LOWDIM)
+    batch = pl.to_lerobot_batch(obs, action, norm, state_keys, env_keys, a_pad, o_pad)
+    assert set(batch) == {"observation.state", "observation.environment_state", "action", "action_is_pad",
+                          "observation.state_is_pad", "observation.environment_state_is_pad"}
+    assert batch["observation.state"].shape == (3, N_OBS, 3 + 4 + 2)
+    assert batch["observation.environment_state"].shape == (3, N_OBS, 10)
+    assert batch["action"].shape == (3, H, 7) and batch["action"].dtype == torch.float32
+    assert batch["action_is_pad"].shape == (3, H) and batch["action_is_pad"].dtype == torch.bool
+    assert batch["observation.state_is_pad"].shape == (3, N_OBS)
+    assert torch.equal(batch["action_is_pad"], torch.from_numpy(a_pad))
+    # the normalisation is the task's per-key min/max -> [-1, 1] (LeRobot's MIN_MAX), per key in order
+    all_actions = np.concatenate([100.0 * i + np.arange(n) for i, n in enumerate(LENGTHS)])
+    lo, hi = all_actions.min(), all_actions.max()
+    expect = 2 * (action.numpy() - lo) / (hi - lo) - 1
+    assert np.allclose(batch["action"].numpy(), expect, atol=1e-5)
+    assert batch["action"].abs().max() <= 1 + 1e-6
+    pos = norm.normalize("robot0_eef_pos", obs["robot0_eef_pos"])
+    assert torch.allclose(batch["observation.state"][..., :3], pos.float())
+    assert torch.allclose(batch["observation.environment_state"], norm.normalize("object", obs["object"]).float())
+    # at inference only the observations are converted
+    obs_only = pl.to_lerobot_batch(obs, None, norm, state_keys, env_keys)
+    assert set(obs_only) == {"observation.state", "observation.environment_state"}
+    with pytest.raises(ValueError, match="action_is_pad"):
+        pl.to_lerobot_batch(obs, action, norm, state_keys, env_keys)
+
+
+class _StubDiffusion:
+    """Stands in for LeRobot's DiffusionModel: records the batch, returns normalised zeros."""
+
+    num_inference_steps = 100
+
+    def __init__(self, horizon, n_action_steps, action_dim):
+        self.seen = None
+        self.shape = (horizon, n_action_steps, action_dim)
+
+    def generate_actions(self, batch):
+        self.seen = batch
+        return torch.zeros(batch["observation.state"].shape[0], self.shape[1], self.shape[2])
+
+    def _prepare_global_conditioning(self, batch):
+        return torch.cat([batch["observation.state"], batch["observation.environment_state"]], -1).flatten(1)
+
+    def conditional_sample(self, batch_size, global_cond=None):
+        return torch.zeros(batch_size, self.shape[0], self.shape[2])
+
+
+class _StubPolicy(torch.nn.Module):
+    def __init__(self, *shape):
+        super().__init__()
+        self.diffusion = _StubDiffusion(*shape)
+        self.resets = 0
+
+    def reset(self):
+        self.resets += 1
+
+
+def test_adapter_predict_action_is_raw_actions_of_the_evaluator_shape(windows):
+    ds, norm = windows
+    policy = _StubPolicy(H, N_ACT, 7)
+    adapter = pl.LeRobotDPAdapter(policy, norm, *pl.split_obs_keys(LOWDIM), N_OBS, N_ACT)
+    obs, _, _, _ = pl.collate_windows(ds, [1, 2])
+    out = adapter.predict_action(obs)
+    assert out.shape == (2, N_ACT, 7)
+    # normalised 0 is the middle of the action range, in raw units
+    all_actions = np.concatenate([100.0 * i + np.arange(n) for i, n in enumerate(LENGTHS)])
+    assert torch.allclose(out, torch.full_like(out, (all_actions.min() + all_actions.max()) / 2))
+    assert policy.diffusion.seen["observation.state"].shape == (2, N_OBS, 9)
+    assert adapter.predict_chunk(obs).shape == (2, H, 7)
+    adapter.reset()
+    assert policy.resets == 1
+    assert adapter.inference_steps == 100
+
+
+def test_side_by_side_means_over_seeds():
+    rows = [{"task": "t", "objective": "lerobot_dp", "sampler": "ddpm", "nfe": 100, "seed": s, "success_rate": v,
+             "success_max": v, "success_last_mean": v, "latency_ms_p50": 10.0} for s, v in ((1, 0.5), (0, 0.9))]
+    jf = [{"task": "t", "objective": "ddpm", "sampler": "ddpm", "nfe": 100, "seed": 0, "success_rate": 0.8}]
+    table = pl.side_by_side(rows, jf)
+    assert table[0]["source"] == "lerobot" and table[0]["seeds"] == "0,1"
+    assert table[0]["success"] == pytest.approx(0.7) and table[0]["latency_ms_p50"] == 10.0
+    assert table[1]["source"] == "jumpflow" and table[1]["success_max"] is None
+
+
+def test_lerobot_dp_trains_and_acts_on_converted_batches(windows):
+    pytest.importorskip("lerobot")
+    ds, norm = windows
+    state_keys, env_keys = pl.split_obs_keys(LOWDIM)
+    shapes = {k: tuple(v) for k, v in ds.shape_meta()["obs"].items()}
+    config = pl.make_config(shapes, state_keys, env_keys, 7, H, N_OBS, N_ACT, sampler="ddim", nfe=3,
+                            down_dims=(8, 16), diffusion_step_embed_dim=8)
+    policy = pl.make_policy(config)
+    obs, action, a_pad, o_pad = pl.collate_windows(ds, list(range(4)))
+    loss, _ = policy.forward(pl.to_lerobot_batch(obs, action, norm, state_keys, env_keys, a_pad, o_pad))
+    assert torch.isfinite(loss)
+    loss.backward()
+    adapter = pl.LeRobotDPAdapter(policy, norm, state_keys, env_keys, N_OBS, N_ACT)
+    assert adapter.inference_steps == 3
+    assert adapter.predict_action(obs).shape == (4, N_ACT, 7)
