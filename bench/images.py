@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -57,9 +56,10 @@ import torch
 from jumpflow.datasets.images import load_mnist, to_uint8, write_json_atomic
 from jumpflow.eval.fid import InceptionFeatures, feature_stats, features_of, frechet_distance, save_stats
 
-from jumpflow.io import atomic_write
+from bench.common import machine, print_table
 from jumpflow.generator import Generator
 from jumpflow.images.encoders import ClassifierFeatures, accuracy, save_weights, train_classifier
+from jumpflow.io import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,11 +78,6 @@ PLAN = {
 DATA_PREDICTION = ("flow_matching", "meanflow", "tvm", "ddpm")
 KEY_ROWS = {("flow_matching", 1), ("flow_matching", 100), ("meanflow", 1), ("meanflow", 2), ("tvm", 1),
             ("transition_matching", 4), ("drifting", 1), ("ddpm", 100)}
-
-
-def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def overrides_for(objective: str, args, enc_path: Path, run_dir: Path) -> list[str]:
@@ -457,11 +452,10 @@ def finalize(args) -> int:
     write_json_atomic(out / f"{args.bench}.json", merged)
     if any("guidance" in r for r in rows):
         save_guidance_plot(rows, out / f"{args.bench}_guidance.png")
-    print(f"\n{'objective':<30}{'nfe':>5}{'n':>6}{'fid':>10}{'ratio':>8}{'fid_incep':>11}{'ratio':>8}{'s/step':>8}")
-    for r in rows:
-        print(f"{r.get('label', r['objective']):<30}{r['nfe']:>5}{r['n_samples']:>6}{r['fid']:>10.3f}"
-              f"{r.get('fid_ratio_to_fm100', float('nan')):>8.2f}{r.get('fid_inception', float('nan')):>11.2f}"
-              f"{r.get('fid_inception_ratio_to_fm100', float('nan')):>8.2f}{r['sec_per_step']:>8.3f}")
+    cols = ("nfe", "n_samples", "fid", "fid_ratio_to_fm100", "fid_inception", "fid_inception_ratio_to_fm100",
+            "sec_per_step")
+    print_table([{"objective": r.get("label", r["objective"]), **{k: r.get(k, float("nan")) for k in cols}}
+                 for r in rows])
     return 0
 
 

@@ -257,9 +257,7 @@ def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: in
     """Train LeRobot's DP on ``task``'s windows for ``cfg.trainer.max_steps`` steps of
     ``cfg.trainer.batch_size``; returns ``{"checkpoints": [(step, state_dict)], "train_seconds",
     "params", "losses"}`` (the EMA weights with ``optim="jumpflow"``, the trained ones with ``lerobot``)."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    from jumpflow.trainer import GlobalBatchSampler, ema_decay, lr_factor, mix_seed, seed_everything
+    from jumpflow.trainer import GlobalBatchSampler, build_ema, build_optimizer, mix_seed, seed_everything
 
     tcfg, ocfg, ecfg = cfg.trainer, cfg.optim, cfg.ema
     steps, batch_size = int(tcfg.max_steps), int(tcfg.batch_size)
@@ -274,21 +272,9 @@ def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: in
     params = [p for p in policy.parameters() if p.requires_grad]
     ema = None
     if optim == "jumpflow":
-        wd = float(ocfg.weight_decay)
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=float(ocfg.lr), betas=tuple(float(b) for b in ocfg.betas),
-                                      eps=float(ocfg.eps))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-            lr_factor, warmup=int(ocfg.warmup_steps), total=steps, schedule=str(ocfg.schedule),
-            min_ratio=float(ocfg.min_lr_ratio)))
+        optimizer, scheduler = build_optimizer(params, ocfg, steps)
         grad_clip = None if tcfg.grad_clip is None else float(tcfg.grad_clip)
-        if ecfg.enabled:
-            ema = AveragedModel(policy, multi_avg_fn=get_ema_multi_avg_fn(float(ecfg.decay)), use_buffers=True)
-            decay_at = partial(ema_decay, decay=float(ecfg.decay),
-                               power=None if ecfg.power is None else float(ecfg.power),
-                               inv_gamma=float(ecfg.inv_gamma), min_decay=float(ecfg.min_decay),
-                               update_after_step=int(ecfg.update_after_step))
+        ema, ema_update = build_ema(policy, ecfg)
     elif optim == "lerobot":          # LeRobot's own presets for DP
         opt_cfg = config.get_optimizer_preset()
         optimizer = opt_cfg.build(policy.get_optim_params())
@@ -312,8 +298,7 @@ def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: in
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.multi_avg_fn = get_ema_multi_avg_fn(decay_at(step + 1))
-            ema.update_parameters(policy)
+            ema_update(step + 1)
         losses.append(float(loss.detach()))
         done = step + 1
         if done % max(1, int(tcfg.log_every)) == 0 or done == steps:

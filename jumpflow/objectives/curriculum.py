@@ -40,6 +40,35 @@ def counter_of(net, key: str, owner: str) -> StepCounter:
     return aux[key]
 
 
+class TangentWarmup:
+    """sCM's tangent warm-up (Lu & Song 2025, sec. 4): the term carrying ``du/dt`` is scaled by
+    ``r_warm``, ramped linearly from 0 to 1 over ``tangent_warmup_steps`` optimiser steps, and the
+    tangent may be normalised by ``||g|| + tangent_c``. Shared by sCT and AYF; the step count lives
+    in ``net.aux[counter_key]`` so that it is checkpointed with the network."""
+
+    counter_key = "tangent_step"
+
+    def init_tangent(self, tangent_c: float | None, tangent_warmup_steps: int) -> None:
+        require(tangent_c is None or tangent_c > 0, "tangent_c", f"must be > 0 or null, got {tangent_c}")
+        require(isinstance(tangent_warmup_steps, int) and tangent_warmup_steps >= 0, "tangent_warmup_steps",
+                f"must be an integer >= 0, got {tangent_warmup_steps!r}")
+        self.tangent_c, self.tangent_warmup_steps = tangent_c, tangent_warmup_steps
+
+    def warmup_modules(self) -> dict[str, nn.Module]:
+        """The step counter, when there is a warm-up."""
+        return {self.counter_key: StepCounter()} if self.tangent_warmup_steps > 0 else {}
+
+    def on_step_end(self, net) -> None:
+        if self.tangent_warmup_steps > 0:
+            counter_of(net, self.counter_key, self.name).advance()
+
+    def warmup(self, net) -> float:
+        """``r_warm`` in ``[0, 1]`` at the net's current step."""
+        if self.tangent_warmup_steps == 0:
+            return 1.0
+        return min(1.0, int(counter_of(net, self.counter_key, self.name).step) / self.tangent_warmup_steps)
+
+
 SCHEDULES = ("sigmoid", "linear", "constant")
 
 

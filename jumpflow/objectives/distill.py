@@ -25,9 +25,17 @@ import math
 import torch
 from torch import Tensor, nn
 
-from jumpflow.objectives.base import Inference, LossOutput, Objective, jump_sample, jvp_context, per_sample_mse, require
+from jumpflow.objectives.base import (
+    Inference,
+    LossOutput,
+    Objective,
+    jump_sample,
+    jvp_context,
+    per_sample_mse,
+    require,
+)
 from jumpflow.objectives.consistency import consistency_function, consistency_sample, pseudo_huber
-from jumpflow.objectives.curriculum import StepCounter, counter_of
+from jumpflow.objectives.curriculum import TangentWarmup
 from jumpflow.objectives.meanflow import AverageVelocityObjective
 from jumpflow.objectives.teacher import FrozenCheckpoint, flow_grid, teacher_step
 from jumpflow.timeconv import expand_like, interpolate, velocity
@@ -187,7 +195,7 @@ class ConsistencyDistillation(Distillation, Objective):
         return consistency_sample(net, noise, cond, self.resolve(inference).steps, 1.0)
 
 
-class AlignYourFlow(Distillation, AverageVelocityObjective):
+class AlignYourFlow(Distillation, TangentWarmup, AverageVelocityObjective):
     """Align Your Flow, Eulerian map distillation (AYF-EMD), continuous time.
 
     **Flow map.** ``f(z_t, t, r) = z_t - (t - r) u(z_t, t, h=t-r)`` jumps from ``t`` to ``r <= t``
@@ -240,25 +248,10 @@ class AlignYourFlow(Distillation, AverageVelocityObjective):
         self.init_average_velocity(time_sampler, ratio_r_neq_t, adaptive_p, adaptive_c, adaptive_reduce, 0.0,
                                    prediction, data_t_min, inference)
         self.init_teacher(teacher, teacher_ema, init_student)
-        require(tangent_c is None or tangent_c > 0, "tangent_c", f"must be > 0 or null, got {tangent_c}")
-        require(isinstance(tangent_warmup_steps, int) and tangent_warmup_steps >= 0, "tangent_warmup_steps",
-                f"must be an integer >= 0, got {tangent_warmup_steps!r}")
-        self.tangent_c, self.tangent_warmup_steps = tangent_c, tangent_warmup_steps
+        self.init_tangent(tangent_c, tangent_warmup_steps)
 
     def extra_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
-        mods = self.teacher_modules(backbone)
-        if self.tangent_warmup_steps > 0:
-            mods[self.counter_key] = StepCounter()
-        return mods
-
-    def on_step_end(self, net) -> None:
-        if self.tangent_warmup_steps > 0:
-            counter_of(net, self.counter_key, self.name).advance()
-
-    def warmup(self, net) -> float:
-        if self.tangent_warmup_steps == 0:
-            return 1.0
-        return min(1.0, int(counter_of(net, self.counter_key, self.name).step) / self.tangent_warmup_steps)
+        return {**self.teacher_modules(backbone), **self.warmup_modules()}
 
     def flow_map_tangent(self, net, z: Tensor, t: Tensor, r: Tensor, v: Tensor, cond: Tensor | None):
         """``u(z, t, h=t-r)`` (with grad) and ``du/dt`` along ``(v, 1)`` with ``r`` fixed."""

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from jumpflow.objectives.base import Inference, LossOutput, Objective, TimeSampler, jvp_context, require
 from jumpflow.objectives.consistency import consistency_sample
-from jumpflow.objectives.curriculum import StepCounter, counter_of
+from jumpflow.objectives.curriculum import TangentWarmup
 from jumpflow.timeconv import expand_like, interpolate, velocity
 
 WEIGHTINGS = ("learned", "fixed")
@@ -34,7 +34,7 @@ class TimeWeight(nn.Module):
         return self.linear(torch.cat([t[:, None], angles.sin(), angles.cos()], dim=1))[:, 0]
 
 
-class ContinuousConsistency(Objective):
+class ContinuousConsistency(TangentWarmup, Objective):
     """sCT in the linear (TrigFlow-free) parameterisation.
 
     **Consistency function.** ``f(z_t, t) = z_t - t u(z_t, t)`` with ``u(z, t) = net(z, t, h=t)``
@@ -94,32 +94,16 @@ class ContinuousConsistency(Objective):
         self.set_inference_defaults(inference, steps=1)
         self.time_sampler = TimeSampler(**(time_sampler or {"kind": "logit_normal", "mean": -1.0, "std": 1.4}),
                                         name="time_sampler")
-        require(tangent_c is None or tangent_c > 0, "tangent_c", f"must be > 0 or null, got {tangent_c}")
+        self.init_tangent(tangent_c, tangent_warmup_steps)
         require(adaptive_weight in WEIGHTINGS, "adaptive_weight",
                 f"must be one of {WEIGHTINGS}, got {adaptive_weight!r}")
-        require(isinstance(tangent_warmup_steps, int) and tangent_warmup_steps >= 0, "tangent_warmup_steps",
-                f"must be an integer >= 0, got {tangent_warmup_steps!r}")
-        self.tangent_c, self.adaptive_weight = tangent_c, adaptive_weight
-        self.tangent_warmup_steps = tangent_warmup_steps
+        self.adaptive_weight = adaptive_weight
 
     def extra_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
-        mods: dict[str, nn.Module] = {}
-        if self.tangent_warmup_steps > 0:
-            mods[self.counter_key] = StepCounter()
+        mods = self.warmup_modules()
         if self.adaptive_weight == "learned":
             mods[self.weight_key] = TimeWeight()
         return mods
-
-    def on_step_end(self, net) -> None:
-        if self.tangent_warmup_steps > 0:
-            counter_of(net, self.counter_key, self.name).advance()
-
-    def warmup(self, net) -> float:
-        """``r_warm`` in ``[0, 1]`` at the net's current step."""
-        if self.tangent_warmup_steps == 0:
-            return 1.0
-        step = int(counter_of(net, self.counter_key, self.name).step)
-        return min(1.0, step / self.tangent_warmup_steps)
 
     def tangent(self, net, z: Tensor, t: Tensor, v: Tensor, cond: Tensor | None):
         """``u(z, t, h=t)`` (with grad) and ``du/dt`` along ``(v, 1)`` (total derivative, ``h = t``)."""

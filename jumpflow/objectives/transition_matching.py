@@ -161,14 +161,22 @@ class TransitionMatching(Objective):
         inf = self.resolve(inference)
         steps, w = inf.steps, float(inf.guidance)
         guided = cond is not None and w != 1.0
-        head = net.aux[self.head_key]
         z = noise
-        b = z.shape[0]
         null = net.null_cond(cond) if guided else None                              # (B, C)
         for i in range(steps):
-            t = torch.full((b,), 1.0 - i / steps, device=z.device, dtype=z.dtype)
-            _, feats = self.features(net, z, t, cond, null)                         # (B or 2B, N, F)
-            y = torch.randn_like(net.tokenize(z))                                   # (B, N, P) at sigma = 1
-            y = self.inner_sample(lambda y_, s_: head(feats, y_, s_), y, w if guided else None)
-            z = z + net.untokenize(y) / steps                                       # (B, *shape)
+            t = torch.full((z.shape[0],), 1.0 - i / steps, device=z.device, dtype=z.dtype)
+            out, feats = self.features(net, z, t, cond, null)                       # (B or 2B, ...)
+            y = self.transition(net, z, out, feats, w if guided else None)          # (B, N, P)
+            z = self.outer_step(net, z, y, t, i, steps)                             # (B, *shape)
         return z
+
+    def transition(self, net, z: Tensor, out: Tensor, feats: Tensor, guidance: float | None) -> Tensor:
+        """One outer step's transition ``Y`` drawn by the head from ``(B or 2B, N, F)`` features. -> ``(B, N, P)``."""
+        head = net.aux[self.head_key]
+        y = torch.randn_like(net.tokenize(z))                                       # (B, N, P) at sigma = 1
+        return self.inner_sample(lambda y_, s_: head(feats, y_, s_), y, guidance)
+
+    def outer_step(self, net, z: Tensor, y: Tensor, t: Tensor, i: int, steps: int) -> Tensor:
+        """Step ``i`` of ``steps`` uniform outer steps from ``X_t`` with transition ``Y``: DTM's
+        ``X_{t - 1/steps} = X_t + Y / steps``."""
+        return z + net.untokenize(y) / steps                                        # (B, *shape)
