@@ -85,7 +85,10 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 # ------------------------------------------------------------------ DDP: 2 processes == 1 process
-@pytest.mark.parametrize("objective", ["flow_matching", "meanflow", "tvm", "drifting"])
+# MeanFlow (a JVP inside DDP's forward) and Drifting (the gathered field) run by default; Flow
+# Matching and TVM (EMA target in net.aux) under -m slow: each is a torchrun of ~15 s on 2 cores
+@pytest.mark.parametrize("objective", [pytest.param("flow_matching", marks=pytest.mark.slow), "meanflow",
+                                       pytest.param("tvm", marks=pytest.mark.slow), "drifting"])
 def test_ddp_two_processes_equal_one_process(tmp_path, objective, monkeypatch):
     """DDP over the loss module (JVPs inside DDP's forward; TVM's EMA target in ``net.aux``):
     2 processes x 1 micro-batch end with the parameters (model and EMA) of 1 process x 2
@@ -109,7 +112,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path, objective, monkeypatch):
         assert max_diff(final(tmp_path / "per_shard", 6), b) > 1e-4
 
 
-@pytest.mark.parametrize("objective", ["drifting", "meanflow"])
+@pytest.mark.parametrize("objective", ["drifting", pytest.param("meanflow", marks=pytest.mark.slow)])
 def test_ddp_gradient_accumulation_no_sync(tmp_path, objective):
     """2 processes x 2 micro-batches (``no_sync`` on the first; for Drifting a no-grad prepass
     records the micro-batches for the global field) == 1 process x 4 micro-batches."""
@@ -121,6 +124,7 @@ def test_ddp_gradient_accumulation_no_sync(tmp_path, objective):
     assert diff <= 1e-6, diff
 
 
+@pytest.mark.slow          # 30 s; the one-process kill -9 test (test_trainer.py) runs by default
 def test_kill9_then_resume_under_two_processes(tmp_path):
     """torchrun (2 processes, DDP, MeanFlow) killed with SIGKILL, the agent and both workers,
     right after its first checkpoint, then resumed under torchrun: the parameters (model and
@@ -185,6 +189,7 @@ def _fsdp_run_and_resume(tmp_path, objective: str) -> None:
     assert diff <= 1e-7, diff
 
 
+@pytest.mark.slow          # 32 s: two torchruns and a reference run
 def test_fsdp_equals_one_process_and_resumes(tmp_path):
     """``+trainer.parallel=fsdp`` (``fully_shard`` per MLP block and on the loss module, MeanFlow's
     JVP through the sharded module): 2 processes equal 1 process x 2 micro-batches within 1e-6;
@@ -223,6 +228,7 @@ GATHER_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow          # the DDP Drifting test above goes through the same gather
 def test_all_gather_payloads_of_varying_sizes(tmp_path):
     """The gather that Drifting's global field uses: 2 processes x 2 dicts whose tensors differ
     in their first dimension (zero rows included) come back whole, in shard order, dtypes kept."""
