@@ -52,3 +52,22 @@ class GaussianOracle(nn.Module):
         h_safe = torch.where(small, torch.ones_like(h), h)
         avg = (z - self.flow(z, t, t - h)) / col(h_safe, z)
         return torch.where(col(small, z), self.velocity(z, t), avg)
+
+
+def registered_objective_from_config(name: str, max_steps: int = 1234):
+    """The objective ``name`` as the trainer builds it (``objective=<name>`` composed, validated,
+    instantiated), after checking that the registry and the package export the same class."""
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    from jumpflow import objectives
+    from jumpflow.config import validate_config
+
+    cls = objectives.OBJECTIVES[name]
+    assert getattr(objectives, cls.__name__) is cls
+    with initialize_config_module("jumpflow.configs", version_base=None):
+        cfg = compose("train", overrides=[f"objective={name}", "run_dir=/nonexistent", f"trainer.max_steps={max_steps}"])
+    validate_config(cfg)
+    obj = instantiate(cfg.objective)
+    assert isinstance(obj, cls) and obj.name == name
+    return obj
