@@ -67,6 +67,7 @@ class TrainerConfig:
     device: str = "auto"
     progress: bool = True
     cpu_threads: Optional[int] = None
+    compile: bool = False          # torch.compile the backbone in place (not for JVP objectives)
     parallel: str = "ddp"          # under torchrun: ddp (DistributedDataParallel) | fsdp (fully_shard)
 
     def __post_init__(self):

@@ -380,6 +380,14 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
             dist.broadcast(t.data, 0)
 
     ema, ema_update = build_ema(model, cfg.ema)
+    if tcfg.get("compile", False):
+        if getattr(objective, "uses_jvp", False):
+            # torch.func.jvp through a compiled module graph-breaks or fails; the eager JVP is the tested one
+            if info.rank == 0:
+                _say("note: torch.compile is off for this objective (it differentiates with JVPs)")
+        else:
+            # in place: parameter names, checkpoints and the EMA copy (made above) are unchanged
+            model.backbone.compile()
     parallel = str(OmegaConf.select(cfg, "trainer.parallel", default="ddp"))
     loss_module = LossModule(model, bf16=use_bf16)
     sharded = info.world > 1 and parallel == "fsdp"

@@ -113,6 +113,19 @@ def test_bf16_autocast_runs_and_is_off_for_jvp(tmp_path, objective, capfd):
     assert ("bf16 autocast is off" in err) == (objective == "meanflow")
 
 
+@pytest.mark.parametrize("objective", [pytest.param("flow_matching", marks=pytest.mark.slow), "meanflow"])
+def test_compile_keeps_checkpoints_and_results(tmp_path, objective, capfd):
+    """``trainer.compile`` compiles the backbone in place: the checkpoint's tensor names are the
+    eager run's, the trained weights agree within float32 kernel noise, and JVP objectives stay eager."""
+    eager = train(make_cfg(tmp_path / "eager", f"objective={objective}", "trainer.max_steps=3"))
+    compiled = train(make_cfg(tmp_path / "compiled", f"objective={objective}", "trainer.max_steps=3",
+                              "trainer.compile=true"))
+    assert eager["step"] == compiled["step"] == 3
+    err = capfd.readouterr().err
+    assert ("torch.compile is off" in err) == (objective == "meanflow")
+    assert max_diff(final_state(tmp_path / "eager"), final_state(tmp_path / "compiled")) < 1e-4
+
+
 def test_debug_switch_and_run_directory(tmp_path):
     out = train(make_cfg(tmp_path, "debug=true", "trainer.max_steps=1000", "trainer.eval_every=0"))
     assert out["step"] == 6
