@@ -4,6 +4,7 @@ rollouts; measured on small counts in one process and scaled to the main job's c
 demos, 3,000 steps, 50 episodes).
 
     python -m bench.profile --demos 10 --steps 60 --episodes 3
+    python -m bench.profile --objective drifting --steps 10 --episodes 1   # -> profile_drifting.json
 
 Writes ``bench/results/profile.json`` (shares of the extrapolated wall time and of the CPU time
 of each phase) and prints the table.
@@ -52,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--demos", type=int, default=10)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--episodes", type=int, default=3)
+    ap.add_argument("--objective", default="meanflow", help="the main job's objective unless set")
     args = parse_args(ap, argv)
     clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +63,7 @@ def main(argv=None):
         with clock("demo_generation"):
             ensure_demos(data, task="Lift", n_demos=args.demos, seed=0)
         with initialize_config_module(config_module="jumpflow.configs", version_base=None):
-            cfg = compose("train", overrides=["experiment=policy_cpu", f"task.dataset={data}",
+            cfg = compose("train", overrides=["experiment=policy_cpu", f"objective={args.objective}", f"task.dataset={data}",
                                               f"task.n_demos={args.demos}", f"task.cache_dir={Path(tmp) / 'cache'}",
                                               "task.eval_videos=0", f"run_dir={Path(tmp) / 'run'}"])
         with clock("build_and_cache"):
@@ -105,7 +107,8 @@ def main(argv=None):
     rows = [{"phase": k, "measured_wall_s": round(clock.wall[k], 3), "main_job_wall_s": round(wall[k], 1),
              "wall_share": round(wall[k] / total_wall, 3), "main_job_cpu_s": round(cpu[k], 1),
              "cpu_share": round(cpu[k] / total_cpu, 3)} for k in wall]
-    write_results("profile", {"measured": vars(args), "main_job": MAIN_JOB, "threads": args.threads,
+    name = "profile" if args.objective == "meanflow" else f"profile_{args.objective}"
+    write_results(name, {"measured": vars(args), "main_job": MAIN_JOB, "threads": args.threads,
                               "total_main_job_wall_s": round(total_wall, 1), "total_main_job_cpu_s": round(total_cpu, 1),
                               "note": "phases timed on small counts in one process, scaled linearly to the main job"},
                   rows)

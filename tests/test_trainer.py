@@ -126,6 +126,20 @@ def test_compile_keeps_checkpoints_and_results(tmp_path, objective, capfd):
     assert max_diff(final_state(tmp_path / "eager"), final_state(tmp_path / "compiled")) < 1e-4
 
 
+def test_native_bf16_detection_reads_cpu_flags(tmp_path):
+    from jumpflow.trainer import native_bf16_cpu
+
+    cases = {"flags\t\t: fpu avx2 avx512f avx512_bf16 sse\n": True,
+             "flags\t\t: fpu avx2 avx512f avx512_vnni\n": False,
+             "Features\t: fp asimd bf16 i8mm\n": True,
+             "flags\t\t: fpu amx_tile amx_bf16\n": True}
+    for i, (text, expected) in enumerate(cases.items()):
+        path = tmp_path / f"cpuinfo{i}"
+        path.write_text("processor\t: 0\n" + text)
+        assert native_bf16_cpu(path) is expected, text
+    assert native_bf16_cpu(tmp_path / "missing") is False
+
+
 def test_debug_switch_and_run_directory(tmp_path):
     out = train(make_cfg(tmp_path, "debug=true", "trainer.max_steps=1000", "trainer.eval_every=0"))
     assert out["step"] == 6
