@@ -46,7 +46,7 @@ def run(objective: str, overrides: list[str], data: Path, run_dir: Path, steps: 
             "experiment=policy_cpu", f"objective={objective}", f"task.dataset={data}", "task.n_demos=20",
             f"task.cache_dir={data.parent / 'cache'}", f"trainer.max_steps={steps}",
             f"trainer.log_every={max(1, steps // 10)}", "trainer.ckpt_every=0", "trainer.eval_at_end=false",
-            "trainer.progress=false", "logger=none", f"run_dir={run_dir}", *overrides])
+            "trainer.progress=false", "logger=none", "resume=false", f"run_dir={run_dir}", *overrides])
     t0 = time.perf_counter()
     result = train(cfg)
     wall = time.perf_counter() - t0
@@ -74,6 +74,7 @@ def main(argv=None) -> None:
         settings.update(COMPILE)        # for JVP objectives the trainer keeps the backbone eager
     results: dict[tuple[str, str], list[dict]] = {}
     load = [os.getloadavg()[0]]
+    n_runs = 0
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data" / "lift.hdf5"
         for rep in range(args.repeats):
@@ -85,7 +86,8 @@ def main(argv=None) -> None:
                     if emulated and rep > 0:
                         continue
                     steps = min(args.steps, 30) if emulated else args.steps
-                    out = run(objective, overrides, data, Path(tmp) / f"run_{objective}_{rep}_{len(results)}", steps)
+                    n_runs += 1             # a fresh run directory each time: nothing resumes
+                    out = run(objective, overrides, data, Path(tmp) / f"run_{n_runs:03d}", steps)
                     out["steps"] = steps
                     results.setdefault((objective, name), []).append(out)
                     print(objective, name, out, flush=True)
