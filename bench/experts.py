@@ -128,9 +128,37 @@ def run_task(task: str, n_episodes: int, seed: int, style: str = "ph", max_steps
     return row
 
 
-def run_planar_task(task: str, n_episodes: int, seed: int) -> dict:
+class PerturbedOracle:
+    """A planar oracle whose action is perturbed the way a learned policy's might be: Gaussian
+    noise of ``noise_std`` (action units) added and clipped to [-1, 1], and the perturbed action
+    held for ``hold`` control steps (the oracle is asked again only every ``hold`` steps). The
+    noise is drawn from ``np.random.default_rng([seed, 2])`` at each ``reset``."""
+
+    def __init__(self, oracle, noise_std: float = 0.0, hold: int = 1):
+        if noise_std < 0 or hold < 1:
+            raise ValueError(f"noise_std must be >= 0 and hold >= 1, got {noise_std}, {hold}")
+        self.oracle, self.noise_std, self.hold = oracle, float(noise_std), int(hold)
+
+    def __getattr__(self, name):                  # mode, draw: the oracle's
+        return getattr(self.oracle, name)
+
+    def reset(self, obs=None, seed=None) -> None:
+        self.oracle.reset(obs, seed=seed)
+        self.rng = np.random.default_rng([int(np.ravel(seed)[0]) if seed is not None else 0, 2])
+        self.t, self.action = 0, None
+
+    def act(self, obs: dict) -> np.ndarray:
+        if self.t % self.hold == 0:
+            a = self.oracle.act(obs)
+            self.action = np.clip(a + self.noise_std * self.rng.standard_normal(a.shape), -1.0, 1.0)
+        self.t += 1
+        return self.action
+
+
+def run_planar_task(task: str, n_episodes: int, seed: int, noise_std: float = 0.0, hold: int = 1) -> dict:
     """A planar oracle (Block Push / Reach Around) over ``n_episodes`` seeds: success (p2 on Block
-    Push), p1, the modes it took, the modes it drew."""
+    Push), p1, the modes it took, the modes it drew. ``noise_std`` / ``hold``: act through
+    :class:`PerturbedOracle` (0 / 1: the oracle as the demo generator runs it)."""
     from jumpflow.envs.planar_demos import _task_parts, run_oracle_episode
     from jumpflow.envs.registry import planar_env_meta
 
@@ -139,6 +167,8 @@ def run_planar_task(task: str, n_episodes: int, seed: int) -> dict:
     max_steps = int(meta["env_kwargs"]["horizon"])
     sim = sim_cls(meta)
     oracle = oracle_cls(max_delta=sim.max_delta)
+    if noise_std > 0 or hold > 1:
+        oracle = PerturbedOracle(oracle, noise_std, hold)
     eps, t0 = [], time.perf_counter()
     try:
         for k in range(n_episodes):

@@ -28,6 +28,7 @@ from jumpflow.eval import rollout  # noqa: F401  (imported now: a later edit of 
 
 from bench.common import RESULTS, load_rows, machine, print_table, write_results
 from jumpflow.checkpoint import checkpoint_paths, load_model
+from jumpflow.envs.registry import success_levels
 from jumpflow.io import atomic_write_text
 from jumpflow.trainer import train
 
@@ -68,8 +69,8 @@ def evaluate_variant(model, episodes: int, run_dir) -> dict:
     out = {"success_rate": ev["success_rate"], "latency_ms_p50": ev["latency_ms_p50"],
            "latency_ms_p95": ev["latency_ms_p95"], "mean_episode_length": ev["mean_episode_length"],
            "env_errors": ev["n_env_errors"]}
-    if model.task.env == "BlockPush":    # DP's Table IV reports p1 (a block reached a target) beside p2
-        out["success_p1"] = sum(e["max_reward"] >= 0.5 for e in ev["episodes"]) / len(ev["episodes"])
+    for name, level in success_levels(model.task.env_meta).items():    # e.g. Block Push's p1
+        out[f"success_{name}"] = sum(e["max_reward"] >= level for e in ev["episodes"]) / len(ev["episodes"])
     out.update(model.task.mode_summary(ev))
     return out
 
@@ -207,7 +208,8 @@ def main(argv=None):
                         row.update({"success_max": max(successes), "success_last_mean": sum(successes) / len(successes),
                                     "checkpoint_successes": successes,
                                     "checkpoint_steps": [int(c.stem.split("_")[1]) for c in ckpts]})
-                        for k in ("mode_entropy_ratio", "mode_tv", "mode_switches", "success_p1"):
+                        partial = [k for k in last if k.startswith("success_") and k != "success_rate"]
+                        for k in ("mode_entropy_ratio", "mode_tv", "mode_switches", *partial):
                             if k in last:
                                 row[k] = sum(e[k] for e in evals) / len(evals)   # mean over the checkpoints
                     key = (task, objective, row["sampler"], nfe, seed)

@@ -1,17 +1,17 @@
 """Speed settings of the main job, each measured on and off in one run: bf16 autocast
 (``trainer.precision``), torch threads (``trainer.cpu_threads``), data-loader workers with
-prefetch (``trainer.num_workers``) and ``torch.compile`` of the backbone (``trainer.compile``), for Flow Matching and MeanFlow on the main job's recipe (MLP 512x4, batch 256,
-Lift low-dim).
+prefetch (``trainer.num_workers``) and ``torch.compile`` of the backbone (``trainer.compile``),
+for Flow Matching and MeanFlow on the main job's recipe (MLP 512x4, batch 256, Lift low-dim).
 
 Every setting trains the same seed for ``--steps`` steps on the same small generated dataset; a row
 gives the it/s of the last logging window (a tenth of the steps; compilation happens before it),
-the wall time of the whole run (compilation included) and the mean loss of the last 20% of steps, so that a speed-up
-that changes the numbers shows. Settings are interleaved (``--repeats`` rounds) so that a change
+the wall time of the whole run (compilation included) and the mean loss of the last 20% of
+steps, so that a speed-up that changes the numbers shows. Settings are interleaved (``--repeats`` rounds) so that a change
 in the machine's load hits all of them alike; the load average is recorded. MeanFlow differentiates
 with JVPs, for which the trainer keeps autocast and compilation off (its bf16 and compiled rows
 are the eager fp32 computation: a control for the noise of the measurement).
 
-On a CPU without native bf16 (``avx512_bf16`` / ``amx_bf16``) autocast is emulated and about 15x
+On a CPU without native bf16 (``avx512_bf16`` / ``amx_bf16``) autocast is emulated and about 13x
 slower; that row is then measured once on 30 steps (its ``steps`` says so).
 
     python -m bench.speedups --steps 300 --repeats 2
@@ -36,8 +36,9 @@ SETTINGS = {
     "bf16, 1 thread": ["trainer.cpu_threads=1", "trainer.precision=bf16"],
     "fp32, 2 threads": ["trainer.cpu_threads=2"],
     "fp32, 1 thread, 1 loader worker": ["trainer.cpu_threads=1", "trainer.num_workers=1"],
+    # for JVP objectives the trainer keeps the backbone eager: their row is a control
+    "fp32, 1 thread, compiled": ["trainer.cpu_threads=1", "trainer.compile=true"],
 }
-COMPILE = {"fp32, 1 thread, compiled": ["trainer.cpu_threads=1", "trainer.compile=true"]}
 
 
 def run(objective: str, overrides: list[str], data: Path, run_dir: Path, steps: int) -> dict:
@@ -64,14 +65,10 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = parse_args(ap, argv)
     from jumpflow.objectives import OBJECTIVES
-    from jumpflow.schemas import TrainerConfig
     from jumpflow.trainer import native_bf16_cpu
 
     native = native_bf16_cpu()
-
-    settings = dict(SETTINGS)
-    if "compile" in TrainerConfig.__dataclass_fields__:
-        settings.update(COMPILE)        # for JVP objectives the trainer keeps the backbone eager
+    settings = SETTINGS
     results: dict[tuple[str, str], list[dict]] = {}
     load = [os.getloadavg()[0]]
     n_runs = 0
@@ -80,7 +77,7 @@ def main(argv=None) -> None:
         for rep in range(args.repeats):
             for objective in args.objectives.split(","):
                 for name, overrides in settings.items():
-                    # emulated bf16 (no native support) runs ~15x slower: measured once, on a few steps
+                    # emulated bf16 (no native support) runs ~13x slower: measured once, on a few steps
                     emulated = ("trainer.precision=bf16" in overrides and not native
                                 and not OBJECTIVES[objective].uses_jvp)
                     if emulated and rep > 0:

@@ -90,6 +90,7 @@ class BlockPushSim(PlanarSim):
     # it entered (-1); committed: (block, target) of the mode so far (-1, -1: none)
     STATE_LAYOUT = (("target_pos", 4), ("step", 1), ("in_target", 2), ("entered_step", 2), ("committed", 2))
     MODES = BLOCK_PUSH_MODES
+    SUCCESS_LEVELS: ClassVar[dict] = {"p1": 0.5}       # Diffusion Policy's Table IV reports p1 beside p2
 
     def __init__(self, *args, **kwargs):
         self._targets = np.zeros((2, 2))
@@ -185,7 +186,7 @@ class BlockPushSim(PlanarSim):
 
     def reward(self) -> float:
         s = self.success_dict()
-        return 1.0 if s["p2"] else (0.5 if s["p1"] else 0.0)
+        return 1.0 if s["p2"] else (self.SUCCESS_LEVELS["p1"] if s["p1"] else 0.0)
 
     def current_mode(self) -> str | None:
         """``"b<i>t<j>"`` committed so far (see the module docstring), or ``None``."""

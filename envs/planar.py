@@ -259,6 +259,10 @@ class PlanarSim(MujocoSim):
     def is_success(self) -> bool:
         raise NotImplementedError
 
+    #: partial successes an evaluator can read off ``max_reward``: ``{name: reward level}`` (a rollout
+    #: whose max reward reached the level achieved it at some step); full success is ``is_success``
+    SUCCESS_LEVELS: ClassVar[dict[str, float]] = {}
+
     def reward(self) -> float:
         return float(self.is_success())
 

@@ -110,6 +110,12 @@ def sim_class_path(env_meta) -> str:
     return SIM_FAMILIES[env_type]
 
 
+def success_levels(env_meta) -> dict[str, float]:
+    """The partial-success levels ``{name: reward}`` the sim of ``env_meta`` declares
+    (``SUCCESS_LEVELS``; ``{}`` for sims that declare none, e.g. robosuite's)."""
+    return dict(getattr(_load(sim_class_path(env_meta)), "SUCCESS_LEVELS", {}))
+
+
 def make_planar_sim(env_meta: dict, obs_keys=None, image_keys=(), camera_size=None, **kw):
     """The ``"jumpflow"`` family: ``env_meta["env_name"]`` in :data:`PLANAR_ENVS`."""
     return _load(sim_class_path(env_meta))(env_meta, obs_keys=obs_keys, image_keys=image_keys,

@@ -390,7 +390,7 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
         use_bf16 = False
     if use_bf16 and device.type == "cpu" and not native_bf16_cpu() and info.rank == 0:
         _say("warning: this CPU has no native bf16 (avx512_bf16 / amx_bf16): bf16 autocast runs emulated, "
-             "much slower than fp32 (bench/speedups measured 15x)")
+             "much slower than fp32 (bench/speedups measured 13x)")
 
     if info.world > 1:   # same initialisation everywhere (it already is, by the seed)
         for t in list(model.parameters()) + list(model.buffers()):

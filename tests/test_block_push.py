@@ -98,6 +98,11 @@ def test_block_push_success_and_mode_bookkeeping():
     s = place(base, far0, t0)                                   # block 1 into target 0
     assert sim.current_mode() == "b1t0" and sim.success_dict() == {"p1": True, "p2": False}
     assert sim.reward() == 0.5
+    from jumpflow.envs.registry import planar_env_meta, success_levels
+    # the level an evaluator reads p1 from is the reward the sim gives at p1 (one source)
+    assert success_levels(planar_env_meta("BlockPush")) == {"p1": sim.reward()}
+    assert success_levels(planar_env_meta("ReachAround")) == {}
+    assert success_levels({"env_name": "Lift", "type": 1}) == {}          # robosuite: none declared
     s = place(s, t1, t0)                                        # then block 0 into target 1
     assert sim.success_dict() == {"p1": True, "p2": True} and sim.is_success() and sim.reward() == 1.0
     assert sim.current_mode() == "b1t0"                         # block 1 was there first
@@ -271,3 +276,34 @@ def test_dataset_naming_an_unknown_env_type_fails_at_prepare(tmp_path):
         task.prepare()
     msg = str(err.value)
     assert "\n" not in msg and str(path) in msg and "env_args" in msg and "isaac" in msg
+
+
+def test_perturbed_oracle_holds_and_draws_reproducible_noise():
+    from bench.experts import PerturbedOracle
+
+    class CountingOracle:
+        mode = "b0t0"
+
+        def __init__(self):
+            self.calls = 0
+
+        def reset(self, obs=None, seed=None):
+            self.calls = 0
+
+        def act(self, obs):
+            self.calls += 1
+            return np.full(2, 0.1 * self.calls)
+
+    held = PerturbedOracle(CountingOracle(), noise_std=0.0, hold=3)
+    held.reset(seed=[7, 1])
+    acts = np.array([held.act({}) for _ in range(7)])
+    assert held.oracle.calls == 3 and held.mode == "b0t0"              # asked at steps 0, 3, 6
+    assert np.allclose(acts[:, 0], [0.1, 0.1, 0.1, 0.2, 0.2, 0.2, 0.3])
+    noisy = PerturbedOracle(CountingOracle(), noise_std=5.0)
+    runs = []
+    for _ in range(2):
+        noisy.reset(seed=[7, 1])
+        runs.append(np.array([noisy.act({}) for _ in range(4)]))
+    assert np.array_equal(runs[0], runs[1]) and np.abs(runs[0]).max() == 1.0   # same seed, same noise; clipped
+    with pytest.raises(ValueError, match="hold >= 1"):
+        PerturbedOracle(CountingOracle(), hold=0)

@@ -117,12 +117,16 @@ def test_bf16_autocast_runs_and_is_off_for_jvp(tmp_path, objective, capfd):
 def test_compile_keeps_checkpoints_and_results(tmp_path, objective, capfd):
     """``trainer.compile`` compiles the backbone in place: the checkpoint's tensor names are the
     eager run's, the trained weights agree within float32 kernel noise, and JVP objectives stay eager."""
+    from torch._dynamo.utils import counters
+
     eager = train(make_cfg(tmp_path / "eager", f"objective={objective}", "trainer.max_steps=3"))
+    counters.clear()
     compiled = train(make_cfg(tmp_path / "compiled", f"objective={objective}", "trainer.max_steps=3",
                               "trainer.compile=true"))
     assert eager["step"] == compiled["step"] == 3
     err = capfd.readouterr().err
     assert ("torch.compile is off" in err) == (objective == "meanflow")
+    assert (counters["stats"]["unique_graphs"] > 0) == (objective != "meanflow")     # dynamo did (not) run
     assert max_diff(final_state(tmp_path / "eager"), final_state(tmp_path / "compiled")) < 1e-4
 
 
