@@ -24,11 +24,13 @@ Observation keys (float64): ``effector_pos`` (2), ``block_pos`` (2), ``block_yaw
 displacement, ``max_delta`` = 0.03 m per unit).
 
 :class:`BlockPushOracle` draws, at reset, which block goes first and which target each block goes
-to (4 equally likely orders), then pushes: it goes behind the block on the block-to-goal line
-(detouring around blocks), pushes along the line while steering the effector back onto it, goes
-behind it again when the block drifts off the line, then does the same with the other block.
-When the other block sits in the first block's corridor, the first push goes through a side
-waypoint. The demo's mode is the drawn first (block, target) pair, e.g. ``"b0t1"``.
+to (4 equally likely orders), then pushes: it circles to the back of the block on the
+block-to-goal line, pushes along the line while steering the effector back onto it (the push fades
+out as the block drifts off the line and the effector falls back behind it), then does the same
+with the other block. When the other block sits in the first block's corridor, the first block is
+aimed beside it. It is a memoryless feedback law (no hidden approach/push switch), so that a
+policy that sees only the last observations can learn it. The demo's mode is the drawn first
+(block, target) pair, e.g. ``"b0t1"``.
 """
 
 from __future__ import annotations
@@ -212,8 +214,14 @@ def _support(direction: np.ndarray, yaw: float) -> float:
     return BLOCK_HALF / max(abs(local[0]), abs(local[1]), 1e-6)
 
 
+def _rotate(v: np.ndarray, angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([c * v[0] - s * v[1], s * v[0] + c * v[1]])
+
+
 class BlockPushOracle:
-    """Scripted pusher for :class:`BlockPushSim` that reads observations only.
+    """Scripted pusher for :class:`BlockPushSim`: a feedback law of the current observation and the
+    order drawn at reset, with no other memory.
 
     Args:
         max_delta: metres per unit action (the env's ``max_delta``).
@@ -223,14 +231,27 @@ class BlockPushOracle:
     ``reset(obs, seed)`` draws the order from ``np.random.default_rng(seed)`` (4 equally likely
     orders); ``act(obs) -> (2,)`` action in ``[-1, 1]``; ``mode`` is the drawn first pair
     (``"b0t1"``), ``draw`` the whole draw as a dict.
+
+    The law (why it has no switches a learner cannot see): the stage is read off the blocks (the
+    first block is done when it is within ``done_radius`` of its target); the effector orbits the
+    block on a clearing circle until it is within 60 degrees of the point behind the block on the
+    block-to-goal line, then servoes to a point behind the block's face that moves closer as the
+    lateral error shrinks, adding a push along the line in proportion to the alignment. Every term
+    is a proportional step (``gain`` < 0.5 of the error per step), so holding an action for a few
+    steps, as a chunked policy does, does not overshoot (``bench.oracle_robustness``). When the
+    other block lies in the corridor the first block sweeps, the block is aimed beside it.
     """
 
-    push_speed = 0.02           # m per step while pushing
-    approach_gap = 0.03         # how far behind the block's face the effector lines up
-    realign_lateral = 0.018     # lateral drift (m) that sends the effector behind the block again
-    done_radius = 0.015         # a block this close to its goal is done
-    waypoint_radius = 0.03      # a side waypoint this close is passed
-    block_clearance = EFFECTOR_RADIUS + BLOCK_HALF * np.sqrt(2) + 0.012
+    gain = 0.35                 # fraction of the position error commanded per step
+    push_speed = 0.015          # m per step while pushing
+    approach_gap = 0.03         # how far behind the block's face the effector waits when misaligned
+    align_width = 0.02          # lateral error (m) at which the push fades out completely
+    done_radius = 0.02          # a block this close to its goal is done
+    behind_angle = np.pi / 3    # within this angle of "behind", servo; beyond it, orbit
+    orbit_step = 0.6            # rad per step at most around the block
+    orbit_radius = EFFECTOR_RADIUS + BLOCK_HALF * np.sqrt(2) + 0.02
+    other_clearance = EFFECTOR_RADIUS + BLOCK_HALF * np.sqrt(2) + 0.03
+    corridor = 2 * BLOCK_HALF * np.sqrt(2) + 0.015
 
     def __init__(self, max_delta: float = 0.03, order=None):
         self.max_delta = float(max_delta)
@@ -254,10 +275,6 @@ class BlockPushOracle:
             rng = np.random.default_rng(seed)
             first_block, first_target = (int(v) for v in rng.integers(0, 2, size=2))
             self.order = ((first_block, first_target), (1 - first_block, 1 - first_target))
-        self.stage = 0           # index into order
-        self.pushing = False
-        self.via = None          # side waypoint of the current push, or None
-        self._via_planned = False
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -266,63 +283,19 @@ class BlockPushOracle:
         yaw = [float(np.arctan2(*np.asarray(obs[k], dtype=np.float64)[:2])) for k in ("block_yaw", "block2_yaw")]
         return pos, yaw
 
-    def _to_action(self, delta: np.ndarray) -> np.ndarray:
-        return np.clip(delta / self.max_delta, -1.0, 1.0)
-
-    def _navigate(self, p: np.ndarray, goal: np.ndarray, obstacles: list[np.ndarray]) -> np.ndarray:
-        """Displacement toward ``goal`` that goes around discs of radius ``block_clearance``."""
-        r = self.block_clearance
-        # a disc that holds the goal itself (the approach point next to a close neighbour) is not
-        # avoided: the effector may brush that block rather than never arrive
-        obstacles = [c for c in obstacles if np.linalg.norm(goal - c) >= r]
-        seg = goal - p
-        length = np.linalg.norm(seg)
-        blocking = []
-        for c in obstacles:
-            s = np.clip(np.dot(c - p, seg) / max(length ** 2, 1e-12), 0.0, 1.0)
-            q = p + s * seg
-            if np.linalg.norm(q - c) < r and s > 0:
-                blocking.append((s, c, q))
-        if blocking:                     # head for a point beside the first disc in the way
-            _, c, q = min(blocking, key=lambda x: x[0])
-            side = q - c
-            if np.linalg.norm(side) < 1e-4:
-                side = _perp(_unit(seg))
-            step = c + _unit(side) * (r + 0.02) - p
-        else:
-            step = seg
-        n = np.linalg.norm(step)
-        step = step if n <= self.max_delta else step / n * self.max_delta
-        for c in obstacles:
-            # inside a disc (just after a push): slide along its rim instead of going deeper, and
-            # drift outward; backing straight out and turning back in would oscillate
-            radial = p - c
-            dist = np.linalg.norm(radial)
-            if dist < r:
-                u = _unit(radial) if dist > 1e-6 else _perp(_unit(seg))
-                inward = np.dot(step, u)
-                if inward < 0:
-                    step = step - inward * u
-                    if np.linalg.norm(step) < 0.2 * self.max_delta:
-                        step = step + _perp(u) * np.sign(np.dot(_perp(u), seg) or 1.0) * 0.5 * self.max_delta
-                step = step + u * min(r - dist, 0.5 * self.max_delta)
-        n = np.linalg.norm(step)
-        return step if n <= self.max_delta else step / n * self.max_delta
-
-    def _plan_via(self, block: np.ndarray, goal: np.ndarray, other: np.ndarray) -> np.ndarray | None:
-        """A side waypoint when ``other`` lies in the corridor the pushed block sweeps to ``goal``."""
-        corridor = 2 * BLOCK_HALF * np.sqrt(2) + 0.012
+    def _aim(self, block: np.ndarray, goal: np.ndarray, other: np.ndarray) -> np.ndarray:
+        """Where to push ``block``: ``goal``, or a point beside ``other`` when ``other`` lies in the
+        corridor the block would sweep on its way."""
         seg = goal - block
         s = np.dot(other - block, seg) / max(np.dot(seg, seg), 1e-12)
         if not 0.0 < s < 1.0:
-            return None
-        q = block + s * seg
-        if np.linalg.norm(q - other) >= corridor:
-            return None
-        side = q - other
-        if np.linalg.norm(side) < 1e-4:
-            side = _perp(_unit(seg))
-        return other + _unit(side) * (corridor + 0.03)
+            return goal
+        off = block + s * seg - other
+        dist = np.linalg.norm(off)
+        if dist >= self.corridor:
+            return goal
+        side = off / dist if dist > 1e-4 else _perp(_unit(seg))
+        return other + side * (self.corridor + 0.03)
 
     # ------------------------------------------------------------------ policy
     def act(self, obs: dict) -> np.ndarray:
@@ -331,39 +304,41 @@ class BlockPushOracle:
         blocks, yaws = self._blocks(obs)
         targets = [np.asarray(obs["target_pos"], dtype=np.float64)[:2],
                    np.asarray(obs["target2_pos"], dtype=np.float64)[:2]]
-        while self.stage < 2:
-            b, t = self.order[self.stage]
-            if np.linalg.norm(blocks[b] - targets[t]) < self.done_radius:
-                self.stage += 1
-                self.pushing, self.via, self._via_planned = False, None, False
-                continue
-            break
-        if self.stage >= 2:            # both done: stay clear of the blocks
-            return self._to_action(self._navigate(p, p, blocks))
-        b, t = self.order[self.stage]
-        block, other, yaw = blocks[b], blocks[1 - b], yaws[b]
-        if not self._via_planned:
-            self.via = self._plan_via(block, targets[t], other)
-            self._via_planned = True
-        if self.via is not None and np.linalg.norm(block - self.via) < self.waypoint_radius:
-            self.via = None
-        goal = self.via if self.via is not None else targets[t]
-        d = _unit(goal - block)
+        done = [np.linalg.norm(blocks[b] - targets[t]) < self.done_radius for b, t in self.order]
+        if done[0] and done[1]:
+            return np.zeros(2)
+        stage = 1 if done[0] else 0
+        b, t = self.order[stage]
+        block, other, goal = blocks[b], blocks[1 - b], targets[t]
+        # the second block's way may cross the first block, now in its target: no detour, the
+        # targets are far enough apart
+        aim = self._aim(block, goal, other) if stage == 0 else goal
+        d = _unit(aim - block)
         n = _perp(d)
-        contact = _support(-d, yaw) + EFFECTOR_RADIUS
         rel = p - block
-        along, lateral = float(np.dot(rel, d)), float(np.dot(rel, n))
-        if self.pushing and (abs(lateral) > self.realign_lateral or along > -contact + 0.004):
-            self.pushing = False
-        if not self.pushing:
-            approach = block - d * (contact + self.approach_gap)
-            if np.linalg.norm(p - approach) < 0.008:
-                self.pushing = True
-            else:
-                return self._to_action(self._navigate(p, approach, blocks))
-        # push along the line, pulling the effector back onto it; slow down near the goal
-        dist = np.linalg.norm(goal - block)
-        speed = self.push_speed if self.via is not None else float(np.clip(0.8 * dist, 0.004, self.push_speed))
-        delta = speed * d - 0.8 * lateral * n
-        return self._to_action(delta)
-
+        # angle of the effector about the block, 0 = behind it (on -d), positive counter-clockwise
+        angle = float(np.arctan2(-np.dot(rel, n), np.dot(rel, -d)))
+        contact = _support(-d, yaws[b]) + EFFECTOR_RADIUS
+        if abs(angle) > self.behind_angle:
+            # orbit toward the back of the block on a circle that clears it
+            turn = min(abs(angle) - self.behind_angle + 0.2, self.orbit_step)
+            radius = max(self.orbit_radius, min(np.linalg.norm(rel), self.orbit_radius + 0.03))
+            via = block + radius * _rotate(-d, angle - np.sign(angle) * turn)
+            delta = 2 * self.gain * (via - p)
+        else:
+            misalign = min(abs(float(np.dot(rel, n))) / self.align_width, 1.0)
+            servo = block - d * (contact + self.approach_gap * misalign)
+            delta = self.gain * (servo - p)
+            if misalign < 1.0 and -np.dot(rel, d) >= contact:        # behind the face: push
+                dist = np.linalg.norm(goal - block)
+                speed = float(np.clip(0.8 * dist, 0.004, self.push_speed)) if aim is goal else self.push_speed
+                delta = delta + (1.0 - misalign) * speed * d
+        # keep clear of the block that is not being pushed
+        away = p - other
+        gap = np.linalg.norm(away)
+        if gap < self.other_clearance:
+            delta = delta + _unit(away) * (self.other_clearance - gap)
+        n_delta = np.linalg.norm(delta)
+        if n_delta > self.max_delta:
+            delta = delta / n_delta * self.max_delta
+        return np.clip(delta / self.max_delta, -1.0, 1.0)
