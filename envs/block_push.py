@@ -242,6 +242,7 @@ class BlockPushOracle:
     other block lies in the corridor the first block sweeps, the block is aimed beside it.
     """
 
+    VERSION = 2                 # stored with the demos (data attrs "oracle_version"); 1: the switching pusher
     gain = 0.35                 # fraction of the position error commanded per step
     push_speed = 0.015          # m per step while pushing
     approach_gap = 0.03         # how far behind the block's face the effector waits when misaligned
@@ -252,6 +253,7 @@ class BlockPushOracle:
     orbit_radius = EFFECTOR_RADIUS + BLOCK_HALF * np.sqrt(2) + 0.02
     other_clearance = EFFECTOR_RADIUS + BLOCK_HALF * np.sqrt(2) + 0.03
     corridor = 2 * BLOCK_HALF * np.sqrt(2) + 0.015
+    separation = 2 * BLOCK_HALF * np.sqrt(2) + 0.03     # blocks closer than this are pushed apart
 
     def __init__(self, max_delta: float = 0.03, order=None):
         self.max_delta = float(max_delta)
@@ -314,6 +316,11 @@ class BlockPushOracle:
         # targets are far enough apart
         aim = self._aim(block, goal, other) if stage == 0 else goal
         d = _unit(aim - block)
+        # a block pressed against the other one is pushed apart from it first (else the pusher jams
+        # the pair and the feedback law settles there)
+        apart = np.linalg.norm(block - other)
+        if apart < self.separation:
+            d = _unit(d + _unit(block - other) * (self.separation - apart) / (self.separation - 2 * BLOCK_HALF))
         n = _perp(d)
         rel = p - block
         # angle of the effector about the block, 0 = behind it (on -d), positive counter-clockwise
@@ -329,10 +336,11 @@ class BlockPushOracle:
             misalign = min(abs(float(np.dot(rel, n))) / self.align_width, 1.0)
             servo = block - d * (contact + self.approach_gap * misalign)
             delta = self.gain * (servo - p)
-            if misalign < 1.0 and -np.dot(rel, d) >= contact:        # behind the face: push
-                dist = np.linalg.norm(goal - block)
-                speed = float(np.clip(0.8 * dist, 0.004, self.push_speed)) if aim is goal else self.push_speed
-                delta = delta + (1.0 - misalign) * speed * d
+            # push in proportion to the alignment; no test of contact (the effector sits a hair
+            # inside the face while pushing, and a contact test would chatter push / back off)
+            dist = np.linalg.norm(goal - block)
+            speed = float(np.clip(0.8 * dist, 0.004, self.push_speed)) if aim is goal else self.push_speed
+            delta = delta + (1.0 - misalign) * speed * d
         # keep clear of the block that is not being pushed
         away = p - other
         gap = np.linalg.norm(away)

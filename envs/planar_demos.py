@@ -158,7 +158,8 @@ def generate_planar_demos(out: str | os.PathLike, task: str = "BlockPush", n_dem
 
     try:
         stats = write_demo_file(out, name, n_demos, seed, max_attempts, run, env_meta, reject=reject,
-                                valid_fraction=valid_fraction, compress_images=compress_images, progress=progress)
+                                valid_fraction=valid_fraction, compress_images=compress_images, progress=progress,
+                                data_attrs={"oracle_version": int(oracle_cls.VERSION)})
     finally:
         sim.close()
     summary = demo_summary(out, name, stats, time.perf_counter() - t0)
@@ -179,7 +180,22 @@ def ensure_planar_demos(path: str | os.PathLike, task: str = "BlockPush", n_demo
               f"{summary['seconds_per_demo']:.2f} s/demo)", file=sys.stderr)
         return path
     check_existing_demos(path, name, n_demos, image)
+    check_oracle_version(path, name)
     return path
+
+
+def check_oracle_version(path: str | os.PathLike, task: str) -> None:
+    """Demos written by an older version of a task's oracle are refused in one line (a file without
+    the ``oracle_version`` attribute is version 1): reusing them silently would train on another
+    expert than the one the benchmark describes."""
+    import h5py
+
+    name, _, oracle_cls = _task_parts(task)
+    with h5py.File(path, "r") as f:
+        version = int(f["data"].attrs.get("oracle_version", 1))
+    if version != oracle_cls.VERSION:
+        raise ValueError(f"{path}: data attrs 'oracle_version' is {version}, this jumpflow's {name} oracle is "
+                         f"version {oracle_cls.VERSION}; remove the file to regenerate it")
 
 
 # ---------------------------------------------------------------------------- jumpflow-demos hook

@@ -144,6 +144,7 @@ class ReachAroundOracle:
         max_delta: metres per unit action (the env's ``max_delta``).
         side: fix the side instead of drawing it.
     """
+    VERSION = 1                 # stored with the demos (data attrs "oracle_version")
 
     def __init__(self, max_delta: float = 0.03, side: str | None = None):
         if side is not None and side not in SIDES:

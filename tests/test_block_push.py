@@ -198,6 +198,51 @@ def test_block_push_demo_replays_from_its_initial_state(block_push_demos):
 
 
 @pytest.mark.sim
+def test_block_push_demos_from_another_oracle_version_are_refused(block_push_demos, tmp_path):
+    import shutil
+
+    import h5py
+    from jumpflow.envs.block_push import BlockPushOracle
+    from jumpflow.envs.planar_demos import ensure_planar_demos
+
+    path, _ = block_push_demos
+    with h5py.File(path, "r") as f:
+        assert int(f["data"].attrs["oracle_version"]) == BlockPushOracle.VERSION == 2
+    assert ensure_planar_demos(path, "BlockPush", n_demos=60) == path
+    old = tmp_path / "old.hdf5"
+    shutil.copy(path, old)
+    with h5py.File(old, "a") as f:
+        del f["data"].attrs["oracle_version"]               # files written before versions: version 1
+    with pytest.raises(ValueError, match=r"old\.hdf5: data attrs 'oracle_version' is 1, .*BlockPush oracle is version 2"):
+        ensure_planar_demos(old, "BlockPush", n_demos=60)
+
+
+@pytest.mark.sim
+def test_block_push_oracle_is_memoryless_and_survives_held_actions():
+    """The oracle is a feedback law of the observation and its drawn order: a fresh oracle with
+    the same order acts identically mid-episode (nothing hidden a learner could not see), and
+    holding each action for 4 steps, as a chunked policy acts open loop, still succeeds."""
+    from bench.experts import PerturbedOracle
+    from jumpflow.envs.block_push import BlockPushOracle, BlockPushSim
+    from jumpflow.envs.planar_demos import run_oracle_episode
+
+    sim = BlockPushSim()
+    oracle = BlockPushOracle(max_delta=sim.max_delta)
+    obs = sim.reset(3)
+    oracle.reset(obs, seed=3)
+    for t in range(60):
+        a = oracle.act(obs)
+        if t % 15 == 14:
+            fresh = BlockPushOracle(max_delta=sim.max_delta, order=oracle.order)
+            np.testing.assert_array_equal(fresh.act(obs), a)
+        obs, _, _ = sim.step(a)
+    held = PerturbedOracle(BlockPushOracle(max_delta=sim.max_delta), noise_std=0.0, hold=4)
+    episodes = [run_oracle_episode(sim, held, seed, 350) for seed in range(3)]
+    sim.close()
+    assert all(ep["success"] for ep in episodes), [len(ep["actions"]) for ep in episodes]
+
+
+@pytest.mark.sim
 def test_reach_around_demos_modes_replay_and_images(tmp_path):
     import h5py
     from jumpflow.envs.demos import ensure_demos, generate_demos
