@@ -19,7 +19,10 @@ target first among the blocks now in targets; kept when that block leaves its ta
 block is in one; ``None`` before any block reached a target. It lives in the state vector.
 
 Observation keys (float64): ``effector_pos`` (2), ``block_pos`` (2), ``block_yaw`` (2: sin, cos),
-``block2_pos`` (2), ``block2_yaw`` (2), ``target_pos`` (2), ``target2_pos`` (2); optional
+``block2_pos`` (2), ``block2_yaw`` (2), ``target_pos`` (2), ``target2_pos`` (2), ``block_rel`` and
+``block2_rel`` (2 each: the block's position minus the effector's, the analogue of robosuite's
+``gripper_to_cube_pos``; pushing is precise to millimetres relative to the block, which a network
+reads far more easily than as a small difference of two large inputs); optional
 ``overhead_image`` (84, 84, 3) uint8. Action: see :mod:`jumpflow.envs.planar` (2-d desired effector
 displacement, ``max_delta`` = 0.03 m per unit).
 
@@ -85,7 +88,7 @@ class BlockPushSim(PlanarSim):
     TASK = "BlockPush"
     XML = BLOCK_PUSH_XML
     LOWDIM_KEYS = ("effector_pos", "block_pos", "block_yaw", "block2_pos", "block2_yaw",
-                   "target_pos", "target2_pos")
+                   "target_pos", "target2_pos", "block_rel", "block2_rel")
     DEFAULT_KWARGS: ClassVar[dict] = {"control_freq": 10, "max_delta": 0.03, "goal_tolerance": 0.05, "horizon": 350,
                       "camera_size": 84}
     # in_target: index of the target each block is in (-1: none); entered_step: control step at which
@@ -172,6 +175,7 @@ class BlockPushSim(PlanarSim):
             yaw = self.block_yaw(i)
             out[f"{name}_pos"] = self.block_pos(i)
             out[f"{name}_yaw"] = np.array([np.sin(yaw), np.cos(yaw)])
+            out[f"{name}_rel"] = out[f"{name}_pos"] - out["effector_pos"]
         out["target_pos"] = self.target_pos(0)
         out["target2_pos"] = self.target_pos(1)
         return out
