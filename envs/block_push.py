@@ -231,10 +231,18 @@ class BlockPushOracle:
         max_delta: metres per unit action (the env's ``max_delta``).
         order: fix the order ``((first_block, its_target), (second_block, its_target))`` instead of
             drawing it at ``reset``.
+        noise_std: stationary std (action units) of the Ornstein-Uhlenbeck noise added to every
+            action (correlation ``noise_corr`` from one step to the next); 0 gives the bare law.
 
-    ``reset(obs, seed)`` draws the order from ``np.random.default_rng(seed)`` (4 equally likely
-    orders); ``act(obs) -> (2,)`` action in ``[-1, 1]``; ``mode`` is the drawn first pair
-    (``"b0t1"``), ``draw`` the whole draw as a dict.
+    ``reset(obs, seed)`` draws the order, then the noise, from ``np.random.default_rng(seed)`` (4
+    equally likely orders); ``act(obs) -> (2,)`` action in ``[-1, 1]``; ``mode`` is the drawn first
+    pair (``"b0t1"``), ``draw`` the whole draw as a dict.
+
+    Why noise: a noise-free expert visits a thin tube of states, and a cloned policy that leaves
+    it (its first imprecise step does) has never seen the way back; with temporally correlated
+    noise on the executed (and stored) actions, the demos show the law correcting drift from many
+    nearby states (the idea of DART, Laskey et al. 2017), as human demos do. The noise is part of
+    the demonstration: the stored action is the one executed.
 
     The law (why it has no switches a learner cannot see): the stage is read off the blocks (the
     first block is done when it is within ``done_radius`` of its target); the effector orbits the
@@ -246,7 +254,10 @@ class BlockPushOracle:
     other block lies in the corridor the first block sweeps, the block is aimed beside it.
     """
 
-    VERSION = 2                 # stored with the demos (data attrs "oracle_version"); 1: the switching pusher
+    VERSION = 3                 # stored with the demos (data attrs "oracle_version"); 1: the switching
+                                # pusher, 2: this law without noise
+    noise_std = 0.15
+    noise_corr = 0.9
     gain = 0.35                 # fraction of the position error commanded per step
     push_speed = 0.015          # m per step while pushing
     approach_gap = 0.03         # how far behind the block's face the effector waits when misaligned
@@ -259,8 +270,12 @@ class BlockPushOracle:
     corridor = 2 * BLOCK_HALF * np.sqrt(2) + 0.015
     separation = 2 * BLOCK_HALF * np.sqrt(2) + 0.03     # blocks closer than this are pushed apart
 
-    def __init__(self, max_delta: float = 0.03, order=None):
+    def __init__(self, max_delta: float = 0.03, order=None, noise_std: float | None = None):
         self.max_delta = float(max_delta)
+        if noise_std is not None:
+            if not noise_std >= 0:
+                raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+            self.noise_std = float(noise_std)
         self.fixed_order = order
         self.order = order
         self.reset()
@@ -275,12 +290,14 @@ class BlockPushOracle:
                 "first_target": int(self.order[0][1])}
 
     def reset(self, obs: dict | None = None, seed: int | None = None) -> None:
+        rng = np.random.default_rng(seed)
         if self.fixed_order is not None:
             self.order = tuple(tuple(int(v) for v in p) for p in self.fixed_order)
         else:
-            rng = np.random.default_rng(seed)
             first_block, first_target = (int(v) for v in rng.integers(0, 2, size=2))
             self.order = ((first_block, first_target), (1 - first_block, 1 - first_target))
+        self._rng = rng
+        self._noise = self.noise_std * rng.standard_normal(2)      # stationary start
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -305,7 +322,17 @@ class BlockPushOracle:
 
     # ------------------------------------------------------------------ policy
     def act(self, obs: dict) -> np.ndarray:
-        """One action ``(2,)`` in ``[-1, 1]`` from one observation ``{key: (D,)}``."""
+        """One action ``(2,)`` in ``[-1, 1]`` from one observation ``{key: (D,)}``: the feedback law
+        plus the noise (none once both blocks are done)."""
+        action = self.law(obs)
+        if self.noise_std == 0 or not action.any():
+            return action
+        self._noise = self.noise_corr * self._noise + np.sqrt(1 - self.noise_corr ** 2) * self.noise_std * \
+            self._rng.standard_normal(2)
+        return np.clip(action + self._noise, -1.0, 1.0)
+
+    def law(self, obs: dict) -> np.ndarray:
+        """The noise-free feedback law: ``(2,)`` in ``[-1, 1]`` from one observation."""
         p = np.asarray(obs["effector_pos"], dtype=np.float64)[:2]
         blocks, yaws = self._blocks(obs)
         targets = [np.asarray(obs["target_pos"], dtype=np.float64)[:2],

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-BP_KEYS = ["effector_pos", "block_pos", "block_yaw", "block2_pos", "block2_yaw", "target_pos", "target2_pos"]
+BP_KEYS = ["effector_pos", "block_pos", "block_yaw", "block2_pos", "block2_yaw", "target_pos", "target2_pos",
+           "block_rel", "block2_rel"]
 
 
 def _fake_factory(env_meta, obs_keys=None, image_keys=(), camera_size=None, **kw):
@@ -60,6 +61,8 @@ def test_sims_from_registry_reset_by_seed_and_reject_bad_input():
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.allclose(a["block_pos"], c["block_pos"])
     assert np.linalg.norm(a["block_pos"] - a["block2_pos"]) > 0.1
+    for block in ("block", "block2"):                                   # relative keys: block - effector
+        np.testing.assert_array_equal(a[f"{block}_rel"], a[f"{block}_pos"] - a["effector_pos"])
     assert abs(a["target_pos"][0] - a["target2_pos"][0]) > 0.2          # targets 0.24 m apart in x
     with pytest.raises(ValueError, match=r"state has shape \(3,\)"):
         sim.reset_to(np.zeros(3))
@@ -207,13 +210,13 @@ def test_block_push_demos_from_another_oracle_version_are_refused(block_push_dem
 
     path, _ = block_push_demos
     with h5py.File(path, "r") as f:
-        assert int(f["data"].attrs["oracle_version"]) == BlockPushOracle.VERSION == 2
+        assert int(f["data"].attrs["oracle_version"]) == BlockPushOracle.VERSION == 3
     assert ensure_planar_demos(path, "BlockPush", n_demos=60) == path
     old = tmp_path / "old.hdf5"
     shutil.copy(path, old)
     with h5py.File(old, "a") as f:
         del f["data"].attrs["oracle_version"]               # files written before versions: version 1
-    with pytest.raises(ValueError, match=r"old\.hdf5: data attrs 'oracle_version' is 1, .*BlockPush oracle is version 2"):
+    with pytest.raises(ValueError, match=r"old\.hdf5: data attrs 'oracle_version' is 1, .*BlockPush oracle is version 3"):
         ensure_planar_demos(old, "BlockPush", n_demos=60)
 
 
@@ -227,16 +230,19 @@ def test_block_push_oracle_is_memoryless_and_survives_held_actions():
     from jumpflow.envs.planar_demos import run_oracle_episode
 
     sim = BlockPushSim()
-    oracle = BlockPushOracle(max_delta=sim.max_delta)
+    oracle = BlockPushOracle(max_delta=sim.max_delta, noise_std=0.0)
     obs = sim.reset(3)
     oracle.reset(obs, seed=3)
     for t in range(60):
         a = oracle.act(obs)
         if t % 15 == 14:
-            fresh = BlockPushOracle(max_delta=sim.max_delta, order=oracle.order)
+            fresh = BlockPushOracle(max_delta=sim.max_delta, order=oracle.order, noise_std=0.0)
             np.testing.assert_array_equal(fresh.act(obs), a)
+            noisy = BlockPushOracle(max_delta=sim.max_delta, order=oracle.order)
+            noisy.reset(obs, seed=3)
+            assert not np.array_equal(noisy.act(obs), a)            # the demos' noise is on by default
         obs, _, _ = sim.step(a)
-    held = PerturbedOracle(BlockPushOracle(max_delta=sim.max_delta), noise_std=0.0, hold=4)
+    held = PerturbedOracle(BlockPushOracle(max_delta=sim.max_delta, noise_std=0.0), noise_std=0.0, hold=4)
     episodes = [run_oracle_episode(sim, held, seed, 350) for seed in range(3)]
     sim.close()
     assert all(ep["success"] for ep in episodes), [len(ep["actions"]) for ep in episodes]
