@@ -155,10 +155,12 @@ class PerturbedOracle:
         return self.action
 
 
-def run_planar_task(task: str, n_episodes: int, seed: int, noise_std: float = 0.0, hold: int = 1) -> dict:
+def run_planar_task(task: str, n_episodes: int, seed: int, noise_std: float = 0.0, hold: int = 1,
+                    oracle_noise: float | None = None) -> dict:
     """A planar oracle (Block Push / Reach Around) over ``n_episodes`` seeds: success (p2 on Block
     Push), p1, the modes it took, the modes it drew. ``noise_std`` / ``hold``: act through
-    :class:`PerturbedOracle` (0 / 1: the oracle as the demo generator runs it)."""
+    :class:`PerturbedOracle` (0 / 1: the oracle as the demo generator runs it). ``oracle_noise``:
+    the oracle's own demo noise (Block Push; ``None``: its default, 0: the bare feedback law)."""
     from jumpflow.envs.planar_demos import _task_parts, run_oracle_episode
     from jumpflow.envs.registry import planar_env_meta
 
@@ -166,7 +168,7 @@ def run_planar_task(task: str, n_episodes: int, seed: int, noise_std: float = 0.
     meta = planar_env_meta(name)
     max_steps = int(meta["env_kwargs"]["horizon"])
     sim = sim_cls(meta)
-    oracle = oracle_cls(max_delta=sim.max_delta)
+    oracle = oracle_cls(max_delta=sim.max_delta, **({} if oracle_noise is None else {"noise_std": oracle_noise}))
     if noise_std > 0 or hold > 1:
         oracle = PerturbedOracle(oracle, noise_std, hold)
     eps, t0 = [], time.perf_counter()
