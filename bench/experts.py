@@ -184,6 +184,10 @@ def run_planar_task(task: str, n_episodes: int, seed: int, noise_std: float = 0.
             "n_success": sum(ep["success"] for ep in eps), "success_rate": float(np.mean([ep["success"] for ep in eps])),
             "p1_rate": float(np.mean([ep["p1"] for ep in eps])), "max_steps": max_steps,
             "mean_length": float(np.mean([len(ep["actions"]) for ep in eps])), "modes": dict(sorted(modes.items())),
+            # how much the action changes from one step to the next (mean |a[t] - a[t-1]|): a law
+            # that chatters is hard to clone, whatever its success
+            "mean_action_change": float(np.mean([np.abs(np.diff(np.asarray(ep["actions"]), axis=0)).mean()
+                                                 for ep in eps])),
             "seconds_per_episode": (time.perf_counter() - t0) / n_episodes, "seeds": f"{seed}..{seed + n_episodes - 1}",
             "failed_seeds": [seed + k for k, ep in enumerate(eps) if not ep["success"]]}
 

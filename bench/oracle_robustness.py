@@ -37,7 +37,8 @@ def main(argv=None) -> None:
                                 oracle_noise=args.oracle_noise)
             rows.append({"task": r["task"], "hold": hold, "noise_std": noise, "episodes": r["n_episodes"],
                          "success_rate": r["success_rate"], "p1_rate": r["p1_rate"],
-                         "mean_length": round(r["mean_length"], 1)})
+                         "mean_length": round(r["mean_length"], 1),
+                         "mean_action_change": round(r["mean_action_change"], 4)})
             print(rows[-1], flush=True)
     write_results("oracle_robustness", {"task": args.task, "episodes": args.episodes, "seed": args.seed,
                                         "oracle_noise": "default" if args.oracle_noise is None else args.oracle_noise,

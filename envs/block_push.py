@@ -41,6 +41,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+from jumpflow.envs.experts import OUNoise
 from jumpflow.envs.planar import PlanarSim, effector_body, free_planar_box, planar_scene
 
 BLOCK_HALF = 0.02            # block half side (4 cm cube)
@@ -232,7 +233,8 @@ class BlockPushOracle:
         order: fix the order ``((first_block, its_target), (second_block, its_target))`` instead of
             drawing it at ``reset``.
         noise_std: stationary std (action units) of the Ornstein-Uhlenbeck noise added to every
-            action (correlation ``noise_corr`` from one step to the next); 0 gives the bare law.
+            action (:class:`jumpflow.envs.experts.OUNoise`, time constant ``noise_tau`` steps: lag-1
+            correlation 0.90); 0 gives the bare law.
 
     ``reset(obs, seed)`` draws the order, then the noise, from ``np.random.default_rng(seed)`` (4
     equally likely orders); ``act(obs) -> (2,)`` action in ``[-1, 1]``; ``mode`` is the drawn first
@@ -257,7 +259,7 @@ class BlockPushOracle:
     VERSION = 3                 # stored with the demos (data attrs "oracle_version"); 1: the switching
                                 # pusher, 2: this law without noise
     noise_std = 0.15
-    noise_corr = 0.9
+    noise_tau = 9.5             # steps; exp(-1 / 9.5) = 0.90 from one step to the next
     gain = 0.35                 # fraction of the position error commanded per step
     push_speed = 0.015          # m per step while pushing
     approach_gap = 0.03         # how far behind the block's face the effector waits when misaligned
@@ -287,7 +289,7 @@ class BlockPushOracle:
     @property
     def draw(self) -> dict:
         return {"order": [mode_name(b, t) for b, t in self.order], "first_block": int(self.order[0][0]),
-                "first_target": int(self.order[0][1])}
+                "first_target": int(self.order[0][1]), "noise_std": self.noise_std, "noise_tau": self.noise_tau}
 
     def reset(self, obs: dict | None = None, seed: int | None = None) -> None:
         rng = np.random.default_rng(seed)
@@ -296,8 +298,7 @@ class BlockPushOracle:
         else:
             first_block, first_target = (int(v) for v in rng.integers(0, 2, size=2))
             self.order = ((first_block, first_target), (1 - first_block, 1 - first_target))
-        self._rng = rng
-        self._noise = self.noise_std * rng.standard_normal(2)      # stationary start
+        self._noise = OUNoise(np.full(2, self.noise_std), self.noise_tau, rng)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -327,9 +328,7 @@ class BlockPushOracle:
         action = self.law(obs)
         if self.noise_std == 0 or not action.any():
             return action
-        self._noise = self.noise_corr * self._noise + np.sqrt(1 - self.noise_corr ** 2) * self.noise_std * \
-            self._rng.standard_normal(2)
-        return np.clip(action + self._noise, -1.0, 1.0)
+        return np.clip(action + self._noise.step(), -1.0, 1.0)
 
     def law(self, obs: dict) -> np.ndarray:
         """The noise-free feedback law: ``(2,)`` in ``[-1, 1]`` from one observation."""

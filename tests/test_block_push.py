@@ -184,7 +184,8 @@ def test_block_push_demo_replays_from_its_initial_state(block_push_demos):
         for name in ("demo_0", "demo_3"):
             g = f[f"data/{name}"]
             states, actions = g["states"][()], g["actions"][()]
-            assert json.loads(g.attrs["draw"])["order"][0] == g.attrs["mode"]
+            draw = json.loads(g.attrs["draw"])
+            assert draw["order"][0] == g.attrs["mode"] and draw["noise_std"] == 0.15      # what it drew, stored
             obs = sim.reset_to(states[0])
             for k in BP_KEYS:
                 np.testing.assert_array_equal(obs[k], g[f"obs/{k}"][0])
@@ -246,6 +247,14 @@ def test_block_push_oracle_is_memoryless_and_survives_held_actions():
     episodes = [run_oracle_episode(sim, held, seed, 350) for seed in range(3)]
     sim.close()
     assert all(ep["success"] for ep in episodes), [len(ep["actions"]) for ep in episodes]
+    # smooth: the bare law's action moves little from step to step (a law that alternated push and
+    # back-off, as a contact test made it do, changes by ~0.15 a step)
+    bare = BlockPushOracle(max_delta=sim.max_delta, noise_std=0.0)
+    sim = BlockPushSim()
+    changes = [np.abs(np.diff(np.asarray(run_oracle_episode(sim, bare, seed, 350)["actions"]), axis=0)).mean()
+               for seed in range(3)]
+    sim.close()
+    assert max(changes) < 0.05, changes
 
 
 @pytest.mark.sim
