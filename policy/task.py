@@ -104,6 +104,7 @@ class PolicyTask(Task):
             extra = {} if self.demo_style == "ph" else {"style": self.demo_style}
             ensure_demos(self.dataset_path, task=self.env, n_demos=self.n_demos, seed=self.demo_seed,
                          image=self.image, workers=self.demo_workers, **extra)
+        self._check_oracle_version()
         data = self._dataset()
         from jumpflow.envs.registry import sim_class_path
         try:                                   # an env the evaluator cannot build fails here, not after training
@@ -114,6 +115,17 @@ class PolicyTask(Task):
         self._set_shapes({k: tuple(meta["obs"][k]) for k in self.obs_keys}, int(meta["action"][0]), data.env_meta)
         self._normalizer = data.get_normalizer()
         self.demo_modes = self._read_demo_modes()
+
+    def _check_oracle_version(self) -> None:
+        """A planar task's demos written by another version of its oracle are refused before any
+        training (an existing file is otherwise read as it is, whatever expert wrote it)."""
+        from jumpflow.envs.planar_demos import check_oracle_version, is_planar_task
+
+        if is_planar_task(self.env):
+            try:
+                check_oracle_version(self.dataset_path, self.env)
+            except ValueError as err:
+                raise ConfigError("task.dataset", str(err)) from None
 
     def _read_demo_modes(self) -> list[str] | None:
         """The demos' behaviour modes (``data/demo_i`` attribute ``mode``) when the file labels them

@@ -219,6 +219,17 @@ def test_block_push_demos_from_another_oracle_version_are_refused(block_push_dem
         del f["data"].attrs["oracle_version"]               # files written before versions: version 1
     with pytest.raises(ValueError, match=r"old\.hdf5: data attrs 'oracle_version' is 1, .*BlockPush oracle is version 3"):
         ensure_planar_demos(old, "BlockPush", n_demos=60)
+    # training on an existing file checks it too (the file is not missing, so nothing is generated)
+    from jumpflow.errors import ConfigError
+    from jumpflow.policy.task import PolicyTask
+
+    PolicyTask(str(path), env="BlockPush", generate_if_missing=False, obs_keys=BP_KEYS,
+               cache_dir=str(tmp_path / "cache")).prepare()
+    with pytest.raises(ConfigError, match=r"task\.dataset.*old\.hdf5: data attrs 'oracle_version' is 1") as e:
+        PolicyTask(str(old), env="BlockPush", generate_if_missing=True, obs_keys=BP_KEYS).prepare()
+    assert "\n" not in str(e.value)
+    with h5py.File(old, "r") as f:                          # refused, not regenerated or rewritten
+        assert "oracle_version" not in f["data"].attrs
 
 
 @pytest.mark.sim
