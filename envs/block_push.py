@@ -240,11 +240,16 @@ class BlockPushOracle:
     equally likely orders); ``act(obs) -> (2,)`` action in ``[-1, 1]``; ``mode`` is the drawn first
     pair (``"b0t1"``), ``draw`` the whole draw as a dict.
 
-    Why noise: a noise-free expert visits a thin tube of states, and a cloned policy that leaves
-    it (its first imprecise step does) has never seen the way back; with temporally correlated
-    noise on the executed (and stored) actions, the demos show the law correcting drift from many
-    nearby states (the idea of DART, Laskey et al. 2017), as human demos do. The noise is part of
-    the demonstration: the stored action is the one executed.
+    Why noise, and why the label is the law (DART, Laskey et al. 2017): a noise-free expert visits
+    a thin tube of states, and a cloned policy that leaves it (its first imprecise step does) has
+    never seen the way back. The demos therefore *execute* ``perturb(law(obs))`` (temporally
+    correlated noise drives them off the tube) but *label* every visited state with ``law(obs)``
+    (``labels_clean``; the demo writer stores the executed actions as ``executed_actions``).
+    Version 3 stored the executed action as the label: the OU noise, lag-1 correlation 0.9, is
+    predictable from the two-step observation history, so a cloned policy learnt to continue the
+    noise (its actions followed the noisy labels with correlation 0.87 but the law's lateral
+    correction with 0.70 on demo states) and drifted off the block in closed loop (the copycat
+    problem of history-conditioned cloning).
 
     The law (why it has no switches a learner cannot see): the stage is read off the blocks (the
     first block is done when it is within ``done_radius`` of its target); the effector orbits the
@@ -256,8 +261,9 @@ class BlockPushOracle:
     other block lies in the corridor the first block sweeps, the block is aimed beside it.
     """
 
-    VERSION = 3                 # stored with the demos (data attrs "oracle_version"); 1: the switching
-                                # pusher, 2: this law without noise
+    VERSION = 4                 # stored with the demos (data attrs "oracle_version"); 1: the switching
+                                # pusher, 2: this law without noise, 3: noise, executed actions as labels
+    labels_clean = True         # demos label each visited state with law(obs), not the noisy action run
     noise_std = 0.15
     noise_tau = 9.5             # steps; exp(-1 / 9.5) = 0.90 from one step to the next
     gain = 0.35                 # fraction of the position error commanded per step
@@ -325,7 +331,11 @@ class BlockPushOracle:
     def act(self, obs: dict) -> np.ndarray:
         """One action ``(2,)`` in ``[-1, 1]`` from one observation ``{key: (D,)}``: the feedback law
         plus the noise (none once both blocks are done)."""
-        action = self.law(obs)
+        return self.perturb(self.law(obs))
+
+    def perturb(self, action: np.ndarray) -> np.ndarray:
+        """The executed action: ``action`` (the law's) plus the next step of the OU noise, clipped to
+        ``[-1, 1]``; a zero action (both blocks done) is left alone."""
         if self.noise_std == 0 or not action.any():
             return action
         return np.clip(action + self._noise.step(), -1.0, 1.0)

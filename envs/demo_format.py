@@ -16,8 +16,9 @@ def write_demo(grp, episode: dict, compress_images: bool) -> None:
     grp.attrs["success"] = bool(episode["success"])
     for key, value in episode.get("attrs", {}).items():      # the mh style's draws (none for ph)
         grp.attrs[key] = value
-    for name in ("states", "actions", "rewards", "dones"):
-        grp.create_dataset(name, data=episode[name])
+    for name in ("states", "actions", "rewards", "dones", "executed_actions"):
+        if name in episode:                                   # executed_actions: clean-label oracles only
+            grp.create_dataset(name, data=episode[name])
     for part in ("obs", "next_obs"):
         sub = grp.create_group(part)
         for k, v in episode[part].items():

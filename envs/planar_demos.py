@@ -8,7 +8,9 @@ of Implicit BC / Diffusion Policy (each demo labelled by the order the oracle dr
     data/demo_<i>              attrs: num_samples, model_file (MJCF), seed, success (True),
                                       mode ("b0t1" / "left" ...), draw (JSON of the oracle's draw)
         states    (T, S) float64   PlanarSim.get_state() before each action
-        actions   (T, 2) float64   desired displacement in [-1, 1] (x max_delta)
+        actions   (T, 2) float64   desired displacement in [-1, 1] (x max_delta); an oracle with
+                                   ``labels_clean`` (BlockPush) labels with its noise-free law
+        executed_actions (T, 2)    what ran (law + noise; labels_clean oracles only): replay these
         rewards   (T,)   float64
         dones     (T,)   int64     1 at the last step
         obs/<key>       (T, ...)   low-dim float64; overhead_image (T, H, W, 3) uint8
@@ -104,8 +106,19 @@ def run_oracle_episode(sim, oracle, seed: int, max_steps: int) -> dict:
     def note_p1() -> None:
         if sim.success_dict().get("p1", False):
             reached_p1.append(True)
-    episode = record_episode(sim, oracle.act, obs, seed, max_steps, model_file=sim.get_model_xml(),
-                             after_step=note_p1)
+    labels = []
+
+    def act(o: dict) -> np.ndarray:
+        # DART: run the perturbed action, label the state with the law (no noise to imitate)
+        clean = oracle.law(o)
+        labels.append(clean)
+        return oracle.perturb(clean)
+    clean_labels = bool(getattr(oracle, "labels_clean", False))
+    episode = record_episode(sim, act if clean_labels else oracle.act, obs, seed, max_steps,
+                             model_file=sim.get_model_xml(), after_step=note_p1)
+    if clean_labels:
+        episode["executed_actions"] = episode["actions"]
+        episode["actions"] = np.clip(np.stack(labels), -1.0, 1.0).astype(np.float64)
     return {**episode, "p1": bool(reached_p1) or episode["success"], "mode": oracle.mode,
             "realised_mode": sim.current_mode(), "draw": oracle.draw}
 

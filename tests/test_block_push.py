@@ -170,6 +170,7 @@ def test_block_push_oracle_modes_and_success(block_push_demos):
 def test_block_push_demo_replays_from_its_initial_state(block_push_demos):
     import h5py
     from jumpflow.datasets.robomimic import RobomimicFile
+    from jumpflow.envs.block_push import BlockPushOracle
     from jumpflow.envs.registry import make_sim
 
     path, _ = block_push_demos
@@ -183,9 +184,15 @@ def test_block_push_demo_replays_from_its_initial_state(block_push_demos):
     with h5py.File(path, "r") as f:
         for name in ("demo_0", "demo_3"):
             g = f[f"data/{name}"]
-            states, actions = g["states"][()], g["actions"][()]
+            # the executed (noisy) actions replay the episode; the labels are the law's (DART)
+            states, actions, labels = g["states"][()], g["executed_actions"][()], g["actions"][()]
             draw = json.loads(g.attrs["draw"])
             assert draw["order"][0] == g.attrs["mode"] and draw["noise_std"] == 0.15      # what it drew, stored
+            order = [(int(m[1]), int(m[3])) for m in draw["order"]]
+            law = BlockPushOracle(order=order, noise_std=0)
+            np.testing.assert_array_equal(
+                labels, np.stack([law.law({k: g[f"obs/{k}"][t] for k in BP_KEYS}) for t in range(len(labels))]))
+            assert labels.shape == actions.shape and np.abs(actions - labels).mean() > 0.05     # noise ran
             obs = sim.reset_to(states[0])
             for k in BP_KEYS:
                 np.testing.assert_array_equal(obs[k], g[f"obs/{k}"][0])
@@ -211,13 +218,13 @@ def test_block_push_demos_from_another_oracle_version_are_refused(block_push_dem
 
     path, _ = block_push_demos
     with h5py.File(path, "r") as f:
-        assert int(f["data"].attrs["oracle_version"]) == BlockPushOracle.VERSION == 3
+        assert int(f["data"].attrs["oracle_version"]) == BlockPushOracle.VERSION == 4
     assert ensure_planar_demos(path, "BlockPush", n_demos=60) == path
     old = tmp_path / "old.hdf5"
     shutil.copy(path, old)
     with h5py.File(old, "a") as f:
         del f["data"].attrs["oracle_version"]               # files written before versions: version 1
-    with pytest.raises(ValueError, match=r"old\.hdf5: data attrs 'oracle_version' is 1, .*BlockPush oracle is version 3"):
+    with pytest.raises(ValueError, match=r"old\.hdf5: data attrs 'oracle_version' is 1, .*BlockPush oracle is version 4"):
         ensure_planar_demos(old, "BlockPush", n_demos=60)
     # training on an existing file checks it too (the file is not missing, so nothing is generated)
     from jumpflow.errors import ConfigError
@@ -285,6 +292,7 @@ def test_reach_around_demos_modes_replay_and_images(tmp_path):
         for name in ("demo_0", "demo_1"):
             g = f[f"data/{name}"]
             sim.reset_to(g["states"][0])
+            assert "executed_actions" not in g                 # no noise: the label is what ran
             for a in g["actions"][()]:
                 _, _, success = sim.step(a)
             assert success and sim.current_mode() == g.attrs["mode"]
