@@ -386,3 +386,36 @@ def test_perturbed_oracle_holds_and_draws_reproducible_noise():
     assert np.array_equal(runs[0], runs[1]) and np.abs(runs[0]).max() == 1.0   # same seed, same noise; clipped
     with pytest.raises(ValueError, match="hold >= 1"):
         PerturbedOracle(CountingOracle(), hold=0)
+
+
+@pytest.mark.sim
+def test_label_fit_tells_law_labels_from_executed_ones(block_push_demos, tmp_path):
+    """``bench.label_fit`` on oracle-v4 demos: the stored labels are the law exactly; with the
+    executed (noisy) actions put back as labels, as v3 stored them, they are not."""
+    import shutil
+
+    import h5py
+    from bench.label_fit import label_fit
+    from hydra import compose, initialize_config_module
+    from jumpflow.trainer import train
+
+    path, _ = block_push_demos
+    with initialize_config_module("jumpflow.configs", version_base=None):
+        cfg = compose("train", overrides=[
+            "experiment=policy_cpu", "task=block_push_lowdim", "objective=regression", f"task.dataset={path}",
+            "task.n_demos=60", f"task.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=4", "trainer.batch_size=16",
+            "trainer.ckpt_every=4", "trainer.eval_at_end=false", "logger=none", "trainer.progress=false",
+            "backbone.width=32", "backbone.depth=1", f"run_dir={tmp_path / 'run'}"])
+    train(cfg)
+    row = label_fit(str(tmp_path / "run"), None, n_demos=3, stride=5)
+    assert row["oracle_version"] == 4 and row["samples"] > 20 and row["n_obs_steps"] == 2
+    assert row["label_law_x"] == row["label_law_y"] == 1.0
+    assert all(-1.0 <= row[f"pred_{a}_{x}"] <= 1.0 for a in ("label", "law") for x in "xy")
+    noisy = tmp_path / "noisy.hdf5"
+    shutil.copy(path, noisy)
+    with h5py.File(noisy, "a") as f:
+        for g in f["data"].values():
+            g["actions"][...] = g["executed_actions"][()]
+    noisy_row = label_fit(str(tmp_path / "run"), str(noisy), n_demos=3, stride=5)
+    assert max(noisy_row["label_law_x"], noisy_row["label_law_y"]) < 0.98
+    assert noisy_row["pred_law_x"] == row["pred_law_x"]            # same policy, same states
