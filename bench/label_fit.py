@@ -13,6 +13,8 @@ A policy that has learnt the law has ``pred_law`` near 1. A policy whose ``pred_
 ``label_law`` predicts part of the noise, which it can only do from the observation history
 (Ornstein-Uhlenbeck noise with lag-1 correlation 0.9 is visible in the last two states): the
 copycat failure of history-conditioned cloning, which continues the noise in closed loop.
+For a generative policy one sample may also take another order's action than the demo's (the
+demos hold 4 orders), so its ``pred_law`` mixes fit and mode choice; regression has no such part.
 
     python -m bench.label_fit --runs RUN_DIR[,RUN_DIR...] [--demos 40] [--stride 3]
 
@@ -69,7 +71,8 @@ def label_fit(run_dir: str, dataset: str | None, n_demos: int, stride: int) -> d
 
     def corr(a, b, i):
         return float(np.corrcoef(a[:, i], b[:, i])[0, 1])
-    row = {"run": Path(run_dir).name, "oracle_version": version, "objective": cfg["objective"]["_target_"].split(".")[-1],
+    row = {"run": "/".join(Path(run_dir).resolve().parts[-2:]), "oracle_version": version,
+           "objective": cfg["objective"]["_target_"].split(".")[-1], "train_steps": int(cfg["trainer"]["max_steps"]),
            "n_obs_steps": n_obs, "samples": int(len(pred))}
     for i, axis in enumerate("xy"):
         row[f"label_law_{axis}"] = round(corr(label, law, i), 3)
