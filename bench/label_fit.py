@@ -73,7 +73,7 @@ def label_fit(run_dir: str, dataset: str | None, n_demos: int, stride: int) -> d
         return float(np.corrcoef(a[:, i], b[:, i])[0, 1])
     row = {"run": "/".join(Path(run_dir).resolve().parts[-2:]), "oracle_version": version,
            "objective": cfg["objective"]["_target_"].split(".")[-1], "train_steps": int(cfg["trainer"]["max_steps"]),
-           "n_obs_steps": n_obs, "samples": int(len(pred))}
+           "n_obs_steps": n_obs, "samples": len(pred)}
     for i, axis in enumerate("xy"):
         row[f"label_law_{axis}"] = round(corr(label, law, i), 3)
         row[f"pred_label_{axis}"] = round(corr(pred, label, i), 3)

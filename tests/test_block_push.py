@@ -227,8 +227,9 @@ def test_block_push_demos_from_another_oracle_version_are_refused(block_push_dem
     with pytest.raises(ValueError, match=r"old\.hdf5: data attrs 'oracle_version' is 1, .*BlockPush oracle is version 4"):
         ensure_planar_demos(old, "BlockPush", n_demos=60)
     # training on an existing file checks it too (the file is not missing, so nothing is generated)
-    from jumpflow.errors import ConfigError
     from jumpflow.policy.task import PolicyTask
+
+    from jumpflow.errors import ConfigError
 
     PolicyTask(str(path), env="BlockPush", generate_if_missing=False, obs_keys=BP_KEYS,
                cache_dir=str(tmp_path / "cache")).prepare()
@@ -244,9 +245,10 @@ def test_block_push_oracle_is_memoryless_and_survives_held_actions():
     """The oracle is a feedback law of the observation and its drawn order: a fresh oracle with
     the same order acts identically mid-episode (nothing hidden a learner could not see), and
     holding each action for 4 steps, as a chunked policy acts open loop, still succeeds."""
-    from bench.experts import PerturbedOracle
     from jumpflow.envs.block_push import BlockPushOracle, BlockPushSim
     from jumpflow.envs.planar_demos import run_oracle_episode
+
+    from bench.experts import PerturbedOracle
 
     sim = BlockPushSim()
     oracle = BlockPushOracle(max_delta=sim.max_delta, noise_std=0.0)
@@ -395,8 +397,9 @@ def test_label_fit_tells_law_labels_from_executed_ones(block_push_demos, tmp_pat
     import shutil
 
     import h5py
-    from bench.label_fit import label_fit
     from hydra import compose, initialize_config_module
+
+    from bench.label_fit import label_fit
     from jumpflow.trainer import train
 
     path, _ = block_push_demos
