@@ -32,20 +32,19 @@ import numpy as np
 from bench.common import arg_parser, parse_args, print_table, write_results
 
 
-def _order(draw: dict) -> list[tuple[int, int]]:
-    return [(int(m[1]), int(m[3])) for m in draw["order"]]          # "b0t1" -> (block 0, target 1)
-
-
 def label_fit(run_dir: str, dataset: str | None, n_demos: int, stride: int) -> dict:
     """Correlations of one run's policy with its demos' labels and with the law (module doc)."""
     import h5py
     import torch
     import yaml
-    from jumpflow.envs.block_push import BlockPushOracle
+    from jumpflow.envs.block_push import BlockPushOracle, parse_mode
     from jumpflow.policy import load_policy
 
     cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    source = "--dataset" if dataset else f"{run_dir}/config.yaml: task.dataset"
     dataset = dataset or cfg["task"]["dataset"]
+    if not Path(dataset).is_file():
+        raise FileNotFoundError(f"{source}: {dataset} does not exist")
     n_obs = int(cfg["task"]["n_obs_steps"])
     policy = load_policy(run_dir)
     keys = list(policy.obs_keys)
@@ -58,7 +57,8 @@ def label_fit(run_dir: str, dataset: str | None, n_demos: int, stride: int) -> d
         version = int(f["data"].attrs.get("oracle_version", 1))
         for name in names:
             g = f["data"][name]
-            oracle = BlockPushOracle(order=_order(json.loads(g.attrs["draw"])), noise_std=0)
+            oracle = BlockPushOracle(order=[parse_mode(m) for m in json.loads(g.attrs["draw"])["order"]],
+                                     noise_std=0)
             obs = {k: g[f"obs/{k}"][()] for k in keys}
             steps = range(n_obs - 1, len(g["actions"]), stride)
             window = {k: torch.from_numpy(np.stack([v[t - n_obs + 1:t + 1] for t in steps])).float()
@@ -92,6 +92,9 @@ def main(argv=None) -> None:
     for run in runs:                                                 # bad input before any work
         if not (Path(run) / "config.yaml").is_file():
             raise SystemExit(f"bench.label_fit: --runs: {run} has no config.yaml")
+    for path in {args.dataset} if args.dataset else set():
+        if not Path(path).is_file():
+            raise SystemExit(f"bench.label_fit: --dataset: {path} does not exist")
     rows = [label_fit(run, args.dataset, args.demos, args.stride) for run in runs]
     write_results("label_fit", {"demos": args.demos, "stride": args.stride, "dataset": args.dataset}, rows)
     print_table(rows)
