@@ -26,11 +26,13 @@ from pathlib import Path
 from bench.common import RESULTS, load_rows, write_results
 
 
-def run_main_job(experiment: str, run_dir: Path, overrides: list[str]) -> dict:
-    """Train + evaluate in a child process on a fresh data folder; returns the timing and eval."""
+def run_main_job(experiment: str, run_dir: Path, overrides: list[str], data_dir: Path | None = None) -> dict:
+    """Train + evaluate in a child process; returns the timing and eval. The demos go to a fresh
+    folder that is removed afterwards, or to ``data_dir`` (kept: a sweep shares one set)."""
     if run_dir.exists():
         raise FileExistsError(f"{run_dir} exists; the main job is timed on a fresh run directory")
-    data_dir = Path(tempfile.mkdtemp(prefix="jumpflow_fresh_data_"))
+    fresh = data_dir is None
+    data_dir = Path(tempfile.mkdtemp(prefix="jumpflow_fresh_data_")) if fresh else Path(data_dir)
     env = {**os.environ, "JUMPFLOW_DATA": str(data_dir)}
     cmd = [sys.executable, "-m", "jumpflow.cli.train", f"experiment={experiment}", f"run_dir={run_dir}",
            f"hydra.run.dir={run_dir}", *overrides]
@@ -41,7 +43,8 @@ def run_main_job(experiment: str, run_dir: Path, overrides: list[str]) -> dict:
     try:
         subprocess.run(cmd, env=env, check=True)
     finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(data_dir, ignore_errors=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     evals = sorted(run_dir.glob("eval_step*.json"), key=lambda p: int(p.stem.removeprefix("eval_step")))
