@@ -244,17 +244,20 @@ class RealtimeStats:
 
     mode: str
     control_freq: float
+    # counts, in control periods (ticks) and environment steps
     periods: int = 0
     steps: int = 0
     starved_ticks: int = 0
     late_ticks: int = 0
+    # one entry per chunk request: its inference latency and its delay in whole periods
     requests: int = 0
-    done: bool = False
     latency_ms: list = field(default_factory=list)
     delays: list = field(default_factory=list)
+    # the clock as measured, in milliseconds
     period_ms_mean: float = 0.0
     period_ms_p95: float = 0.0
     jitter_ms_p95: float = 0.0
+    done: bool = False
 
     @property
     def deadline_misses(self) -> int:

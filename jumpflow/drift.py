@@ -35,11 +35,22 @@ Swapping positives and negatives negates ``V`` (anti-symmetry), so ``V = 0`` whe
 from __future__ import annotations
 
 import math
+import os
 
 import numba
 import numpy as np
 import torch
 from torch import Tensor
+
+# numba's default threading layer on Linux is its own OpenMP pool, a second runtime beside
+# torch's: its workers spin between kernel launches and take a core from torch, so a Drifting
+# training step (kernel + torch forward / backward) ran about twice as slow
+# (bench/results/numba_layer.json). The workqueue layer's workers sleep. It must be chosen
+# before the first parallel launch; a layer the user names in NUMBA_THREADING_LAYER wins.
+# (workqueue does not allow two Python threads to launch kernels at once; the drift field is
+# computed in the training thread only.)
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 _NEG_INF = -math.inf
 

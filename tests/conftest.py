@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one torch thread per xdist worker: two workers on two cores, not four threads fighting
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.xdist_group("block_push")   # one worker builds the module fixture
+
 BP_KEYS = ["effector_pos", "block_pos", "block_yaw", "block2_pos", "block2_yaw", "target_pos", "target2_pos",
            "block_rel", "block2_rel"]
 

@@ -18,6 +18,8 @@ from jumpflow.datasets import images as di
 
 from jumpflow.cli.sample import merge_shards, sample_shards
 
+pytestmark = pytest.mark.xdist_group("images")   # one worker builds the module fixture
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.sim
+pytestmark = [pytest.mark.sim, pytest.mark.xdist_group("mh_demos")]   # one worker builds the module fixture
 
 N_MH = 24                    # real Lift mh episodes generated once for this module (~15 s)
 LIFT_MODES = {"yaw0_left", "yaw0_right", "yaw90_left", "yaw90_right"}

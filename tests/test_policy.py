@@ -11,6 +11,8 @@ from robot_fixtures import LOWDIM, write_synthetic_robomimic
 from jumpflow.backbones import build_backbone
 from jumpflow.objectives import OBJECTIVES
 
+pytestmark = pytest.mark.xdist_group("policy")   # one worker builds the module fixture
+
 SMALL = {"drifting": {"group_by": "sample", "gen_per_group": 4}, "transition_matching": {"transition_steps": 2,
                                                                                        "inner_steps": 2}}
 
