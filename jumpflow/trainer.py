@@ -333,9 +333,11 @@ def train(cfg: DictConfig) -> dict:
         apply_debug(cfg)
     validate_config(cfg)
     info = init_distributed(str(cfg.trainer.device))
+    threads = torch.get_num_threads()       # trainer.cpu_threads holds for this run only
     try:
         return _train(cfg, info)
     finally:
+        torch.set_num_threads(threads)
         if info.owns_group and dist.is_initialized():
             gc.collect()        # FSDP / DDP state (reference cycles) goes while its process group lives
             dist.destroy_process_group()

@@ -7,7 +7,9 @@ import os
 import pytest
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # one torch thread per xdist worker: two workers on two cores, not four threads fighting
+    # one thread per xdist worker (torch, and the processes tests start): two workers on two
+    # cores, not four OpenMP threads spinning against each other
+    os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)

@@ -375,6 +375,28 @@ def test_layer_norm_backward_through_jvp_is_exact(affine):
     assert torch.allclose((xg.grad * direction).sum(), fd, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("affine", [False, True])
+def test_layer_norm_explicit_tangent_equals_the_composite_jvp(affine):
+    """The explicit tangent ``r (dx - mean(dx) - x_hat mean(x_hat dx)) * gamma`` equals
+    forward-mode AD through the plain formula, in float64."""
+    from jumpflow.backbones.layers import LayerNorm
+    torch.manual_seed(0)
+    norm = LayerNorm(8, eps=1e-5, elementwise_affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            norm.weight.add_(torch.randn(8, dtype=torch.float64))
+            norm.bias.add_(torch.randn(8, dtype=torch.float64))
+
+    def composite(x_):
+        xc = x_ - x_.mean(-1, keepdim=True)
+        y = xc / torch.sqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return y * norm.weight + norm.bias if affine else y
+    x, tx = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64)
+    out, jv = torch.func.jvp(norm, (x,), (tx,))
+    out_ref, jv_ref = torch.func.jvp(composite, (x,), (tx,))
+    assert torch.allclose(out, out_ref, atol=1e-12) and torch.allclose(jv, jv_ref, atol=1e-10)
+
+
 @pytest.mark.parametrize("shape", [(3, 16, 8), (3, 16, 4, 4)])
 def test_group_norm_jvp_equals_torch(shape):
     from jumpflow.backbones.layers import GroupNorm

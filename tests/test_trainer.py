@@ -105,6 +105,22 @@ def test_seed_fixes_the_run_and_changes_it(tmp_path):
     assert max_diff(final_state(tmp_path / "a"), final_state(tmp_path / "c")) > 1e-4
 
 
+def test_cpu_threads_hold_for_the_run_only(tmp_path, monkeypatch):
+    """trainer.cpu_threads applies while training and is undone afterwards (a caller's process,
+    e.g. a benchmark or a test worker, keeps its own thread count)."""
+    seen = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, _f=torch.optim.AdamW.step, **k:
+                        (seen.append(torch.get_num_threads()), _f(self, *a, **k))[1])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train(make_cfg(tmp_path, "trainer.max_steps=2", "trainer.cpu_threads=2"))
+        assert seen and set(seen) == {2}
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("objective", ["flow_matching", "meanflow"])
 def test_bf16_autocast_runs_and_is_off_for_jvp(tmp_path, objective, capfd):
     out = train(make_cfg(tmp_path, f"objective={objective}", "trainer.max_steps=3", "trainer.precision=bf16"))

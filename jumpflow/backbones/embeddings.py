@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from jumpflow.backbones.layers import Linear
+
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0, scale: float = 1.0) -> Tensor:
     """``t: (B,)`` in [0, 1] -> ``(B, dim)`` with frequencies ``scale * max_period^(-k/half)``.
@@ -36,7 +38,7 @@ class ScalarEmbedder(nn.Module):
     def __init__(self, dim: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(freq_dim, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, t: Tensor) -> Tensor:
         return self.mlp(sinusoidal_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))  # (B, dim)
@@ -55,7 +57,7 @@ class TimeCondEmbedder(nn.Module):
         self.t_embed = ScalarEmbedder(dim, freq_dim)
         self.h_embed = ScalarEmbedder(dim, freq_dim)
         self.cond_dim = cond_dim
-        self.cond_proj = nn.Linear(cond_dim, dim) if cond_dim > 0 else None
+        self.cond_proj = Linear(cond_dim, dim) if cond_dim > 0 else None
 
     def forward(self, t: Tensor, h: Tensor, cond: Tensor | None) -> Tensor:
         emb = self.t_embed(t) + self.h_embed(h)                      # (B, dim)

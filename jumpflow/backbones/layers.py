@@ -48,9 +48,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mode: str = "auto") -> Tensor:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last dim (optionally affine); composite ``(x - mean) / sqrt(var + eps)``
-    under a JVP (see module docstring), the fused kernel otherwise. A drop-in for
-    ``nn.LayerNorm(dim)`` in any backbone that TVM differentiates through."""
+    """LayerNorm over the last dim (optionally affine); under a JVP the composite
+    ``x_hat = (x - mean) r``, ``r = 1 / sqrt(var + eps)``, with the explicit tangent
+    ``d x_hat = r (dx - mean(dx) - x_hat mean(x_hat dx))`` (see module docstring), the fused
+    kernel otherwise. A drop-in for ``nn.LayerNorm(dim)`` in any backbone that TVM
+    differentiates through."""
 
     def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
         super().__init__()
@@ -59,13 +61,22 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if elementwise_affine else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if not has_forward_grad(x):
+        primal, tangent = forward_ad.unpack_dual(x)                       # (..., D), same or None
+        if tangent is None:
             return F.layer_norm(x, (self.dim,), self.weight, self.bias, eps=self.eps)  # (..., D)
-        xc = x - x.mean(-1, keepdim=True)                                 # (..., D)
-        y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
-        if self.weight is not None:
-            y = y * self.weight + self.bias                               # (..., D)
-        return y
+        if self.weight is not None and has_forward_grad(self.weight, self.bias):
+            xc = x - x.mean(-1, keepdim=True)                             # (..., D)
+            y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
+            return y * self.weight + self.bias                            # (..., D)
+        # explicit tangent on plain tensors (as GroupNorm below): cheaper than the composite
+        # formula on dual tensors, and differentiable, so a backward through the JVP is exact
+        xc = primal - primal.mean(-1, keepdim=True)                       # (..., D)
+        r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)      # (..., 1)
+        x_hat = xc * r                                                    # (..., D)
+        t_hat = r * (tangent - tangent.mean(-1, keepdim=True) - x_hat * (x_hat * tangent).mean(-1, keepdim=True))
+        if self.weight is None:
+            return forward_ad.make_dual(x_hat, t_hat)                     # (..., D)
+        return forward_ad.make_dual(x_hat * self.weight + self.bias, t_hat * self.weight)  # (..., D)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}"

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from jumpflow.backbones.embeddings import TimeCondEmbedder
-from jumpflow.backbones.layers import LayerNorm, check_input_shape
+from jumpflow.backbones.layers import LayerNorm, Linear, check_input_shape
 from jumpflow.errors import ConfigError
 
 
@@ -19,9 +19,9 @@ class ResidualFiLMBlock(nn.Module):
     def __init__(self, width: int, emb_dim: int):
         super().__init__()
         self.norm = LayerNorm(width, eps=1e-5, elementwise_affine=True)   # JVP-safe (TVM backprops through it)
-        self.film = nn.Linear(emb_dim, 2 * width)
-        self.fc1 = nn.Linear(width, width)
-        self.fc2 = nn.Linear(width, width)
+        self.film = Linear(emb_dim, 2 * width)
+        self.fc1 = Linear(width, width)
+        self.fc2 = Linear(width, width)
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
@@ -53,10 +53,10 @@ class MLP(nn.Module):
         self.in_dim = math.prod(self.shape)
         self.feature_dim = width
         self.embed = TimeCondEmbedder(width, cond_dim)
-        self.inp = nn.Linear(self.in_dim, width)
+        self.inp = Linear(self.in_dim, width)
         self.blocks = nn.ModuleList(ResidualFiLMBlock(width, width) for _ in range(depth))
         self.out_norm = LayerNorm(width, eps=1e-5, elementwise_affine=True)
-        self.out = nn.Linear(width, self.in_dim)
+        self.out = Linear(width, self.in_dim)
 
     def tokenize(self, x: Tensor) -> Tensor:
         """``(B, *shape) -> (B, 1, D)``: one token holding the whole vector."""
