@@ -1,5 +1,5 @@
 """bench.recipe_sweep: every recipe composes into a valid main-job config, and a wall time is
-split at the final checkpoint."""
+split at the final checkpoint; bench.code_ab refuses trees without jumpflow before any run."""
 
 import os
 import time
@@ -41,3 +41,15 @@ def test_unknown_recipe_is_refused_before_any_run(tmp_path):
     with pytest.raises(SystemExit, match="unknown recipe"):
         main(["--recipes", "nope", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o.json")])
     assert not (tmp_path / "runs").exists() and not (tmp_path / "o.json").exists()
+
+
+def test_code_ab_refuses_a_tree_without_jumpflow_before_running(tmp_path):
+    from bench.code_ab import main as code_ab
+
+    (tmp_path / "good" / "jumpflow").mkdir(parents=True)
+    (tmp_path / "good" / "jumpflow" / "__init__.py").write_text("")
+    out = tmp_path / "ab.json"
+    with pytest.raises(SystemExit, match="missing"):
+        code_ab(["--tree", f"a={tmp_path / 'good'}", "--tree", f"b={tmp_path / 'empty'}", "--tag", "t",
+                 "--out", str(out)])
+    assert not out.exists()
