@@ -13,37 +13,17 @@ logged values) so that a speed-up that changes the numbers shows::
 
 from __future__ import annotations
 
-import json
 import os
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.common import RESULTS, arg_parser, load_rows, parse_args, write_results
+from bench.common import RESULTS, arg_parser, load_rows, parse_args, train_in_child, write_results
 
 
 def run_child(tree: Path, overrides: list[str], steps: int, threads: int, tmp: Path, tag: str) -> dict:
-    run_dir = tmp / f"run_{tag}"
-    args = [*overrides, f"trainer.max_steps={steps}", f"trainer.log_every={max(1, steps // 10)}",
-            "trainer.ckpt_every=0", "trainer.eval_every=0", "trainer.eval_at_end=false", "trainer.progress=false",
-            "logger=none", "resume=false", f"trainer.cpu_threads={threads}", f"run_dir={run_dir}",
-            f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONPATH": str(tree), "JUMPFLOW_DATA": str(tmp / "data")}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "jumpflow.cli.train", *args], env=env, check=True,
-                   stdout=subprocess.DEVNULL, cwd=tmp)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    logs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["train/it_per_s"] for r in logs if r.get("train/it_per_s")]
-    losses = [r["train/loss"] for r in logs if "train/loss" in r]
-    tail = losses[-max(1, len(losses) // 5):]
-    return {"it_per_s": rates[-1], "loss_tail": sum(tail) / len(tail), "loss_first": losses[0],
-            "loss_last": losses[-1], "wall_s": wall, "cpu_user_s": after.ru_utime - before.ru_utime}
+    # cwd outside any checkout: ``python -m`` puts the working directory first on the path
+    return train_in_child(tmp / f"run_{tag}", steps, threads, overrides, env, cwd=tmp)
 
 
 def main(argv=None) -> None:

@@ -7,6 +7,10 @@ import argparse
 import json
 import os
 import platform
+import resource
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -68,3 +72,26 @@ def print_table(rows: list[dict]) -> None:
     print("-+-".join("-" * widths[k] for k in keys))
     for r in rows:
         print(" | ".join(fmt(r.get(k, "")).ljust(widths[k]) for k in keys))
+
+
+def train_in_child(run_dir: Path, steps: int, threads: int, overrides: list[str], env: dict,
+                   cwd: Path | None = None) -> dict:
+    """Train ``steps`` steps (no evaluation, no checkpoints) with ``jumpflow.cli.train`` in a fresh
+    child process; returns the it/s of the last logging window, the loss (mean of the last fifth of
+    the logged values, first and last), the wall time and the child's user CPU seconds."""
+    args = [*overrides, f"trainer.max_steps={steps}", f"trainer.log_every={max(1, steps // 10)}",
+            "trainer.ckpt_every=0", "trainer.eval_every=0", "trainer.eval_at_end=false", "trainer.progress=false",
+            "logger=none", "resume=false", f"trainer.cpu_threads={threads}", f"run_dir={run_dir}",
+            f"hydra.run.dir={run_dir}"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "jumpflow.cli.train", *args], env=env, check=True,
+                   stdout=subprocess.DEVNULL, cwd=cwd)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    logs = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["train/it_per_s"] for r in logs if r.get("train/it_per_s")]
+    losses = [r["train/loss"] for r in logs if "train/loss" in r]
+    tail = losses[-max(1, len(losses) // 5):]
+    return {"it_per_s": rates[-1], "loss_tail": sum(tail) / len(tail), "loss_first": losses[0],
+            "loss_last": losses[-1], "wall_s": wall, "cpu_user_s": after.ru_utime - before.ru_utime}

@@ -13,16 +13,11 @@ user CPU seconds and the mean loss of the last 20% of steps (the layer must not 
 
 from __future__ import annotations
 
-import json
 import os
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.common import arg_parser, parse_args, write_results
+from bench.common import arg_parser, parse_args, train_in_child, write_results
 
 LAYERS = ("omp", "workqueue")
 
@@ -34,24 +29,8 @@ RECIPES = {
 
 
 def run_child(layer: str, recipe: str, steps: int, threads: int, tmp: Path, tag: str) -> dict:
-    run_dir = tmp / f"run_{tag}"
-    overrides = [*RECIPES[recipe], "objective=drifting", f"trainer.max_steps={steps}",
-                 f"trainer.log_every={max(1, steps // 10)}", "trainer.ckpt_every=0", "trainer.eval_every=0",
-                 "trainer.eval_at_end=false", "trainer.progress=false", "logger=none", "resume=false",
-                 f"trainer.cpu_threads={threads}", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "NUMBA_THREADING_LAYER": layer, "JUMPFLOW_DATA": str(tmp / "data")}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "jumpflow.cli.train", *overrides], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    logs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["train/it_per_s"] for r in logs if r.get("train/it_per_s")]
-    losses = [r["train/loss"] for r in logs if "train/loss" in r]
-    tail = losses[-max(1, len(losses) // 5):]
-    return {"it_per_s": rates[-1], "loss_tail": sum(tail) / len(tail), "wall_s": wall,
-            "cpu_user_s": after.ru_utime - before.ru_utime}
+    return train_in_child(tmp / f"run_{tag}", steps, threads, [*RECIPES[recipe], "objective=drifting"], env)
 
 
 def main(argv=None) -> None:
