@@ -346,10 +346,8 @@ def test_jvp_layers_exact_and_one_matmul_per_tangent(kind):
     assert sum(counts.get(op, 0) for op in ops) == 2, counts            # primal + tangent
 
 
-@pytest.mark.parametrize("affine", [False, True])
-def test_layer_norm_backward_through_jvp_is_exact(affine):
-    """torch's fused layer_norm gets d/dx of its JVP wrong (pytorch/pytorch#196700);
-    ``layers.LayerNorm`` matches finite differences and equals ``nn.LayerNorm`` otherwise."""
+def _random_layer_norm(affine: bool):
+    """A float64 ``layers.LayerNorm(8)`` with random scale and shift when affine (seed 0)."""
     from jumpflow.backbones.layers import LayerNorm
     torch.manual_seed(0)
     norm = LayerNorm(8, eps=1e-5, elementwise_affine=affine).double()
@@ -357,6 +355,14 @@ def test_layer_norm_backward_through_jvp_is_exact(affine):
         with torch.no_grad():
             norm.weight.add_(torch.randn(8, dtype=torch.float64))
             norm.bias.add_(torch.randn(8, dtype=torch.float64))
+    return norm
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_layer_norm_backward_through_jvp_is_exact(affine):
+    """torch's fused layer_norm gets d/dx of its JVP wrong (pytorch/pytorch#196700);
+    ``layers.LayerNorm`` matches finite differences and equals ``nn.LayerNorm`` otherwise."""
+    norm = _random_layer_norm(affine)
     ref = torch.nn.LayerNorm(8, eps=1e-5, elementwise_affine=affine).double()
     if affine:
         ref.load_state_dict(norm.state_dict())
@@ -379,13 +385,7 @@ def test_layer_norm_backward_through_jvp_is_exact(affine):
 def test_layer_norm_explicit_tangent_equals_the_composite_jvp(affine):
     """The explicit tangent ``r (dx - mean(dx) - x_hat mean(x_hat dx)) * gamma`` equals
     forward-mode AD through the plain formula, in float64."""
-    from jumpflow.backbones.layers import LayerNorm
-    torch.manual_seed(0)
-    norm = LayerNorm(8, eps=1e-5, elementwise_affine=affine).double()
-    if affine:
-        with torch.no_grad():
-            norm.weight.add_(torch.randn(8, dtype=torch.float64))
-            norm.bias.add_(torch.randn(8, dtype=torch.float64))
+    norm = _random_layer_norm(affine)
 
     def composite(x_):
         xc = x_ - x_.mean(-1, keepdim=True)
