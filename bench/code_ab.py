@@ -35,6 +35,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", required=True, help="names the comparison; its rows replace earlier ones")
     ap.add_argument("--out", default=str(RESULTS / "code_ab.json"))
     args = parse_args(ap, argv)
+    malformed = [t for t in args.tree if "=" not in t]
+    if malformed:
+        raise SystemExit(f"--tree takes label=path, got {malformed}")
     trees = dict(t.split("=", 1) for t in args.tree)
     missing = [p for p in trees.values() if not (Path(p) / "jumpflow" / "__init__.py").exists()]
     if len(trees) < 2 or missing:

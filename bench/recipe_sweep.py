@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -73,11 +73,20 @@ def main(argv=None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     data_dir = Path(args.data or tempfile.mkdtemp(prefix="jumpflow_sweep_data_"))
+    try:
+        _sweep(names, seeds, Path(args.runs), data_dir, out)
+    finally:
+        if args.data is None:          # demos the sweep generated for itself do not stay behind
+            shutil.rmtree(data_dir, ignore_errors=True)
+    print_table(summary(load_rows(out)))
+
+
+def _sweep(names: list[str], seeds: list[int], runs: Path, data_dir: Path, out: Path) -> None:
     for name in names:
         for seed in seeds:
             if any(r["recipe"] == name and r["seed"] == seed for r in load_rows(out)):
                 continue
-            run_dir = Path(args.runs) / f"{name}_s{seed}_{time.strftime('%Y%m%d_%H%M%S')}"
+            run_dir = runs / f"{name}_s{seed}_{time.strftime('%Y%m%d_%H%M%S')}"
             overrides = [*ONE_CORE, *RECIPES[name], f"seed={seed}"]
             started = time.time()
             result = run_main_job("policy_cpu", run_dir, overrides, data_dir=data_dir)
@@ -92,8 +101,7 @@ def main(argv=None) -> None:
             print(json.dumps(row), flush=True)
             rows = [r for r in load_rows(out) if (r["recipe"], r["seed"]) != (name, seed)] + [row]
             write_results("recipe_sweep", {"base": "experiment=policy_cpu", "one_core": ONE_CORE,
-                                           "episodes": 50, "pid": os.getpid()}, rows, out)
-    print_table(summary(load_rows(out)))
+                                           "episodes": 50}, rows, out)
 
 
 def summary(rows: list[dict]) -> list[dict]:

@@ -44,7 +44,7 @@ from torch import Tensor
 
 # numba's default threading layer on Linux is its own OpenMP pool, a second runtime beside
 # torch's: its workers spin between kernel launches and take a core from torch, so a Drifting
-# training step (kernel + torch forward / backward) ran about twice as slow
+# training step (kernel + torch forward / backward) ran 1.5x slower and used twice the CPU
 # (bench/results/numba_layer.json). The workqueue layer's workers sleep. It must be chosen
 # before the first parallel launch; a layer the user names in NUMBA_THREADING_LAYER wins.
 # (workqueue does not allow two Python threads to launch kernels at once; the drift field is

@@ -53,3 +53,7 @@ def test_code_ab_refuses_a_tree_without_jumpflow_before_running(tmp_path):
         code_ab(["--tree", f"a={tmp_path / 'good'}", "--tree", f"b={tmp_path / 'empty'}", "--tag", "t",
                  "--out", str(out)])
     assert not out.exists()
+    with pytest.raises(SystemExit, match="--tree takes label=path"):
+        code_ab(["--tree", str(tmp_path / "good"), "--tree", f"b={tmp_path / 'good'}", "--tag", "t",
+                 "--out", str(out)])
+    assert not out.exists()
