@@ -11,7 +11,8 @@ import torch
 
 from jumpflow.backbones import BACKBONES, build_backbone, count_params
 from jumpflow.backbones.dit import DiT
-from jumpflow.backbones.layers import attention
+from jumpflow.backbones.embeddings import sinusoidal_embedding
+from jumpflow.backbones.layers import attention, modulate
 from jumpflow.generator import ClassEmbedding, Generator
 from jumpflow.objectives.base import jvp_context
 
@@ -410,3 +411,29 @@ def test_group_norm_jvp_equals_torch(shape):
     out, jv = torch.func.jvp(norm, (x,), (tx,))
     out_ref, jv_ref = torch.func.jvp(lambda x_: torch.nn.GroupNorm.forward(norm, x_), (x,), (tx,))
     assert torch.allclose(out, out_ref, atol=1e-12) and torch.allclose(jv, jv_ref, atol=1e-10)
+
+
+def test_sinusoidal_embedding_and_its_time_derivative_closed_form():
+    """float64: features ``[cos(s f_k t), sin(s f_k t)]`` with ``f_k = P^(-k/half)`` and their exact
+    derivative in ``t`` through ``torch.func.jvp`` (the embedding is the only path by which
+    MeanFlow's ``du/dt`` sees time)."""
+    t = torch.rand(7, dtype=torch.float64)
+    half, scale = 8, 3.0
+    freqs = scale * 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    emb, d_emb = torch.func.jvp(lambda t_: sinusoidal_embedding(t_, 2 * half + 1, scale=scale), (t,),
+                                (torch.ones_like(t),))
+    phase = t[:, None] * freqs                                                    # (7, half)
+    expect = torch.cat([phase.cos(), phase.sin(), torch.zeros(7, 1, dtype=torch.float64)], dim=-1)
+    d_expect = torch.cat([-phase.sin() * freqs, phase.cos() * freqs, torch.zeros(7, 1, dtype=torch.float64)], -1)
+    assert emb.shape == (7, 2 * half + 1)
+    torch.testing.assert_close(emb, expect, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(d_emb, d_expect, rtol=1e-12, atol=1e-12)
+
+
+def test_modulate_is_film_and_its_jvp_is_the_product_rule():
+    """``modulate(x, a, b) = x (1 + a) + b``, and its tangent ``dx (1 + a) + x da + db`` (float64)."""
+    g = torch.Generator().manual_seed(0)
+    x, a, b, dx, da, db = (torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(6))
+    out, d_out = torch.func.jvp(modulate, (x, a, b), (dx, da, db))
+    torch.testing.assert_close(out, x * (1 + a) + b, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(d_out, dx * (1 + a) + x * da + db, rtol=1e-15, atol=1e-15)

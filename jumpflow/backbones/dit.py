@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from jumpflow.backbones import layers
 from jumpflow.backbones.embeddings import TimeCondEmbedder
-from jumpflow.backbones.layers import ATTENTION_MODES, LayerNorm, Linear, attention, has_forward_grad  # noqa: F401
+from jumpflow.backbones.layers import ATTENTION_MODES, LayerNorm, Linear, attention, has_forward_grad, modulate  # noqa: F401
 from jumpflow.errors import ConfigError
 
 NORMS = ("layernorm", "rmsnorm")
@@ -75,8 +75,9 @@ def make_norm(kind: str, dim: int) -> nn.Module:
     return nn.RMSNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]                      # (B, N, D)
+def modulate_tokens(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """``x: (B, N, D)`` modulated by per-sample ``shift, scale: (B, D)``."""
+    return modulate(x, scale[:, None], shift[:, None])                    # (B, N, D)
 
 
 class Attention(nn.Module):
@@ -125,7 +126,7 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block: ``x + gate * f(modulate(norm(x), shift, scale))`` for attention and MLP."""
+    """adaLN-Zero block: ``x + gate * f(modulate_tokens(norm(x), shift, scale))`` for attention and MLP."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, norm: str = "layernorm",
                  qk_norm: bool = False, swiglu: bool = False, attn: str = "auto"):
@@ -138,8 +139,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, D) x6
-        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a))  # (B, N, D)
-        x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))   # (B, N, D)
+        x = x + gate_a[:, None] * self.attn(modulate_tokens(self.norm1(x), shift_a, scale_a))  # (B, N, D)
+        x = x + gate_m[:, None] * self.mlp(modulate_tokens(self.norm2(x), shift_m, scale_m))   # (B, N, D)
         return x                                                          # (B, N, D)
 
 
@@ -152,7 +153,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)          # (B, D) x2
-        feats = modulate(self.norm(x), shift, scale)                      # (B, N, D)
+        feats = modulate_tokens(self.norm(x), shift, scale)                      # (B, N, D)
         return self.linear(feats), feats                                  # (B, N, P), (B, N, D)
 
 

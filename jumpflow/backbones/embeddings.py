@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jumpflow.backbones.layers import Linear
@@ -25,7 +26,9 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0, scale
     steps) while ``scale = 1`` trained smoothly (2.8 -> 0.12)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=t.dtype) / half)
-    args = (t * scale)[:, None] * freqs[None]                        # (B, half)
+    # a product written as F.linear: under forward-mode AD an elementwise product of the dual ``t``
+    # with a constant builds a zero tangent through a Python fallback (about 0.5 ms per op on CPU)
+    args = F.linear(t[:, None], (freqs * scale)[:, None])               # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)      # (B, 2*half)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # (B, dim)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from jumpflow.backbones.embeddings import TimeCondEmbedder
-from jumpflow.backbones.layers import LayerNorm, Linear, check_input_shape
+from jumpflow.backbones.layers import LayerNorm, Linear, check_input_shape, modulate
 from jumpflow.errors import ConfigError
 
 
@@ -27,7 +27,7 @@ class ResidualFiLMBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         scale, shift = self.film(emb).chunk(2, dim=-1)            # (B, W) each
-        y = self.norm(x) * (1 + scale) + shift                     # (B, W)
+        y = modulate(self.norm(x), scale, shift)                   # (B, W)
         y = self.fc2(torch.nn.functional.silu(self.fc1(torch.nn.functional.silu(y))))  # (B, W)
         return x + y                                               # (B, W)
 

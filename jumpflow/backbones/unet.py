@@ -37,6 +37,7 @@ from jumpflow.backbones.layers import (
     Linear,
     attention,
     check_input_shape,
+    modulate,
 )
 from jumpflow.errors import ConfigError
 
@@ -179,7 +180,7 @@ class ResBlock2D(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         y = self.conv1(F.silu(self.norm1(x)))                             # (B, C_out, H, W)
         scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)    # (B, C_out, 1, 1) x2
-        y = self.norm2(y) * (1 + scale) + shift                           # (B, C_out, H, W)
+        y = modulate(self.norm2(y), scale, shift)                         # (B, C_out, H, W)
         y = self.conv2(self.dropout(F.silu(y)))                           # (B, C_out, H, W)
         return y + self.skip(x)                                           # (B, C_out, H, W)
 
