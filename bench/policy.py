@@ -138,7 +138,9 @@ def main(argv=None):
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--reuse", action="store_true",
                     help="evaluate an existing finished run directory instead of training it again")
-    ap.add_argument("--override", action="append", default=[], help="extra hydra override (repeatable)")
+    ap.add_argument("--override", action="append", default=[],
+                    help="extra hydra override (repeatable); {seed} is replaced by the training seed, e.g. "
+                         "objective.teacher=runs/lift_lowdim_ddpm_s{seed}")
     ap.add_argument("--style", choices=("ph", "mh"), default="ph",
                     help="demonstrations: ph (the scripted expert) or mh (human-like, multimodal); "
                          "mh rows are labelled <task>_mh")
@@ -168,7 +170,8 @@ def main(argv=None):
                 run_dir = Path(args.runs) / f"{task}_{objective}_s{seed}"
                 overrides = [f"experiment={recipe_for(task_name)}", f"task={task_name}",
                              *([f"task.demo_style={args.style}"] if args.style != "ph" else []), f"objective={objective}", f"seed={seed}", "logger=none", "trainer.progress=false",
-                             "trainer.eval_at_end=false", f"run_dir={run_dir}", *args.override]
+                             "trainer.eval_at_end=false", f"run_dir={run_dir}",
+                             *(o.replace("{seed}", str(seed)) for o in args.override)]
                 if args.steps:
                     overrides.append(f"trainer.max_steps={args.steps}")
                 if args.protocol == "dp":     # checkpoints every tenth of training, the last five kept

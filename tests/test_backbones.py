@@ -12,7 +12,7 @@ import torch
 from jumpflow.backbones import BACKBONES, build_backbone, count_params
 from jumpflow.backbones.dit import DiT
 from jumpflow.backbones.embeddings import sinusoidal_embedding
-from jumpflow.backbones.layers import attention, modulate
+from jumpflow.backbones.layers import add_plain, attention, modulate, scale_plain
 from jumpflow.generator import ClassEmbedding, Generator
 from jumpflow.objectives.base import jvp_context
 
@@ -437,3 +437,26 @@ def test_modulate_is_film_and_its_jvp_is_the_product_rule():
     out, d_out = torch.func.jvp(modulate, (x, a, b), (dx, da, db))
     torch.testing.assert_close(out, x * (1 + a) + b, rtol=1e-15, atol=1e-15)
     torch.testing.assert_close(d_out, dx * (1 + a) + x * da + db, rtol=1e-15, atol=1e-15)
+
+
+def test_plain_add_and_scale_keep_the_exact_jvp_and_its_gradient():
+    """``add_plain(x, c)`` and ``scale_plain(x, s)`` (the zero-tangent-free forms of ``x + c`` and
+    ``x s``) give torch's value and tangent in float64, when ``c`` has a tangent too, and the same
+    gradient of a loss on the tangent (TVM backpropagates through it)."""
+    g = torch.Generator().manual_seed(1)
+    x, dx, dc = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    c = torch.randn(1, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    for fn, ref in ((lambda x_: add_plain(x_, c), lambda x_: x_ + c),
+                    (lambda x_: scale_plain(torch.sin(x_), 2.5), lambda x_: torch.sin(x_) * 2.5)):
+        (out, d_out), (out_ref, d_ref) = torch.func.jvp(fn, (x,), (dx,)), torch.func.jvp(ref, (x,), (dx,))
+        torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+        torch.testing.assert_close(d_out, d_ref, rtol=0, atol=0)
+        xg = x.clone().requires_grad_(True)
+        grads = [torch.autograd.grad((f(xg) ** 2).sum() + (torch.func.jvp(f, (xg,), (dx,))[1] * xg).sum(), (xg, c),
+                                     allow_unused=True) for f in (fn, ref)]
+        for mine, torch_s in zip(*grads):
+            assert (mine is None) == (torch_s is None)
+            if mine is not None:
+                torch.testing.assert_close(mine, torch_s, rtol=1e-15, atol=1e-15)
+    both = torch.func.jvp(lambda x_, c_: add_plain(x_, c_), (x, c.detach()), (dx, dc[:1]))[1]
+    torch.testing.assert_close(both, dx + dc[:1], rtol=0, atol=0)

@@ -50,7 +50,7 @@ def cli(*args, timeout=300, **kw):
 def test_kill9_then_resume_matches_uninterrupted(tmp_path):
     """A CLI run killed with SIGKILL right after its first checkpoint, then resumed with
     resume=true, ends with the parameters (model and EMA) of an uninterrupted run."""
-    steps = 60
+    steps = 40
     common = ["objective=meanflow", "task.conditional=true", "task.cond_dim=8", f"trainer.max_steps={steps}",
               "ema.power=0.75", "ema.decay=0.999"]
     ref_dir = tmp_path / "ref"

@@ -276,7 +276,7 @@ class DiT(nn.Module):
         c = self.embed(t, h, cond)                                        # (B, D)
         if self.normalized_modulation:
             c = F.rms_norm(c, (c.shape[-1],), eps=1e-6)                   # (B, D)
-        tokens = self.x_embed(self.tokenize(x)) + self.pos_embed.to(x.dtype)  # (B, N, D)
+        tokens = layers.add_plain(self.x_embed(self.tokenize(x)), self.pos_embed.to(x.dtype))  # (B, N, D)
         for block in self.blocks:
             tokens = block(tokens, c)                                     # (B, N, D)
         out_tokens, feats = self.final_layer(tokens, c)                   # (B, N, P), (B, N, D)

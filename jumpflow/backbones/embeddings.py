@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jumpflow.backbones.layers import Linear
+from jumpflow.backbones.layers import Linear, add_plain
 
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0, scale: float = 1.0) -> Tensor:
@@ -69,5 +69,5 @@ class TimeCondEmbedder(nn.Module):
                 raise ValueError(f"this backbone is conditional (cond_dim={self.cond_dim}) but cond is None")
             if cond.shape[-1] != self.cond_dim:
                 raise ValueError(f"cond has width {cond.shape[-1]}, backbone expects cond_dim={self.cond_dim}")
-            emb = emb + self.cond_proj(cond)                          # (B, dim)
+            emb = add_plain(emb, self.cond_proj(cond))                # (B, dim)
         return emb
