@@ -57,6 +57,33 @@ def run_main_job(experiment: str, run_dir: Path, overrides: list[str], data_dir:
             "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0], **ev}
 
 
+def phase_seconds(run_dir: Path, wall: float, started: float) -> dict:
+    """Where a main job's wall time went, from the run's own files: ``startup_and_demos`` (imports,
+    validation, demo generation: up to the run's config file, which the trainer writes once the data
+    is ready), ``train`` (the sum over logged intervals of steps / it_per_s in ``metrics.jsonl``),
+    ``setup`` (the rest up to the final checkpoint: dataset cache, model build, checkpoint writes)
+    and ``eval`` (after the final checkpoint)."""
+    ckpts = sorted((run_dir / "checkpoints").glob("ckpt_*.json"))
+    if not ckpts:
+        raise RuntimeError(f"{run_dir} has no checkpoint")
+    configured, trained = (run_dir / "config.yaml").stat().st_mtime, ckpts[-1].stat().st_mtime
+    train_s, last_step = 0.0, 0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train/it_per_s" in rec:
+            train_s += (rec["step"] - last_step) / rec["train/it_per_s"]
+            last_step = rec["step"]
+    if last_step == 0:
+        raise RuntimeError(f"{run_dir}/metrics.jsonl logs no training rate")
+    return {"startup_and_demos_seconds": configured - started, "setup_seconds": trained - configured - train_s,
+            "train_seconds": train_s, "train_it_per_s": last_step / train_s, "eval_seconds": started + wall - trained}
+
+
+def run_started(run_dir: Path) -> float:
+    """The start time a run directory's name records (``<experiment>_<tag>_%Y%m%d_%H%M%S``)."""
+    return time.mktime(time.strptime("_".join(run_dir.name.split("_")[-2:]), "%Y%m%d_%H%M%S"))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default="policy_cpu")
@@ -64,12 +91,24 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default="default", help="row label; a row with the same tag is replaced")
     ap.add_argument("--override", action="append", default=[], help="extra hydra override (repeatable)")
     ap.add_argument("--out", default=str(RESULTS / "main_job.json"), help="result file (a smoke run: elsewhere)")
+    ap.add_argument("--refresh", action="store_true",
+                    help="run nothing: add the phase split to the rows whose run directory still exists")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.refresh:
+        rows = load_rows(out)
+        for r in rows:
+            run_dir = Path(r["run_dir"])
+            if (run_dir / "metrics.jsonl").exists() and "train_seconds" not in r:
+                r.update(phase_seconds(run_dir, r["wall_seconds"], run_started(run_dir)))
+                print(r["tag"], {k: round(v, 1) for k, v in r.items() if k.endswith(("_seconds", "_per_s"))})
+        write_results("main_job", json.loads(out.read_text())["config"], rows, out)
+        return
     run_dir = Path(args.runs) / f"{args.experiment}_{args.tag}_{time.strftime('%Y%m%d_%H%M%S')}"
+    started = time.time()
     result = run_main_job(args.experiment, run_dir, args.override)
     row = {"tag": args.tag, "experiment": args.experiment, "overrides": " ".join(args.override),
-           "run_dir": str(run_dir), **result}
-    out = Path(args.out)
+           "run_dir": str(run_dir), **result, **phase_seconds(run_dir, result["wall_seconds"], started)}
     rows = [r for r in load_rows(out) if r.get("tag") != args.tag] + [row]
     write_results("main_job", {"command": f"jumpflow-train experiment={args.experiment} (fresh JUMPFLOW_DATA)",
                                "load_note": "timed on whatever else the machine runs; see the machine block"},

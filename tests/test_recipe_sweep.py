@@ -1,12 +1,16 @@
 """bench.recipe_sweep: every recipe composes into a valid main-job config, and a wall time is
-split at the final checkpoint; bench.code_ab refuses trees without jumpflow before any run."""
+split at the final checkpoint (bench.main_job: into startup, demos, training, evaluation);
+bench.code_ab refuses trees without jumpflow before any run."""
 
+import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
 
+from bench.main_job import phase_seconds, run_started
 from bench.recipe_sweep import ONE_CORE, RECIPES, main, train_and_eval_seconds
 from jumpflow.config import validate_config
 
@@ -35,6 +39,32 @@ def test_wall_split_at_final_checkpoint(tmp_path):
     train_s, eval_s = train_and_eval_seconds(tmp_path, wall=60.0, started=now - 55)
     assert train_s == pytest.approx(30.0, abs=1e-3)
     assert eval_s == pytest.approx(25.0, abs=1e-3)   # ends at now + 5
+
+
+def test_main_job_phases_from_the_runs_files(tmp_path):
+    """Training time is the sum of logged steps / it_per_s (intervals of 100 steps at 10 and 5
+    it/s: 10 s + 20 s); before the config file: startup and demos; the rest up to the final checkpoint:
+    setup; evaluation after it."""
+    run = tmp_path / "policy_cpu_tag_20261202_120000"
+    (run / "checkpoints").mkdir(parents=True)
+    config, ckpt = run / "config.yaml", run / "checkpoints" / "ckpt_000000200.json"
+    config.write_text("x"), ckpt.write_text("{}")
+    lines = [{"step": 100, "train/it_per_s": 10.0}, {"step": 100, "eval/success_rate": 1.0},
+             {"step": 200, "train/it_per_s": 5.0}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    started = run_started(run)
+    assert time.strftime("%Y%m%d_%H%M%S", time.localtime(started)) == "20261202_120000"
+    os.utime(config, (started + 4, started + 4))
+    os.utime(ckpt, (started + 54, started + 54))
+    phases = phase_seconds(run, wall=70.0, started=started)
+    assert phases["startup_and_demos_seconds"] == pytest.approx(4.0)
+    assert phases["train_seconds"] == pytest.approx(30.0)
+    assert phases["train_it_per_s"] == pytest.approx(200 / 30)
+    assert phases["setup_seconds"] == pytest.approx(20.0)
+    assert phases["eval_seconds"] == pytest.approx(16.0)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval/success_rate": 1.0}) + "\n")
+    with pytest.raises(RuntimeError, match="no training rate"):
+        phase_seconds(Path(run), wall=70.0, started=started)
 
 
 def test_unknown_recipe_is_refused_before_any_run(tmp_path):
