@@ -460,3 +460,14 @@ def test_plain_add_and_scale_keep_the_exact_jvp_and_its_gradient():
                 torch.testing.assert_close(mine, torch_s, rtol=1e-15, atol=1e-15)
     both = torch.func.jvp(lambda x_, c_: add_plain(x_, c_), (x, c.detach()), (dx, dc[:1]))[1]
     torch.testing.assert_close(both, dx + dc[:1], rtol=0, atol=0)
+
+
+def test_jvp_ops_bench_times_equal_computations():
+    """bench.jvp_ops compares like with like: in every case torch's form and jumpflow's give the
+    same value and tangent."""
+    from bench.jvp_ops import cases
+
+    for name, (primals, tangents, torch_form, ours) in cases(batch=3, width=8).items():
+        (a, da), (b, db) = torch.func.jvp(torch_form, primals, tangents), torch.func.jvp(ours, primals, tangents)
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(db, da, rtol=1e-6, atol=1e-6, msg=name)
