@@ -87,3 +87,14 @@ def test_code_ab_refuses_a_tree_without_jumpflow_before_running(tmp_path):
         code_ab(["--tree", str(tmp_path / "good"), "--tree", f"b={tmp_path / 'good'}", "--tag", "t",
                  "--out", str(out)])
     assert not out.exists()
+
+
+def test_suite_time_selects_the_baseline_tests_with_all_their_parameters():
+    from bench.suite_time import select, test_names_at
+
+    ids = ["tests/test_a.py::test_one", "tests/test_a.py::test_two[x-1]", "tests/test_a.py::test_two[y 2]",
+           "tests/test_b.py::test_one", "tests/test_a.py::test_three"]
+    assert select(ids, {"test_a.py::test_one", "test_a.py::test_two"}) == ids[:3]
+    here = test_names_at("HEAD")
+    assert "test_recipe_sweep.py::test_main_job_phases_from_the_runs_files" in here
+    assert "test_core.py::test_time_convention_pinned" in here and "test_recipe_sweep.py::test_a" not in here
