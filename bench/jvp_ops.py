@@ -17,7 +17,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import arg_parser, parse_args, write_results
 from jumpflow.backbones.embeddings import sinusoidal_embedding

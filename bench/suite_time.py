@@ -38,7 +38,7 @@ def test_names_at(rev: str) -> set[str]:
         if name.startswith("test_") and name.endswith(".py"):
             text = subprocess.run(["git", "show", f"{rev}:tests/{name}"], cwd=REPO, capture_output=True,
                                   text=True, check=True).stdout
-            names.update(f"{name}::{fn}" for fn in re.findall(r"^def (test_\w+)", text, flags=re.M))
+            names.update(f"{name}::{fn}" for fn in re.findall(r"^def (test_\w+)", text, flags=re.MULTILINE))
     return names
 
 

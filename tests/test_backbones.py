@@ -84,8 +84,8 @@ def test_every_registered_backbone_family_has_a_config():
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_registered_size_builds_from_its_family_config(name):
-    from omegaconf import OmegaConf
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     family, _, size = name.partition("-")
     backbone_cfg = OmegaConf.load(CONFIG_DIR / f"{family.lower()}.yaml")

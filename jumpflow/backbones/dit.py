@@ -38,7 +38,14 @@ from torch import Tensor, nn
 
 from jumpflow.backbones import layers
 from jumpflow.backbones.embeddings import TimeCondEmbedder
-from jumpflow.backbones.layers import ATTENTION_MODES, LayerNorm, Linear, attention, has_forward_grad, modulate  # noqa: F401
+from jumpflow.backbones.layers import (  # noqa: F401
+    ATTENTION_MODES,
+    LayerNorm,
+    Linear,
+    attention,
+    has_forward_grad,
+    modulate,
+)
 from jumpflow.errors import ConfigError
 
 NORMS = ("layernorm", "rmsnorm")
