@@ -96,6 +96,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.refresh:
+        if not out.exists():
+            raise SystemExit(f"--refresh: no result file {out}")
         rows = load_rows(out)
         for r in rows:
             run_dir = Path(r["run_dir"])

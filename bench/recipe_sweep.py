@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS, load_rows, print_table, write_results
-from bench.main_job import run_main_job
+from bench.main_job import phase_seconds, run_main_job
 
 #: name -> overrides on top of ``experiment=policy_cpu``; ``current`` is the recipe as committed
 RECIPES: dict[str, list[str]] = {
@@ -41,16 +41,6 @@ RECIPES: dict[str, list[str]] = {
 #: keeps a sweep job on one core and leaves nothing but the figures behind
 ONE_CORE = ["trainer.cpu_threads=1", "task.demo_workers=1", "task.eval_envs=1", "task.eval_videos=0",
             "logger=none", "trainer.progress=false"]
-
-
-def train_and_eval_seconds(run_dir: Path, wall: float, started: float) -> tuple[float, float]:
-    """Split a main-job wall time at the final checkpoint's write: training (from the run's
-    config file) and evaluation (after it)."""
-    ckpts = sorted((run_dir / "checkpoints").glob("ckpt_*.json"))
-    if not ckpts:
-        raise RuntimeError(f"{run_dir} has no checkpoint")
-    trained = ckpts[-1].stat().st_mtime
-    return trained - (run_dir / "config.yaml").stat().st_mtime, started + wall - trained
 
 
 def main(argv=None) -> None:
@@ -90,7 +80,9 @@ def _sweep(names: list[str], seeds: list[int], runs: Path, data_dir: Path, out: 
             overrides = [*ONE_CORE, *RECIPES[name], f"seed={seed}"]
             started = time.time()
             result = run_main_job("policy_cpu", run_dir, overrides, data_dir=data_dir)
-            train_s, eval_s = train_and_eval_seconds(run_dir, result["wall_seconds"], started)
+            phases = phase_seconds(run_dir, result["wall_seconds"], started)
+            # from the run's config file to its final checkpoint (the column earlier rows hold)
+            train_s, eval_s = phases["setup_seconds"] + phases["train_seconds"], phases["eval_seconds"]
             row = {"recipe": name, "seed": seed, "overrides": " ".join(RECIPES[name]),
                    "success_rate": result["success_rate"], "step": result["step"],
                    "train_seconds": train_s, "it_per_s": result["step"] / train_s, "eval_seconds": eval_s,

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import arg_parser, load_rows, parse_args, write_results
+from bench.common import RESULTS, arg_parser, load_rows, parse_args, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 #: the commit issue 13 ("one house for the code") was filed against
@@ -72,10 +72,14 @@ def main(argv=None) -> None:
     ap.add_argument("--only", choices=("baseline", "full"), default=None)
     ap.add_argument("--tag", default="default", help="row label; rows with the same tag and suite are replaced")
     args = parse_args(ap, argv)
+    try:
+        baseline_names = test_names_at(args.baseline) if args.only != "full" else set()
+    except subprocess.CalledProcessError as err:
+        raise SystemExit(f"--baseline {args.baseline}: git cannot read tests/ there ({err.stderr.strip()})") from None
     node_ids = collect()
     rows = []
     if args.only != "full":
-        chosen = select(node_ids, test_names_at(args.baseline))
+        chosen = select(node_ids, baseline_names)
         rows.append({"tag": args.tag, "suite": f"tests present at {args.baseline}", "tests": len(chosen),
                      **timed_pytest(chosen)})
         print(rows[-1], flush=True)
@@ -83,7 +87,7 @@ def main(argv=None) -> None:
         rows.append({"tag": args.tag, "suite": "default", "tests": len(node_ids), **timed_pytest([])})
         print(rows[-1], flush=True)
     keys = {(r["tag"], r["suite"]) for r in rows}
-    old = [r for r in load_rows(Path(__file__).parent / "results" / "suite_time.json")
+    old = [r for r in load_rows(RESULTS / "suite_time.json")
            if (r["tag"], r["suite"]) not in keys]
     write_results("suite_time", {"command": "python -m pytest (pyproject addopts: -m 'not slow' -n 2)",
                                  "baseline": args.baseline}, old + rows)

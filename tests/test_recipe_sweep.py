@@ -1,6 +1,6 @@
-"""bench.recipe_sweep: every recipe composes into a valid main-job config, and a wall time is
-split at the final checkpoint (bench.main_job: into startup, demos, training, evaluation);
-bench.code_ab refuses trees without jumpflow before any run."""
+"""bench.recipe_sweep: every recipe composes into a valid main-job config; bench.main_job splits a
+run's wall time (startup and demos, setup, training, evaluation) from its files; bench.suite_time
+selects the baseline tests; bench.code_ab refuses trees without jumpflow before any run."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from bench.main_job import phase_seconds, run_started
-from bench.recipe_sweep import ONE_CORE, RECIPES, main, train_and_eval_seconds
+from bench.recipe_sweep import ONE_CORE, RECIPES, main
 from jumpflow.config import validate_config
 
 
@@ -27,18 +27,6 @@ def test_every_recipe_composes_and_validates(name):
         for part in key.split("."):
             node = node[part]
         assert str(node) == value or float(node) == float(value), override
-
-
-def test_wall_split_at_final_checkpoint(tmp_path):
-    (tmp_path / "checkpoints").mkdir()
-    config, ckpt = tmp_path / "config.yaml", tmp_path / "checkpoints" / "ckpt_000000100.json"
-    config.write_text("x"), ckpt.write_text("{}")
-    now = time.time()
-    os.utime(config, (now - 50, now - 50))
-    os.utime(ckpt, (now - 20, now - 20))
-    train_s, eval_s = train_and_eval_seconds(tmp_path, wall=60.0, started=now - 55)
-    assert train_s == pytest.approx(30.0, abs=1e-3)
-    assert eval_s == pytest.approx(25.0, abs=1e-3)   # ends at now + 5
 
 
 def test_main_job_phases_from_the_runs_files(tmp_path):
@@ -98,3 +86,17 @@ def test_suite_time_selects_the_baseline_tests_with_all_their_parameters():
     here = test_names_at("HEAD")
     assert "test_recipe_sweep.py::test_main_job_phases_from_the_runs_files" in here
     assert "test_core.py::test_time_convention_pinned" in here and "test_recipe_sweep.py::test_a" not in here
+
+
+def test_bench_refusals_are_one_line_before_any_run(tmp_path):
+    """bench.suite_time with a revision git cannot read, and bench.main_job --refresh without a
+    result file, stop with one line and write nothing."""
+    from bench.main_job import main as main_job
+    from bench.suite_time import main as suite_time
+
+    with pytest.raises(SystemExit, match="--baseline no-such-rev: git cannot read tests/"):
+        suite_time(["--baseline", "no-such-rev", "--only", "baseline"])
+    missing = tmp_path / "main_job.json"
+    with pytest.raises(SystemExit, match=f"--refresh: no result file {missing}"):
+        main_job(["--refresh", "--out", str(missing)])
+    assert not missing.exists()

@@ -160,7 +160,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)          # (B, D) x2
-        feats = modulate_tokens(self.norm(x), shift, scale)                      # (B, N, D)
+        feats = modulate_tokens(self.norm(x), shift, scale)               # (B, N, D)
         return self.linear(feats), feats                                  # (B, N, P), (B, N, D)
 
 

@@ -35,7 +35,8 @@ def has_forward_grad(*tensors: Tensor) -> bool:
 
 def add_plain(x: Tensor, c: Tensor) -> Tensor:
     """``x + c`` where at most ``x`` carries a forward-mode tangent: the tangent passes through as
-    it is (torch would add ``c``'s zero tangent through its Python fallback, about 0.5 ms)."""
+    it is (torch would add ``c``'s zero tangent through its Python fallback; see
+    ``bench/results/jvp_ops.json``)."""
     primal, tangent = forward_ad.unpack_dual(x)
     if tangent is None or forward_ad.unpack_dual(c).tangent is not None:
         return x + c
@@ -54,8 +55,8 @@ def modulate(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """FiLM / adaLN ``x * (1 + scale) + shift`` (``scale, shift`` broadcast against ``x``).
 
     Written as ``x + x * scale + shift``: under forward-mode AD an op between a dual tensor and a
-    constant (the ``1``) builds the constant's zero tangent through a Python fallback (about 0.5 ms
-    per op on CPU), a large share of a JVP step on a small backbone."""
+    constant (the ``1``) builds the constant's zero tangent through a Python fallback, a fixed cost
+    per op that is a large share of a JVP step on a small backbone (``python -m bench.jvp_ops``)."""
     return x + x * scale + shift
 
 
