@@ -72,10 +72,18 @@ PLAN = {
     "transition_matching": [1, 2, 4],
     "drifting": [1],
     "ddpm": [100, 10],
+    "shortcut": [1, 2, 4],
+    "consistency": [1, 2],
+    "ect": [1, 2],
+    "sct": [1, 2],
+    "alpha_flow": [1, 2, 4],
+    "improved_meanflow": [1, 2, 4],
+    "transition_matching_ar": [1, 2, 4],
 }
 #: objectives whose backbone output can be a clean-data estimate (``objective.prediction``);
-#: Drifting's output is a sample already and DTM's head predicts the jump itself
-DATA_PREDICTION = ("flow_matching", "meanflow", "tvm", "ddpm")
+#: Drifting's output is a sample already and DTM's / ARTM's head predicts the jump itself
+DATA_PREDICTION = ("flow_matching", "meanflow", "tvm", "ddpm", "shortcut", "consistency", "ect", "sct", "alpha_flow",
+                   "improved_meanflow")
 KEY_ROWS = {("flow_matching", 1), ("flow_matching", 100), ("meanflow", 1), ("meanflow", 2), ("tvm", 1),
             ("transition_matching", 4), ("drifting", 1), ("ddpm", 100)}
 
