@@ -13,6 +13,7 @@ from jumpflow.backbones import BACKBONES, build_backbone, count_params
 from jumpflow.backbones.dit import DiT
 from jumpflow.backbones.embeddings import sinusoidal_embedding
 from jumpflow.backbones.layers import add_plain, attention, modulate, scale_plain
+from jumpflow.errors import ConfigError
 from jumpflow.generator import ClassEmbedding, Generator
 from jumpflow.objectives.base import jvp_context
 
@@ -149,6 +150,25 @@ def test_token_layouts():
     assert unet1d.tokenize(torch.zeros(2, 8, 3)).shape == (2, 8, 3)
     unet2d, _ = tiny("unet2d")                   # one token per pixel
     assert unet2d.tokenize(torch.zeros(2, 3, 8, 8)).shape == (2, 64, 3)
+
+
+def test_mlp_tokens_split_rows_and_share_features():
+    """``tokens`` only changes the token view (ARTM's autoregression over a chunk's steps): the
+    network's output is the same, each token is a row, every token carries the same features."""
+    torch.manual_seed(0)
+    one = build_backbone("MLP", (8, 3), cond_dim=0, width=16, depth=1)
+    torch.manual_seed(0)
+    rows = build_backbone("MLP", (8, 3), cond_dim=0, width=16, depth=1, tokens=8)
+    x = torch.randn(2, 8, 3)
+    t = torch.rand(2)
+    assert one.tokenize(x).shape == (2, 1, 24) and rows.tokenize(x).shape == (2, 8, 3)
+    assert torch.equal(rows.tokenize(x)[:, 5], x[:, 5]) and torch.equal(rows.untokenize(rows.tokenize(x)), x)
+    out1, f1 = one(x, t, t, return_features=True)
+    out8, f8 = rows(x, t, t, return_features=True)
+    assert torch.equal(out1, out8) and f8.shape == (2, 8, 16) and torch.equal(f8, f1.expand(-1, 8, -1))
+    for bad in (0, 5, -1):
+        with pytest.raises(ConfigError, match="tokens"):
+            build_backbone("MLP", (8, 3), tokens=bad)
 
 
 @pytest.mark.parametrize("key", ["dit2d", "dit1d", "unet1d", "unet2d", "mlp"])

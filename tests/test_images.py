@@ -276,29 +276,35 @@ TINY_DIT = ["experiment=imagenet256_latent", "objective=meanflow", "++backbone.d
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """The shrunk DiT run, trained in this process through the one trainer (the ``jumpflow-train``
+    entry point itself is tested in test_trainer.py and test_config.py; a subprocess here would
+    only add a cold start)."""
+    from hydra import compose, initialize_config_module
+
+    from jumpflow.trainer import train
+
     run = tmp_path_factory.mktemp("img") / "run"
-    proc = _train(run, "data=fake", "trainer.max_steps=2", *TINY_DIT)
-    return run, proc
+    with initialize_config_module("jumpflow.configs", version_base=None):
+        cfg = compose("train", overrides=[f"run_dir={run}", "logger=none", "trainer.progress=false",
+                                          "trainer.cpu_threads=1", "data=fake", "trainer.max_steps=2", *TINY_DIT])
+    result = train(cfg)
+    assert result["step"] == 2
+    return run
 
 
 def test_fake_smoke_run_meanflow_dit_b2_config(tiny_run):
-    """``jumpflow-train experiment=imagenet256_latent objective=meanflow data=fake trainer.max_steps=2`` with the
+    """``experiment=imagenet256_latent objective=meanflow data=fake trainer.max_steps=2`` with the
     DiT shrunk (depth 1, width 32) so it runs in seconds; the full DiT-B/2 run is the slow test."""
-    run, proc = tiny_run
-    _check_ran(proc)
-    assert list((run / "checkpoints").glob("*.safetensors"))
-    assert list((run / "samples").glob("*.png"))
+    assert list((tiny_run / "checkpoints").glob("*.safetensors"))
+    assert list((tiny_run / "samples").glob("*.png"))
 
 
 def test_sample_cli_on_trained_run(tiny_run, tmp_path):
-    run, proc = tiny_run
-    _check_ran(proc)
+    from jumpflow.cli.sample import main as sample_main
+
     out = tmp_path / "samples"
-    env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "jumpflow.cli.sample", str(run), "--out", str(out), "--n", "5",
-           "--shard-size", "3", "--batch-size", "2", "--nfe", "2", "--device", "cpu"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert sample_main([str(tiny_run), "--out", str(out), "--n", "5", "--shard-size", "3", "--batch-size", "2",
+                        "--nfe", "2", "--device", "cpu"]) == 0
     with np.load(out / "samples_5x32x32x3.npz") as f:     # fake latents, no VAE: 3 channels shown
         assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (5, 32, 32, 3)
         np.testing.assert_array_equal(f["arr_1"], np.arange(5) % 1000)

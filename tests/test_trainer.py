@@ -241,12 +241,26 @@ def iter_n(it, k):
 
 
 # ------------------------------------------------------------------ CLI
+def imported_modules(importtime_stderr: str) -> set[str]:
+    """Module names from ``python -X importtime`` output (``import time: self | cumulative | name``)."""
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_stderr.splitlines()
+            if line.startswith("import time:") and line.count("|") == 2}
+
+
 def test_cli_help_and_cfg_job():
-    out = cli("--help", timeout=120)
+    """``--help`` and ``--cfg job`` answer without importing torch (the trainer is imported only
+    when a run starts)."""
+    def cli_importtime(*args):
+        return subprocess.run([sys.executable, "-X", "importtime", "-m", "jumpflow.cli.train", *args], env=ENV,
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    out = cli_importtime("--help")
     assert out.returncode == 0 and "jumpflow-train" in out.stdout and "objective:" in out.stdout
-    out = cli("--cfg", "job", "objective=meanflow", "experiment=toy2d", timeout=120)
-    assert out.returncode == 0, out.stderr
+    assert "hydra" in imported_modules(out.stderr) and "torch" not in imported_modules(out.stderr)
+    out = cli_importtime("--cfg", "job", "objective=meanflow", "experiment=toy2d")
+    assert out.returncode == 0, out.stderr[-2000:]
     assert "jumpflow.objectives.MeanFlow" in out.stdout and "max_steps: 20000" in out.stdout
+    assert "torch" not in imported_modules(out.stderr)
 
 
 def test_cli_multirun(tmp_path):

@@ -39,9 +39,15 @@ class MLP(nn.Module):
         shape: per-sample data shape, e.g. ``(2,)`` or ``(16, 7)``.
         width: hidden width; depth: number of residual blocks.
         cond_dim: width of the condition vector (0: unconditional).
+        tokens: how many tokens ``tokenize`` splits a sample into (row-major, equal sizes; it
+            must divide the sample's size). The network itself always sees the whole vector;
+            tokens matter only to the per-token heads of Transition Matching: with ``1`` ARTM's
+            causal context is empty and it reduces to DTM's head on the independent linear
+            process, with ``shape[0]`` (one token per action step of a chunk) ARTM draws the
+            chunk step by step. Every token gets the same features.
     """
 
-    def __init__(self, shape, width: int = 256, depth: int = 4, cond_dim: int = 0):
+    def __init__(self, shape, width: int = 256, depth: int = 4, cond_dim: int = 0, tokens: int = 1):
         super().__init__()
         if int(width) < 1:
             raise ConfigError("width", f"must be >= 1, got {width}")
@@ -51,6 +57,9 @@ class MLP(nn.Module):
             raise ConfigError("cond_dim", f"must be >= 0, got {cond_dim}")
         self.shape = tuple(int(s) for s in shape)
         self.in_dim = math.prod(self.shape)
+        if int(tokens) < 1 or self.in_dim % int(tokens):
+            raise ConfigError("tokens", f"must be a positive divisor of the sample size {self.in_dim}, got {tokens}")
+        self.tokens = int(tokens)
         self.feature_dim = width
         self.embed = TimeCondEmbedder(width, cond_dim)
         self.inp = Linear(self.in_dim, width)
@@ -59,8 +68,8 @@ class MLP(nn.Module):
         self.out = Linear(width, self.in_dim)
 
     def tokenize(self, x: Tensor) -> Tensor:
-        """``(B, *shape) -> (B, 1, D)``: one token holding the whole vector."""
-        return x.reshape(x.shape[0], 1, self.in_dim)
+        """``(B, *shape) -> (B, N, D / N)`` with ``N = tokens``, row-major."""
+        return x.reshape(x.shape[0], self.tokens, self.in_dim // self.tokens)
 
     def untokenize(self, tokens: Tensor) -> Tensor:
         return tokens.reshape(tokens.shape[0], *self.shape)
@@ -74,5 +83,5 @@ class MLP(nn.Module):
         feats = self.out_norm(y)                                   # (B, W)
         out = self.out(feats).reshape(x.shape)                     # (B, *shape)
         if return_features:
-            return out, feats[:, None, :]                          # (B, *shape), (B, 1, W)
+            return out, feats[:, None, :].expand(-1, self.tokens, -1)   # (B, *shape), (B, N, W)
         return out
