@@ -127,7 +127,24 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     atomic_write_text(path, "\n".join(text) + "\n")
 
 
-def main(argv=None):
+def run_overrides(args, task_name: str, objective: str, seed: int, run_dir: Path) -> list[str]:
+    """Hydra overrides of one training run: the task's CPU recipe, the demo style, the seed,
+    ``--steps``, the DP protocol's checkpoint schedule and ``--override`` with ``{seed}`` filled in
+    (so that e.g. each distilled student reads the teacher trained with its own seed)."""
+    overrides = [f"experiment={recipe_for(task_name)}", f"task={task_name}",
+                 *([f"task.demo_style={args.style}"] if args.style != "ph" else []), f"objective={objective}",
+                 f"seed={seed}", "logger=none", "trainer.progress=false", "trainer.eval_at_end=false",
+                 f"run_dir={run_dir}", *(o.replace("{seed}", str(seed)) for o in args.override)]
+    if args.steps:
+        overrides.append(f"trainer.max_steps={args.steps}")
+    if args.protocol == "dp":     # checkpoints every tenth of training, the last five kept
+        total = args.steps or 3000
+        overrides += [f"trainer.ckpt_every={max(1, total // (2 * DP_CHECKPOINTS))}",
+                      f"trainer.keep_checkpoints={DP_CHECKPOINTS}"]
+    return overrides
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="lift_lowdim")
     ap.add_argument("--objectives", default=",".join(VARIANTS))
@@ -150,7 +167,11 @@ def main(argv=None):
     ap.add_argument("--protocol", choices=("last", "dp"), default="last",
                     help="last: evaluate the final EMA policy; dp: Diffusion Policy's protocol, the last "
                          f"{DP_CHECKPOINTS} checkpoints (second half of training), success_max and success_last_mean")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     out = RESULTS / "policy.json"
     rows = load_rows(out)
     if args.markdown_only:
@@ -168,16 +189,7 @@ def main(argv=None):
                                     and all((task, objective, s or lbl, n, seed) in done for lbl, n, s in variants)):
                     continue
                 run_dir = Path(args.runs) / f"{task}_{objective}_s{seed}"
-                overrides = [f"experiment={recipe_for(task_name)}", f"task={task_name}",
-                             *([f"task.demo_style={args.style}"] if args.style != "ph" else []), f"objective={objective}", f"seed={seed}", "logger=none", "trainer.progress=false",
-                             "trainer.eval_at_end=false", f"run_dir={run_dir}",
-                             *(o.replace("{seed}", str(seed)) for o in args.override)]
-                if args.steps:
-                    overrides.append(f"trainer.max_steps={args.steps}")
-                if args.protocol == "dp":     # checkpoints every tenth of training, the last five kept
-                    total = args.steps or 3000
-                    overrides += [f"trainer.ckpt_every={max(1, total // (2 * DP_CHECKPOINTS))}",
-                                  f"trainer.keep_checkpoints={DP_CHECKPOINTS}"]
+                overrides = run_overrides(args, task_name, objective, seed, run_dir)
                 with initialize_config_module(config_module="jumpflow.configs", version_base=None):
                     cfg = compose("train", overrides=overrides)
                 final = run_dir / "checkpoints" / f"ckpt_{int(cfg.trainer.max_steps):09d}.json"

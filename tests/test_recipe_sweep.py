@@ -100,3 +100,23 @@ def test_bench_refusals_are_one_line_before_any_run(tmp_path):
     with pytest.raises(SystemExit, match=f"--refresh: no result file {missing}"):
         main_job(["--refresh", "--out", str(missing)])
     assert not missing.exists()
+
+
+def test_policy_bench_fills_the_seed_into_overrides_and_composes():
+    """bench.policy: ``{seed}`` in ``--override`` becomes each run's training seed (a distilled
+    student reads its own seed's teacher); mh style and the DP protocol's checkpoint schedule reach
+    the config, which composes and validates."""
+    from bench.policy import DP_CHECKPOINTS, parser, run_overrides
+
+    args = parser().parse_args(["--style", "mh", "--protocol", "dp", "--steps", "1000",
+                                "--override", "objective.teacher=/runs/lift_ddpm_s{seed}", "--override", "optim.lr=2e-3"])
+    for seed in (0, 2):
+        ov = run_overrides(args, "lift_lowdim", "distill_consistency", seed, Path(f"/runs/student_s{seed}"))
+        assert f"objective.teacher=/runs/lift_ddpm_s{seed}" in ov and f"seed={seed}" in ov
+        assert not any("{seed}" in o for o in ov)
+        with initialize_config_module(config_module="jumpflow.configs", version_base=None):
+            cfg = compose("train", overrides=ov)
+        validate_config(cfg)
+        assert cfg.objective.teacher == f"/runs/lift_ddpm_s{seed}" and cfg.seed == seed
+        assert cfg.task.demo_style == "mh" and cfg.optim.lr == 2e-3 and cfg.trainer.max_steps == 1000
+        assert cfg.trainer.ckpt_every == 1000 // (2 * DP_CHECKPOINTS) and cfg.trainer.keep_checkpoints == DP_CHECKPOINTS
