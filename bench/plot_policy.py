@@ -28,6 +28,7 @@ def mode_rows(rows: list[dict], task: str, demo: dict[str, float] | None = None
         if r["task"] != task or "mode_entropy_ratio" not in r:
             continue
         label = f"{r['objective']}-{r['nfe']}" if r["sampler"] == r["objective"] else f"{r['sampler']}-{r['nfe']}"
+        label += f" ({r['variant']})" if r.get("variant") else ""
         freqs[label].append({k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("mode_freq/")})
     modes = sorted({m for fs in freqs.values() for f in fs for m in f} | set(demo))
     mean = {lab: {m: float(np.mean([f.get(m, 0.0) for f in fs])) for m in modes} for lab, fs in freqs.items()}
@@ -69,6 +70,7 @@ def plot_nfe(rows: list[dict], task: str):
     for r in rows:
         if r["task"] == task:
             name = r["objective"] if r["sampler"] in (r["objective"], None) else f"{r['objective']} ({r['sampler']})"
+            name += f" [{r['variant']}]" if r.get("variant") else ""
             curves[name][int(r["nfe"])].append(float(r.get("success_last_mean", r["success_rate"])))
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, pts in sorted(curves.items()):

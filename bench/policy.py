@@ -75,14 +75,19 @@ def evaluate_variant(model, episodes: int, run_dir) -> dict:
     return out
 
 
+def row_key(row: dict) -> tuple:
+    """What makes a row unique: a re-run replaces (or, without ``--overwrite``, skips) it."""
+    return row["task"], row["objective"], row.get("variant", ""), row["sampler"], row["nfe"], row["seed"]
+
+
 def recipe_for(task: str) -> str:
     """The CPU recipe a task trains with (image tasks: batch 64, shorter episodes)."""
     return "policy_cpu_image" if task.endswith("_image") else "policy_cpu"
 
 
 def seed_summary(rows: list[dict]) -> list[dict]:
-    """One row per (task, objective, sampler, NFE): success mean / min / max over the training
-    seeds that ran; tasks together, variants in the order of ``VARIANTS``."""
+    """One row per (task, objective, config variant, sampler, NFE): success mean / min / max over the
+    training seeds that ran; tasks together, variants in the order of ``VARIANTS``."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     order = [(o, s or lbl, n) for o, vs in VARIANTS.items() for lbl, n, s in vs]
 
@@ -91,11 +96,12 @@ def seed_summary(rows: list[dict]) -> list[dict]:
         return tasks.index(r["task"]), order.index(key) if key in order else len(order)
     groups: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=rank):
-        groups.setdefault((r["task"], r["objective"], r["sampler"], r["nfe"]), []).append(r)
+        groups.setdefault((r["task"], r["objective"], r.get("variant", ""), r["sampler"], r["nfe"]), []).append(r)
     out = []
-    for (task, objective, sampler, nfe), rs in groups.items():
+    for (task, objective, variant, sampler, nfe), rs in groups.items():
         rates = [r["success_rate"] for r in sorted(rs, key=lambda r: r["seed"])]
-        out.append({"task": task, "objective": objective, "sampler": sampler, "nfe": nfe,
+        out.append({"task": task, "objective": objective + (f" [{variant}]" if variant else ""), "sampler": sampler,
+                    "nfe": nfe,
                     "seeds": ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"])),
                     "success_mean": sum(rates) / len(rates), "success_min": min(rates), "success_max": max(rates),
                     "train_steps": ",".join(sorted({str(r["train_steps"]) for r in rs}))})
@@ -158,6 +164,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--override", action="append", default=[],
                     help="extra hydra override (repeatable); {seed} is replaced by the training seed, e.g. "
                          "objective.teacher=runs/lift_lowdim_ddpm_s{seed}")
+    ap.add_argument("--variant", default="",
+                    help="name of a config variant made by --override (e.g. tokens16 for backbone.tokens=16): its "
+                         "rows and run directories are kept apart from the shipped config's")
     ap.add_argument("--style", choices=("ph", "mh"), default="ph",
                     help="demonstrations: ph (the scripted expert) or mh (human-like, multimodal); "
                          "mh rows are labelled <task>_mh")
@@ -178,7 +187,7 @@ def main(argv=None):
         write_markdown(rows, RESULTS / "policy.md")
         print_table(seed_summary(rows))
         return
-    done = {(r["task"], r["objective"], r["sampler"], r["nfe"], r["seed"]) for r in rows}
+    done = {row_key(r) for r in rows}
     wanted = None if args.variants is None else set(args.variants.split(","))
     for task_name in args.tasks.split(","):
         task = task_name if args.style == "ph" else f"{task_name}_mh"      # the rows' label
@@ -186,9 +195,10 @@ def main(argv=None):
             for seed in map(int, args.seeds.split(",")):
                 variants = [v for v in VARIANTS[objective] if wanted is None or f"{v[2] or v[0]}:{v[1]}" in wanted]
                 if not variants or (not args.overwrite
-                                    and all((task, objective, s or lbl, n, seed) in done for lbl, n, s in variants)):
+                                    and all((task, objective, args.variant, s or lbl, n, seed) in done
+                                            for lbl, n, s in variants)):
                     continue
-                run_dir = Path(args.runs) / f"{task}_{objective}_s{seed}"
+                run_dir = Path(args.runs) / f"{task}_{objective}{'_' + args.variant if args.variant else ''}_s{seed}"
                 overrides = run_overrides(args, task_name, objective, seed, run_dir)
                 with initialize_config_module(config_module="jumpflow.configs", version_base=None):
                     cfg = compose("train", overrides=overrides)
@@ -217,7 +227,8 @@ def main(argv=None):
                     last = evals[-1]
                     row = {"task": task, "objective": objective, "sampler": sampler or label, "nfe": nfe, "seed": seed,
                            **last, "train_seconds": train_seconds, "train_steps": int(result["step"]),
-                           "episodes": args.episodes, "threads": torch.get_num_threads(), "protocol": args.protocol}
+                           "episodes": args.episodes, "threads": torch.get_num_threads(), "protocol": args.protocol,
+                           **({"variant": args.variant, "variant_overrides": args.override} if args.variant else {})}
                     if args.protocol == "dp":
                         successes = [e["success_rate"] for e in evals]
                         row.update({"success_max": max(successes), "success_last_mean": sum(successes) / len(successes),
@@ -227,10 +238,8 @@ def main(argv=None):
                         for k in ("mode_entropy_ratio", "mode_tv", "mode_switches", *partial):
                             if k in last:
                                 row[k] = sum(e[k] for e in evals) / len(evals)   # mean over the checkpoints
-                    key = (task, objective, row["sampler"], nfe, seed)
                     # re-read: another bench process may have added rows since this one started
-                    rows = [r for r in load_rows(out)
-                            if (r["task"], r["objective"], r["sampler"], r["nfe"], r["seed"]) != key] + [row]
+                    rows = [r for r in load_rows(out) if row_key(r) != row_key(row)] + [row]
                     print(json.dumps(row), flush=True)
                     write_results("policy", {"episodes": args.episodes, "steps": args.steps or "experiment default",
                                              "overrides": args.override, "machine_note": machine()}, rows)

@@ -120,3 +120,18 @@ def test_policy_bench_fills_the_seed_into_overrides_and_composes():
         assert cfg.objective.teacher == f"/runs/lift_ddpm_s{seed}" and cfg.seed == seed
         assert cfg.task.demo_style == "mh" and cfg.optim.lr == 2e-3 and cfg.trainer.max_steps == 1000
         assert cfg.trainer.ckpt_every == 1000 // (2 * DP_CHECKPOINTS) and cfg.trainer.keep_checkpoints == DP_CHECKPOINTS
+
+
+def test_policy_bench_keeps_config_variants_apart():
+    """A ``--variant`` row (e.g. ARTM with one token per action step) neither replaces nor is
+    averaged with the shipped config's row of the same objective, sampler, NFE and seed."""
+    from bench.policy import row_key, seed_summary
+
+    base = {"task": "t", "objective": "transition_matching_ar", "sampler": "transition_matching_ar", "nfe": 4,
+            "success_rate": 0.5, "train_steps": 10}
+    rows = [{**base, "seed": 0}, {**base, "seed": 1, "success_rate": 0.7},
+            {**base, "seed": 0, "success_rate": 1.0, "variant": "tokens16"}]
+    assert len({row_key(r) for r in rows}) == 3
+    summary = {r["objective"]: r for r in seed_summary(rows)}
+    assert summary["transition_matching_ar"]["success_mean"] == 0.6 and summary["transition_matching_ar"]["seeds"] == "0,1"
+    assert summary["transition_matching_ar [tokens16]"]["success_mean"] == 1.0
