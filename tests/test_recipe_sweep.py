@@ -135,3 +135,14 @@ def test_policy_bench_keeps_config_variants_apart():
     summary = {r["objective"]: r for r in seed_summary(rows)}
     assert summary["transition_matching_ar"]["success_mean"] == 0.6 and summary["transition_matching_ar"]["seeds"] == "0,1"
     assert summary["transition_matching_ar [tokens16]"]["success_mean"] == 1.0
+
+
+def test_bench_smoke_covers_every_script_and_refuses_unknown_names():
+    """bench.smoke has a smallest setting (or a reason not to run) for every bench script, and an
+    unknown ``--only`` name stops it with one line before anything runs."""
+    from bench import smoke
+
+    assert smoke.scripts_without_setting() == []
+    assert set(smoke.THEN) <= set(smoke.SMALLEST)
+    with pytest.raises(SystemExit, match="unknown script"):
+        smoke.main(["--only", "toy2d,nope"])
