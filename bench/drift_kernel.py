@@ -4,7 +4,7 @@ Regimes: the policy regime (hundreds of small groups: a few generated chunks and
 a few positives per observation, d ~ 100) where numba's fusion should win, and one large
 dense group (image-like) where BLAS-backed torch is hard to beat.
 
-    python bench/drift_kernel.py [--repeats 20]
+    python -m bench.drift_kernel [--repeats 20]
 """
 
 from __future__ import annotations

@@ -23,18 +23,18 @@ Metrics, per row, on the same generated samples (class-balanced, fixed noise):
 Writes ``bench/results/images.json`` (rows: dataset, objective, nfe, n_samples, fid, ...),
 ``bench/results/images_<objective>.png`` (10 classes x 8 samples per NFE) and prints a table.
 
-    python bench/images.py --tag a --objectives flow_matching,meanflow,tvm &        # parts run in parallel,
-    python bench/images.py --tag b --objectives drifting,ddpm,transition_matching & # one thread each
-    python bench/images.py --tag c --objectives drifting --drift-gen 64              # a Drifting variant row
-    wait; python bench/images.py --finalize      # merges parts, Inception FID on every row, table
-    python bench/images.py --steps 20 --n-fid 200 --n-inception 0 --out /tmp/imgbench   # smoke
+    python -m bench.images --tag a --objectives flow_matching,meanflow,tvm &        # parts run in parallel,
+    python -m bench.images --tag b --objectives drifting,ddpm,transition_matching & # one thread each
+    python -m bench.images --tag c --objectives drifting --drift-gen 64              # a Drifting variant row
+    wait; python -m bench.images --finalize      # merges parts, Inception FID on every row, table
+    python -m bench.images --steps 20 --n-fid 200 --n-inception 0 --out /tmp/imgbench   # smoke
 
 A guidance sweep at sampling (``--guidance``, for objectives trained to take the scale as an input
 or guiding by two evaluations), on a variant trained with extra overrides, into its own result file:
 
-    python bench/images.py --bench images_tvm_guidance --tag g --objectives tvm --label tvm-guided \
+    python -m bench.images --bench images_tvm_guidance --tag g --objectives tvm --label tvm-guided \
         --override 'objective.guidance={w_min: 1.0, w_max: 4.0}' --guidance 1,1.5,2,3,4
-    python bench/images.py --bench images_tvm_guidance --finalize --n-inception 0   # + <bench>_guidance.png
+    python -m bench.images --bench images_tvm_guidance --finalize --n-inception 0   # + <bench>_guidance.png
 """
 
 from __future__ import annotations

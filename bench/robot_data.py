@@ -4,7 +4,7 @@ Measures, for low-dim Lift: scripted demo generation (seconds per demo), the HDF
 buffer conversion, and one epoch of ``(obs[2], action[16])`` windows through a DataLoader
 (batch 256), as the training job runs them.
 
-Usage: ``python bench/robot_data.py [--n-demos 200] [--workdir /tmp/jumpflow_bench]`` (``--debug``: 5 demos);
+Usage: ``python -m bench.robot_data [--n-demos 200] [--workdir /tmp/jumpflow_bench]`` (``--debug``: 5 demos);
 ``--hdf5 FILE --n-demos 20``: time generation on 20 demos but conversion / epoch on an existing file.
 Every stage reports wall seconds and CPU seconds of this process (the machine is shared: wall time
 depends on the load, CPU time much less).
@@ -31,10 +31,11 @@ def main(argv=None) -> int:
     n = 5 if args.debug else args.n_demos
 
     import torch
-    from experts import machine_info  # bench/experts.py (this script's directory is on sys.path)
     from jumpflow.datasets.sequence import RobomimicSequenceDataset
     from jumpflow.envs.demos import generate_demos
     from jumpflow.envs.sim import LOW_DIM_KEYS
+
+    from bench.experts import machine_info
 
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)

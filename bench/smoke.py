@@ -19,6 +19,7 @@ installed once into the scratch folder, with itself.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -31,6 +32,8 @@ from bench.common import RESULTS, arg_parser, parse_args, write_results
 
 BENCH = Path(__file__).resolve().parent
 
+#: 4 demos, a narrow net and a batch smaller than their windows
+TINY_RUN = ["--override", "task.n_demos=4", "--override", "backbone.width=32", "--override", "trainer.batch_size=16"]
 #: script -> smallest arguments; ``{work}`` is the scratch folder (runs under ``{work}/runs``)
 SMALLEST: dict[str, list[str]] = {
     "jvp_ops": ["--repeats", "2"],
@@ -44,19 +47,20 @@ SMALLEST: dict[str, list[str]] = {
             "--objectives", "flow_matching"],
     "experts": ["--tasks", "Lift", "--n-episodes", "1"],
     "oracle_robustness": ["--episodes", "1", "--noise", "0", "--hold", "1"],
-    "robot_data": ["--debug", "--n-demos", "2", "--workdir", "{work}/robot_data"],
-    "profile": ["--demos", "2", "--steps", "5", "--episodes", "1"],
+    "robot_data": ["--debug", "--workdir", "{work}/robot_data"],
+    "profile": ["--steps", "5", "--episodes", "1"],
+    # --overwrite: the copied policy.json already holds these rows, which would be skipped
     "policy": ["--tasks", "reach_around_lowdim", "--objectives", "meanflow", "--steps", "5", "--episodes", "1",
-               "--runs", "{work}/runs", "--override", "task.n_demos=4", "--override", "backbone.width=32"],
+               "--runs", "{work}/runs", "--overwrite", *TINY_RUN],
     "policy_latency": ["--tasks", "reach_around_lowdim", "--runs", "{work}/runs", "--calls", "2"],
     "realtime": ["{work}/runs/reach_around_lowdim_meanflow_s0", "--modes", "sync,async", "--delays", "0,1",
                  "--episodes", "1", "--wallclock-episodes", "1", "--roundtrips", "2"],
     "plot_policy": ["--task", "reach_around_lowdim"],
     "label_fit": ["--runs", "{work}/runs/block_push_lowdim_regression_s0", "--demos", "1"],
-    "peer_lerobot": ["--steps", "5", "--episodes", "1", "--eval-envs", "1", "--latency-calls", "2",
-                     "--override", "task.n_demos=4"],
+    "peer_lerobot": ["--steps", "5", "--episodes", "1", "--eval-envs", "1", "--latency-calls", "2", "--overwrite",
+                     "--override", "task.n_demos=4", "--override", "trainer.batch_size=16"],
     "main_job": ["--runs", "{work}/main_job", "--tag", "smoke", "--override", "trainer.max_steps=5",
-                 "--override", "task.n_demos=4", "--override", "task.eval_episodes=1", "--override", "backbone.width=32"],
+                 "--override", "task.eval_episodes=1", *TINY_RUN],
     "images": ["--objectives", "flow_matching", "--steps", "5", "--n-fid", "20", "--n-inception", "0",
                "--runs", "{work}/images", "--bench", "images_smoke", "--tag", "s"],
     "recipe_sweep": ["--list"],
@@ -68,10 +72,12 @@ THEN: dict[str, list[str]] = {
     "images": ["--finalize", "--bench", "images_smoke", "--n-inception", "0", "--runs", "{work}/images"],
     # a Block Push run for label_fit (its oracle's law is what the policy is compared with)
     "policy": ["--tasks", "block_push_lowdim", "--objectives", "regression", "--steps", "5", "--episodes", "1",
-               "--runs", "{work}/runs", "--override", "task.n_demos=4", "--override", "backbone.width=32"],
+               "--runs", "{work}/runs", "--overwrite", *TINY_RUN],
 }
 NOT_RUN = {"suite_time": "runs the whole test suite; its test selection is unit-tested",
            "smoke": "this script"}
+#: scripts that need a package outside the project's extras: skipped (not failed) without it
+OPTIONAL = {"peer_lerobot": "lerobot"}
 
 
 def scripts_without_setting() -> list[str]:
@@ -122,6 +128,11 @@ def main(argv=None) -> int:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "JUMPFLOW_DATA": str(work / "data"), "WANDB_MODE": "disabled",
                "PYTHONPATH": os.pathsep.join([str(code_dir), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         for name in names:
+            if name in OPTIONAL and importlib.util.find_spec(OPTIONAL[name]) is None:
+                rows.append({"script": name, "args": "", "returncode": "skipped", "seconds": 0.0,
+                             "last_line": f"{OPTIONAL[name]} is not installed (pip install {OPTIONAL[name]})"})
+                print(f"{name:18s} skipped: {rows[-1]['last_line']}", flush=True)
+                continue
             def fill(argv: list[str]) -> list[str]:
                 return [a.replace("{work}", str(work)).replace("{pkg}", str(pkg)) for a in argv]
             rows.append(run_script(name, fill(SMALLEST[name]), code_dir, env, args.timeout))
@@ -137,7 +148,7 @@ def main(argv=None) -> int:
     write_results("bench_smoke", {"not_run": NOT_RUN, "timeout_s": args.timeout,
                                   "note": "each script in a scratch copy of bench/ (results there), 1 torch thread"},
                   rows, RESULTS / ("bench_smoke.json" if not args.only else "bench_smoke_partial.json"))
-    return int(any(r["returncode"] != 0 for r in rows))
+    return int(any(r["returncode"] not in (0, "skipped") for r in rows))
 
 
 if __name__ == "__main__":
