@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 # torch and the trainer are imported only when a run starts: --help, --cfg and a bad group name
-# answer without them (about 4 s of a cold start)
+# answer without them (no torch start; tests/test_trainer.py::test_cli_help_and_cfg_job holds it)
 from jumpflow.config import ConfigError, check_group_overrides, validate_config
 
 PROG = "jumpflow-train"
