@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -81,9 +82,9 @@ def describe(policy, run_dir: str | None) -> dict:
 
 def evaluator_settings(policy, max_steps: int | None) -> dict:
     task = getattr(policy, "task", None)
-    return dict(env_meta=policy.env_meta, obs_keys=list(policy.obs_keys), n_obs_steps=policy.n_obs_steps,
-                n_action_steps=policy.n_action_steps,
-                max_steps=max_steps or int(getattr(task, "eval_max_steps", 400)))
+    return {"env_meta": policy.env_meta, "obs_keys": list(policy.obs_keys), "n_obs_steps": policy.n_obs_steps,
+            "n_action_steps": policy.n_action_steps,
+            "max_steps": max_steps or int(getattr(task, "eval_max_steps", 400))}
 
 
 def mode_rows(policy, base: dict, delays: list, modes: list, episodes: int, max_steps: int | None,
@@ -129,6 +130,7 @@ def wallclock_row(policy, base: dict, episodes: int, max_steps: int | None, mode
                           max_steps=s["max_steps"])
     io = GymEnvIO(env, policy, mode, s["obs_keys"], s["n_action_steps"], s["n_obs_steps"])
     stats, success, to_success, sample_obs = [], [], [], None
+    load_before = os.getloadavg()[0]        # other work on the machine competes with the loop's threads
     try:
         for i in range(episodes):
             io.reset(seed=seed_offset + i)
@@ -156,6 +158,7 @@ def wallclock_row(policy, base: dict, episodes: int, max_steps: int | None, mode
            "deadline_misses": int(sum(st.deadline_misses for st in stats)),
            "starved_ticks": int(sum(st.starved_ticks for st in stats)),
            "late_ticks": int(sum(st.late_ticks for st in stats)),
+           "late_at": [st.late_at for st in stats],        # per episode: the ticks at which overruns were noticed
            "periods": int(sum(st.periods for st in stats)),
            "period_ms_mean": float(np.mean([st.period_ms_mean for st in stats])),
            "period_ms_p95": float(np.max([st.period_ms_p95 for st in stats])),
@@ -164,6 +167,9 @@ def wallclock_row(policy, base: dict, episodes: int, max_steps: int | None, mode
            "latency_ms_p95": float(np.percentile(np.concatenate([st.latency_ms for st in stats]), 95)),
            "delay_steps_p50": float(np.median(np.concatenate([st.delays for st in stats]))),
            "delay_steps_max": int(max(max(st.delays, default=0) for st in stats)),
+           # the first chunk of each episode, computed before its clock started (no tick waits for it)
+           "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],     # before, after
+           "prime_ms_max": max((st.prime_ms for st in stats if st.prime_ms is not None), default=None),
            "episodes": episodes}
     return row, sample_obs
 
@@ -189,8 +195,8 @@ def server_row(policy, base: dict, obs: dict, requests: int, prefix_len: int | N
             def infer(o):
                 ws.send(packb(o))
                 reply = ws.recv()
-                if isinstance(reply, str):
-                    raise RuntimeError(reply)
+                if isinstance(reply, str):          # the server's error frame: its text names the problem
+                    raise RuntimeError(reply)  # noqa: TRY004
                 return unpackb(reply)
             close, kind = ws.close, "websockets"
         if prefix_len is not None:

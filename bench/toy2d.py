@@ -70,7 +70,7 @@ def run_one(objective: str, dataset: str, steps: int, batch: int, seed: int, out
     t0 = time.perf_counter()
     result = train(cfg)
     wall = time.perf_counter() - t0
-    rates = [json.loads(line).get("train/it_per_s") for line in open(Path(result["run_dir"]) / "metrics.jsonl")]
+    rates = [json.loads(line).get("train/it_per_s") for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rates = [r for r in rates if r]
     sec_per_step = 1.0 / (sum(rates) / len(rates)) if rates else wall / steps
     m = {k.split("/", 1)[-1]: v for k, v in result["metrics"].items()}   # the trainer prefixes "eval/"

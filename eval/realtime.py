@@ -239,7 +239,9 @@ class RealtimeStats:
     before the loop got to it (the loop itself overran: a blocking ``sync`` inference, a slow
     ``step_fn``, the OS). ``periods`` counts every tick, late ones included (time to success in
     control periods); ``period_ms_*`` are the measured intervals between consecutive ticks and
-    ``jitter_ms_p95`` the 95th percentile of ``|interval - period|``.
+    ``jitter_ms_p95`` the 95th percentile of ``|interval - period|``. ``prime_ms`` is the latency
+    of the first chunk when the controller waited for it before starting the clock (``prime``);
+    it is in ``latency_ms`` too, but no tick waited for it.
     """
 
     mode: str
@@ -249,6 +251,7 @@ class RealtimeStats:
     steps: int = 0
     starved_ticks: int = 0
     late_ticks: int = 0
+    late_at: list = field(default_factory=list)     # the tick index at which each overrun was noticed
     # one entry per chunk request: its inference latency and its delay in whole periods
     requests: int = 0
     latency_ms: list = field(default_factory=list)
@@ -257,6 +260,7 @@ class RealtimeStats:
     period_ms_mean: float = 0.0
     period_ms_p95: float = 0.0
     jitter_ms_p95: float = 0.0
+    prime_ms: float | None = None
     done: bool = False
 
     @property
@@ -296,6 +300,9 @@ class RealtimeController:
             :func:`execution_horizon` of ``action_horizon`` and that same ``d``.
         action_horizon: the policy's ``n_action_steps`` (the rows of a chunk it is meant to run).
         ensemble_every, ensemble_decay: see :class:`ChunkScheduler`.
+        prime: compute the first chunk before the first tick, as a robot waits for its first plan
+            before it moves (default); false: the clock starts at once and the ticks before the
+            first chunk arrives are starved.
         clock, sleep: the time source (tests may inject their own).
     """
 
@@ -303,7 +310,7 @@ class RealtimeController:
                  step_fn: Callable[[np.ndarray | None], bool], control_freq: float = DEFAULT_CONTROL_FREQ,
                  mode: str = "async", execute_steps: int | None = None, ensemble_every: int = 1,
                  ensemble_decay: float = 0.01, clock: Callable[[], float] = time.perf_counter,
-                 sleep: Callable[[float], None] = time.sleep, action_horizon: int = 8):
+                 sleep: Callable[[float], None] = time.sleep, action_horizon: int = 8, prime: bool = True):
         if control_freq <= 0:
             raise ValueError(f"control_freq: must be > 0, got {control_freq}")
         self.infer_fn, self.observe_fn, self.step_fn = infer_fn, observe_fn, step_fn
@@ -313,6 +320,7 @@ class RealtimeController:
         self.scheduler = ChunkScheduler(mode, self.execute_steps or self.action_horizon, ensemble_every,
                                         ensemble_decay)
         self.clock, self.sleep = clock, sleep
+        self.prime = bool(prime)
 
     def _infer(self, obs, prefix):
         t0 = self.clock()
@@ -331,6 +339,15 @@ class RealtimeController:
         pending = None                                  # (future, k_req)
         k, d_est = 0, 1
         tick_times: list[float] = []
+        if self.prime:             # the first chunk, before the clock starts (no prefix exists yet)
+            obs = self.observe_fn()
+            sched.mark_requested(0)
+            stats.requests += 1
+            chunk, lat = self._infer(obs, None)
+            self._record(stats, lat)
+            stats.prime_ms = lat * 1e3
+            d_est = max(1, delay_steps(lat, self.control_freq))
+            sched.receive(chunk, 0, 0)
         next_t = self.clock()
         try:
             while stats.periods < max_periods:
@@ -342,6 +359,7 @@ class RealtimeController:
                 if late > 0:
                     late = min(late, max_periods - stats.periods)
                     stats.late_ticks += late
+                    stats.late_at.append(stats.periods)
                     stats.periods += late
                     next_t += late * period
                     if stats.periods >= max_periods:
