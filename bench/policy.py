@@ -80,6 +80,50 @@ def row_key(row: dict) -> tuple:
     return row["task"], row["objective"], row.get("variant", ""), row["sampler"], row["nfe"], row["seed"]
 
 
+def task_specs(tasks: str) -> list[tuple[str, str, list[str], dict]]:
+    """``--tasks`` -> one ``(config task, row label, task overrides, row fields)`` per task.
+
+    ``metaworld`` is jumpflow's MetaWorld task set (``jumpflow.envs.metaworld_env.TASK_SET``, four
+    difficulty groups) and ``metaworld:<name>`` one v3 task: config ``task=metaworld
+    task.env=<name>``, rows labelled ``metaworld_<name>`` with ``family`` and ``group`` (the per-group
+    table averages over them). Other names are task configs as given.
+
+    Raises:
+        ValueError: an unknown MetaWorld task (one line listing the valid names).
+    """
+    out = []
+    for name in (n.strip() for n in tasks.split(",") if n.strip()):
+        if name == "metaworld" or name.startswith("metaworld:"):
+            from jumpflow.envs.metaworld_env import TASK_SET, check_task_name, task_group
+            for env in (TASK_SET if name == "metaworld" else [check_task_name(name)]):
+                out.append(("metaworld", f"metaworld_{env}", [f"task.env={env}"],
+                            {"family": "metaworld", "group": task_group(env)}))
+        else:
+            out.append((name, name, [], {}))
+    return out
+
+
+def group_summary(rows: list[dict]) -> list[dict]:
+    """MetaWorld rows per difficulty group: for each (objective, variant, sampler, NFE, group) the
+    mean over the group's tasks of each task's mean over training seeds."""
+    per_task: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r.get("family") == "metaworld":
+            key = (r["objective"], r.get("variant", ""), r["sampler"], r["nfe"], r["group"], r["task"])
+            per_task.setdefault(key, []).append(r["success_rate"])
+    groups: dict[tuple, list[float]] = {}
+    for (*key, _task), rates in per_task.items():
+        groups.setdefault(tuple(key), []).append(sum(rates) / len(rates))
+    from jumpflow.envs.metaworld_env import GROUPS
+    order = [(o, s or lbl, n) for o, vs in VARIANTS.items() for lbl, n, s in vs]
+    out = [{"objective": o + (f" [{v}]" if v else ""), "sampler": s, "nfe": n, "group": g, "tasks": len(means),
+            "success_mean": sum(means) / len(means)}
+           for (o, v, s, n, g), means in groups.items()]
+    return sorted(out, key=lambda r: (order.index((r["objective"].split(" [")[0], r["sampler"], r["nfe"]))
+                                      if (r["objective"].split(" [")[0], r["sampler"], r["nfe"]) in order
+                                      else len(order), r["objective"], GROUPS.index(r["group"])))
+
+
 def recipe_for(task: str) -> str:
     """The CPU recipe a task trains with (image tasks: batch 64, shorter episodes)."""
     return "policy_cpu_image" if task.endswith("_image") else "policy_cpu"
@@ -130,14 +174,20 @@ def write_markdown(rows: list[dict], path: Path) -> None:
             *_markdown_table(summary, ["task", "objective", "sampler", "nfe", "seeds", "success_mean", "success_min",
                                        "success_max", "train_steps"]),
             "", "## Every run", "", *_markdown_table(rows, keys)]
+    groups = group_summary(rows)
+    if groups:
+        text[-3:-3] = ["", "## MetaWorld: success per difficulty group (mean over tasks of the mean over seeds)", "",
+                       *_markdown_table(groups, ["objective", "sampler", "nfe", "group", "tasks", "success_mean"])]
     atomic_write_text(path, "\n".join(text) + "\n")
 
 
-def run_overrides(args, task_name: str, objective: str, seed: int, run_dir: Path) -> list[str]:
-    """Hydra overrides of one training run: the task's CPU recipe, the demo style, the seed,
-    ``--steps``, the DP protocol's checkpoint schedule and ``--override`` with ``{seed}`` filled in
-    (so that e.g. each distilled student reads the teacher trained with its own seed)."""
-    overrides = [f"experiment={recipe_for(task_name)}", f"task={task_name}",
+def run_overrides(args, task_name: str, objective: str, seed: int, run_dir: Path,
+                  task_overrides: list[str] = ()) -> list[str]:
+    """Hydra overrides of one training run: the task's CPU recipe, the task (and its
+    ``task_overrides``, e.g. a MetaWorld env), the demo style, the seed, ``--steps``, the DP
+    protocol's checkpoint schedule and ``--override`` with ``{seed}`` filled in (so that e.g. each
+    distilled student reads the teacher trained with its own seed)."""
+    overrides = [f"experiment={recipe_for(task_name)}", f"task={task_name}", *task_overrides,
                  *([f"task.demo_style={args.style}"] if args.style != "ph" else []), f"objective={objective}",
                  f"seed={seed}", "logger=none", "trainer.progress=false", "trainer.eval_at_end=false",
                  f"run_dir={run_dir}", *(o.replace("{seed}", str(seed)) for o in args.override)]
@@ -152,7 +202,9 @@ def run_overrides(args, task_name: str, objective: str, seed: int, run_dir: Path
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", default="lift_lowdim")
+    ap.add_argument("--tasks", default="lift_lowdim",
+                    help="comma list of task configs; metaworld: jumpflow's MetaWorld task set; metaworld:<name>: "
+                         "one v3 task (rows metaworld_<name>, with a per-difficulty-group table)")
     ap.add_argument("--objectives", default=",".join(VARIANTS))
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the experiment's)")
@@ -186,11 +238,19 @@ def main(argv=None):
     if args.markdown_only:
         write_markdown(rows, RESULTS / "policy.md")
         print_table(seed_summary(rows))
+        if group_summary(rows):
+            print_table(group_summary(rows))
         return
+    try:
+        specs = task_specs(args.tasks)
+    except ValueError as e:
+        parser().error(f"--tasks: {e}")
+    if args.style != "ph" and any(fields for *_, fields in specs):
+        parser().error("--style mh: MetaWorld demos come from its own scripted policies (ph only)")
     done = {row_key(r) for r in rows}
     wanted = None if args.variants is None else set(args.variants.split(","))
-    for task_name in args.tasks.split(","):
-        task = task_name if args.style == "ph" else f"{task_name}_mh"      # the rows' label
+    for task_name, label, task_overrides, fields in specs:
+        task = label if args.style == "ph" else f"{label}_mh"      # the rows' label
         for objective in args.objectives.split(","):
             for seed in map(int, args.seeds.split(",")):
                 variants = [v for v in VARIANTS[objective] if wanted is None or f"{v[2] or v[0]}:{v[1]}" in wanted]
@@ -199,7 +259,7 @@ def main(argv=None):
                                             for lbl, n, s in variants)):
                     continue
                 run_dir = Path(args.runs) / f"{task}_{objective}{'_' + args.variant if args.variant else ''}_s{seed}"
-                overrides = run_overrides(args, task_name, objective, seed, run_dir)
+                overrides = run_overrides(args, task_name, objective, seed, run_dir, task_overrides)
                 with initialize_config_module(config_module="jumpflow.configs", version_base=None):
                     cfg = compose("train", overrides=overrides)
                 final = run_dir / "checkpoints" / f"ckpt_{int(cfg.trainer.max_steps):09d}.json"
@@ -219,13 +279,14 @@ def main(argv=None):
                 else:
                     ckpts = ckpts[-1:]
                 models = [load_model(c)[0] for c in ckpts]
-                for label, nfe, sampler in variants:
+                for lbl, nfe, sampler in variants:
                     evals = []
                     for model in models:
                         model.set_inference({"steps": nfe, "sampler": sampler})
                         evals.append(evaluate_variant(model, args.episodes, result["run_dir"]))
                     last = evals[-1]
-                    row = {"task": task, "objective": objective, "sampler": sampler or label, "nfe": nfe, "seed": seed,
+                    row = {"task": task, **fields, "objective": objective, "sampler": sampler or lbl, "nfe": nfe,
+                           "seed": seed,
                            **last, "train_seconds": train_seconds, "train_steps": int(result["step"]),
                            "episodes": args.episodes, "threads": torch.get_num_threads(), "protocol": args.protocol,
                            **({"variant": args.variant, "variant_overrides": args.override} if args.variant else {})}

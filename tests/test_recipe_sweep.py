@@ -146,3 +146,51 @@ def test_bench_smoke_covers_every_script_and_refuses_unknown_names():
     assert set(smoke.THEN) <= set(smoke.SMALLEST)
     with pytest.raises(SystemExit, match="unknown script"):
         smoke.main(["--only", "toy2d,nope"])
+
+
+def test_policy_bench_refuses_an_unknown_metaworld_task_before_any_run(tmp_path, capsys):
+    from bench.policy import main as policy_main
+
+    with pytest.raises(SystemExit):
+        policy_main(["--tasks", "metaworld:nope-v3", "--objectives", "regression", "--runs", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--tasks: unknown MetaWorld task 'nope-v3'; valid: " in err and "reach-v3" in err
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit):
+        policy_main(["--tasks", "metaworld:reach-v3", "--style", "mh", "--runs", str(tmp_path / "runs")])
+    assert "ph only" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_policy_bench_metaworld_tasks_expand_compose_and_average_per_group():
+    """``--tasks metaworld`` is the task set (every group present), ``metaworld:<name>`` one task
+    whose overrides compose to ``task=metaworld task.env=<name>``; the per-group table is the mean
+    over a group's tasks of each task's seed mean; an unknown name stops with one line."""
+    from bench.policy import group_summary, parser, run_overrides, task_specs
+    from jumpflow.envs.metaworld_env import GROUPS, TASK_SET
+
+    specs = task_specs("metaworld")
+    assert [label for _, label, _, _ in specs] == [f"metaworld_{t}" for t in TASK_SET]
+    assert {f["group"] for *_, f in specs} == set(GROUPS)
+    (cfg_task, label, extra, fields), plain = task_specs("metaworld:push-v3,lift_lowdim")
+    assert (cfg_task, label, extra, fields) == ("metaworld", "metaworld_push-v3", ["task.env=push-v3"],
+                                                {"family": "metaworld", "group": "hard"})
+    assert plain == ("lift_lowdim", "lift_lowdim", [], {})
+    ov = run_overrides(parser().parse_args([]), cfg_task, "regression", 1, Path("/runs/x"), extra)
+    with initialize_config_module(config_module="jumpflow.configs", version_base=None):
+        cfg = compose("train", overrides=ov)
+    validate_config(cfg)
+    assert cfg.task.env == "push-v3" and cfg.task.dataset.endswith("metaworld_push-v3_10.hdf5")
+    with pytest.raises(ValueError, match="unknown MetaWorld task 'pushh-v3'; valid: .*push-v3"):
+        task_specs("metaworld:pushh-v3")
+
+    def row(task, group, seed, rate, objective="meanflow", nfe=1):
+        return {"task": task, "family": "metaworld", "group": group, "objective": objective, "sampler": objective,
+                "nfe": nfe, "seed": seed, "success_rate": rate}
+    rows = [row("metaworld_reach-v3", "easy", 0, 1.0), row("metaworld_reach-v3", "easy", 1, 0.5),
+            row("metaworld_button-press-v3", "easy", 0, 0.0), row("metaworld_push-v3", "hard", 0, 0.4),
+            row("metaworld_push-v3", "hard", 0, 0.9, objective="regression"), {**row("lift", "easy", 0, 1.0),
+                                                                                "family": None}]
+    summary = {(r["objective"], r["group"]): r for r in group_summary(rows)}
+    assert summary[("meanflow", "easy")]["success_mean"] == 0.375 and summary[("meanflow", "easy")]["tasks"] == 2
+    assert summary[("meanflow", "hard")]["success_mean"] == 0.4 and summary[("regression", "hard")]["tasks"] == 1
+    assert len(summary) == 3
