@@ -88,14 +88,16 @@ def evaluator_settings(policy, max_steps: int | None) -> dict:
 
 
 def mode_rows(policy, base: dict, delays: list, modes: list, episodes: int, max_steps: int | None,
-              policy_seed: int | None = 0, execute_steps: int | None = None) -> list[dict]:
+              policy_seed: int | None = 0, execute_steps: int | None = None, envs: int = 1) -> list[dict]:
     """One row per (mode, delay); every row runs the same test seeds and, with ``policy_seed``,
-    the same policy noise per episode (paired comparisons)."""
+    the same policy noise per episode (paired comparisons). ``envs > 1`` runs episodes in
+    lock-step batches through spawned workers: one policy call serves the batch (a 100-step
+    sampler costs about what it costs for one env), so the rows' latency is per batch call."""
     from jumpflow.eval.rollout import RolloutEvaluator
 
     rows = []
     ev = RolloutEvaluator(n_episodes=episodes, policy_seed=policy_seed, execute_steps=execute_steps,
-                          **evaluator_settings(policy, max_steps))
+                          n_envs=envs, **evaluator_settings(policy, max_steps))
     try:
         for mode in modes:
             for d in delays:
@@ -109,7 +111,7 @@ def mode_rows(policy, base: dict, delays: list, modes: list, episodes: int, max_
                              "delay_steps_p50": res["delay_steps_p50"], "latency_ms_p50": res["latency_ms_p50"],
                              "latency_ms_p95": res["latency_ms_p95"], "rtc_fallback": res["rtc_fallback"],
                              "episodes": res["n_episodes"], "env_errors": res["n_env_errors"],
-                             "policy_seed": policy_seed})
+                             "policy_seed": policy_seed, "envs": ev.n_envs})
                 print(f"  {mode:8s} d={d}: success {res['success_rate']:.2f}, periods to success "
                       f"{res['mean_periods_to_success']}", flush=True)
     finally:
@@ -242,6 +244,8 @@ def main(argv=None) -> int:
                     help="steps between requests in sync/async/rtc (default: the policy's n_action_steps)")
     ap.add_argument("--append", action="store_true", help="add the rows to the result file's instead of replacing them")
     ap.add_argument("--max-steps", type=int, default=None, help="episode cap (default: the task's)")
+    ap.add_argument("--envs", type=int, default=1,
+                    help="environments per lock-step batch of the mode rows (spawned workers; latency is per batch call)")
     ap.add_argument("--wallclock-episodes", type=int, default=5, help="0: skip the wall-clock rows")
     ap.add_argument("--wallclock-mode", default="async", help=f"comma list of {MODES}: one row each")
     ap.add_argument("--roundtrips", type=int, default=200, help="server requests (0: skip the server rows)")
@@ -251,6 +255,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.runs and not args.fake:
         ap.error("give run directories, or --fake")
+    if args.envs < 1:
+        ap.error(f"--envs: must be >= 1, got {args.envs}")
     import torch
 
     if args.threads:
@@ -275,7 +281,7 @@ def main(argv=None) -> int:
         print(f"{base['run']}: {base['task']} / {base['objective']} nfe {base['nfe']}", flush=True)
         if modes and delays:
             rows += mode_rows(policy, base, delays, modes, args.episodes, args.max_steps,
-                              None if args.policy_seed < 0 else args.policy_seed, args.execute_steps)
+                              None if args.policy_seed < 0 else args.policy_seed, args.execute_steps, args.envs)
         sample = None
         for wmode in (wallclock_modes if args.wallclock_episodes > 0 else []):
             row, sample = wallclock_row(policy, base, args.wallclock_episodes, args.max_steps, wmode,
@@ -291,7 +297,7 @@ def main(argv=None) -> int:
             if getattr(policy, "supports_prefix", False) and getattr(policy, "prefix_max", 0):
                 rows.append(server_row(policy, base, sample, args.roundtrips, prefix_len=int(policy.prefix_max)))
     config = {"runs": args.runs or ["fake"], "modes": modes, "delays": delays, "episodes": args.episodes,
-              "max_steps": args.max_steps, "wallclock_episodes": args.wallclock_episodes,
+              "max_steps": args.max_steps, "envs": args.envs, "wallclock_episodes": args.wallclock_episodes,
               "wallclock_mode": args.wallclock_mode, "roundtrips": args.roundtrips, "device": args.device,
               "policy_seed": args.policy_seed, "execute_steps": args.execute_steps,
               "note": "delay in control periods (20 Hz unless the env says otherwise); periods_to_success counts "

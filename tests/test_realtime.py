@@ -336,20 +336,25 @@ def test_controller_sync_blocks_and_misses_late_ticks():
 @pytest.mark.sim
 def test_bench_realtime_smallest_setting_on_a_stand_in_policy(tmp_path):
     """bench/realtime.py end to end on the simulator (Lift) with its zero-action stand-in:
-    every mode x delay row, a wall-clock row and a server row, in the bench result format."""
+    every mode x delay row (two episodes in one lock-step batch of two spawned envs), a wall-clock
+    row and a server row, in the bench result format; a bad --envs stops before any work."""
     import json
 
     from bench.realtime import main
 
     out = tmp_path / "realtime.json"
-    assert main(["--fake", "--episodes", "1", "--max-steps", "6", "--delays", "0,2", "--wallclock-episodes", "1",
-                 "--roundtrips", "5", "--out", str(out)]) == 0
+    with pytest.raises(SystemExit):
+        main(["--fake", "--envs", "0", "--out", str(out)])
+    assert not out.exists()
+    assert main(["--fake", "--episodes", "2", "--envs", "2", "--max-steps", "6", "--delays", "0,2",
+                 "--wallclock-episodes", "1", "--roundtrips", "5", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["bench"] == "realtime" and {"machine", "config", "rows"} <= set(doc)
     rows = doc["rows"]
     assert [(r["mode"], r["delay"]) for r in rows[:8]] == [(m, d) for m in ("sync", "async", "ensemble", "rtc")
                                                           for d in (0, 2)]
     assert all(r["success_rate"] == 0.0 and r["steps"] == 6 for r in rows[:8])     # holding still never lifts
+    assert all(r["episodes"] == 2 and r["envs"] == 2 for r in rows[:8]) and doc["config"]["envs"] == 2
     wall = rows[8]
     assert wall["mode"] == "wallclock" and wall["periods"] >= 6 and wall["prime_ms_max"] > 0
     assert wall["deadline_misses"] == wall["starved_ticks"] + wall["late_ticks"]
