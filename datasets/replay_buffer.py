@@ -145,11 +145,11 @@ def convert_hdf5_to_zarr(hdf5_path: str | os.PathLike, out: str | os.PathLike, o
             t = ep["action"].shape[0]
             if t == 0:
                 raise DatasetError(f"{hdf5_path}: data/{d} is empty (0 steps)")
-            for k in arrays:
+            for k, arr in arrays.items():
                 v = ep["action"] if k == "action" else ep["obs"][k]
-                if tuple(v.shape[1:]) != tuple(arrays[k].shape[1:]):
+                if tuple(v.shape[1:]) != tuple(arr.shape[1:]):
                     raise DatasetError(f"{hdf5_path}: data/{d} {k} has per-step shape {v.shape[1:]}, "
-                                       f"the first demo has {arrays[k].shape[1:]}")
+                                       f"the first demo has {arr.shape[1:]}")
                 if k in lowdim:
                     lowdim[k].append(v)
                 else:

@@ -34,7 +34,7 @@ def _demo_sort_key(name: str):
 
 def is_image_key(key: str, arr_shape: tuple | None = None, dtype=None) -> bool:
     """``*_image`` keys, or any uint8 array of rank 4 ``(T, H, W, C)``, are image observations."""
-    if key.endswith("_image") or key.endswith("_rgb"):
+    if key.endswith(("_image", "_rgb")):
         return True
     return arr_shape is not None and len(arr_shape) == 4 and dtype == np.uint8
 
@@ -70,7 +70,7 @@ class RobomimicFile:
                 raise DatasetError(f"{p}: no 'data' group (top-level groups: {sorted(self.f.keys())}); "
                                    "not a robomimic dataset")
             self.data = self.f["data"]
-            self._demos = sorted((k for k in self.data.keys() if isinstance(self.data[k], h5py.Group)),
+            self._demos = sorted((k for k in self.data if isinstance(self.data[k], h5py.Group)),
                                  key=_demo_sort_key)
         except DatasetError:
             self.f.close()
@@ -86,7 +86,7 @@ class RobomimicFile:
     def close(self) -> None:
         try:
             self.f.close()
-        except Exception:
+        except (OSError, RuntimeError, ValueError):     # already closed, or closing a broken file: nothing to release
             pass
 
     def __enter__(self):

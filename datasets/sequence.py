@@ -114,7 +114,7 @@ class RobomimicSequenceDataset(Dataset):
         n_ep = self.buffer.n_episodes
         if _mask is None:
             val = np.zeros(n_ep, dtype=bool)
-            n_val = int(round(val_ratio * n_ep))
+            n_val = round(val_ratio * n_ep)
             if val_ratio > 0 and n_ep > 1:
                 n_val = min(max(n_val, 1), n_ep - 1)
                 val[np.random.default_rng(seed).choice(n_ep, n_val, replace=False)] = True
@@ -123,7 +123,7 @@ class RobomimicSequenceDataset(Dataset):
             self.train_mask = _mask
         self.sampler = SequenceSampler(self.buffer, horizon, n_obs_steps, n_action_steps,
                                        episode_mask=self.train_mask)
-        self._cfg = dict(horizon=horizon, n_obs_steps=n_obs_steps, n_action_steps=n_action_steps)
+        self._cfg = {"horizon": horizon, "n_obs_steps": n_obs_steps, "n_action_steps": n_action_steps}
 
     def get_validation_dataset(self) -> RobomimicSequenceDataset:
         return RobomimicSequenceDataset(self.path, self.obs_keys, **self._cfg, _buffer=self.buffer,

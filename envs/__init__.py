@@ -21,7 +21,7 @@ _EXPORTS = {
     "select_gl_backend": "rendering", "RenderingUnavailableError": "rendering",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605  (a list, built from the lazy-export table)
 
 
 def __getattr__(name):

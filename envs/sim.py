@@ -42,7 +42,7 @@ def _install_mujoco_py_stub() -> None:
     try:
         import mujoco_py  # noqa: F401
         return
-    except Exception:
+    except Exception:  # noqa: BLE001, S110  (a broken mujoco_py install fails in many ways: stub it like a missing one)
         pass
     stub = types.ModuleType("mujoco_py")
     builder = types.ModuleType("mujoco_py.builder")
@@ -177,7 +177,7 @@ def make_robosuite_env(env_meta: dict, image_cameras: list[str] | None = None,
     try:
         import robomimic.utils.env_utils as EnvUtils
         have_robomimic = True
-    except Exception:
+    except Exception:  # noqa: BLE001  (robomimic's import chain can fail beyond ImportError: fall back to robosuite)
         have_robomimic = False
     saved_rng = np.random.get_state()
     np.random.seed(model_seed)

@@ -44,8 +44,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from jumpflow.eval.realtime import (ChunkScheduler, ChunkSource, check_mode, control_freq_of, delay_steps,
-                                   execution_horizon)
+from jumpflow.eval.realtime import (
+    ChunkScheduler,
+    ChunkSource,
+    check_mode,
+    control_freq_of,
+    delay_steps,
+    execution_horizon,
+)
 
 from jumpflow.io import atomic_write
 
@@ -143,10 +149,10 @@ class RolloutEvaluator:
             raise ValueError(f"control_freq: must be > 0, got {self.control_freq}")
         self.env_fn, self.clock = env_fn, clock
         self.policy_seed = None if policy_seed is None else int(policy_seed)
-        self._env_kwargs = dict(env_meta=self.env_meta, obs_keys=self.obs_keys, n_obs_steps=self.n_obs_steps,
-                                n_action_steps=self.n_action_steps, max_steps=self.max_steps,
-                                camera_size=camera_size, terminate_on_success=terminate_on_success,
-                                video_camera=video_camera, video_size=video_size)
+        self._env_kwargs = {"env_meta": self.env_meta, "obs_keys": self.obs_keys, "n_obs_steps": self.n_obs_steps,
+                            "n_action_steps": self.n_action_steps, "max_steps": self.max_steps,
+                            "camera_size": camera_size, "terminate_on_success": terminate_on_success,
+                            "video_camera": video_camera, "video_size": video_size}
         self._venv = None
         if self.n_videos > 0:
             from jumpflow.envs.rendering import require_offscreen_rendering
@@ -171,7 +177,7 @@ class RolloutEvaluator:
         if getattr(self, "_venv", None) is not None:
             try:
                 self._venv.close(terminate=True) if self.n_envs > 1 else self._venv.close()
-            except Exception:
+            except Exception:  # noqa: BLE001, S110  (a dead worker cannot be closed twice; shutdown goes on)
                 pass
             self._venv = None
 
@@ -239,7 +245,7 @@ class RolloutEvaluator:
                 self._run_batch(policy, source, mode, delay, obs, done, finals, latencies, delays, horizons)
             except ValueError:
                 raise
-            except Exception as e:           # a worker died: its episodes fail, start fresh envs
+            except Exception as e:  # noqa: BLE001  (a worker died: its episodes fail, start fresh envs)
                 for j in range(m):
                     if finals[j] is None:
                         finals[j] = {"success": False, "max_reward": 0.0, "steps": 0, "periods": 0,
@@ -250,7 +256,7 @@ class RolloutEvaluator:
             if any(record):
                 try:
                     frames = self._venv.call("pop_frames")
-                except Exception:
+                except Exception:  # noqa: BLE001  (no frames from a dead worker: the video is skipped)
                     frames = [None] * n
                 for j in range(m):
                     if record[j] and frames[j] is not None:

@@ -161,10 +161,10 @@ class Normalizer(nn.Module):
                     if field in _FIELDS:
                         found.setdefault(key, {})[field] = val
         for key, fields in found.items():
-            if set(fields) == set(_FIELDS):
-                if key not in self.params or any(getattr(self.params[key], f).shape != fields[f].shape
-                                                 for f in _FIELDS):
-                    self.params[key] = _KeyParams(**{f: torch.zeros_like(fields[f]) for f in _FIELDS})
+            if set(fields) == set(_FIELDS) and (
+                    key not in self.params
+                    or any(getattr(self.params[key], f).shape != fields[f].shape for f in _FIELDS)):
+                self.params[key] = _KeyParams(**{f: torch.zeros_like(fields[f]) for f in _FIELDS})
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

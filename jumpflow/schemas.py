@@ -21,7 +21,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -62,11 +62,11 @@ class TrainerConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
     log_every: int = 50
-    grad_clip: Optional[float] = 1.0
+    grad_clip: float | None = 1.0
     precision: str = "fp32"
     device: str = "auto"
     progress: bool = True
-    cpu_threads: Optional[int] = None
+    cpu_threads: int | None = None
     compile: bool = False          # torch.compile the backbone in place (not for JVP objectives)
     parallel: str = "ddp"          # under torchrun: ddp (DistributedDataParallel) | fsdp (fully_shard)
 
@@ -112,7 +112,7 @@ class OptimConfig:
 class EMAConfig:
     enabled: bool = True
     decay: float = 0.9999
-    power: Optional[float] = None
+    power: float | None = None
     inv_gamma: float = 1.0
     min_decay: float = 0.0
     update_after_step: int = 0
@@ -139,9 +139,9 @@ def _field_type(annotation) -> Any:
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1 and args[0] in _PLAIN:
-            return Optional[args[0]]
+            return args[0] | None
         if len(args) == 2 and set(args) == {int, float}:
-            return Optional[float]
+            return float | None
         return Any
     if annotation in _PLAIN:
         return annotation
@@ -165,7 +165,7 @@ def component_schema(cls) -> type | None:
         return None
     try:
         hints = typing.get_type_hints(cls.__init__)
-    except Exception:
+    except Exception:  # noqa: BLE001  (an annotation that does not resolve is typed Any below)
         hints = {}
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]
     if any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params):
@@ -174,7 +174,7 @@ def component_schema(cls) -> type | None:
     for p in params:
         annotation = _field_type(hints.get(p.name, p.annotation))
         if p.default is None and annotation in _PLAIN:
-            annotation = Optional[annotation]
+            annotation = annotation | None
         fields.append((p.name, annotation, _default_field(p.default)))
     # required fields first: a dataclass rejects a defaulted field before a required one
     fields.sort(key=lambda f: f[2].default is not dataclasses.MISSING or f[2].default_factory is not dataclasses.MISSING)

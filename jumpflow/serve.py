@@ -235,7 +235,7 @@ class PolicyServer:
             raise RequestError("request must be a binary msgpack frame, got a text frame")
         try:
             obs = unpackb(message)
-        except Exception as e:           # msgpack raises several types (ExtraData, FormatError, ValueError...)
+        except Exception as e:  # noqa: BLE001  (msgpack raises several types: ExtraData, FormatError, ValueError...)
             raise RequestError(f"request is not valid msgpack ({type(e).__name__}: {e})") from None
         if not isinstance(obs, dict):
             raise RequestError(f"request must be a msgpack map of observations, got {type(obs).__name__}")

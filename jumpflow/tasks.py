@@ -53,7 +53,7 @@ class Task:
     def prepare(self) -> None:
         """Read (or generate) the data; afterwards ``shape`` and ``cond_dim`` are final. The
         first step of a run that touches data or disk; called after every config check."""
-        return None
+        return
 
     def artifact(self) -> dict:
         """What acting needs without the data (JSON-able): saved in every checkpoint."""

@@ -27,7 +27,7 @@ class SpatialSoftmax(nn.Module):
         self.num_kp = num_kp
 
     def forward(self, feat: Tensor) -> Tensor:
-        b, _, h, w = feat.shape
+        h, w = feat.shape[-2:]
         logits = self.kp(feat).flatten(2)                                     # (B, K, H*W)
         attn = torch.softmax(logits, dim=-1)                                  # (B, K, H*W)
         ys = torch.linspace(-1, 1, h, device=feat.device, dtype=feat.dtype)
@@ -63,7 +63,7 @@ def small_cnn(width: int = 32) -> tuple[nn.Module, int]:
 
 def crop(images: Tensor, size: int, random: bool) -> Tensor:
     """``(B, C, H, W)`` -> ``(B, C, size, size)``: a random crop per sample, or the centre."""
-    b, c, h, w = images.shape
+    b, _, h, w = images.shape
     if size >= h and size >= w:
         return images
     if not random:

@@ -12,10 +12,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+from jumpflow.build import build_components
 from jumpflow.config import ConfigError, check_group_overrides, group_options, validate_config
 from jumpflow.objectives import OBJECTIVES
 from jumpflow.tasks import Task
-from jumpflow.build import build_components
 from jumpflow.trainer import train
 
 TINY = ["logger=none", "trainer.progress=false", "trainer.cpu_threads=1", "++backbone.width=32",

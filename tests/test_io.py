@@ -60,7 +60,7 @@ def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path):
         from jumpflow.io import atomic_write
 
         def half_then_crash(tmp):
-            open(tmp, "wb").write(b"half")
+            open(tmp, "wb").write(b"half")  # noqa: SIM115  (left open on purpose: a crash mid-write)
             raise RuntimeError("disk full")
         atomic_write(path, half_then_crash)
     with np.load(path) as f:
@@ -70,10 +70,9 @@ def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path):
 
 def test_atomic_directory_renames_on_success_only(tmp_path):
     out = tmp_path / "cache.zarr"
-    with pytest.raises(KeyError):
-        with atomic_directory(out) as tmp:
-            (tmp / "part").mkdir(parents=True)
-            raise KeyError("bad demo")
+    with pytest.raises(KeyError), atomic_directory(out) as tmp:
+        (tmp / "part").mkdir(parents=True)
+        raise KeyError("bad demo")
     assert not out.exists() and not temp_path(out).exists()
     with atomic_directory(out) as tmp:
         tmp.mkdir()

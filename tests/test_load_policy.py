@@ -13,8 +13,9 @@ pytestmark = pytest.mark.sim
 
 
 def test_policy_acts_from_its_checkpoint_without_the_dataset(tmp_path):
-    from jumpflow.checkpoint import CheckpointError
     from jumpflow.policy import load_policy
+
+    from jumpflow.checkpoint import CheckpointError
     from jumpflow.trainer import train
 
     data = tmp_path / "data" / "reach.hdf5"

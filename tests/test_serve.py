@@ -21,10 +21,10 @@ class FakePolicy:
     """Deterministic actions from the observations: row i, dim a of robot b is
     ``sum(object[b]) * (i + 1) + a + eef[b, -1, 0] + mean(image[b]) / 255``."""
 
-    obs_keys = list(SHAPES)
+    obs_keys = list(SHAPES)  # noqa: RUF012  (mirrors a policy's attributes)
     obs_shapes = SHAPES
     n_obs_steps, n_action_steps, horizon, action_dim = N_OBS, N_ACT, 8, A
-    env_meta = {"env_name": "Lift", "type": 1, "env_kwargs": {"control_freq": 20}}
+    env_meta = {"env_name": "Lift", "type": 1, "env_kwargs": {"control_freq": 20}}  # noqa: RUF012
 
     def __init__(self):
         self.calls = 0
@@ -230,12 +230,12 @@ def _chunk_policy():
     """A small untrained ChunkPolicy with prefix conditioning (MeanFlow, stochastic: the tests
     seed torch's global generator before each call, the server's thread uses the same one)."""
     import torch
+    from jumpflow.policy.chunk_policy import ChunkPolicy
+    from jumpflow.policy.encoders import ObsEncoder
 
     from jumpflow.backbones import build_backbone
     from jumpflow.normalizer import Normalizer
     from jumpflow.objectives import OBJECTIVES
-    from jumpflow.policy.chunk_policy import ChunkPolicy
-    from jumpflow.policy.encoders import ObsEncoder
 
     torch.manual_seed(0)
     encoder = ObsEncoder({"state": (3,)}, P_OBS, lowdim_mlp=0)

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
-        model, cfg = load_model(ckpt, use_ema=not args.no_ema)
+        model, _ = load_model(ckpt, use_ema=not args.no_ema)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"jumpflow-eval: error: {e}", file=sys.stderr)
         return 2

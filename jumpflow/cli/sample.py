@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     from jumpflow.checkpoint import load_model, resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.run)
-    model, cfg = load_model(args.run, use_ema=not args.no_ema, device=args.device)
+    model, _ = load_model(args.run, use_ema=not args.no_ema, device=args.device)
     task = model.task
     if args.vae_path:
         task.vae_path = args.vae_path

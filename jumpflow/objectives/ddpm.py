@@ -126,7 +126,7 @@ class DDPM(Objective):
         k = self.num_train_steps
         if self.dp_exact:
             return [i * (k // steps) for i in range(steps)][::-1]
-        return sorted({int(round(k - i * k / steps)) - 1 for i in range(steps)}, reverse=True)
+        return sorted({round(k - i * k / steps) - 1 for i in range(steps)}, reverse=True)
 
     @torch.no_grad()
     def sample(self, net, noise: Tensor, cond: Tensor | None, inference: Inference | int | None = None) -> Tensor:
