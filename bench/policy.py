@@ -52,6 +52,28 @@ VARIANTS = {
     "transition_matching_ar": [("transition_matching_ar", 4, None)],
 }
 
+#: evaluated only when ``--variants`` names them: DDIM at 100 steps is a DDPM policy's
+#: probability-flow ODE at full resolution, the map a distilled one-step student learns (its ceiling)
+OPTIONAL_VARIANTS = {
+    "ddpm": [("ddim", 100, "ddim")],
+}
+
+
+def select_variants(objective: str, wanted: set[str] | None) -> list[tuple]:
+    """The ``(label, nfe, sampler)`` evaluations of ``objective``: all of ``VARIANTS`` when
+    ``wanted`` is ``None``; else those of ``VARIANTS`` and ``OPTIONAL_VARIANTS`` named in
+    ``wanted`` as ``sampler:nfe``."""
+    if wanted is None:
+        return list(VARIANTS[objective])
+    return [v for v in VARIANTS[objective] + OPTIONAL_VARIANTS.get(objective, [])
+            if f"{v[2] or v[0]}:{v[1]}" in wanted]
+
+
+def variant_order() -> list[tuple[str, str, int]]:
+    """``(objective, sampler, nfe)`` in table order: each objective's variants, then its optional ones."""
+    return [(o, s or lbl, n) for o, vs in VARIANTS.items() for lbl, n, s in vs + OPTIONAL_VARIANTS.get(o, [])]
+
+
 #: Diffusion Policy's protocol (Chi et al. 2023, Sec. 5): the last checkpoints of training, each
 #: rolled out on the same fixed test seeds; the paper reports the max over them and the mean of
 #: the last ones
@@ -115,7 +137,7 @@ def group_summary(rows: list[dict]) -> list[dict]:
     for (*key, _task), rates in per_task.items():
         groups.setdefault(tuple(key), []).append(sum(rates) / len(rates))
     from jumpflow.envs.metaworld_env import GROUPS
-    order = [(o, s or lbl, n) for o, vs in VARIANTS.items() for lbl, n, s in vs]
+    order = variant_order()
     out = [{"objective": o + (f" [{v}]" if v else ""), "sampler": s, "nfe": n, "group": g, "tasks": len(means),
             "success_mean": sum(means) / len(means)}
            for (o, v, s, n, g), means in groups.items()]
@@ -133,7 +155,7 @@ def seed_summary(rows: list[dict]) -> list[dict]:
     """One row per (task, objective, config variant, sampler, NFE): success mean / min / max over the
     training seeds that ran; tasks together, variants in the order of ``VARIANTS``."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    order = [(o, s or lbl, n) for o, vs in VARIANTS.items() for lbl, n, s in vs]
+    order = variant_order()
 
     def rank(r):
         key = (r["objective"], r["sampler"], r["nfe"])
@@ -223,7 +245,8 @@ def parser() -> argparse.ArgumentParser:
                     help="demonstrations: ph (the scripted expert) or mh (human-like, multimodal); "
                          "mh rows are labelled <task>_mh")
     ap.add_argument("--variants", default=None,
-                    help="evaluate only these sampler:nfe pairs, e.g. meanflow:1,ddpm:100,ddim:10 (default: all)")
+                    help="evaluate only these sampler:nfe pairs, e.g. meanflow:1,ddpm:100,ddim:10 (default: all of "
+                         "VARIANTS); ddim:100 (a DDPM policy's ODE at full resolution) only when named")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite policy.md from policy.json and stop")
     ap.add_argument("--protocol", choices=("last", "dp"), default="last",
                     help="last: evaluate the final EMA policy; dp: Diffusion Policy's protocol, the last "
@@ -248,12 +271,21 @@ def main(argv=None):
     if args.style != "ph" and any(fields for *_, fields in specs):
         parser().error("--style mh: MetaWorld demos come from its own scripted policies (ph only)")
     done = {row_key(r) for r in rows}
-    wanted = None if args.variants is None else set(args.variants.split(","))
+    wanted = None if args.variants is None else {v.strip() for v in args.variants.split(",") if v.strip()}
+    objectives = args.objectives.split(",")
+    unknown = sorted(set(objectives) - set(VARIANTS))
+    if unknown:
+        parser().error(f"--objectives: unknown {unknown}; valid: {', '.join(VARIANTS)}")
+    offered = {f"{s or lbl}:{n}" for o in objectives for lbl, n, s in select_variants(o, None)
+               + OPTIONAL_VARIANTS.get(o, [])}
+    if wanted is not None and wanted - offered:
+        parser().error(f"--variants: {sorted(wanted - offered)} not offered by {objectives}; "
+                       f"valid: {', '.join(sorted(offered))}")
     for task_name, label, task_overrides, fields in specs:
         task = label if args.style == "ph" else f"{label}_mh"      # the rows' label
-        for objective in args.objectives.split(","):
+        for objective in objectives:
             for seed in map(int, args.seeds.split(",")):
-                variants = [v for v in VARIANTS[objective] if wanted is None or f"{v[2] or v[0]}:{v[1]}" in wanted]
+                variants = select_variants(objective, wanted)
                 if not variants or (not args.overwrite
                                     and all((task, objective, args.variant, s or lbl, n, seed) in done
                                             for lbl, n, s in variants)):

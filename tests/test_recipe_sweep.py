@@ -195,3 +195,25 @@ def test_policy_bench_metaworld_tasks_expand_compose_and_average_per_group():
     assert summary[("meanflow", "easy")]["success_mean"] == 0.375 and summary[("meanflow", "easy")]["tasks"] == 2
     assert summary[("meanflow", "hard")]["success_mean"] == 0.4 and summary[("regression", "hard")]["tasks"] == 1
     assert len(summary) == 3
+
+
+def test_policy_bench_optional_variants_only_when_named_and_bad_names_stop_before_any_run(tmp_path, capsys):
+    """``ddim:100`` (a DDPM policy's ODE, a distilled student's ceiling) is evaluated only when
+    ``--variants`` names it; a pair no requested objective offers, or an unknown objective, stops
+    the bench with one line before any run directory exists."""
+    from bench.policy import VARIANTS, select_variants, variant_order
+    from bench.policy import main as policy_main
+
+    assert ("ddim", 100, "ddim") not in select_variants("ddpm", None)
+    assert select_variants("ddpm", None) == VARIANTS["ddpm"]
+    assert select_variants("ddpm", {"ddim:100", "ddpm:100"}) == [("ddpm", 100, "ddpm"), ("ddim", 100, "ddim")]
+    assert select_variants("meanflow", {"ddim:100"}) == []
+    order = variant_order()
+    assert order.index(("ddpm", "ddim", 100)) == order.index(("ddpm", "ddpm", 1)) + 1
+    runs = tmp_path / "runs"
+    for argv, message in ((["--objectives", "ddpm", "--variants", "ddim:1000"], "--variants: ['ddim:1000'] not offered"),
+                          (["--objectives", "meanflow", "--variants", "ddim:100"], "--variants: ['ddim:100'] not offered"),
+                          (["--objectives", "meanflw"], "--objectives: unknown ['meanflw']")):
+        with pytest.raises(SystemExit):
+            policy_main([*argv, "--runs", str(runs)])
+        assert message in capsys.readouterr().err and not runs.exists()
