@@ -33,6 +33,9 @@ trained with prefix conditioning (``prefix_max > 0``). A prefix that is not a fi
 of the right shape, is longer than ``prefix_max``, or a ``prefix_len`` outside ``[0, m]``, gets
 an error frame naming ``prefix`` / ``prefix_len``.
 
+Client side: :class:`RemotePolicy` wraps a client of this protocol (openpi's
+``WebsocketClientPolicy``) as a policy for the rollout evaluator or the wall-clock controller.
+
 Several clients are served at once (one thread per connection, ``websockets.sync.server``);
 calls into the policy are serialised by a lock. ``GET /healthz`` answers ``200 OK``.
 """
@@ -395,6 +398,73 @@ class PolicyServer:
                 ws.send(self.answer(message))
         except ConnectionClosed:
             pass
+
+
+# ---------------------------------------------------------------------- client side
+class RemotePolicy:
+    """A policy behind a server of this protocol, shaped like a local one for the rollout
+    evaluator and the wall-clock controller: what a robot process runs against ``jumpflow-serve``.
+
+    ``client`` is anything with ``get_server_metadata() -> dict`` and ``infer(obs) -> {"actions":
+    ...}`` (openpi's ``WebsocketClientPolicy``; this module never imports openpi). Observations go
+    out as numpy arrays ``(B, n_obs_steps, ...)`` (a batch, so the reply is ``(B, rows, A)``);
+    ``predict_action`` returns ``(B, n_action_steps, A)``. Where the server offers chunks
+    (``chunk_steps`` in its metadata) ``predict_chunk(obs, prefix, prefix_len)`` sends a
+    ``prefix`` (zero rows without one) and returns ``(B, horizon, A)`` whose rows before
+    ``n_obs_steps - 1`` (the observation history's past steps, never executed) are zeros;
+    ``supports_prefix`` follows the server's ``prefix_max``.
+    """
+
+    def __init__(self, client):
+        self.client = client
+        meta = client.get_server_metadata()
+        self.metadata = meta
+        self.obs_keys = list(meta["obs_keys"])
+        self.obs_shapes = meta.get("obs_shapes")
+        self.n_obs_steps, self.n_action_steps = int(meta["n_obs_steps"]), int(meta["n_action_steps"])
+        self.horizon = int(meta.get("horizon") or self.n_action_steps)
+        self.env_meta = meta.get("env_meta")
+        self.prefix_max = int(meta.get("prefix_max") or 0)
+        self.supports_prefix = self.prefix_max > 0
+        if meta.get("chunk_steps"):
+            self.predict_chunk = self._predict_chunk
+
+    def reset(self) -> None:
+        reset = getattr(self.client, "reset", None)
+        if callable(reset):
+            reset()
+
+    def _request(self, obs: dict) -> dict:
+        out = {}
+        for k in self.obs_keys:
+            v = obs[k]
+            v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+            out[k] = np.ascontiguousarray(v)                           # (B, n_obs_steps, ...)
+        return out
+
+    def _actions(self, request: dict):
+        import torch
+
+        return torch.from_numpy(np.array(self.client.infer(request)["actions"], dtype=np.float32))
+
+    def predict_action(self, obs: dict):
+        """``obs[key]: (B, n_obs_steps, ...)`` -> ``(B, n_action_steps, A)`` float32 tensor."""
+        return self._actions(self._request(obs))
+
+    def _predict_chunk(self, obs: dict, prefix=None, prefix_len: int | None = None):
+        import torch
+
+        request = self._request(obs)
+        b = next(iter(request.values())).shape[0]
+        if prefix is None:
+            prefix = np.zeros((b, 0, int(self.metadata.get("action_dim") or 0)), np.float32)
+        request["prefix"] = np.ascontiguousarray(prefix.detach().cpu().numpy() if hasattr(prefix, "detach")
+                                                 else np.asarray(prefix, np.float32))
+        if prefix_len is not None:
+            request["prefix_len"] = int(prefix_len)
+        future = self._actions(request)                                   # (B, chunk_steps, A)
+        past = torch.zeros(future.shape[0], self.n_obs_steps - 1, future.shape[2])
+        return torch.cat([past, future], dim=1)                           # (B, horizon, A)
 
 
 # ---------------------------------------------------------------------- CLI
