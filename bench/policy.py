@@ -321,6 +321,8 @@ def main(argv=None):
                            "seed": seed,
                            **last, "train_seconds": train_seconds, "train_steps": int(result["step"]),
                            "episodes": args.episodes, "threads": torch.get_num_threads(), "protocol": args.protocol,
+                           # > 1: lock-step batches of spawned envs, latency per batch call
+                           "eval_envs": int(getattr(models[-1].task, "eval_envs", 1)),
                            **({"variant": args.variant, "variant_overrides": args.override} if args.variant else {})}
                     if args.protocol == "dp":
                         successes = [e["success_rate"] for e in evals]
