@@ -434,13 +434,16 @@ class RemotePolicy:
         if callable(reset):
             reset()
 
+    @staticmethod
+    def _array(x) -> np.ndarray:
+        """A tensor or array as a contiguous numpy array of its own dtype (images stay uint8)."""
+        return np.ascontiguousarray(x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x))
+
     def _request(self, obs: dict) -> dict:
-        out = {}
-        for k in self.obs_keys:
-            v = obs[k]
-            v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-            out[k] = np.ascontiguousarray(v)                           # (B, n_obs_steps, ...)
-        return out
+        missing = [k for k in self.obs_keys if k not in obs]
+        if missing:
+            raise KeyError(f"observation keys {missing} missing: the server's policy needs {self.obs_keys}")
+        return {k: self._array(obs[k]) for k in self.obs_keys}                # (B, n_obs_steps, ...)
 
     def _actions(self, request: dict):
         import torch
@@ -458,8 +461,7 @@ class RemotePolicy:
         b = next(iter(request.values())).shape[0]
         if prefix is None:
             prefix = np.zeros((b, 0, int(self.metadata.get("action_dim") or 0)), np.float32)
-        request["prefix"] = np.ascontiguousarray(prefix.detach().cpu().numpy() if hasattr(prefix, "detach")
-                                                 else np.asarray(prefix, np.float32))
+        request["prefix"] = self._array(prefix).astype(np.float32)
         if prefix_len is not None:
             request["prefix_len"] = int(prefix_len)
         future = self._actions(request)                                   # (B, chunk_steps, A)

@@ -78,12 +78,14 @@ def serve(policy):
     return srv
 
 
-def rollout(policy, env_meta, episodes, n_action_steps, policy_seed=None):
+def rollout(policy, env_meta, episodes, max_steps=60, policy_seed=None, mode="sync", delay=0):
+    """``policy`` rolled out on Reach Around's test seeds -> (evaluator result, its action blocks)."""
     from jumpflow.eval.rollout import RolloutEvaluator
 
     recording = Recording(policy)
-    ev = RolloutEvaluator(env_meta, n_episodes=episodes, max_steps=60, n_obs_steps=2, n_action_steps=n_action_steps,
-                          obs_keys=["agent_pos", "goal_pos"], policy_seed=policy_seed)
+    ev = RolloutEvaluator(env_meta, n_episodes=episodes, max_steps=max_steps, n_obs_steps=policy.n_obs_steps,
+                          n_action_steps=policy.n_action_steps, obs_keys=policy.obs_keys, policy_seed=policy_seed,
+                          mode=mode, delay=delay)
     try:
         result = ev.run(recording)
     finally:
@@ -102,14 +104,14 @@ def test_openpi_client_rollout_reproduces_the_in_process_rollout():
 
     env_meta = planar_env_meta("ReachAround")
     policy = LeftAroundPolicy(env_meta)
-    local, local_blocks = rollout(policy, env_meta, episodes=3, n_action_steps=1)
+    local, local_blocks = rollout(policy, env_meta, episodes=3)
     srv = serve(policy)
     client = wcp.WebsocketClientPolicy("127.0.0.1", srv.port)
     try:
         remote_policy = RemotePolicy(client)
         assert remote_policy.obs_keys == policy.obs_keys and remote_policy.env_meta == env_meta
         assert not hasattr(remote_policy, "predict_chunk")               # the policy offers no chunks
-        remote, remote_blocks = rollout(remote_policy, env_meta, episodes=3, n_action_steps=1)
+        remote, remote_blocks = rollout(remote_policy, env_meta, episodes=3)
     finally:
         client._ws.close()
         srv.shutdown()
@@ -125,7 +127,6 @@ def test_openpi_client_rollout_of_a_trained_stochastic_policy_matches_in_process
     seed the server thread draws the same noise as the in-process policy, so a sync rollout and
     an rtc rollout (chunks with the committed prefix over the wire) execute the same actions."""
     from hydra import compose, initialize_config_module
-    from jumpflow.eval.rollout import RolloutEvaluator
 
     from jumpflow.serve import RemotePolicy, load_serving_policy
     from jumpflow.trainer import train
@@ -144,24 +145,18 @@ def test_openpi_client_rollout_of_a_trained_stochastic_policy_matches_in_process
     try:
         remote_policy = RemotePolicy(client)
         assert remote_policy.supports_prefix and remote_policy.prefix_max == 2
+        with pytest.raises(KeyError, match="goal_pos"):
+            remote_policy.predict_action({"agent_pos": torch.zeros(1, 2, 2)})
         for mode, delay in (("sync", 0), ("rtc", 2)):
-            results, recordings = [], []
-            for p in (policy, remote_policy):
-                recordings.append(Recording(p))
-                ev = RolloutEvaluator(policy.env_meta, n_episodes=2, max_steps=20, n_obs_steps=policy.n_obs_steps,
-                                      n_action_steps=policy.n_action_steps, obs_keys=policy.obs_keys,
-                                      policy_seed=0, mode=mode, delay=delay)
-                try:
-                    results.append(ev.run(recordings[-1]))
-                finally:
-                    ev.close()
-            local, remote = results
+            (local, local_blocks), (remote, remote_blocks) = (
+                rollout(p, policy.env_meta, episodes=2, max_steps=20, policy_seed=0, mode=mode, delay=delay)
+                for p in (policy, remote_policy))
             assert outcomes(local) == outcomes(remote), mode
-            assert len(recordings[0].blocks) == len(recordings[1].blocks) >= 4, mode
-            for a, b in zip(recordings[0].blocks, recordings[1].blocks):
+            assert len(local_blocks) == len(remote_blocks) >= 4, mode
+            for a, b in zip(local_blocks, remote_blocks):
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=mode)
             # the draws differ between requests (a stochastic policy), so equality is not trivial
-            assert not np.allclose(recordings[0].blocks[0], recordings[0].blocks[1])
+            assert not np.allclose(local_blocks[0], local_blocks[1])
     finally:
         client._ws.close()
         srv.shutdown()
