@@ -57,6 +57,8 @@ def test_registered_and_configs_instantiate():
 @pytest.mark.parametrize("cls,kwargs,field", [
     (ConsistencyDistillation, {"teacher": ""}, "teacher"),
     (ConsistencyDistillation, {"teacher": 3}, "teacher"),
+    (ConsistencyDistillation, {"teacher_levels": 0}, "teacher_levels"),
+    (ConsistencyDistillation, {"teacher_levels": True}, "teacher_levels"),
     (ConsistencyDistillation, {"teacher_ema": "yes"}, "teacher_ema"),
     (ConsistencyDistillation, {"init_student": 1}, "init_student"),
     (ConsistencyDistillation, {"num_steps": 0}, "num_steps"),
@@ -218,6 +220,35 @@ def test_ddpm_teacher_is_the_flow_velocity_on_its_levels(dp_exact):
     student = with_teacher(PointOracle(X0), DDPMPointOracle(X0, dp_exact))
     assert obj.loss(student, X0.expand(64, 2).clone(), None).loss.abs().max() < 1e-12
     assert torch.equal(slot.snap(torch.tensor([0.999999, 0.0001], dtype=F64)), levels[[-1, 0]])
+
+
+@pytest.mark.parametrize("n_levels", [1, 3, 7, 20])
+def test_cd_on_a_subgrid_of_ddpm_levels_takes_exact_ddim_jumps(n_levels):
+    """``teacher_levels = N``: the grid is ``{0} + N`` of the teacher's levels in DDIM's trailing
+    spacing (the noisiest always in), each interval one DDIM jump over several levels, which is
+    exact on point data, so the oracle is a zero of the loss; ``N = K`` is the full grid."""
+    slot = FrozenCheckpoint.of(DDPMPointOracle(X0))
+    levels = slot.grid
+    grid = ConsistencyDistillation(teacher_levels=n_levels).grid(slot)
+    assert grid.shape == (n_levels + 1,) and grid[0] == 0 and grid[-1] == 1 and (grid.diff() > 0).all()
+    assert all((levels == g).any() for g in grid[1:])                 # every point is a level
+    gaps = (levels[:, None] == grid[None, 1:]).nonzero()[:, 0].diff()  # levels jumped per interval
+    assert n_levels == 1 or (gaps.max() - gaps.min()) <= 1            # evenly spread
+    if n_levels == 20:
+        assert torch.equal(grid, ConsistencyDistillation().grid(slot))
+    for solver in ("euler", "heun"):
+        obj = ConsistencyDistillation(teacher_levels=n_levels, solver=solver)
+        torch.manual_seed(0)
+        student = with_teacher(PointOracle(X0), DDPMPointOracle(X0))
+        out = obj.loss(student, X0.expand(64, 2).clone(), None)
+        assert out.loss.abs().max() < 1e-12 and out.metrics["intervals"] == n_levels
+    # the same jump on Gaussian data is DDIM's update: x0_hat and eps_hat carried to the next level
+    t, r = grid[-1:].expand(4), grid[-2:-1].expand(4)
+    z = torch.randn(4, 2, dtype=F64)
+    v = slot.velocity(z, t, None)
+    x0_hat, eps_hat = z - t[:, None] * v, z + (1 - t[:, None]) * v
+    ddim = (1 - r[:, None]) * x0_hat + r[:, None] * eps_hat
+    assert torch.allclose(teacher_step(slot, z, t, r, None, "euler"), ddim, atol=1e-12)
 
 
 # ---------------------------------------------------------------- Align Your Flow (EMD)
@@ -415,6 +446,14 @@ def test_a_missing_teacher_fails_before_anything_is_written(tmp_path):
             train(make_cfg(run_dir, f"objective={name}", f"objective.{key}={tmp_path / 'nope'}", "trainer.max_steps=2"))
         assert err.value.key == f"objective.{key}" and "\n" not in str(err.value)
         assert not run_dir.exists()
+
+
+def test_more_teacher_levels_than_the_ddpm_teacher_has_fail_before_anything_is_written(tmp_path, teachers):
+    run_dir = tmp_path / "student"
+    with pytest.raises(ConfigError, match="teacher has 100 levels") as err:
+        train(make_cfg(run_dir, "objective=distill_consistency", f"objective.teacher={teachers['ddpm']}",
+                       "objective.teacher_levels=101", "trainer.max_steps=2"))
+    assert err.value.key == "objective.teacher_levels" and not run_dir.exists()
 
 
 def test_a_teacher_of_the_wrong_kind_fails_before_anything_is_written(tmp_path, teachers):

@@ -22,6 +22,13 @@ def squared_cosine_alphas_cumprod(num_steps: int, s: float = 0.008, max_beta: fl
     return torch.cumprod(1 - torch.tensor(betas, dtype=torch.float64), 0)
 
 
+
+def trailing_timesteps(num_train_steps: int, steps: int) -> list[int]:
+    """``steps`` descending indices of ``0 .. num_train_steps - 1`` with trailing spacing (Lin et
+    al. 2024): evenly spread and always starting at the noisiest index ``num_train_steps - 1``."""
+    k = num_train_steps
+    return sorted({round(k - i * k / steps) - 1 for i in range(steps)}, reverse=True)
+
 class DDPM(Objective):
     """Epsilon-prediction diffusion with a discrete squared-cosine schedule.
 
@@ -126,7 +133,7 @@ class DDPM(Objective):
         k = self.num_train_steps
         if self.dp_exact:
             return [i * (k // steps) for i in range(steps)][::-1]
-        return sorted({round(k - i * k / steps) - 1 for i in range(steps)}, reverse=True)
+        return trailing_timesteps(k, steps)
 
     @torch.no_grad()
     def sample(self, net, noise: Tensor, cond: Tensor | None, inference: Inference | int | None = None) -> Tensor:

@@ -25,6 +25,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from jumpflow.errors import ConfigError
 from jumpflow.objectives.base import (
     Inference,
     LossOutput,
@@ -36,6 +37,7 @@ from jumpflow.objectives.base import (
 )
 from jumpflow.objectives.consistency import consistency_function, consistency_sample, pseudo_huber
 from jumpflow.objectives.curriculum import TangentWarmup
+from jumpflow.objectives.ddpm import trailing_timesteps
 from jumpflow.objectives.meanflow import AverageVelocityObjective
 from jumpflow.objectives.teacher import FrozenCheckpoint, flow_grid, teacher_step
 from jumpflow.timeconv import expand_like, interpolate, velocity
@@ -54,6 +56,9 @@ class Distillation:
         require(isinstance(init_student, bool), "init_student", f"must be true or false, got {init_student!r}")
         self.teacher, self.teacher_ema, self.init_student = teacher, teacher_ema, init_student
 
+    def check_teacher(self, model: nn.Module) -> None:
+        """The objective's own check of a loaded teacher (raises ``ConfigError``); none by default."""
+
     def teacher_modules(self, backbone: nn.Module, also: tuple[nn.Module, ...] = ()) -> dict[str, nn.Module]:
         """``{"distill_teacher": FrozenCheckpoint}`` when a teacher is configured; it initialises
         ``backbone`` (and ``also``, e.g. an EMA target) from the teacher's backbone when read."""
@@ -61,7 +66,8 @@ class Distillation:
             return {}
         students = (backbone, *also) if self.init_student else ()
         return {self.teacher_key: FrozenCheckpoint(self.teacher, "objective.teacher", self.teacher_ema, students,
-                                                   keep=True, shape=getattr(backbone, "shape", None))}
+                                                   keep=True, shape=getattr(backbone, "shape", None),
+                                                   validate=self.check_teacher)}
 
     def teacher_of(self, net) -> FrozenCheckpoint | None:
         """The net's teacher slot; ``None`` without a teacher (``teacher: null`` and none given)."""
@@ -82,7 +88,10 @@ class ConsistencyDistillation(Distillation, Objective):
     (:func:`~jumpflow.objectives.consistency.consistency_function`; ``f(z, 0) = z`` for any weights).
 
     **Grid.** ``0 = t_0 < t_1 < ... < t_N = 1``: ``t_n = (n / N)^rho`` for a Flow Matching teacher;
-    ``{0} + `` the teacher's levels for a DDPM teacher (``N = K``). Paper eq. (7) in flow time::
+    ``{0} + `` the teacher's levels for a DDPM teacher (``N = K``, or ``N = teacher_levels`` of them
+    with DDIM's trailing spacing, so one teacher step is a DDIM jump over ``K / N`` levels: the
+    paper's ``N = 18`` rather than a 100-interval chain the target must bootstrap through). Paper
+    eq. (7) in flow time::
 
         n ~ U{0 .. N-1},   z_{t_{n+1}} = (1 - t_{n+1}) x + t_{n+1} eps
         z^_{t_n} = Phi(z_{t_{n+1}}, t_{n+1} -> t_n; teacher)          (one Euler / Heun step, no grad)
@@ -106,6 +115,8 @@ class ConsistencyDistillation(Distillation, Objective):
         init_student: initialise the student's backbone (and EMA target) from the teacher's
             (same backbone architecture; the paper initialises the student from the teacher).
         num_steps, rho: the grid ``t_n = (n / N)^rho`` of a Flow Matching teacher (CD: N = 18).
+        teacher_levels: a DDPM teacher's grid: ``null`` all ``K`` of its levels, else this many
+            (trailing spacing, always including the noisiest level; at most ``K``).
         solver: ``heun`` (the paper's) or ``euler`` (DDIM for a DDPM teacher).
         target_decay: EMA decay of the target network in ``[0, 1)``; ``null``: online, stop-grad.
         distance: ``l2`` or ``pseudo_huber``; huber_c: its ``c`` (``null``: ``0.00054 sqrt(D)``).
@@ -121,7 +132,8 @@ class ConsistencyDistillation(Distillation, Objective):
     WEIGHTINGS = ("uniform", "inverse_dt")
 
     def __init__(self, teacher: str | None = None, teacher_ema: bool = True, init_student: bool = True,
-                 num_steps: int = 18, rho: float = 1.0, solver: str = "heun", target_decay: float | None = None,
+                 num_steps: int = 18, rho: float = 1.0, teacher_levels: int | None = None, solver: str = "heun",
+                 target_decay: float | None = None,
                  distance: str = "l2", huber_c: float | None = None, weighting: str = "uniform",
                  prediction: str = "native", data_t_min: float = 0.05, inference: dict | None = None):
         self.set_prediction(prediction, data_t_min)
@@ -130,6 +142,9 @@ class ConsistencyDistillation(Distillation, Objective):
         require(isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 1, "num_steps",
                 f"must be an integer >= 1, got {num_steps!r}")
         require(math.isfinite(rho) and rho > 0, "rho", f"must be > 0, got {rho}")
+        require(teacher_levels is None or (isinstance(teacher_levels, int) and not isinstance(teacher_levels, bool)
+                                           and teacher_levels >= 1), "teacher_levels",
+                f"must be an integer >= 1 or null (all of a DDPM teacher's levels), got {teacher_levels!r}")
         require(solver in self.SOLVERS, "solver", f"must be one of {self.SOLVERS}, got {solver!r}")
         require(target_decay is None or 0.0 <= target_decay < 1.0, "target_decay",
                 f"must be in [0, 1) or null (online net), got {target_decay}")
@@ -137,6 +152,7 @@ class ConsistencyDistillation(Distillation, Objective):
         require(huber_c is None or huber_c > 0, "huber_c", f"must be > 0 or null (auto), got {huber_c}")
         require(weighting in self.WEIGHTINGS, "weighting", f"must be one of {self.WEIGHTINGS}, got {weighting!r}")
         self.num_steps, self.rho, self.solver = num_steps, float(rho), solver
+        self.teacher_levels = teacher_levels
         self.target_decay, self.distance, self.huber_c, self.weighting = target_decay, distance, huber_c, weighting
 
     # -- modules: teacher, EMA target ------------------------------------------------------
@@ -154,11 +170,21 @@ class ConsistencyDistillation(Distillation, Objective):
         for p_t, p in zip(net.aux[self.target_key].parameters(), net.backbone.parameters()):
             p_t.lerp_(p.detach(), 1.0 - self.target_decay)
 
+    def check_teacher(self, model: nn.Module) -> None:
+        levels = getattr(getattr(model, "objective", None), "num_train_steps", None)
+        if self.teacher_levels is not None and levels is not None and self.teacher_levels > levels:
+            raise ConfigError("objective.teacher_levels", f"the DDPM teacher has {levels} levels, got "
+                                                          f"{self.teacher_levels}")
+
     def grid(self, slot: FrozenCheckpoint | None) -> Tensor:
         """``(N + 1,)`` float64 times ``0 = t_0 < ... < t_N = 1``."""
         levels = slot.grid if slot is not None else None
         if levels is None:
             return flow_grid(self.num_steps, self.rho)
+        if self.teacher_levels is not None:
+            require(self.teacher_levels <= levels.numel(), "teacher_levels",
+                    f"the DDPM teacher has {levels.numel()} levels, got {self.teacher_levels}")
+            levels = levels[sorted(trailing_timesteps(levels.numel(), self.teacher_levels))]
         return torch.cat([levels.new_zeros(1), levels])
 
     def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:

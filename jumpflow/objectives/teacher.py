@@ -17,7 +17,7 @@ The teacher's probability-flow ODE is written in jumpflow's time (``t = 1`` nois
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -66,16 +66,20 @@ class FrozenCheckpoint(nn.Module):
         keep: keep the loaded model (a teacher) or drop it once the students are initialised.
         shape: the student's data shape, checked against the checkpoint's (``None``: at first use).
         kinds: objective names the checkpoint may have been trained with (``None``: any).
+        validate: ``(model) -> None``, the reader's own check of the loaded model (raises
+            ``ConfigError``), run when it is read, before anything is trained or written.
     """
 
     def __init__(self, source: str, key: str, use_ema: bool = True, students: Sequence[nn.Module] = (),
-                 keep: bool = True, shape: Sequence[int] | None = None, kinds: Sequence[str] | None = TEACHERS):
+                 keep: bool = True, shape: Sequence[int] | None = None, kinds: Sequence[str] | None = TEACHERS,
+                 validate: Callable[[nn.Module], None] | None = None):
         super().__init__()
         self.source, self.key, self.use_ema, self.keep = source, key, bool(use_ema), bool(keep)
         self.kinds = None if kinds is None else tuple(kinds)
         self.shape = None if shape is None else tuple(int(s) for s in shape)
         self.__dict__["_students"] = list(students)
         self.__dict__["_model"] = None
+        self.__dict__["_validate"] = validate
         self.prepared = False
         self.checked = False
 
@@ -112,6 +116,8 @@ class FrozenCheckpoint(nn.Module):
         shape = tuple(getattr(model, "shape", None) or ())
         if self.shape is not None and shape != self.shape:
             raise ConfigError(self.key, f"the checkpoint's data shape {shape} differs from the student's {self.shape}")
+        if self.__dict__["_validate"] is not None:
+            self.__dict__["_validate"](model)
         return model.requires_grad_(False).eval()
 
     def prepare(self) -> None:
