@@ -41,9 +41,11 @@ the repository root (a bare ``datasets/`` folder on ``sys.path`` would hide Hugg
     cd /tmp && OMP_NUM_THREADS=1 /work/venvs/lerobot/bin/python /work/main/bench/peer_lerobot.py \\
         --tasks reach_around_lowdim --seeds 0 --steps 1000
 
-Rows (``objective: lerobot_dp``, ``sampler`` ddpm at 100 NFE and ddim at 10, the fields of
-``bench/results/policy.json`` plus ``params``, ``down_dims``, ``optim``, ``lerobot``) go to
-``bench/results/peer_lerobot.json``; a table prints them beside jumpflow's rows of the same task.
+Rows (``objective: lerobot_dp``, ``sampler`` ddpm at 100 NFE and ddim at 10, ``variant`` naming the
+UNet size and optimiser recipe, the fields of jumpflow's rows plus ``params``, ``down_dims``, ``optim``,
+``lerobot``) go into ``bench/results/policy.json`` beside jumpflow's own rows (keyed as
+``bench.policy.row_key`` keys them, so either bench re-running keeps the other's rows); a table
+prints them beside jumpflow's rows of the same task.
 This module imports without LeRobot (the batch conversion is tested in the default suite).
 """
 
@@ -351,8 +353,21 @@ def measure_latency(adapter, dataset, calls: int = 20, warmup: int = 2) -> dict:
 
 # ---------------------------------------------------------------------------- tables
 def jumpflow_rows(task: str, path: Path | None = None) -> list[dict]:
-    """jumpflow's rows of ``task`` in ``bench/results/policy.json``."""
-    return [r for r in load_rows(path or RESULTS / "policy.json") if r.get("task") == task]
+    """jumpflow's own rows of ``task`` in ``bench/results/policy.json`` (not the peer's)."""
+    return [r for r in load_rows(path or RESULTS / "policy.json")
+            if r.get("task") == task and r.get("objective") != OBJECTIVE]
+
+
+def peer_rows(task: str, path: Path | None = None) -> list[dict]:
+    """The peer's rows (``objective: lerobot_dp``) of ``task``."""
+    return [r for r in load_rows(path or RESULTS / "policy.json")
+            if r.get("task") == task and r.get("objective") == OBJECTIVE]
+
+
+def peer_variant(optim: str, down_dims) -> str:
+    """The ``variant`` of a peer row: its UNet stages and, when not jumpflow's, its optimiser recipe."""
+    name = "unet" + "-".join(str(int(d)) for d in down_dims)
+    return name if optim == "jumpflow" else f"{name}_{optim}_optim"
 
 
 def _mean_of(rows: list[dict], key: str) -> float | None:
@@ -361,16 +376,18 @@ def _mean_of(rows: list[dict], key: str) -> float | None:
 
 
 def side_by_side(rows: list[dict], jf_rows: list[dict]) -> list[dict]:
-    """One line per (source, objective, sampler, NFE): success (last checkpoint, and DP's max /
+    """One line per (source, objective, variant, sampler, NFE): success (last checkpoint, and DP's max /
     last-5 mean) averaged over the training seeds that ran, latency p50, and the seeds."""
     groups: dict[tuple, list[dict]] = {}
     for source, rs in (("lerobot", rows), ("jumpflow", jf_rows)):
         for r in rs:
-            groups.setdefault((source, r["task"], r["objective"], r["sampler"], r["nfe"]), []).append(r)
+            groups.setdefault((source, r["task"], r["objective"], r.get("variant", ""), r["sampler"], r["nfe"]),
+                              []).append(r)
     out = []
-    for (source, task, objective, sampler, nfe), rs in groups.items():
+    for (source, task, objective, variant, sampler, nfe), rs in groups.items():
         mean = partial(_mean_of, rs)
-        out.append({"source": source, "task": task, "objective": objective, "sampler": sampler, "nfe": nfe,
+        out.append({"source": source, "task": task, "objective": objective, "variant": variant,
+                    "sampler": sampler, "nfe": nfe,
                     "seeds": ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"])),
                     "success": mean("success_rate"), "success_max": mean("success_max"),
                     "success_last_mean": mean("success_last_mean"), "latency_ms_p50": mean("latency_ms_p50"),
@@ -385,7 +402,8 @@ def make_row(task_name: str, seed: int, sampler: str, nfe: int, evals: list[dict
     the max and mean over the checkpoints, mode metrics averaged over them)."""
     last = evals[-1]
     successes = [e["success_rate"] for e in evals]
-    row = {"task": task_name, "objective": OBJECTIVE, "sampler": sampler, "nfe": nfe, "seed": seed, **last, **lat,
+    row = {"task": task_name, "objective": OBJECTIVE, "variant": peer_variant(args.optim, down_dims),
+           "sampler": sampler, "nfe": nfe, "seed": seed, **last, **lat,
            "latency_batch": 1, "eval_envs": args.eval_envs, "train_seconds": trained["train_seconds"],
            "train_steps": int(cfg.trainer.max_steps), "batch_size": int(cfg.trainer.batch_size),
            "episodes": args.episodes, "threads": torch.get_num_threads(), "protocol": args.protocol,
@@ -403,7 +421,20 @@ def make_row(task_name: str, seed: int, sampler: str, nfe: int, evals: list[dict
 
 
 def _row_key(r: dict) -> tuple:
-    return r["task"], r["sampler"], r["nfe"], r["seed"], r.get("optim"), tuple(r.get("down_dims", ()))
+    """``bench.policy.row_key``'s key (not imported: that module pulls in the trainer stack)."""
+    return r["task"], r["objective"], r.get("variant", ""), r["sampler"], r["nfe"], r["seed"]
+
+
+def _write_rows(rows: list[dict], out: Path, args) -> None:
+    """Write ``rows`` to ``out`` keeping the file's own ``config`` (``policy.json`` is
+    ``bench.policy``'s file too) with the peer's settings under ``config["peer_lerobot"]``."""
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    config = dict(doc.get("config", {}))
+    config["peer_lerobot"] = {"episodes": args.episodes, "steps": args.steps, "protocol": args.protocol,
+                              "overrides": args.override,
+                              "note": "LeRobot DiffusionPolicy on jumpflow's windows, budget, test seeds and "
+                                      "rollout evaluator; rows objective=lerobot_dp"}
+    write_results(doc.get("bench", "policy"), config, rows, path=out)
 
 
 def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path) -> None:
@@ -442,10 +473,7 @@ def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path) ->
             # re-read: another process may have added rows since this one started
             rows = [r for r in load_rows(out) if _row_key(r) != _row_key(row)] + [row]
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("mode_freq")}), flush=True)
-            write_results("peer_lerobot", {"episodes": args.episodes, "steps": args.steps, "protocol": args.protocol,
-                                           "overrides": args.override,
-                                           "note": "LeRobot DiffusionPolicy on jumpflow's windows, budget, test "
-                                                   "seeds and rollout evaluator"}, rows, path=out)
+            _write_rows(rows, out, args)
     finally:
         evaluator.close()
 
@@ -469,7 +497,7 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="dataset folder (default: $JUMPFLOW_DATA, else <repo>/data)")
     ap.add_argument("--env-state-keys", default=None, help="obs keys for observation.environment_state")
     ap.add_argument("--override", action="append", default=[], help="extra hydra override of the recipe")
-    ap.add_argument("--out", default=str(RESULTS / "peer_lerobot.json"))
+    ap.add_argument("--out", default=str(RESULTS / "policy.json"), help="result file (rows merged by key)")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--table-only", action="store_true", help="print the side-by-side table and stop")
     args = ap.parse_args(argv)
@@ -486,13 +514,13 @@ def main(argv=None):
         for task_name in tasks:
             for seed in map(int, args.seeds.split(",")):
                 done = {_row_key(r) for r in load_rows(out)}
-                if args.overwrite or not all((task_name, s, n, seed, args.optim, down_dims) in done
+                variant = peer_variant(args.optim, down_dims)
+                if args.overwrite or not all((task_name, OBJECTIVE, variant, s, n, seed) in done
                                              for s, n in variants):
                     run_seed(task_name, seed, args, variants, down_dims, out)
-    rows = load_rows(out)
     for task_name in tasks:
-        print(f"\n== {task_name}: LeRobot DP beside jumpflow's rows (bench/results/policy.json), mean over seeds")
-        print_table(side_by_side([r for r in rows if r["task"] == task_name], jumpflow_rows(task_name)))
+        print(f"\n== {task_name}: LeRobot DP beside jumpflow's rows ({out}), mean over seeds")
+        print_table(side_by_side(peer_rows(task_name, out), jumpflow_rows(task_name, out)))
 
 
 if __name__ == "__main__":

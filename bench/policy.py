@@ -336,8 +336,12 @@ def main(argv=None):
                     # re-read: another bench process may have added rows since this one started
                     rows = [r for r in load_rows(out) if row_key(r) != row_key(row)] + [row]
                     print(json.dumps(row), flush=True)
-                    write_results("policy", {"episodes": args.episodes, "steps": args.steps or "experiment default",
-                                             "overrides": args.override, "machine_note": machine()}, rows)
+                    config = {"episodes": args.episodes, "steps": args.steps or "experiment default",
+                              "overrides": args.override, "machine_note": machine()}
+                    if out.exists():      # the peer bench (bench/peer_lerobot.py) keeps its settings here
+                        config.update({k: v for k, v in json.loads(out.read_text())["config"].items()
+                                       if k == "peer_lerobot"})
+                    write_results("policy", config, rows)
                     write_markdown(rows, RESULTS / "policy.md")
     print_table(rows)
 

@@ -5,6 +5,9 @@ where ``lerobot`` is not installed (it lives in its own environment: see the ben
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +162,22 @@ def test_lerobot_dp_trains_and_acts_on_converted_batches(windows):
     adapter = pl.LeRobotDPAdapter(policy, norm, state_keys, env_keys, N_OBS, N_ACT)
     assert adapter.inference_steps == 3
     assert adapter.predict_action(obs).shape == (4, N_ACT, 7)
+
+
+def test_peer_rows_share_policy_json_with_jumpflow_rows(tmp_path):
+    out = tmp_path / "policy.json"
+    jf = {"task": "t", "objective": "ddpm", "sampler": "ddpm", "nfe": 100, "seed": 0, "success_rate": 0.8}
+    out.write_text(json.dumps({"bench": "policy", "config": {"episodes": 50}, "rows": [jf]}))
+    args = SimpleNamespace(episodes=50, steps=1000, protocol="dp", override=[])
+    peer = {"task": "t", "objective": "lerobot_dp", "variant": pl.peer_variant("jumpflow", (64, 128, 256)),
+            "sampler": "ddpm", "nfe": 100, "seed": 0, "success_rate": 0.7}
+    pl._write_rows([jf, peer], out, args)
+    doc = json.loads(out.read_text())
+    # the policy bench's own config survives; the peer's settings sit beside it
+    assert doc["bench"] == "policy" and doc["config"]["episodes"] == 50
+    assert doc["config"]["peer_lerobot"]["steps"] == 1000
+    assert pl.jumpflow_rows("t", out) == [jf] and pl.peer_rows("t", out) == [peer]
+    # same key as bench.policy.row_key: a jumpflow DDPM row and the peer's never replace each other
+    assert pl._row_key(peer) != pl._row_key(jf)
+    assert pl._row_key(peer) == ("t", "lerobot_dp", "unet64-128-256", "ddpm", 100, 0)
+    assert pl.peer_variant("lerobot", (8, 16)) == "unet8-16_lerobot_optim"
