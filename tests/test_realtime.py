@@ -285,13 +285,17 @@ def test_controller_default_execution_horizon_stays_within_the_action_horizon():
     assert stats.requests >= 8
 
 
-def test_controller_fast_inference_meets_deadlines():
+def test_controller_fast_inference_never_starves():
     ctl, log = _controller("async", 0.001, chunk_len=10, execute_steps=5)
     stats = ctl.run(max_periods=40)
     assert stats.periods == 40 and stats.requests >= 7
     assert stats.prime_ms is not None and stats.prime_ms >= 1.0     # the first chunk came before the clock
-    assert stats.deadline_misses <= 5                 # tolerant: a loaded machine may add a few
-    assert 8.0 <= stats.period_ms_mean <= 14.0 and stats.jitter_ms_p95 >= 0.0
+    # fast inference never leaves a tick without an action; late ticks are the OS oversleeping the
+    # loop (a loaded machine shows some), so they bound nothing here: the wall-clock figures are
+    # bench/realtime's, not a unit test's
+    assert stats.starved_ticks == 0
+    assert stats.deadline_misses == stats.late_ticks
+    assert stats.period_ms_mean >= 8.0 and stats.jitter_ms_p95 >= 0.0      # never faster than the clock
     executed = [a for a in log if a is not None]
     assert stats.steps == len(executed) == stats.periods - stats.deadline_misses
     # every executed action is row (step - k_req) of the chunk requested at k_req
