@@ -47,6 +47,22 @@ def load_rows(path: Path) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
+def row_key(row: dict) -> tuple:
+    """What makes a ``policy.json`` row unique (``bench.policy`` and ``bench.peer_lerobot`` both
+    write there): a re-run replaces (or, without ``--overwrite``, skips) it."""
+    return row["task"], row["objective"], row.get("variant", ""), row["sampler"], row["nfe"], row["seed"]
+
+
+def config_keeping(path: Path, config: dict, keep: tuple[str, ...] | None = None) -> dict:
+    """``config`` plus the ``config`` entries of the result file already at ``path`` that two benches
+    sharing one file must not drop: those named in ``keep``, or (``keep=None``) every entry ``config``
+    does not set. Nothing to keep when the file does not exist yet."""
+    path = Path(path)
+    old = json.loads(path.read_text()).get("config", {}) if path.exists() else {}
+    kept = {k: v for k, v in old.items() if (k in keep if keep is not None else k not in config)}
+    return {**config, **kept} if keep is not None else {**kept, **config}
+
+
 def write_results(bench: str, config: dict, rows: list[dict], path: Path | None = None) -> Path:
     """Atomically write the bench JSON and print its rows as a table."""
     path = Path(path or RESULTS / f"{bench}.json")

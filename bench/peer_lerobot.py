@@ -44,7 +44,7 @@ the repository root (a bare ``datasets/`` folder on ``sys.path`` would hide Hugg
 Rows (``objective: lerobot_dp``, ``sampler`` ddpm at 100 NFE and ddim at 10, ``variant`` naming the
 UNet size and optimiser recipe, the fields of jumpflow's rows plus ``params``, ``down_dims``, ``optim``,
 ``lerobot``) go into ``bench/results/policy.json`` beside jumpflow's own rows (keyed as
-``bench.policy.row_key`` keys them, so either bench re-running keeps the other's rows); a table
+``bench.common.row_key`` keys them, so either bench re-running keeps the other's rows); a table
 prints them beside jumpflow's rows of the same task.
 This module imports without LeRobot (the batch conversion is tested in the default suite).
 """
@@ -73,13 +73,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 try:
-    from bench.common import RESULTS, load_rows, machine, print_table, write_results
+    from bench.common import RESULTS, config_keeping, load_rows, machine, print_table, row_key, write_results
 except ImportError:        # run as a file from outside the repository root (the lerobot venv)
     _spec = importlib.util.spec_from_file_location("_bench_common", Path(__file__).with_name("common.py"))
     _common = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_common)
     RESULTS, load_rows, machine = _common.RESULTS, _common.load_rows, _common.machine
     print_table, write_results = _common.print_table, _common.write_results
+    config_keeping, row_key = _common.config_keeping, _common.row_key
 
 OBJECTIVE = "lerobot_dp"
 OBS_STATE, OBS_ENV_STATE, ACTION = "observation.state", "observation.environment_state", "action"
@@ -420,21 +421,13 @@ def make_row(task_name: str, seed: int, sampler: str, nfe: int, evals: list[dict
     return row
 
 
-def _row_key(r: dict) -> tuple:
-    """``bench.policy.row_key``'s key (not imported: that module pulls in the trainer stack)."""
-    return r["task"], r["objective"], r.get("variant", ""), r["sampler"], r["nfe"], r["seed"]
-
-
 def _write_rows(rows: list[dict], out: Path, args) -> None:
     """Write ``rows`` to ``out`` keeping the file's own ``config`` (``policy.json`` is
     ``bench.policy``'s file too) with the peer's settings under ``config["peer_lerobot"]``."""
-    doc = json.loads(out.read_text()) if out.exists() else {}
-    config = dict(doc.get("config", {}))
-    config["peer_lerobot"] = {"episodes": args.episodes, "steps": args.steps, "protocol": args.protocol,
-                              "overrides": args.override,
-                              "note": "LeRobot DiffusionPolicy on jumpflow's windows, budget, test seeds and "
-                                      "rollout evaluator; rows objective=lerobot_dp"}
-    write_results(doc.get("bench", "policy"), config, rows, path=out)
+    peer = {"episodes": args.episodes, "steps": args.steps, "protocol": args.protocol, "overrides": args.override,
+            "note": "LeRobot DiffusionPolicy on jumpflow's windows, budget, test seeds and rollout evaluator; "
+                    "rows objective=lerobot_dp"}
+    write_results("policy", config_keeping(out, {"peer_lerobot": peer}), rows, path=out)
 
 
 def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path) -> None:
@@ -471,7 +464,7 @@ def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path) ->
                   "per chunk (batch 1)", flush=True)
             row = make_row(task_name, seed, sampler, nfe, evals, lat, trained, cfg, args, down_dims)
             # re-read: another process may have added rows since this one started
-            rows = [r for r in load_rows(out) if _row_key(r) != _row_key(row)] + [row]
+            rows = [r for r in load_rows(out) if row_key(r) != row_key(row)] + [row]
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("mode_freq")}), flush=True)
             _write_rows(rows, out, args)
     finally:
@@ -513,7 +506,7 @@ def main(argv=None):
         _import_lerobot()                                         # fail here, before any work
         for task_name in tasks:
             for seed in map(int, args.seeds.split(",")):
-                done = {_row_key(r) for r in load_rows(out)}
+                done = {row_key(r) for r in load_rows(out)}
                 variant = peer_variant(args.optim, down_dims)
                 if args.overwrite or not all((task_name, OBJECTIVE, variant, s, n, seed) in done
                                              for s, n in variants):

@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_module
 from jumpflow.envs.registry import success_levels
 from jumpflow.eval import rollout  # noqa: F401  (imported now: a later edit of the tree cannot break evaluation)
 
-from bench.common import RESULTS, load_rows, machine, print_table, write_results
+from bench.common import RESULTS, config_keeping, load_rows, machine, print_table, row_key, write_results
 from jumpflow.checkpoint import checkpoint_paths, load_model
 from jumpflow.io import atomic_write_text
 from jumpflow.trainer import train
@@ -95,11 +95,6 @@ def evaluate_variant(model, episodes: int, run_dir) -> dict:
         out[f"success_{name}"] = sum(e["max_reward"] >= level for e in ev["episodes"]) / len(ev["episodes"])
     out.update(model.task.mode_summary(ev))
     return out
-
-
-def row_key(row: dict) -> tuple:
-    """What makes a row unique: a re-run replaces (or, without ``--overwrite``, skips) it."""
-    return row["task"], row["objective"], row.get("variant", ""), row["sampler"], row["nfe"], row["seed"]
 
 
 def task_specs(tasks: str) -> list[tuple[str, str, list[str], dict]]:
@@ -338,10 +333,8 @@ def main(argv=None):
                     print(json.dumps(row), flush=True)
                     config = {"episodes": args.episodes, "steps": args.steps or "experiment default",
                               "overrides": args.override, "machine_note": machine()}
-                    if out.exists():      # the peer bench (bench/peer_lerobot.py) keeps its settings here
-                        config.update({k: v for k, v in json.loads(out.read_text())["config"].items()
-                                       if k == "peer_lerobot"})
-                    write_results("policy", config, rows)
+                    # the peer bench (bench/peer_lerobot.py) keeps its settings in this file too
+                    write_results("policy", config_keeping(out, config, keep=("peer_lerobot",)), rows)
                     write_markdown(rows, RESULTS / "policy.md")
     print_table(rows)
 

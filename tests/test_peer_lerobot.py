@@ -177,7 +177,12 @@ def test_peer_rows_share_policy_json_with_jumpflow_rows(tmp_path):
     assert doc["bench"] == "policy" and doc["config"]["episodes"] == 50
     assert doc["config"]["peer_lerobot"]["steps"] == 1000
     assert pl.jumpflow_rows("t", out) == [jf] and pl.peer_rows("t", out) == [peer]
-    # same key as bench.policy.row_key: a jumpflow DDPM row and the peer's never replace each other
-    assert pl._row_key(peer) != pl._row_key(jf)
-    assert pl._row_key(peer) == ("t", "lerobot_dp", "unet64-128-256", "ddpm", 100, 0)
+    # one key for both benches: a jumpflow DDPM row and the peer's never replace each other
+    assert pl.row_key(peer) != pl.row_key(jf)
+    assert pl.row_key(peer) == ("t", "lerobot_dp", "unet64-128-256", "ddpm", 100, 0)
     assert pl.peer_variant("lerobot", (8, 16)) == "unet8-16_lerobot_optim"
+    # and bench.policy writing the same file afterwards keeps the peer's settings, drops its own old ones
+    from bench.common import config_keeping
+    new = config_keeping(out, {"episodes": 20}, keep=("peer_lerobot",))
+    assert new == {"episodes": 20, "peer_lerobot": doc["config"]["peer_lerobot"]}
+    assert config_keeping(tmp_path / "missing.json", {"episodes": 20}, keep=("peer_lerobot",)) == {"episodes": 20}

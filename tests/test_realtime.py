@@ -294,7 +294,6 @@ def test_controller_fast_inference_never_starves():
     # loop (a loaded machine shows some), so they bound nothing here: the wall-clock figures are
     # bench/realtime's, not a unit test's
     assert stats.starved_ticks == 0
-    assert stats.deadline_misses == stats.late_ticks
     assert stats.period_ms_mean >= 8.0 and stats.jitter_ms_p95 >= 0.0      # never faster than the clock
     executed = [a for a in log if a is not None]
     assert stats.steps == len(executed) == stats.periods - stats.deadline_misses
