@@ -430,3 +430,40 @@ def test_label_fit_tells_law_labels_from_executed_ones(block_push_demos, tmp_pat
     assert noisy_row["pred_label_x"] != row["pred_label_x"]
     with pytest.raises(FileNotFoundError, match=r"--dataset: .*gone\.hdf5 does not exist"):
         label_fit(str(tmp_path / "run"), str(tmp_path / "gone.hdf5"), n_demos=3, stride=5)
+
+
+@pytest.mark.sim
+def test_block_push_probe_filter_keeps_one_mode_and_refuses_bad_input(block_push_demos, tmp_path):
+    """``bench.block_push_probe filter``: only demos of the asked modes survive, the mask lists
+    follow, the total is recounted; a demo without ``mode`` or an unknown mode is refused by
+    name and leaves no file behind."""
+    import h5py
+
+    from bench.block_push_probe import filter_modes, nearest_law_distance
+
+    path, _ = block_push_demos
+    with h5py.File(path, "r") as f:
+        want = sorted(k for k, g in f["data"].items() if g.attrs["mode"] in ("b0t0", "b1t1"))
+        n_samples = sum(int(f["data"][k].attrs["num_samples"]) for k in want)
+    out = tmp_path / "one" / "bp.hdf5"
+    assert filter_modes(path, out, ["b0t0", "b1t1"]) == len(want) > 0
+    with h5py.File(out, "r") as f:
+        assert sorted(f["data"].keys()) == want
+        assert {g.attrs["mode"] for g in f["data"].values()} <= {"b0t0", "b1t1"}
+        listed = {v.decode() for split in f["mask"].values() for v in split[()]}
+        assert listed and listed <= set(want)
+        assert int(f["data"].attrs["total"]) == n_samples
+    bad = tmp_path / "nomode.hdf5"
+    import shutil
+    shutil.copy(path, bad)
+    with h5py.File(bad, "a") as f:
+        del f["data/demo_3"].attrs["mode"]
+    with pytest.raises(KeyError, match=r"nomode\.hdf5: data/demo_3 has no 'mode'"):
+        filter_modes(bad, tmp_path / "x.hdf5", ["b0t0"])
+    with pytest.raises(ValueError, match="unknown Block Push mode 'b2t0'"):
+        filter_modes(path, tmp_path / "x.hdf5", ["b2t0"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nomode.hdf5", "one"]
+    # the nearest of four laws, exactly
+    laws = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    d, k = nearest_law_distance(np.array([0.1, 0.8]), laws)
+    assert k == 1 and d == pytest.approx(np.hypot(0.1, 0.2), abs=1e-12)
