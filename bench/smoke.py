@@ -4,7 +4,7 @@ Each script runs as ``python -m bench.<name> <smallest arguments>`` in a scratch
 ``bench/`` (so that its results land in the copy's ``bench/results``, never in the committed
 ones), with one torch thread, demos generated into a scratch data folder, and a time limit.
 Scripts that need a trained run get the run that an earlier step of this list trained (``policy``
-trains the runs ``policy_latency``, ``realtime`` and ``label_fit`` read). Rows: script, the
+trains the runs ``policy_latency``, ``realtime``, ``label_fit`` and ``block_push_probe`` read). Rows: script, the
 arguments, return code, seconds and the last line the script printed; the exit status is 1 when
 any script failed::
 
@@ -57,6 +57,7 @@ SMALLEST: dict[str, list[str]] = {
                  "--episodes", "1", "--wallclock-episodes", "1", "--roundtrips", "2"],
     "plot_policy": ["--task", "reach_around_lowdim"],
     "label_fit": ["--runs", "{work}/runs/block_push_lowdim_regression_s0", "--demos", "1"],
+    "block_push_probe": ["probe", "{work}/runs/block_push_lowdim_regression_s0", "--episodes", "1", "--samples", "2"],
     "peer_lerobot": ["--steps", "5", "--episodes", "1", "--eval-envs", "1", "--latency-calls", "2", "--overwrite",
                      "--override", "task.n_demos=4", "--override", "trainer.batch_size=16"],
     "main_job": ["--runs", "{work}/main_job", "--tag", "smoke", "--override", "trainer.max_steps=5",
@@ -70,7 +71,7 @@ SMALLEST: dict[str, list[str]] = {
 #: a second call after the script's first (e.g. the image bench's merge step)
 THEN: dict[str, list[str]] = {
     "images": ["--finalize", "--bench", "images_smoke", "--n-inception", "0", "--runs", "{work}/images"],
-    # a Block Push run for label_fit (its oracle's law is what the policy is compared with)
+    # a Block Push run for label_fit and block_push_probe (their oracle's law is what the policy is compared with)
     "policy": ["--tasks", "block_push_lowdim", "--objectives", "regression", "--steps", "5", "--episodes", "1",
                "--runs", "{work}/runs", "--overwrite", *TINY_RUN],
 }
