@@ -37,7 +37,6 @@ import numpy as np
 
 from bench.common import RESULTS, arg_parser, load_rows, parse_args, write_results
 
-ORDERS = tuple(((b, t), (1 - b, 1 - t)) for b in (0, 1) for t in (0, 1))
 TEST_SEED0 = 100_000
 
 
@@ -60,6 +59,8 @@ def filter_modes(src: str | Path, out: str | Path, modes: list[str]) -> int:
     try:
         shutil.copyfile(src, tmp)
         with h5py.File(tmp, "a") as f:
+            if not isinstance(f.get("data"), h5py.Group):
+                raise KeyError(f"{src}: no 'data' group (not a robomimic-layout demo file)")
             keep = []
             for name in list(f["data"].keys()):
                 if "mode" not in f["data"][name].attrs:
@@ -114,7 +115,7 @@ def probe_run(run: str, episodes: int, noise: str, inference: str | None, sample
     """Closed-loop rollouts of one policy on the Block Push test seeds (module doc)."""
     import torch
     import yaml
-    from jumpflow.envs.block_push import BlockPushOracle, BlockPushSim
+    from jumpflow.envs.block_push import BLOCK_PUSH_ORDERS, BlockPushOracle, BlockPushSim
     from jumpflow.policy import load_policy
 
     policy = load_policy(run)
@@ -123,7 +124,7 @@ def probe_run(run: str, episodes: int, noise: str, inference: str | None, sample
         sampler, steps = inference.split(":")
         policy.set_inference({"steps": int(steps), "sampler": sampler})
     sim = BlockPushSim(policy.env_meta)
-    laws = [BlockPushOracle(max_delta=sim.max_delta, order=o, noise_std=0) for o in ORDERS]
+    laws = [BlockPushOracle(max_delta=sim.max_delta, order=o, noise_std=0) for o in BLOCK_PUSH_ORDERS]
     start, n_exec, t_obs = policy.n_obs_steps - 1, policy.n_action_steps, policy.n_obs_steps
     p1s, p2s, dists, switches, lengths = [], [], [], [], []
     try:

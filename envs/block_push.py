@@ -88,6 +88,17 @@ def parse_mode(mode: str) -> tuple[int, int]:
 BLOCK_PUSH_MODES = tuple(mode_name(b, t) for b in (0, 1) for t in (0, 1))
 
 
+def order_of(first_block: int, first_target: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The whole order once the first (block, target) pair is chosen: the other block goes to the
+    other target. ``(0, 1) -> ((0, 1), (1, 0))``."""
+    first_block, first_target = int(first_block), int(first_target)
+    return (first_block, first_target), (1 - first_block, 1 - first_target)
+
+
+#: the oracle's four orders, in the order of ``BLOCK_PUSH_MODES`` (each order's first pair is its mode)
+BLOCK_PUSH_ORDERS = tuple(order_of(*parse_mode(m)) for m in BLOCK_PUSH_MODES)
+
+
 class BlockPushSim(PlanarSim):
     """Multimodal Block Push (see the module docstring). ``env_kwargs``: ``control_freq`` (10),
     ``max_delta`` (0.03 m), ``goal_tolerance`` (0.05 m), ``horizon`` (350, informative: the
@@ -309,8 +320,7 @@ class BlockPushOracle:
         if self.fixed_order is not None:
             self.order = tuple(tuple(int(v) for v in p) for p in self.fixed_order)
         else:
-            first_block, first_target = (int(v) for v in rng.integers(0, 2, size=2))
-            self.order = ((first_block, first_target), (1 - first_block, 1 - first_target))
+            self.order = order_of(*rng.integers(0, 2, size=2))
         self._noise = OUNoise(np.full(2, self.noise_std), self.noise_tau, rng)
 
     # ------------------------------------------------------------------ helpers

@@ -462,8 +462,31 @@ def test_block_push_probe_filter_keeps_one_mode_and_refuses_bad_input(block_push
         filter_modes(bad, tmp_path / "x.hdf5", ["b0t0"])
     with pytest.raises(ValueError, match="unknown Block Push mode 'b2t0'"):
         filter_modes(path, tmp_path / "x.hdf5", ["b2t0"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nomode.hdf5", "one"]
+    nodata = tmp_path / "nodata.hdf5"
+    with h5py.File(nodata, "w") as f:
+        f.create_group("demos")
+    with pytest.raises(KeyError, match=r"nodata\.hdf5: no 'data' group"):
+        filter_modes(nodata, tmp_path / "x.hdf5", ["b0t0"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nodata.hdf5", "nomode.hdf5", "one"]
     # the nearest of four laws, exactly
     laws = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
     d, k = nearest_law_distance(np.array([0.1, 0.8]), laws)
     assert k == 1 and d == pytest.approx(np.hypot(0.1, 0.2), abs=1e-12)
+
+
+def test_block_push_orders_pair_the_other_block_with_the_other_target():
+    """The four orders the oracle draws and the probe compares against: each is its mode's pair
+    then the complementary pair, one per mode, all distinct."""
+    from jumpflow.envs.block_push import BLOCK_PUSH_MODES, BLOCK_PUSH_ORDERS, BlockPushOracle, mode_name, order_of
+
+    assert order_of(0, 1) == ((0, 1), (1, 0)) and order_of(1, 1) == ((1, 1), (0, 0))
+    assert [mode_name(*o[0]) for o in BLOCK_PUSH_ORDERS] == list(BLOCK_PUSH_MODES)
+    assert len(set(BLOCK_PUSH_ORDERS)) == 4
+    for first, second in BLOCK_PUSH_ORDERS:
+        assert {first[0], second[0]} == {0, 1} and {first[1], second[1]} == {0, 1}
+    drawn = set()
+    oracle = BlockPushOracle()
+    for seed in range(64):
+        oracle.reset(seed=seed)
+        drawn.add(oracle.order)
+    assert drawn == set(BLOCK_PUSH_ORDERS)
