@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, arg_parser, load_rows, parse_args, write_results
+from bench.common import RESULTS, arg_parser, load_rows, parse_args, run_recipe, write_results
 
 TEST_SEED0 = 100_000
 
@@ -157,7 +157,7 @@ def probe_run(run: str, episodes: int, noise: str, inference: str | None, sample
         sim.close()
     cfg_path = (Path(run) if Path(run).is_dir() else Path(run).parent.parent) / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
-    return {"run": str(run), "objective": type(policy.objective).__name__,
+    return {"run": str(run), "recipe": run_recipe(run), "objective": type(policy.objective).__name__,
             "train_steps": cfg.get("trainer", {}).get("max_steps"), "dataset": cfg.get("task", {}).get("dataset"),
             "noise": noise, "inference": inference or "default", "episodes": episodes,
             "p2": float(np.mean(p2s)), "p1": float(np.mean(p1s)),

@@ -41,6 +41,30 @@ def machine() -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
 
 
+def run_recipe(run: str | Path) -> dict:
+    """How the policy at ``run`` (a run directory or a checkpoint's JSON) was trained, from its
+    checkpoint alone, so that a result row naming a scratch run directory still says what ran:
+    ``{"objective", "backbone", "width", "depth", "task", "horizon", "n_obs_steps",
+    "n_action_steps", "prefix_max", "n_demos", "demo_style", "seed", "step"}`` (a field the
+    config lacks is None). A path with no checkpoint is refused by name."""
+    from jumpflow.checkpoint import checkpoint_paths
+
+    run = Path(run)
+    found = [run] if run.suffix == ".json" and run.is_file() else checkpoint_paths(run / "checkpoints")
+    if not found:
+        raise FileNotFoundError(f"{run}: no checkpoint (neither a checkpoint JSON nor a run directory with one)")
+    meta = json.loads(found[-1].read_text())
+    cfg = meta.get("config", {})
+    task, backbone = cfg.get("task", {}) or {}, cfg.get("backbone", {}) or {}
+    objective = (cfg.get("objective", {}) or {}).get("_target_", "")
+    return {"objective": objective.rsplit(".", 1)[-1] or None, "backbone": backbone.get("family"),
+            "width": backbone.get("width"), "depth": backbone.get("depth"),
+            "task": task.get("env"), "horizon": task.get("horizon"), "n_obs_steps": task.get("n_obs_steps"),
+            "n_action_steps": task.get("n_action_steps"), "prefix_max": task.get("prefix_max"),
+            "n_demos": task.get("n_demos"), "demo_style": task.get("demo_style"), "seed": cfg.get("seed"),
+            "step": meta.get("step")}
+
+
 def load_rows(path: Path) -> list[dict]:
     """The rows of a result file, or none when it does not exist yet."""
     path = Path(path)

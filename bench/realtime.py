@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, write_results
+from bench.common import RESULTS, run_recipe, write_results
 
 MODES = ("sync", "async", "ensemble", "rtc")
 
@@ -71,13 +71,14 @@ class HoldPolicy:
 
 
 def describe(policy, run_dir: str | None) -> dict:
-    """``task``, ``objective``, ``nfe`` of a row."""
+    """``task``, ``objective``, ``nfe``, ``run`` and (a real run) its ``recipe`` of a row."""
     env = (getattr(policy, "env_meta", None) or {}).get("env_name", "?")
     task = getattr(policy, "task", None)
     task_name = getattr(task, "name", None) or env
     objective = getattr(getattr(policy, "objective", None), "name", None) or ("hold" if run_dir is None else "?")
+    # the run directory is often scratch space: the row carries how the policy was trained too
     return {"task": task_name, "objective": objective, "nfe": int(getattr(policy, "inference_steps", 1) or 1),
-            "run": run_dir or "fake"}
+            "run": run_dir or "fake", **({"recipe": run_recipe(run_dir)} if run_dir is not None else {})}
 
 
 def evaluator_settings(policy, max_steps: int | None) -> dict:

@@ -430,6 +430,17 @@ def test_label_fit_tells_law_labels_from_executed_ones(block_push_demos, tmp_pat
     assert noisy_row["pred_label_x"] != row["pred_label_x"]
     with pytest.raises(FileNotFoundError, match=r"--dataset: .*gone\.hdf5 does not exist"):
         label_fit(str(tmp_path / "run"), str(tmp_path / "gone.hdf5"), n_demos=3, stride=5)
+    # a row naming this (scratch) run still says how it was trained, from the checkpoint alone
+    from bench.common import run_recipe
+
+    recipe = run_recipe(tmp_path / "run")
+    assert recipe == run_recipe(tmp_path / "run" / "checkpoints" / "ckpt_000000004.json")
+    assert {k: recipe[k] for k in ("objective", "backbone", "width", "depth", "task", "horizon", "n_action_steps",
+                                   "n_demos", "seed", "step")} == {
+        "objective": "Regression", "backbone": "MLP", "width": 32, "depth": 1, "task": "BlockPush", "horizon": 2,
+        "n_action_steps": 1, "n_demos": 60, "seed": 0, "step": 4}
+    with pytest.raises(FileNotFoundError, match=r"gone: no checkpoint"):
+        run_recipe(tmp_path / "gone")
 
 
 @pytest.mark.sim
