@@ -357,6 +357,16 @@ def native_bf16_cpu(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def short_schedule_warnings(objective, max_steps: int) -> list[str]:
+    """One line for each of the objective's curricula that the run is too short to finish
+    (``Objective.schedule_lengths``): the objective then trains, to the end, as a mix of its
+    start and its end (e.g. sCT with its ``du/dt`` term at a fifth of its weight)."""
+    return [f"warning: objective.{field} = {steps} but the run trains {max_steps} steps: "
+            f"{getattr(objective, 'name', 'the objective')}'s curriculum ends at {min(1.0, max_steps / steps):.0%} "
+            f"of its course (set objective.{field} to at most trainer.max_steps)"
+            for field, steps in objective.schedule_lengths().items() if steps > max_steps]
+
+
 def _train(cfg: DictConfig, info: DistInfo) -> dict:
     tcfg, seed = cfg.trainer, int(cfg.seed)
     if tcfg.device == "auto":
@@ -385,6 +395,8 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
     shards = info.world * int(tcfg.grad_accum)
     global_batch = int(tcfg.batch_size)
     GlobalBatchSampler(len(dataset), global_batch, shards, [0], seed)       # checks the batch split
+    for line in short_schedule_warnings(objective, int(tcfg.max_steps)) if info.rank == 0 else []:
+        _say(line)
     use_bf16 = tcfg.precision == "bf16"
     if use_bf16 and getattr(objective, "uses_jvp", False):
         if info.rank == 0:

@@ -399,3 +399,25 @@ def test_each_trains_a_step_and_samples(name):
 def test_invalid_hyperparameters_name_the_field(cls, kwargs, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         cls(**kwargs)
+
+
+def test_curricula_longer_than_the_run_are_named_before_training():
+    """``schedule_lengths`` names each step-driven curriculum by its config field; the trainer's
+    warning fires exactly when the run is shorter (sCT's 10k-step tangent warm-up in a 2k-step
+    run ends at 20%), and never for objectives without one."""
+    from jumpflow.objectives import AlphaFlow, ConsistencyTraining, EasyConsistencyTraining, FlowMatching
+    from jumpflow.trainer import short_schedule_warnings
+
+    sct = ContinuousConsistency(tangent_warmup_steps=10_000)
+    assert sct.schedule_lengths() == {"tangent_warmup_steps": 10_000}
+    (line,) = short_schedule_warnings(sct, 2000)
+    assert "objective.tangent_warmup_steps = 10000" in line and "trains 2000 steps" in line and "20%" in line
+    assert short_schedule_warnings(sct, 10_000) == []
+    assert ContinuousConsistency(tangent_warmup_steps=0).schedule_lengths() == {}
+    assert AlphaFlow(alpha_steps=[0, 3000]).schedule_lengths() == {"alpha_steps": 3000}
+    assert AlphaFlow(alpha_schedule="constant", alpha_start=0.5).schedule_lengths() == {}
+    assert short_schedule_warnings(AlphaFlow(alpha_steps=[0, 3000]), 1000)[0].startswith(
+        "warning: objective.alpha_steps = 3000")
+    assert ConsistencyTraining(curriculum_steps=500).schedule_lengths() == {"curriculum_steps": 500}
+    assert EasyConsistencyTraining(curriculum_steps=500).schedule_lengths() == {"curriculum_steps": 500}
+    assert short_schedule_warnings(FlowMatching(), 1) == []

@@ -542,3 +542,13 @@ def test_conditional_student_must_share_the_teachers_condition_encoder(tmp_path)
     assert not any(p.requires_grad for p in model.cond_encoder.parameters())
     out = model.compute_loss(batch)
     assert torch.isfinite(out.loss).all()
+
+
+def test_the_trainer_names_a_curriculum_the_run_cannot_finish(tmp_path, capsys):
+    """sCT's default 10k-step tangent warm-up in a 3-step run: one warning line before training,
+    naming the field; none once the warm-up fits the run."""
+    train(make_cfg(tmp_path / "long", "objective=sct", "trainer.max_steps=3"))
+    err = capsys.readouterr().err
+    assert "objective.tangent_warmup_steps = 10000 but the run trains 3 steps" in err
+    train(make_cfg(tmp_path / "fits", "objective=sct", "objective.tangent_warmup_steps=3", "trainer.max_steps=3"))
+    assert "tangent_warmup_steps" not in capsys.readouterr().err

@@ -87,6 +87,9 @@ class AlphaFlow(MeanFlow):
         self.alpha_gamma, self.alpha_clamp, self.target_clip = float(alpha_gamma), float(alpha_clamp), target_clip
 
     # -- curriculum ------------------------------------------------------------------------
+    def schedule_lengths(self) -> dict[str, int]:
+        return {} if self.alpha_schedule == "constant" else {"alpha_steps": self.alpha_end_step}
+
     def extra_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
         return {**super().extra_modules(backbone), self.counter_key: StepCounter()}
 

@@ -245,6 +245,13 @@ class Objective:
     def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def schedule_lengths(self) -> dict[str, int]:
+        """The training steps each of the objective's step-driven curricula needs to run its
+        course, by config field (``{"tangent_warmup_steps": 10000}``): the trainer warns when the
+        run is shorter, since the objective then trains as something between its start and its
+        end. None here."""
+        return {}
+
     def sample(self, net, noise: Tensor, cond: Tensor | None,
                inference: Inference | int | None = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

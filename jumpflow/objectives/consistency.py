@@ -109,6 +109,9 @@ class ConsistencyTraining(Objective):
         self.t_max = self.sigma_max / (1.0 + self.sigma_max)
 
     # -- curriculum ------------------------------------------------------------------------
+    def schedule_lengths(self) -> dict[str, int]:
+        return {"curriculum_steps": self.curriculum_steps}
+
     def extra_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
         return {self.counter_key: StepCounter()}
 
@@ -228,6 +231,9 @@ class EasyConsistencyTraining(Objective):
         self.q, self.k, self.b, self.stages, self.curriculum_steps = float(q), float(k), float(b), stages, curriculum_steps
         self.huber_c, self.weighting, self.init_from = huber_c, weighting, init_from
         self.t_max = self.sigma_max / (1.0 + self.sigma_max)
+
+    def schedule_lengths(self) -> dict[str, int]:
+        return {"curriculum_steps": self.curriculum_steps}
 
     def extra_modules(self, backbone: nn.Module) -> dict[str, nn.Module]:
         mods: dict[str, nn.Module] = {self.counter_key: StepCounter()}

@@ -54,6 +54,9 @@ class TangentWarmup:
                 f"must be an integer >= 0, got {tangent_warmup_steps!r}")
         self.tangent_c, self.tangent_warmup_steps = tangent_c, tangent_warmup_steps
 
+    def schedule_lengths(self) -> dict[str, int]:
+        return {"tangent_warmup_steps": self.tangent_warmup_steps} if self.tangent_warmup_steps > 0 else {}
+
     def warmup_modules(self) -> dict[str, nn.Module]:
         """The step counter, when there is a warm-up."""
         return {self.counter_key: StepCounter()} if self.tangent_warmup_steps > 0 else {}
