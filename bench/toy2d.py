@@ -4,6 +4,7 @@ Same backbone (MLP), data, batch and number of steps for every objective; sample
 several NFE are scored by sliced W2 and MMD against a held-out sample of the same toy.
 
     python -m bench.toy2d [--dataset checkerboard] [--steps 3000] [--objectives meanflow,drifting]
+    python -m bench.toy2d --objectives sct --override objective.tangent_warmup_steps=0 --variant warmup0
 
 The distillation objectives (``distill_consistency``, ``distill_ayf``) need a teacher: the bench
 trains one Flow Matching run (same data, backbone and steps; the ``flow_matching`` run itself when it
@@ -11,7 +12,8 @@ is in ``--objectives``) and passes its run directory as ``objective.teacher``, o
 one from ``--teacher``. Their rows record ``teacher`` and ``teacher_steps``.
 
 Writes ``bench/results/toy2d.json`` (rows of other datasets and objectives are kept, re-read just
-before writing) and prints the table.
+before writing; a row is replaced by a run of the same dataset, objective and ``--variant``, so
+that a variant's rows sit beside the shipped config's) and prints the table.
 """
 
 from __future__ import annotations
@@ -51,14 +53,15 @@ NEEDS_TEACHER = ("distill_consistency", "distill_ayf")
 
 
 def run_one(objective: str, dataset: str, steps: int, batch: int, seed: int, out_dir: Path,
-            teacher: Path | None = None) -> list[dict]:
+            teacher: Path | None = None, extra_overrides: tuple[str, ...] = (), variant: str = "") -> list[dict]:
     overrides, nfes = PLAN[objective]
-    extra = {}
+    overrides = [*overrides, *extra_overrides]
+    extra = {"variant": variant, "variant_overrides": list(extra_overrides)} if variant else {}
     if objective in NEEDS_TEACHER:
         if teacher is None:
             raise ValueError(f"{objective} needs a teacher run directory")
         overrides = [*overrides, f"objective.teacher={teacher}"]
-        extra = {"teacher": "flow_matching", "teacher_steps": _steps_of(teacher)}
+        extra.update(teacher="flow_matching", teacher_steps=_steps_of(teacher))
     with initialize_config_module(config_module="jumpflow.configs", version_base=None):
         cfg = compose("train", overrides=[
             f"objective={objective}", "backbone=mlp", "task=toy2d", f"task.dataset={dataset}",
@@ -95,7 +98,13 @@ def main(argv=None):
     ap.add_argument("--teacher", default=None,
                     help="a trained flow_matching run directory for the distillation objectives "
                          "(default: train one here, same data / backbone / steps)")
+    ap.add_argument("--override", action="append", default=[],
+                    help="extra hydra override of every run here (e.g. objective.tangent_warmup_steps=0); needs --variant")
+    ap.add_argument("--out", default=str(RESULTS / "toy2d.json"), help="result file (rows merged)")
+    ap.add_argument("--variant", default="", help="label of the rows of a run with --override (kept apart)")
     args = ap.parse_args(argv)
+    if args.override and not args.variant:
+        ap.error("--override needs --variant (a label that keeps these rows apart from the shipped config's)")
     objectives = args.objectives.split(",")
     unknown = [o for o in objectives if o not in PLAN]
     if unknown:
@@ -110,19 +119,21 @@ def main(argv=None):
                 print("training the flow_matching teacher", flush=True)
                 run_one("flow_matching", args.dataset, args.steps, args.batch, args.seed, Path(tmp) / "teacher")
                 teacher = Path(tmp) / "teacher" / "flow_matching"
-            rows += run_one(objective, args.dataset, args.steps, args.batch, args.seed, Path(tmp), teacher)
+            rows += run_one(objective, args.dataset, args.steps, args.batch, args.seed, Path(tmp), teacher,
+                            tuple(args.override), args.variant)
             if objective == "flow_matching" and teacher is None:
                 teacher = Path(tmp) / "flow_matching"
             print(rows[-1], flush=True)
-    done = [r for r in load_rows(RESULTS / "toy2d.json")         # re-read: other runs may have written
-            if not (r["dataset"] == args.dataset and r["objective"] in objectives)]
+    done = [r for r in load_rows(Path(args.out))         # re-read: other runs may have written
+            if not (r["dataset"] == args.dataset and r["objective"] in objectives
+                    and r.get("variant", "") == args.variant)]
     write_results("toy2d", {"dataset": args.dataset, "steps": args.steps, "batch": args.batch, "backbone": "MLP",
                             "lr": 1e-3, "ema": 0.999, "eval_samples": 4000,
                             "note": "transition_matching(_ar) nfe = backbone evaluations (T=4), each with 8 head "
                                     "steps (per token for _ar); distill_* rows distil a flow_matching teacher "
                                     "trained at the same budget (teacher_steps); rows of other runs (datasets, "
                                     "objectives) are kept"},
-                  done + rows)
+                  done + rows, Path(args.out))
 
 
 if __name__ == "__main__":
