@@ -185,10 +185,11 @@ def lerobot_version() -> str:
 
 def make_config(obs_shapes: dict, state_keys, env_keys, action_dim: int, horizon: int, n_obs_steps: int,
                 n_action_steps: int, sampler: str = "ddpm", nfe: int = 100, down_dims=CPU_DOWN_DIMS,
-                diffusion_step_embed_dim: int = 128):
+                diffusion_step_embed_dim: int = 128, options: dict | None = None):
     """LeRobot ``DiffusionConfig`` for low-dim inputs; everything not named here is LeRobot's default
     (kernel 5, 8 groups, FiLM scale modulation, 100 squared-cosine DDPM steps, epsilon prediction,
-    clip to [-1, 1], no loss masking of padded actions)."""
+    clip to [-1, 1], no loss masking of padded actions) unless ``options`` (more ``DiffusionConfig``
+    fields, e.g. ``{"do_mask_loss_for_padding": True}``) sets it."""
     DiffusionConfig, _, FeatureType, PolicyFeature = _import_lerobot()
     def dim(keys):
         return sum(int(np.prod(obs_shapes[k])) for k in keys)
@@ -198,7 +199,7 @@ def make_config(obs_shapes: dict, state_keys, env_keys, action_dim: int, horizon
                         OBS_ENV_STATE: PolicyFeature(type=FeatureType.ENV, shape=(dim(env_keys),))},
         output_features={ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(int(action_dim),))},
         down_dims=tuple(down_dims), diffusion_step_embed_dim=int(diffusion_step_embed_dim),
-        noise_scheduler_type=sampler.upper(), num_inference_steps=int(nfe), device="cpu")
+        noise_scheduler_type=sampler.upper(), num_inference_steps=int(nfe), device="cpu", **(options or {}))
 
 
 def make_policy(config):
@@ -256,7 +257,7 @@ def compose_recipe(task: str, steps: int, overrides=()):
 
 
 def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: int, keep: int,
-                     log=print) -> dict:
+                     log=print, options: dict | None = None) -> dict:
     """Train LeRobot's DP on ``task``'s windows for ``cfg.trainer.max_steps`` steps of
     ``cfg.trainer.batch_size``; returns ``{"checkpoints": [(step, state_dict)], "train_seconds",
     "params", "losses"}`` (the EMA weights with ``optim="jumpflow"``, the trained ones with ``lerobot``)."""
@@ -269,7 +270,7 @@ def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: in
     state_keys, env_keys = split_obs_keys(task.obs_keys, getattr(task, "env_state_keys", None))
     seed_everything(seed)
     config = make_config(task.obs_shapes, state_keys, env_keys, task.action_dim, task.horizon, task.n_obs_steps,
-                         task.n_action_steps, down_dims=down_dims)
+                         task.n_action_steps, down_dims=down_dims, options=options)
     policy = make_policy(config)
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -313,14 +314,15 @@ def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: in
             checkpoints = checkpoints[-keep:]
     return {"checkpoints": checkpoints, "train_seconds": time.perf_counter() - t0, "normalizer": normalizer,
             "params": sum(p.numel() for p in params), "losses": losses, "state_keys": state_keys,
-            "env_keys": env_keys, "config": config}
+            "env_keys": env_keys, "config": config, "options": dict(options or {})}
 
 
 def build_adapter(task, trained: dict, state_dict, sampler: str, nfe: int, down_dims) -> LeRobotDPAdapter:
     """A DiffusionPolicy built with noise scheduler ``sampler`` and ``nfe`` inference steps, the
     trained weights loaded (LeRobot's way of changing the sampler), behind :class:`LeRobotDPAdapter`."""
     config = make_config(task.obs_shapes, trained["state_keys"], trained["env_keys"], task.action_dim, task.horizon,
-                         task.n_obs_steps, task.n_action_steps, sampler=sampler, nfe=nfe, down_dims=down_dims)
+                         task.n_obs_steps, task.n_action_steps, sampler=sampler, nfe=nfe, down_dims=down_dims,
+                         options=trained.get("options"))
     policy = make_policy(config)
     policy.load_state_dict(state_dict)
     return LeRobotDPAdapter(policy, trained["normalizer"], trained["state_keys"], trained["env_keys"],
@@ -365,10 +367,26 @@ def peer_rows(task: str, path: Path | None = None) -> list[dict]:
             if r.get("task") == task and r.get("objective") == OBJECTIVE]
 
 
-def peer_variant(optim: str, down_dims) -> str:
-    """The ``variant`` of a peer row: its UNet stages and, when not jumpflow's, its optimiser recipe."""
+def peer_variant(optim: str, down_dims, options: dict | None = None) -> str:
+    """The ``variant`` of a peer row: its UNet stages, when not jumpflow's its optimiser recipe,
+    and the ``DiffusionConfig`` options set beyond the defaults (``_do_mask_loss_for_padding=True``)."""
     name = "unet" + "-".join(str(int(d)) for d in down_dims)
-    return name if optim == "jumpflow" else f"{name}_{optim}_optim"
+    name = name if optim == "jumpflow" else f"{name}_{optim}_optim"
+    return name + "".join(f"_{k}={v}" for k, v in sorted((options or {}).items()))
+
+
+def parse_options(items: list[str]) -> dict:
+    """``["do_mask_loss_for_padding=true"]`` -> ``{"do_mask_loss_for_padding": True}`` (YAML values);
+    an item without ``=`` is refused by name."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--lerobot-option: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def _mean_of(rows: list[dict], key: str) -> float | None:
@@ -403,7 +421,7 @@ def make_row(task_name: str, seed: int, sampler: str, nfe: int, evals: list[dict
     the max and mean over the checkpoints, mode metrics averaged over them)."""
     last = evals[-1]
     successes = [e["success_rate"] for e in evals]
-    row = {"task": task_name, "objective": OBJECTIVE, "variant": peer_variant(args.optim, down_dims),
+    row = {"task": task_name, "objective": OBJECTIVE, "variant": peer_variant(args.optim, down_dims, trained.get("options")),
            "sampler": sampler, "nfe": nfe, "seed": seed, **last, **lat,
            "latency_batch": 1, "eval_envs": args.eval_envs, "train_seconds": trained["train_seconds"],
            "train_steps": int(cfg.trainer.max_steps), "batch_size": int(cfg.trainer.batch_size),
@@ -412,7 +430,8 @@ def make_row(task_name: str, seed: int, sampler: str, nfe: int, evals: list[dict
            "checkpoint_successes": successes, "checkpoint_steps": [s for s, _ in trained["checkpoints"]],
            "params": trained["params"], "down_dims": list(down_dims),
            "backbone": f"lerobot DiffusionConditionalUnet1d down_dims={list(down_dims)} (CPU size)",
-           "optim": args.optim, "final_loss": float(np.mean(trained["losses"][-50:])),
+           "optim": args.optim, "lerobot_options": trained.get("options", {}),
+           "final_loss": float(np.mean(trained["losses"][-50:])),
            "lerobot": lerobot_version(), "torch": torch.__version__,
            "state_keys": trained["state_keys"], "env_state_keys": trained["env_keys"]}
     for k in ("mode_entropy_ratio", "mode_tv", "mode_switches"):
@@ -445,7 +464,8 @@ def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path) ->
     print(f"== {task_name} seed {seed}: LeRobot {lerobot_version()} DiffusionPolicy, down_dims {down_dims}, "
           f"{total} steps x batch {int(cfg.trainer.batch_size)}, optim {args.optim}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
-    trained = train_lerobot_dp(cfg, task, seed, args.optim, down_dims, ckpt_every, keep, log=partial(print, flush=True))
+    trained = train_lerobot_dp(cfg, task, seed, args.optim, down_dims, ckpt_every, keep, log=partial(print, flush=True),
+                               options=parse_options(args.lerobot_option))
     # episodes run eval_envs at a time (spawned envs, one batched chunk request for all): the test seeds
     # are the rows' (episode i resets with seed 1_000_000 + i); latency is measured apart, at batch 1
     task.eval_envs = args.eval_envs
@@ -490,6 +510,9 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="dataset folder (default: $JUMPFLOW_DATA, else <repo>/data)")
     ap.add_argument("--env-state-keys", default=None, help="obs keys for observation.environment_state")
     ap.add_argument("--override", action="append", default=[], help="extra hydra override of the recipe")
+    ap.add_argument("--lerobot-option", action="append", default=[],
+                    help="KEY=VALUE: a DiffusionConfig field beyond the defaults (e.g. do_mask_loss_for_padding=true); "
+                         "named in the rows' variant")
     ap.add_argument("--out", default=str(RESULTS / "policy.json"), help="result file (rows merged by key)")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--table-only", action="store_true", help="print the side-by-side table and stop")
@@ -502,12 +525,16 @@ def main(argv=None):
     tasks = args.tasks.split(",")
     variants = [(v.split(":")[0], int(v.split(":")[1])) for v in args.variants.split(",")]
     down_dims = tuple(int(d) for d in args.down_dims.split(","))
+    try:
+        options = parse_options(args.lerobot_option)
+    except ValueError as err:
+        ap.error(str(err))
     if not args.table_only:
         _import_lerobot()                                         # fail here, before any work
         for task_name in tasks:
             for seed in map(int, args.seeds.split(",")):
                 done = {row_key(r) for r in load_rows(out)}
-                variant = peer_variant(args.optim, down_dims)
+                variant = peer_variant(args.optim, down_dims, options)
                 if args.overwrite or not all((task_name, OBJECTIVE, variant, s, n, seed) in done
                                              for s, n in variants):
                     run_seed(task_name, seed, args, variants, down_dims, out)

@@ -161,6 +161,9 @@ def test_lerobot_dp_trains_and_acts_on_converted_batches(windows):
     loss.backward()
     adapter = pl.LeRobotDPAdapter(policy, norm, state_keys, env_keys, N_OBS, N_ACT)
     assert adapter.inference_steps == 3
+    masked = pl.make_config(shapes, state_keys, env_keys, 7, H, N_OBS, N_ACT, down_dims=(8, 16),
+                            diffusion_step_embed_dim=8, options={"do_mask_loss_for_padding": True})
+    assert masked.do_mask_loss_for_padding and not config.do_mask_loss_for_padding
     assert adapter.predict_action(obs).shape == (4, N_ACT, 7)
 
 
@@ -181,6 +184,13 @@ def test_peer_rows_share_policy_json_with_jumpflow_rows(tmp_path):
     assert pl.row_key(peer) != pl.row_key(jf)
     assert pl.row_key(peer) == ("t", "lerobot_dp", "unet64-128-256", "ddpm", 100, 0)
     assert pl.peer_variant("lerobot", (8, 16)) == "unet8-16_lerobot_optim"
+    # a DiffusionConfig option beyond the defaults is part of the key, so its rows sit beside the default's
+    options = pl.parse_options(["do_mask_loss_for_padding=true", "kernel_size=3"])
+    assert options == {"do_mask_loss_for_padding": True, "kernel_size": 3}
+    assert pl.peer_variant("jumpflow", (64, 128, 256), options) == \
+        "unet64-128-256_do_mask_loss_for_padding=True_kernel_size=3"
+    with pytest.raises(ValueError, match="--lerobot-option: expected KEY=VALUE, got 'oops'"):
+        pl.parse_options(["oops"])
     # and bench.policy writing the same file afterwards keeps the peer's settings, drops its own old ones
     from bench.common import config_keeping
     new = config_keeping(out, {"episodes": 20}, keep=("peer_lerobot",))
