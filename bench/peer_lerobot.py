@@ -334,7 +334,8 @@ def evaluate(evaluator, task, adapter, seed: int) -> dict:
     torch.manual_seed(seed)
     ev = evaluator.run(adapter)
     out = {"success_rate": ev["success_rate"], "mean_episode_length": ev["mean_episode_length"],
-           "env_errors": ev["n_env_errors"], "rollout_latency_ms_p50": ev["latency_ms_p50"]}
+           "env_errors": ev["n_env_errors"], "rollout_latency_ms_p50": ev["latency_ms_p50"],
+           "eval_seconds": ev["seconds"]}
     out.update(task.mode_summary(ev))
     return out
 
@@ -427,6 +428,8 @@ def make_row(task_name: str, seed: int, sampler: str, nfe: int, evals: list[dict
            "train_steps": int(cfg.trainer.max_steps), "batch_size": int(cfg.trainer.batch_size),
            "episodes": args.episodes, "threads": torch.get_num_threads(), "protocol": args.protocol,
            "success_max": max(successes), "success_last_mean": sum(successes) / len(successes),
+           # wall time of every checkpoint's rollouts at this sampler (the row's own is the last one's)
+           "eval_seconds": sum(e["eval_seconds"] for e in evals),
            "checkpoint_successes": successes, "checkpoint_steps": [s for s, _ in trained["checkpoints"]],
            "params": trained["params"], "down_dims": list(down_dims),
            "backbone": f"lerobot DiffusionConditionalUnet1d down_dims={list(down_dims)} (CPU size)",

@@ -196,3 +196,21 @@ def test_peer_rows_share_policy_json_with_jumpflow_rows(tmp_path):
     new = config_keeping(out, {"episodes": 20}, keep=("peer_lerobot",))
     assert new == {"episodes": 20, "peer_lerobot": doc["config"]["peer_lerobot"]}
     assert config_keeping(tmp_path / "missing.json", {"episodes": 20}, keep=("peer_lerobot",)) == {"episodes": 20}
+
+
+def test_peer_row_keeps_the_dp_protocol_figures_and_the_rollout_time(monkeypatch):
+    """make_row: the last checkpoint's success, DP's max and mean over the checkpoints, mode metrics
+    averaged over them, the summed rollout wall time, the options in the variant."""
+    monkeypatch.setattr(pl, "lerobot_version", lambda: "0.0-test")
+    evals = [{"success_rate": s, "mean_episode_length": 10.0, "env_errors": 0, "rollout_latency_ms_p50": 1.0,
+              "eval_seconds": t, "mode_tv": tv} for s, t, tv in ((0.5, 30.0, 0.2), (0.7, 40.0, 0.4))]
+    trained = {"train_seconds": 9.0, "checkpoints": [(5, {}), (10, {})], "params": 123, "losses": [0.5, 0.25],
+               "state_keys": ["a"], "env_keys": ["b"], "options": {"do_mask_loss_for_padding": True}}
+    cfg = SimpleNamespace(trainer=SimpleNamespace(max_steps=10, batch_size=4))
+    args = SimpleNamespace(eval_envs=2, episodes=3, protocol="dp", optim="jumpflow")
+    row = pl.make_row("t", 1, "ddpm", 100, evals, {"latency_ms_p50": 2.0}, trained, cfg, args, (8, 16))
+    assert row["success_rate"] == 0.7 and row["success_max"] == 0.7
+    assert row["success_last_mean"] == pytest.approx(0.6) and row["mode_tv"] == pytest.approx(0.3)
+    assert row["eval_seconds"] == 70.0 and row["checkpoint_steps"] == [5, 10]
+    assert row["variant"] == "unet8-16_do_mask_loss_for_padding=True"
+    assert row["lerobot_options"] == {"do_mask_loss_for_padding": True} and row["final_loss"] == pytest.approx(0.375)
