@@ -105,6 +105,36 @@ def test_jvp_total_derivative_matches_finite_difference(prediction):
     assert torch.allclose(dudt, dudt_fd, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("cond_dim", [0, 4])
+def test_meanflow_jvp_only_on_rows_with_r_ne_t_equals_the_whole_batch_jvp(cond_dim):
+    """The split (a plain forward on ``r = t`` rows, the JVP on the rest) gives the same ``u``,
+    target and parameter gradient as one JVP over the whole batch, in float64, in the batch's
+    own order; all-equal and all-different batches take one path each."""
+    torch.manual_seed(0)
+    obj = MeanFlow()
+    net = Generator(MLP((3,), width=32, depth=2, cond_dim=cond_dim).double(), obj, shape=(3,))
+    b = 12
+    z, v = torch.randn(b, 3, dtype=torch.float64), torch.randn(b, 3, dtype=torch.float64)
+    t = torch.rand(b, dtype=torch.float64) * 0.8 + 0.1
+    r = torch.where(torch.arange(b) % 3 == 0, t * 0.4, t)              # rows 0, 3, 6, 9 jump
+    cond = torch.randn(b, cond_dim, dtype=torch.float64) if cond_dim else None
+    grads = []
+    for fn in (obj.prediction_and_target, obj._jvp_prediction_and_target):
+        net.zero_grad()
+        u, tgt = fn(net, z, r, t, v, cond)
+        (u * tgt).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+        if fn == obj.prediction_and_target:
+            split = (u.detach(), tgt)
+    assert torch.allclose(split[0], u.detach(), atol=1e-12) and torch.allclose(split[1], tgt, atol=1e-12)
+    assert torch.equal(split[1][r == t], v[r == t]) and not split[1].requires_grad
+    assert torch.allclose(grads[0], grads[1], atol=1e-10)
+    for rr in (t, t * 0.5):                                             # none / all rows jump
+        u1, tgt1 = obj.prediction_and_target(net, z, rr, t, v, cond)
+        u2, tgt2 = obj._jvp_prediction_and_target(net, z, rr, t, v, cond)
+        assert torch.allclose(u1, u2, atol=1e-12) and torch.allclose(tgt1, tgt2, atol=1e-12)
+
+
 def test_flow_matching_point_oracle_exact_in_one_euler_step():
     x0 = torch.tensor([[2.0, -1.0]], dtype=torch.float64)
     net, obj = PointOracle(x0), FlowMatching(inference={"sampler": "heun"})
