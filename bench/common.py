@@ -42,18 +42,14 @@ def machine() -> dict:
 
 
 def run_recipe(run: str | Path) -> dict:
-    """How the policy at ``run`` (a run directory or a checkpoint's JSON) was trained, from its
+    """How the policy at ``run`` (a run directory or a checkpoint file) was trained, from its
     checkpoint alone, so that a result row naming a scratch run directory still says what ran:
     ``{"objective", "backbone", "width", "depth", "task", "horizon", "n_obs_steps",
     "n_action_steps", "prefix_max", "n_demos", "demo_style", "seed", "step"}`` (a field the
-    config lacks is None). A path with no checkpoint is refused by name."""
-    from jumpflow.checkpoint import checkpoint_paths
+    config lacks is None). No checkpoint, or a damaged one, raises ``CheckpointError`` naming it."""
+    from jumpflow.checkpoint import read_checkpoint, resolve_checkpoint
 
-    run = Path(run)
-    found = [run] if run.suffix == ".json" and run.is_file() else checkpoint_paths(run / "checkpoints")
-    if not found:
-        raise FileNotFoundError(f"{run}: no checkpoint (neither a checkpoint JSON nor a run directory with one)")
-    meta = json.loads(found[-1].read_text())
+    _, meta = read_checkpoint(resolve_checkpoint(run))
     cfg = meta.get("config", {})
     task, backbone = cfg.get("task", {}) or {}, cfg.get("backbone", {}) or {}
     objective = (cfg.get("objective", {}) or {}).get("_target_", "")

@@ -452,7 +452,7 @@ def _write_rows(rows: list[dict], out: Path, args) -> None:
     write_results("policy", config_keeping(out, {"peer_lerobot": peer}), rows, path=out)
 
 
-def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path) -> None:
+def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, options: dict | None = None) -> None:
     """Train one seed, evaluate its checkpoints at every variant, write the rows as they finish."""
     from hydra.utils import instantiate
 
@@ -468,7 +468,7 @@ def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path) ->
           f"{total} steps x batch {int(cfg.trainer.batch_size)}, optim {args.optim}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
     trained = train_lerobot_dp(cfg, task, seed, args.optim, down_dims, ckpt_every, keep, log=partial(print, flush=True),
-                               options=parse_options(args.lerobot_option))
+                               options=options)
     # episodes run eval_envs at a time (spawned envs, one batched chunk request for all): the test seeds
     # are the rows' (episode i resets with seed 1_000_000 + i); latency is measured apart, at batch 1
     task.eval_envs = args.eval_envs
@@ -540,7 +540,7 @@ def main(argv=None):
                 variant = peer_variant(args.optim, down_dims, options)
                 if args.overwrite or not all((task_name, OBJECTIVE, variant, s, n, seed) in done
                                              for s, n in variants):
-                    run_seed(task_name, seed, args, variants, down_dims, out)
+                    run_seed(task_name, seed, args, variants, down_dims, out, options)
     for task_name in tasks:
         print(f"\n== {task_name}: LeRobot DP beside jumpflow's rows ({out}), mean over seeds")
         print_table(side_by_side(peer_rows(task_name, out), jumpflow_rows(task_name, out)))

@@ -439,7 +439,9 @@ def test_label_fit_tells_law_labels_from_executed_ones(block_push_demos, tmp_pat
                                    "n_demos", "seed", "step")} == {
         "objective": "Regression", "backbone": "MLP", "width": 32, "depth": 1, "task": "BlockPush", "horizon": 2,
         "n_action_steps": 1, "n_demos": 60, "seed": 0, "step": 4}
-    with pytest.raises(FileNotFoundError, match=r"gone: no checkpoint"):
+    from jumpflow.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"no checkpoint found in .*gone"):
         run_recipe(tmp_path / "gone")
 
 
