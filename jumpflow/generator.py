@@ -125,6 +125,12 @@ class Generator(nn.Module):
         return cond + embed(scale.to(cond.device)).to(cond.dtype)
 
     # -- the net interface objectives call ------------------------------------------------
+    @property
+    def grouped_condition(self) -> bool:
+        """Whether ``forward`` takes ``t, h, cond`` once per group of consecutive rows (the
+        backbone's ``grouped_condition``; ``backbones.layers.per_row``)."""
+        return bool(getattr(self.backbone, "grouped_condition", False))
+
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None, **kw):
         return self.backbone(x, t, h, cond, **kw)
 

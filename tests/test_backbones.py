@@ -182,6 +182,42 @@ def test_h_and_cond_change_the_output(key):
     assert not torch.allclose(base, net(x, t, h, cond + 1.0))
 
 
+@pytest.mark.parametrize("key", list(TINY))
+def test_grouped_condition_equals_repeated_rows_float64(key):
+    """``t, h, cond`` once per group of consecutive rows (``layers.per_row``) is the same function,
+    output, features and parameter gradients, as every row carrying its own copy."""
+    torch.manual_seed(0)
+    net, shape = tiny(key, dtype=torch.float64)
+    perturb_(net)
+    assert net.grouped_condition
+    x, t, h, cond = inputs(shape, batch=2, dtype=torch.float64)
+    x = torch.randn(6, *shape, dtype=torch.float64)                     # 3 samples per condition row
+    results = []
+    for tt, hh, cc in ((t, h, cond), (t.repeat_interleave(3), h.repeat_interleave(3), cond.repeat_interleave(3, 0))):
+        net.zero_grad()
+        out, feats = net(x, tt, hh, cc, return_features=True)
+        (out.square().sum() + feats.sum()).backward()
+        results.append((out, feats, [p.grad.clone() for p in net.parameters()]))
+    (o1, f1, g1), (o2, f2, g2) = results
+    torch.testing.assert_close(o1, o2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f1, f2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(o1[:3], o1[3:])                          # the two groups differ
+
+
+@pytest.mark.parametrize("key", ["mlp", "unet1d", "dit1d"])
+def test_condition_rows_must_divide_the_batch(key):
+    net, shape = tiny(key)
+    x = torch.randn(6, *shape)
+    t, cond = torch.rand(4), torch.randn(4, COND_DIM)
+    with pytest.raises(ValueError, match="grouped conditioning"):
+        net(x, t, t, cond)                                              # 4 rows do not divide 6
+    with pytest.raises(ValueError, match="grouped conditioning"):
+        net(x, torch.rand(2), torch.rand(2), torch.randn(3, COND_DIM))  # two different row counts
+    assert net(x, torch.rand(1), torch.rand(1), torch.randn(3, COND_DIM)).shape == x.shape   # one row broadcasts
+
+
 def test_dit_starts_as_zero_map():
     net, shape = tiny("dit2d")
     x, t, h, cond = inputs(shape)

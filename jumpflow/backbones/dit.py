@@ -145,7 +145,8 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, D) x6
+        mod = layers.per_row(self.adaLN_modulation(c), x.shape[0])       # (B, 6D)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)   # (B, D) x6
         x = x + gate_a[:, None] * self.attn(modulate_tokens(self.norm1(x), shift_a, scale_a))  # (B, N, D)
         x = x + gate_m[:, None] * self.mlp(modulate_tokens(self.norm2(x), shift_m, scale_m))   # (B, N, D)
         return x                                                          # (B, N, D)
@@ -159,7 +160,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)          # (B, D) x2
+        shift, scale = layers.per_row(self.adaLN_modulation(c), x.shape[0]).chunk(2, dim=-1)   # (B, D) x2
         feats = modulate_tokens(self.norm(x), shift, scale)               # (B, N, D)
         return self.linear(feats), feats                                  # (B, N, P), (B, N, D)
 
@@ -189,6 +190,8 @@ class DiT(nn.Module):
     ``forward(..., return_features=True) -> (out, features (B, N, hidden_size))``, the
     modulated final-norm tokens the output layer reads.
     """
+
+    grouped_condition = True     # t, h, cond may come once per group of consecutive rows (layers.per_row)
 
     def __init__(self, shape, cond_dim: int = 0, patch_size: int = 2, hidden_size: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, norm: str = "layernorm",
@@ -279,10 +282,10 @@ class DiT(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None = None,
                 return_features: bool = False):
-        layers.check_input_shape(self, x)
-        c = self.embed(t, h, cond)                                        # (B, D)
+        layers.check_input_shape(self, x, t, h, cond)
+        c = self.embed(t, h, cond)                                        # (Bc, D): Bc divides B (per_row)
         if self.normalized_modulation:
-            c = F.rms_norm(c, (c.shape[-1],), eps=1e-6)                   # (B, D)
+            c = F.rms_norm(c, (c.shape[-1],), eps=1e-6)                   # (Bc, D)
         tokens = layers.add_plain(self.x_embed(self.tokenize(x)), self.pos_embed.to(x.dtype))  # (B, N, D)
         for block in self.blocks:
             tokens = block(tokens, c)                                     # (B, N, D)

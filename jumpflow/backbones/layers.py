@@ -183,7 +183,28 @@ class ConvTranspose1d(nn.ConvTranspose1d):
         return forward_ad.make_dual(out, self._apply_conv(tangent, None))  # (B, C_out, 2T)
 
 
-def check_input_shape(net: nn.Module, x: Tensor) -> None:
-    """A one-line error when ``x`` is not ``(B, *net.shape)`` (every backbone checks its input)."""
+def check_input_shape(net: nn.Module, x: Tensor, t: Tensor | None = None, h: Tensor | None = None,
+                      cond: Tensor | None = None) -> None:
+    """A one-line error when ``x`` is not ``(B, *net.shape)`` or when ``t``, ``h``, ``cond`` do not
+    have one row count ``Bc`` dividing ``B`` (a single row broadcasts; every backbone checks its
+    input; see :func:`per_row`)."""
     if tuple(x.shape[1:]) != net.shape:
         raise ValueError(f"{type(net).__name__} expects inputs of shape (B, {net.shape}), got {tuple(x.shape)}")
+    rows = {name: int(v.shape[0]) if v.dim() else 1 for name, v in (("t", t), ("h", h), ("cond", cond))
+            if v is not None}
+    counts = set(rows.values()) - {1}
+    if len(counts) > 1 or any(x.shape[0] % n for n in counts):
+        raise ValueError(f"{type(net).__name__}: t, h and cond must have one row count dividing the batch "
+                         f"{x.shape[0]} (grouped conditioning), got {rows}")
+
+
+def per_row(modulation: Tensor, rows: int) -> Tensor:
+    """Grouped conditioning: a modulation computed once per condition row ``(Bc, ...)`` spread to
+    the ``rows = k Bc`` data rows it conditions, each condition row serving ``k`` consecutive
+    rows (``repeat_interleave``; a no-op when ``Bc == rows``).
+
+    A generator that draws many samples per condition (Drifting's ``G`` per group) passes
+    ``t, h, cond`` once per group, so the time / condition embedder and every block's FiLM or adaLN
+    regression run on ``Bc`` rows instead of ``B`` (about half an MLP policy's step)."""
+    n = modulation.shape[0]
+    return modulation if n == rows else modulation.repeat_interleave(rows // n, dim=0)

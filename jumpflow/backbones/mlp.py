@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from jumpflow.backbones.embeddings import TimeCondEmbedder
-from jumpflow.backbones.layers import LayerNorm, Linear, check_input_shape, modulate
+from jumpflow.backbones.layers import LayerNorm, Linear, check_input_shape, modulate, per_row
 from jumpflow.errors import ConfigError
 
 
@@ -26,14 +26,16 @@ class ResidualFiLMBlock(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        scale, shift = self.film(emb).chunk(2, dim=-1)            # (B, W) each
+        scale, shift = per_row(self.film(emb), x.shape[0]).chunk(2, dim=-1)   # (B, W) each
         y = modulate(self.norm(x), scale, shift)                   # (B, W)
         y = self.fc2(torch.nn.functional.silu(self.fc1(torch.nn.functional.silu(y))))  # (B, W)
         return x + y                                               # (B, W)
 
 
 class MLP(nn.Module):
-    """``forward(x, t, h, cond) -> (B, *shape)`` for ``x: (B, *shape)`` (flattened inside).
+    """``forward(x, t, h, cond) -> (B, *shape)`` for ``x: (B, *shape)`` (flattened inside);
+    ``t, h: (Bc,)``, ``cond: (Bc, cond_dim)`` with ``Bc`` dividing ``B`` (``Bc = B``, or one row per
+    group of ``B / Bc`` consecutive samples: ``layers.per_row``).
 
     Args:
         shape: per-sample data shape, e.g. ``(2,)`` or ``(16, 7)``.
@@ -46,6 +48,8 @@ class MLP(nn.Module):
             process, with ``shape[0]`` (one token per action step of a chunk) ARTM draws the
             chunk step by step. Every token gets the same features.
     """
+
+    grouped_condition = True     # t, h, cond may come once per group of consecutive rows (layers.per_row)
 
     def __init__(self, shape, width: int = 256, depth: int = 4, cond_dim: int = 0, tokens: int = 1):
         super().__init__()
@@ -75,8 +79,8 @@ class MLP(nn.Module):
         return tokens.reshape(tokens.shape[0], *self.shape)
 
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None = None, return_features: bool = False):
-        check_input_shape(self, x)
-        emb = self.embed(t, h, cond)                               # (B, W)
+        check_input_shape(self, x, t, h, cond)
+        emb = self.embed(t, h, cond)                               # (Bc, W)
         y = self.inp(x.reshape(x.shape[0], -1))                   # (B, W)
         for block in self.blocks:
             y = block(y, emb)                                      # (B, W)

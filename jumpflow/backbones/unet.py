@@ -38,6 +38,7 @@ from jumpflow.backbones.layers import (
     attention,
     check_input_shape,
     modulate,
+    per_row,
 )
 from jumpflow.errors import ConfigError
 
@@ -75,7 +76,7 @@ class FiLMResBlock1D(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         y = self.block1(x)                                                # (B, C_out, T)
-        scale, bias = self.film(emb)[:, :, None].chunk(2, dim=1)          # (B, C_out, 1) x2
+        scale, bias = per_row(self.film(emb), x.shape[0])[:, :, None].chunk(2, dim=1)   # (B, C_out, 1) x2
         y = self.block2(scale * y + bias)                                 # (B, C_out, T)
         return y + self.skip(x)                                           # (B, C_out, T)
 
@@ -90,6 +91,8 @@ class UNet1D(nn.Module):
         kernel_size: convolution width (DP: 5); n_groups: GroupNorm groups (DP: 8).
         emb_dim: width of the ``(t, h, cond)`` conditioning vector (DP: 256).
     """
+
+    grouped_condition = True     # t, h, cond may come once per group of consecutive rows (layers.per_row)
 
     def __init__(self, shape, cond_dim: int = 0, down_dims=(256, 512, 1024), kernel_size: int = 5,
                  n_groups: int = 8, emb_dim: int = 256):
@@ -134,8 +137,8 @@ class UNet1D(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None = None,
                 return_features: bool = False):
-        check_input_shape(self, x)
-        emb = self.embed(t, h, cond)                                      # (B, E)
+        check_input_shape(self, x, t, h, cond)
+        emb = self.embed(t, h, cond)                                      # (Bc, E): Bc divides B (per_row)
         y = rearrange(x, "b t a -> b a t")                                # (B, A, T)
         skips = []
         for res1, res2, down in self.down:
@@ -179,7 +182,7 @@ class ResBlock2D(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         y = self.conv1(F.silu(self.norm1(x)))                             # (B, C_out, H, W)
-        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)    # (B, C_out, 1, 1) x2
+        scale, shift = per_row(self.emb(emb), x.shape[0])[:, :, None, None].chunk(2, dim=1)   # (B, C_out, 1, 1) x2
         y = modulate(self.norm2(y), scale, shift)                         # (B, C_out, H, W)
         y = self.conv2(self.dropout(F.silu(y)))                           # (B, C_out, H, W)
         return y + self.skip(x)                                           # (B, C_out, H, W)
@@ -235,6 +238,8 @@ class UNet2D(nn.Module):
         head_channels: channels per attention head; dropout: in residual blocks.
         attn: attention path, ``"auto"`` | ``"fused"`` | ``"math"`` (as in ``DiT``).
     """
+
+    grouped_condition = True     # t, h, cond may come once per group of consecutive rows (layers.per_row)
 
     def __init__(self, shape, cond_dim: int = 0, model_channels: int = 128, channel_mult=(1, 2, 2, 2),
                  num_res_blocks: int = 2, attention_ds=(2, 4), head_channels: int = 64,
@@ -310,8 +315,8 @@ class UNet2D(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None = None,
                 return_features: bool = False):
-        check_input_shape(self, x)
-        emb = self.embed(t, h, cond)                                      # (B, E)
+        check_input_shape(self, x, t, h, cond)
+        emb = self.embed(t, h, cond)                                      # (Bc, E): Bc divides B (per_row)
         y = self.inp(x)                                                   # (B, M, H, W)
         skips = [y]
         for layers in self.down:

@@ -323,13 +323,17 @@ class Drifting(Objective):
         metrics = {}
         alpha = None if self.alpha_sampler is None else self.alpha_sampler(n_groups, x.device)   # (Gr,) float64
         noise = torch.randn((n_groups * g, *x.shape[1:]), device=x.device, dtype=x.dtype)
-        gen_cond = None if group_cond is None else group_cond.repeat_interleave(g, 0)   # (Gr*G, C)
+        # a net with grouped conditioning takes (t, h, cond) once per group and spreads it over the
+        # group's G consecutive samples (layers.per_row): the embedder and FiLM / adaLN run Gr times,
+        # not Gr * G; any other net gets every row repeated
+        repeat = 1 if getattr(net, "grouped_condition", False) else g
+        gen_cond = None if group_cond is None else group_cond.repeat_interleave(repeat, 0)   # (Gr*repeat, C)
         if alpha is not None:
             metrics["alpha_mean"] = alpha.mean().item()
             hook = getattr(net, "guidance_condition", None)
             if hook is not None and gen_cond is not None:                       # alpha as the generator's input
-                gen_cond = hook(gen_cond, alpha.to(x.dtype).repeat_interleave(g, 0))
-        ones = torch.ones(noise.shape[0], device=x.device, dtype=x.dtype)
+                gen_cond = hook(gen_cond, alpha.to(x.dtype).repeat_interleave(repeat, 0))
+        ones = torch.ones(n_groups * repeat, device=x.device, dtype=x.dtype)
         x_gen = net(noise, ones, ones, gen_cond)                                # (Gr*G, *shape)
 
         gen_blocks = self._features(net, x_gen)                                 # [(Gr*G, d_i)]
