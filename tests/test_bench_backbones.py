@@ -22,5 +22,8 @@ def test_the_timed_meanflow_draw_has_the_papers_share_of_jvp_rows():
         assert gen.compute_loss({"x": x, "cond": cond}).metrics["frac_r_neq_t"] == 4 / 16
     name, shape, condition, _, overrides = DEBUG_CASES[1]
     rows_out = bench_case(name, shape, condition, overrides, batch=8, repeats=1, warmup=0)
-    mf = rows_out[-1]
-    assert mf["objective"] == "meanflow" and mf["jvp_rows"] == 2 and mf["vs_flow_matching"] > 0
+    by_objective = {r["objective"]: r for r in rows_out if r["case"] == "train_step"}
+    assert set(by_objective) == {"flow_matching", "meanflow", "meanflow_jvp_all"}
+    assert by_objective["meanflow"]["jvp_rows"] == 2 and by_objective["meanflow_jvp_all"]["jvp_rows"] == 8
+    assert by_objective["meanflow"]["vs_flow_matching"] > 0 and by_objective["meanflow_jvp_all"]["vs_flow_matching"] > 0
+    assert "vs_flow_matching" not in by_objective["flow_matching"]

@@ -133,6 +133,14 @@ def test_meanflow_jvp_only_on_rows_with_r_ne_t_equals_the_whole_batch_jvp(cond_d
         u1, tgt1 = obj.prediction_and_target(net, z, rr, t, v, cond)
         u2, tgt2 = obj._jvp_prediction_and_target(net, z, rr, t, v, cond)
         assert torch.allclose(u1, u2, atol=1e-12) and torch.allclose(tgt1, tgt2, atol=1e-12)
+    calls = []                                                          # jvp_rows="all": one call, one JVP
+    hook = net.backbone.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    whole = MeanFlow(jvp_rows="all")
+    u3, tgt3 = whole.prediction_and_target(net, z, r, t, v, cond)
+    hook.remove()
+    assert calls == [b] and torch.allclose(u3, split[0], atol=1e-12) and torch.allclose(tgt3, split[1], atol=1e-12)
+    with pytest.raises(ValueError, match="jvp_rows"):
+        MeanFlow(jvp_rows="some")
 
 
 def test_flow_matching_point_oracle_exact_in_one_euler_step():

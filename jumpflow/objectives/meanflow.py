@@ -86,18 +86,22 @@ class MeanFlow(AverageVelocityObjective):
         prediction: ``"native"`` (the backbone outputs the average velocity; pixel MeanFlow's choice is data) or ``"data"`` (it outputs a
             clean-data estimate, converted by ``from_data_prediction``; the loss is unchanged).
         data_t_min: floor on ``t`` in ``(z - x_hat) / t``.
+        jvp_rows: ``"jump"`` (the JVP on the ``r != t`` rows, a plain forward on the rest) or
+            ``"all"`` (one JVP over the batch); the same values and gradients, different cost.
         inference: defaults of ``sample`` (``steps``: 1; guidance is folded into training, so
             ``guidance`` must stay 1.0).
     """
 
     name = "meanflow"
     uses_jvp = True
+    jvp_rows = "jump"
 
     def __init__(self, time_sampler: dict | None = None, ratio_r_neq_t: float = 0.25,
                  tangent: str = "v_0_1", time_embedding: str = "t_h", adaptive_p: float = 1.0,
                  adaptive_c: float = 1e-2, adaptive_reduce: str = "sum", omega: float = 1.0, kappa: float = 0.0,
                  guidance_interval: tuple[float, float] = (0.0, 1.0), class_drop_prob: float = 0.0,
-                 prediction: str = "native", data_t_min: float = 0.05, inference: dict | None = None):
+                 prediction: str = "native", data_t_min: float = 0.05, jvp_rows: str = "jump",
+                 inference: dict | None = None):
         self.init_average_velocity(time_sampler, ratio_r_neq_t, adaptive_p, adaptive_c, adaptive_reduce,
                                    class_drop_prob, prediction, data_t_min, inference)
         require(tangent in TANGENTS, "tangent", f"must be one of {TANGENTS}, got {tangent!r}")
@@ -108,7 +112,8 @@ class MeanFlow(AverageVelocityObjective):
         require(0.0 <= kappa < 1.0, "kappa", f"need 0 <= kappa < 1, got {kappa}")
         lo, hi = guidance_interval
         require(0.0 <= lo < hi <= 1.0, "guidance_interval", f"need 0 <= lo < hi <= 1, got {guidance_interval}")
-        self.tangent, self.time_embedding = tangent, time_embedding
+        require(jvp_rows in ("jump", "all"), "jvp_rows", f"must be 'jump' or 'all', got {jvp_rows!r}")
+        self.tangent, self.time_embedding, self.jvp_rows = tangent, time_embedding, jvp_rows
         self.omega, self.kappa, self.guidance_interval = omega, kappa, (float(lo), float(hi))
 
     @property
@@ -149,10 +154,12 @@ class MeanFlow(AverageVelocityObjective):
 
         The JVP runs on the rows with ``r != t`` only: on the others ``t - r = 0``, the target is
         ``v`` whatever ``du/dt`` is, and a plain forward pass gives the same ``u`` (the paper's
-        ``ratio_r_neq_t = 0.25`` leaves three quarters of the batch without a JVP). Shapes:
+        ``ratio_r_neq_t = 0.25`` leaves three quarters of the batch without a JVP). With
+        ``jvp_rows = "all"`` one JVP covers every row instead (one network call: cheaper where a
+        batch is a few rows of a small net and per-call overhead dominates). Shapes:
         ``z, v, u, u_tgt: (B, *shape)``; ``r, t: (B,)``; ``cond: (B, ...)`` or ``None``."""
         jump = r != t                                                   # (B,)
-        if bool(jump.all()):
+        if self.jvp_rows == "all" or bool(jump.all()):
             return self._jvp_prediction_and_target(net, z, r, t, v, cond)
         if not bool(jump.any()):
             return net(z, t, self._second_time(t, r), cond), v.detach()
