@@ -25,7 +25,7 @@ from jumpflow.backbones import build_backbone
 from jumpflow.generator import ClassEmbedding, Generator
 from jumpflow.objectives import FlowMatching, MeanFlow
 
-TARGET_RATIO = 1.6
+TARGET_RATIO = 1.5
 # (backbone, shape, condition: ("class", num_classes) or ("vector", width), batch (None: --batch), overrides)
 CASES = [
     ("DiT-S/2", (4, 32, 32), ("class", 1000), None, {}),
@@ -151,7 +151,7 @@ def main(argv=None):
         rows += bench_case(name, shape, condition, overrides, batch or args.batch, repeats, warmup,
                            0.0 if args.debug else args.min_seconds)
         print(f"done {name} {shape} batch {batch or args.batch}", flush=True)
-    ratios = {f'{r["backbone"]} {r["input"]} batch {r["batch"]}': r["vs_flow_matching"]
+    ratios = {f'{r["backbone"]} {r["input"]} batch {r["batch"]} ({r["objective"]})': r["vs_flow_matching"]
               for r in rows if "vs_flow_matching" in r}
     config = {"batch": args.batch, "load_avg_1min_at_end": os.getloadavg()[0], "repeats": repeats, "warmup": warmup, "dtype": "float32", "threads": torch.get_num_threads(),
               "estimator": ("sec_per_step = min wall time over repeats (sec_median also given), cpu_sec_per_step = "
