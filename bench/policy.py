@@ -281,9 +281,12 @@ def main(argv=None):
         for objective in objectives:
             for seed in map(int, args.seeds.split(",")):
                 variants = select_variants(objective, wanted)
-                if not variants or (not args.overwrite
-                                    and all((task, objective, args.variant, s or lbl, n, seed) in done
-                                            for lbl, n, s in variants)):
+                if not variants:
+                    continue
+                if not args.overwrite and all((task, objective, args.variant, s or lbl, n, seed) in done
+                                              for lbl, n, s in variants):
+                    print(f"skip {task} {objective} seed {seed}{' variant ' + args.variant if args.variant else ''}: "
+                          "its rows exist (--overwrite re-runs them)", flush=True)
                     continue
                 run_dir = Path(args.runs) / f"{task}_{objective}{'_' + args.variant if args.variant else ''}_s{seed}"
                 overrides = run_overrides(args, task_name, objective, seed, run_dir, task_overrides)

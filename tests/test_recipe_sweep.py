@@ -217,3 +217,19 @@ def test_policy_bench_optional_variants_only_when_named_and_bad_names_stop_befor
         with pytest.raises(SystemExit):
             policy_main([*argv, "--runs", str(runs)])
         assert message in capsys.readouterr().err and not runs.exists()
+
+
+def test_policy_bench_says_when_it_skips_rows_that_exist(tmp_path, monkeypatch, capsys):
+    """Without ``--overwrite`` a seed whose rows are all in policy.json is skipped with one line
+    saying so (a queued re-run must not pass silently), and nothing is trained."""
+    import json
+
+    import bench.policy as policy
+
+    monkeypatch.setattr(policy, "RESULTS", tmp_path)
+    row = {"task": "lift_lowdim", "objective": "regression", "sampler": "regression", "nfe": 1, "seed": 0,
+           "success_rate": 0.5}
+    (tmp_path / "policy.json").write_text(json.dumps({"bench": "policy", "rows": [row]}))
+    policy.main(["--objectives", "regression", "--seeds", "0", "--runs", str(tmp_path / "runs")])
+    assert "skip lift_lowdim regression seed 0: its rows exist (--overwrite re-runs them)" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
