@@ -579,3 +579,47 @@ def test_dtm_label_dropout_rate():
     assert abs(dropped.double().mean().item() - 0.3) < 4 * math.sqrt(0.3 * 0.7 / n)
     with pytest.raises(ValueError, match="class_drop_prob"):
         TransitionMatching(class_drop_prob=1.0)
+
+
+# ================================================================== adaptive weight (shared)
+class _ZeroNetConstTarget(nn.Module):
+    """``F = 0`` (so ``df/ds = 0``) against an EMA target that returns the constant ``c0``: the
+    terminal error is ``-c0`` on every row, exactly."""
+
+    def __init__(self, c0: torch.Tensor):
+        super().__init__()
+        self.aux = {"tvm_target": lambda z, t, h, c: torch.zeros_like(z) + c0}
+
+    def forward(self, z, t, h, cond):
+        return torch.zeros_like(z)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("p", [1.0, 0.5])
+def test_tvm_adaptive_weight_is_meanflows(reduce, p):
+    """TVM's adaptive terminal weight is MeanFlow's ``1 / (||err||^2 + c)^p`` with the same
+    reduction (float64, closed form): ``err = -c0`` per row, the loss ``mean_d c0^2 * w``."""
+    c0 = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=torch.float64)      # (2, 2) sample shape
+    c = 1e-2
+    obj = TerminalVelocityMatching(lambda_fm=0.0, adaptive_c=c, adaptive_p=p, adaptive_reduce=reduce)
+    x = torch.randn(5, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = obj.loss(_ZeroNetConstTarget(c0), x, None)
+    sq = c0.numpy() ** 2
+    norm = sq.sum() if reduce == "sum" else sq.mean()
+    ref = sq.mean() / (norm + c) ** p
+    assert np.abs(out.loss.detach().numpy() - ref).max() < 1e-12
+    unweighted = TerminalVelocityMatching(lambda_fm=0.0).loss(_ZeroNetConstTarget(c0), x, None)
+    assert np.abs(unweighted.loss.numpy() - sq.mean()).max() < 1e-12
+    # the same function weights MeanFlow's loss
+    err = torch.randn(4, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    mf = MeanFlow(adaptive_p=p, adaptive_c=c, adaptive_reduce=reduce).adaptive_weight(err)
+    e2 = err.pow(2).flatten(1)
+    assert torch.allclose(mf, ((e2.sum(1) if reduce == "sum" else e2.mean(1)) + c).pow(-p), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, field", [({"adaptive_p": -1.0}, "adaptive_p"),
+                                           ({"adaptive_reduce": "max"}, "adaptive_reduce"),
+                                           ({"adaptive_c": 0.0}, "adaptive_c")])
+def test_tvm_adaptive_options_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        TerminalVelocityMatching(**kwargs)

@@ -206,6 +206,21 @@ def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
     return (pred - target).pow(2).flatten(1).mean(1)
 
 
+ADAPTIVE_REDUCTIONS = ("sum", "mean")
+
+
+def adaptive_loss_weight(err: Tensor, p: float, c: float, reduce: str = "sum") -> Tensor:
+    """MeanFlow's adaptive loss weight (Geng et al. 2025, sec. 4.3, after Song & Dhariwal's
+    pseudo-Huber), ``w = 1 / sg(||err||^2 + c)^p`` per sample: ``||err||^2`` is the ``"sum"``
+    over the non-batch dims (both official MeanFlow codes) or their ``"mean"``. With ``p = 1``,
+    ``w * ||err||^2`` tends to 1 for large errors (an L1-like loss) and to ``||err||^2 / c`` for
+    small ones. Written once for every objective that weights this way. ``err: (B, *shape) ->
+    (B,)``, no gradient."""
+    sq = err.detach().pow(2).flatten(1)
+    sq = sq.sum(1) if reduce == "sum" else sq.mean(1)
+    return (sq + c).pow(-p)
+
+
 def drop_condition(net, cond: Tensor | None, p_drop: float) -> Tensor | None:
     """Replace each row of ``cond`` by the net's null condition with probability ``p_drop``."""
     if cond is None or p_drop <= 0:

@@ -96,9 +96,7 @@ class ImprovedMeanFlow(AverageVelocityObjective):
     def _weighted(self, err: Tensor) -> Tensor:
         """``w * mean_d err^2``, ``w = 1 / sg(||err||^2 + c)^p`` (``||err||^2`` summed over the
         dims, as the authors' code; ``"mean"`` with ``adaptive_reduce``): ``(B, *shape) -> (B,)``."""
-        sq = err.pow(2).flatten(1)
-        norm = sq.detach().sum(1) if self.adaptive_reduce == "sum" else sq.detach().mean(1)
-        return (norm + self.adaptive_c).pow(-self.adaptive_p) * sq.mean(1)
+        return self.adaptive_weight(err) * err.pow(2).flatten(1).mean(1)
 
     def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:
         eps = torch.randn_like(x)                                            # (B, *shape)

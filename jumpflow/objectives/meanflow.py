@@ -7,7 +7,15 @@ import torch
 from torch import Tensor
 
 from jumpflow.objectives import base
-from jumpflow.objectives.base import Inference, LossOutput, Objective, TimeSampler, require
+from jumpflow.objectives.base import (
+    ADAPTIVE_REDUCTIONS,
+    Inference,
+    LossOutput,
+    Objective,
+    TimeSampler,
+    adaptive_loss_weight,
+    require,
+)
 from jumpflow.timeconv import expand_like, interpolate, velocity
 
 TANGENTS = ("v_0_1", "v_0_0", "v_1_0", "v_1_1")
@@ -27,8 +35,8 @@ class AverageVelocityObjective(Objective):
         require(0.0 <= ratio_r_neq_t <= 1.0, "ratio_r_neq_t", f"must be in [0, 1], got {ratio_r_neq_t}")
         require(adaptive_p >= 0, "adaptive_p", f"must be >= 0, got {adaptive_p}")
         require(adaptive_c > 0, "adaptive_c", f"must be > 0, got {adaptive_c}")
-        require(adaptive_reduce in ("sum", "mean"), "adaptive_reduce",
-                f"must be 'sum' or 'mean', got {adaptive_reduce!r}")
+        require(adaptive_reduce in ADAPTIVE_REDUCTIONS, "adaptive_reduce",
+                f"must be one of {ADAPTIVE_REDUCTIONS}, got {adaptive_reduce!r}")
         require(0.0 <= class_drop_prob < 1.0, "class_drop_prob", f"must be in [0, 1), got {class_drop_prob}")
         self.ratio_r_neq_t, self.adaptive_p, self.adaptive_c = ratio_r_neq_t, adaptive_p, adaptive_c
         self.adaptive_reduce, self.class_drop_prob = adaptive_reduce, class_drop_prob
@@ -43,9 +51,7 @@ class AverageVelocityObjective(Objective):
     def adaptive_weight(self, err: Tensor) -> Tensor:
         """``w = 1 / sg(||err||^2 + c)^p`` per sample, ``||err||^2`` summed (or averaged, with
         ``adaptive_reduce="mean"``) over the non-batch dims. ``err: (B, *shape) -> (B,)``."""
-        sq = err.detach().pow(2).flatten(1)
-        sq = sq.sum(1) if self.adaptive_reduce == "sum" else sq.mean(1)
-        return (sq + self.adaptive_c).pow(-self.adaptive_p)
+        return adaptive_loss_weight(err, self.adaptive_p, self.adaptive_c, self.adaptive_reduce)
 
 
 class MeanFlow(AverageVelocityObjective):

@@ -10,10 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from jumpflow.objectives.base import (
+    ADAPTIVE_REDUCTIONS,
     Inference,
     LossOutput,
     Objective,
     TimeSampler,
+    adaptive_loss_weight,
     jump_sample,
     jvp_context,
     per_sample_mse,
@@ -141,7 +143,11 @@ class TerminalVelocityMatching(Objective):
         target_decay: EMA decay of the terminal-velocity target.
         target_encoder: the EMA target has its own copy of the condition encoder (``False``: it
             uses the live encoder's features, as before).
-        adaptive_c: adaptive weight constant of the terminal term (``None``: off).
+        adaptive_c: constant of an adaptive weight on the terminal term, MeanFlow's
+            ``1 / sg(||err||^2 + c)^p`` (``None``, the official code's choice: off).
+        adaptive_p, adaptive_reduce: that weight's power and the reduction of ``||err||^2`` over
+            dimensions (``"mean"``: the first form here; ``"sum"``: MeanFlow's, where ``c`` acts
+            per sample rather than per dimension).
         guidance: ``None`` (off) or ``GuidanceSampler`` kwargs ``{w_min, w_max, dist, class_drop,
             scale_output}`` (defaults 1, 4, ``"uniform_w"``, 0.1, true); needs a condition
             encoder with a null class.
@@ -153,7 +159,7 @@ class TerminalVelocityMatching(Objective):
     def __init__(self, gap_sampler: dict | None = None, terminal_sampler: dict | None = None,
                  fm_sampler: dict | None = None, s_sampler: str = "truncated", lambda_fm: float = 1.0,
                  target_decay: float = 0.99, target_encoder: bool = True, adaptive_c: float | None = None,
-                 guidance: dict | None = None,
+                 adaptive_p: float = 1.0, adaptive_reduce: str = "mean", guidance: dict | None = None,
                  prediction: str = "native", data_t_min: float = 0.05, inference: dict | None = None):
         self.set_prediction(prediction, data_t_min)
         require(guidance is None or isinstance(guidance, dict), "guidance",
@@ -179,7 +185,11 @@ class TerminalVelocityMatching(Objective):
         require(0.0 <= target_decay < 1.0, "target_decay", f"must be in [0, 1), got {target_decay}")
         require(isinstance(target_encoder, bool), "target_encoder", f"must be true or false, got {target_encoder!r}")
         require(adaptive_c is None or adaptive_c > 0, "adaptive_c", f"must be > 0 or None, got {adaptive_c}")
+        require(adaptive_p >= 0, "adaptive_p", f"must be >= 0, got {adaptive_p}")
+        require(adaptive_reduce in ADAPTIVE_REDUCTIONS, "adaptive_reduce",
+                f"must be one of {ADAPTIVE_REDUCTIONS}, got {adaptive_reduce!r}")
         self.lambda_fm, self.target_decay, self.adaptive_c = lambda_fm, target_decay, adaptive_c
+        self.adaptive_p, self.adaptive_reduce = adaptive_p, adaptive_reduce
         self.target_encoder = target_encoder
         #: the generator keeps the raw condition of its last encode() so the target can encode it again
         self.reencodes_condition = target_encoder
@@ -293,9 +303,10 @@ class TerminalVelocityMatching(Objective):
                 target = scaled(target)                # u_null is at beta = 1: its w is 1
                 wv = expand_like(w, v)
                 v = wv * v + (1.0 - wv) * u_null       # v_g = w (eps - x) + (1 - w) u_null
-        l_tv = _beta_mse(df_ds, target, beta)                                # (B,)
+        err_tv = _beta_scaled(df_ds - target, beta)                          # (B, *shape)
+        l_tv = err_tv.pow(2).flatten(1).mean(1)                              # (B,)
         if self.adaptive_c is not None:
-            l_tv = l_tv / (l_tv.detach() + self.adaptive_c)
+            l_tv = adaptive_loss_weight(err_tv, self.adaptive_p, self.adaptive_c, self.adaptive_reduce) * l_tv
         l_fm = _beta_mse(scaled(net(z_fm, t_fm, torch.zeros_like(t_fm), cond)), v, beta)   # (B,)
         loss = l_tv + self.lambda_fm * l_fm
         metrics = {"terminal": l_tv.mean().item(), "fm": l_fm.mean().item()}
@@ -328,9 +339,12 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     return copy_
 
 
+def _beta_scaled(err: Tensor, beta: Tensor | None) -> Tensor:
+    """``err * beta`` per row (the official scaling of both terms), ``err`` when ``beta`` is
+    ``None``: ``(B, *shape)``."""
+    return err if beta is None else err * expand_like(beta, err)
+
+
 def _beta_mse(pred: Tensor, target: Tensor, beta: Tensor | None) -> Tensor:
-    """``mean_d ((pred - target) beta)^2`` (the official scaling), plain MSE when ``beta`` is
-    ``None``: ``(B, *shape) -> (B,)``."""
-    if beta is None:
-        return per_sample_mse(pred, target)
-    return ((pred - target) * expand_like(beta, pred)).pow(2).flatten(1).mean(1)
+    """``mean_d ((pred - target) beta)^2``, plain MSE when ``beta`` is ``None``: ``(B, *shape) -> (B,)``."""
+    return per_sample_mse(pred, target) if beta is None else _beta_scaled(pred - target, beta).pow(2).flatten(1).mean(1)
