@@ -1,11 +1,14 @@
 """Plots of the policy benchmark (``bench/results/policy.json``): rollout behaviour-mode
-frequencies per objective against the demos' on a multimodal task, and success against NFE.
+frequencies per objective against the demos' on a multimodal task, success against NFE, and
+(for rows run with Diffusion Policy's protocol) success against the training step of each
+evaluated checkpoint: whether a row has stopped improving or was cut short by the budget.
 
     python -m bench.plot_policy --task block_push_lowdim
     python -m bench.plot_policy --task reach_around_lowdim
 
-Writes ``bench/results/policy_modes_<task>.png`` and ``bench/results/policy_nfe_<task>.png``
-(atomically) and prints the numbers it plotted."""
+Writes ``bench/results/policy_modes_<task>.png``, ``policy_nfe_<task>.png`` and, where rows
+have ``checkpoint_successes``, ``policy_checkpoints_<task>.png`` (atomically) and prints the
+numbers it plotted."""
 
 from __future__ import annotations
 
@@ -27,9 +30,7 @@ def mode_rows(rows: list[dict], task: str, demo: dict[str, float] | None = None
     for r in rows:
         if r["task"] != task or "mode_entropy_ratio" not in r:
             continue
-        label = f"{r['objective']}-{r['nfe']}" if r["sampler"] == r["objective"] else f"{r['sampler']}-{r['nfe']}"
-        label += f" ({r['variant']})" if r.get("variant") else ""
-        freqs[label].append({k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("mode_freq/")})
+        freqs[label_of(r)].append({k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("mode_freq/")})
     modes = sorted({m for fs in freqs.values() for f in fs for m in f} | set(demo))
     mean = {lab: {m: float(np.mean([f.get(m, 0.0) for f in fs])) for m in modes} for lab, fs in freqs.items()}
     return modes, mean, demo
@@ -87,10 +88,64 @@ def plot_nfe(rows: list[dict], task: str):
     return path
 
 
+def label_of(row: dict) -> str:
+    """``objective-nfe`` (or ``sampler-nfe`` for another sampler of the objective, e.g. ``ddim-10``),
+    `` (variant)`` appended when the row has one."""
+    label = f"{row['objective']}-{row['nfe']}" if row["sampler"] in (row["objective"], None) else f"{row['sampler']}-{row['nfe']}"
+    return label + (f" ({row['variant']})" if row.get("variant") else "")
+
+
+def checkpoint_curves(rows: list[dict], task: str, variant: str | None = None
+                      ) -> dict[str, dict[int, tuple[float, int]]]:
+    """Per variant label, per training step: ``(mean success over the seeds evaluated at that
+    step, number of seeds)``, from the DP-protocol rows' ``checkpoint_steps`` /
+    ``checkpoint_successes``; only rows of config ``variant`` when one is given. Rows without
+    them (final-checkpoint-only runs) are left out."""
+    acc: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["task"] != task or "checkpoint_successes" not in r or (variant and r.get("variant") != variant):
+            continue
+        steps, succ = r["checkpoint_steps"], r["checkpoint_successes"]
+        if len(steps) != len(succ):
+            raise ValueError(f"{task} {label_of(r)} seed {r['seed']}: {len(steps)} checkpoint steps but "
+                             f"{len(succ)} successes")
+        for step, s in zip(steps, succ):
+            acc[label_of(r)][int(step)].append(float(s))
+    return {lab: {st: (float(np.mean(v)), len(v)) for st, v in sorted(pts.items())} for lab, pts in acc.items()}
+
+
+def plot_checkpoints(rows: list[dict], task: str, variant: str | None = None):
+    """Success against training step (mean over seeds) per variant (of config ``variant`` only,
+    when given); ``None`` when no such row of ``task`` has per-checkpoint results."""
+    curves = checkpoint_curves(rows, task, variant)
+    if not curves:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    for lab, pts in sorted(curves.items()):
+        ax.plot(list(pts), [m for m, _ in pts.values()], marker="o", label=lab)
+    ax.set_xlabel("training step of the checkpoint")
+    ax.set_ylabel("success (mean over seeds)")
+    ax.set_title(f"{task}: success of the last checkpoints (DP protocol)")
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = RESULTS / f"policy_checkpoints_{task}.png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    print_table([{"variant": lab, **{str(st): f"{m:.2f}" for st, (m, _) in pts.items()},
+                  "seeds": max(n for _, n in pts.values())} for lab, pts in sorted(curves.items())])
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="block_push_lowdim")
     ap.add_argument("--demos", default=None, help="the task's HDF5 (its demos' mode frequencies are drawn too)")
+    ap.add_argument("--variant", default=None,
+                    help="only rows of this config variant (e.g. h2) in the per-checkpoint plot")
     args = ap.parse_args(argv)
     rows = load_rows(RESULTS / "policy.json")
     demo = None
@@ -99,6 +154,9 @@ def main(argv=None):
         demo = mode_distribution(read_demo_modes(args.demos))
     print(plot_modes(rows, args.task, demo))
     print(plot_nfe(rows, args.task))
+    checkpoints = plot_checkpoints(rows, args.task, args.variant)
+    if checkpoints is not None:
+        print(checkpoints)
 
 
 if __name__ == "__main__":

@@ -233,3 +233,33 @@ def test_policy_bench_says_when_it_skips_rows_that_exist(tmp_path, monkeypatch, 
     policy.main(["--objectives", "regression", "--seeds", "0", "--runs", str(tmp_path / "runs")])
     assert "skip lift_lowdim regression seed 0: its rows exist (--overwrite re-runs them)" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_curves_average_seeds_per_step_and_plot(tmp_path, monkeypatch):
+    """The per-checkpoint plot averages each step over the seeds evaluated there (exact on
+    hand-made rows), labels samplers and variants apart, leaves final-only rows out, and names a
+    row whose steps and successes disagree in length."""
+    import bench.plot_policy as plot_policy
+
+    def row(obj, sampler, nfe, seed, steps, succ, **kw):
+        return {"task": "t", "objective": obj, "sampler": sampler, "nfe": nfe, "seed": seed,
+                "success_rate": succ[-1] if succ else 0.0, "checkpoint_steps": steps,
+                "checkpoint_successes": succ, **kw}
+
+    rows = [row("ddpm", "ddpm", 100, 0, [10, 20], [0.2, 0.4]), row("ddpm", "ddpm", 100, 1, [10, 20], [0.4, 0.8]),
+            row("ddpm", "ddim", 10, 0, [10, 20], [0.1, 0.3]),
+            row("flow_matching", "flow_matching", 1, 0, [10, 20], [0.5, 0.1], variant="h2"),
+            {"task": "t", "objective": "regression", "sampler": "regression", "nfe": 1, "seed": 0, "success_rate": 0.1},
+            row("ddpm", "ddpm", 100, 0, [10], [0.9], task="other")]
+    curves = plot_policy.checkpoint_curves(rows, "t")
+    assert set(curves) == {"ddpm-100", "ddim-10", "flow_matching-1 (h2)"}
+    assert curves["ddpm-100"] == {10: (pytest.approx(0.3), 2), 20: (pytest.approx(0.6), 2)}
+    assert curves["ddim-10"] == {10: (0.1, 1), 20: (0.3, 1)}
+    assert set(plot_policy.checkpoint_curves(rows, "t", variant="h2")) == {"flow_matching-1 (h2)"}
+    monkeypatch.setattr(plot_policy, "RESULTS", tmp_path)
+    assert plot_policy.plot_checkpoints(rows, "t") == tmp_path / "policy_checkpoints_t.png"
+    assert (tmp_path / "policy_checkpoints_t.png").stat().st_size > 0
+    assert plot_policy.plot_checkpoints(rows, "missing") is None
+    bad = [row("ddpm", "ddpm", 100, 3, [10, 20], [0.2])]
+    with pytest.raises(ValueError, match="ddpm-100 seed 3: 2 checkpoint steps but 1 successes"):
+        plot_policy.checkpoint_curves(bad, "t")
