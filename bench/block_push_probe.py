@@ -2,7 +2,8 @@
 
 Three probes, each a hypothesis that a row can refute:
 
-- ``probe RUN...``: closed-loop rollouts of each policy (p1, p2) and, at every executed step,
+- ``probe RUN...``: closed-loop rollouts of each policy (p1, p2, the step at which the first
+  block lands: ``mean_p1_step``) and, at every executed step,
   the distance from the policy's action to the *nearest* of the oracle's four noise-free laws
   (``BlockPushOracle.law`` under each of the four orders). A policy that picked one order and
   executes it well stays near 0; one that averages orders or acts sluggishly sits far from all
@@ -126,7 +127,7 @@ def probe_run(run: str, episodes: int, noise: str, inference: str | None, sample
     sim = BlockPushSim(policy.env_meta)
     laws = [BlockPushOracle(max_delta=sim.max_delta, order=o, noise_std=0) for o in BLOCK_PUSH_ORDERS]
     start, n_exec, t_obs = policy.n_obs_steps - 1, policy.n_action_steps, policy.n_obs_steps
-    p1s, p2s, dists, switches, lengths = [], [], [], [], []
+    p1s, p2s, dists, switches, lengths, p1_steps = [], [], [], [], [], []
     try:
         first = first_action_probe(policy, sim, laws, range(TEST_SEED0, TEST_SEED0 + min(episodes, 10)), samples)
         for ep in range(episodes):
@@ -146,7 +147,9 @@ def probe_run(run: str, episodes: int, noise: str, inference: str | None, sample
                 nearest.append(k)
                 obs, _, success = sim.step(action)
                 history.append(obs)
-                p1 = p1 or sim.success_dict()["p1"]
+                if not p1 and sim.success_dict()["p1"]:
+                    p1 = True
+                    p1_steps.append(t + 1)
                 if success:
                     break
             p1s.append(p1)
@@ -163,7 +166,10 @@ def probe_run(run: str, episodes: int, noise: str, inference: str | None, sample
             "p2": float(np.mean(p2s)), "p1": float(np.mean(p1s)),
             "mean_dist_to_nearest_law": float(np.mean(dists)),
             "nearest_order_switches_per_episode": float(np.mean(switches)),
-            "mean_length": float(np.mean(lengths)), **first, "seeds": f"{TEST_SEED0}..{TEST_SEED0 + episodes - 1}"}
+            "mean_length": float(np.mean(lengths)),
+            # when the first block lands (episodes that land one): a policy that hesitates between
+            # orders at the start lands late and may run out of the episode for the second
+            "mean_p1_step": float(np.mean(p1_steps)) if p1_steps else None, **first, "seeds": f"{TEST_SEED0}..{TEST_SEED0 + episodes - 1}"}
 
 
 def main(argv=None) -> None:
@@ -202,7 +208,8 @@ def main(argv=None) -> None:
             row["what"] = labels.get(run, "")
             key = (row["run"], row["noise"], row["inference"])
             rows = [r for r in rows if (r["run"], r["noise"], r["inference"]) != key] + [row]
-            print({k: row[k] for k in ("run", "noise", "inference", "p1", "p2", "mean_dist_to_nearest_law",
+            print({k: row[k] for k in ("run", "noise", "inference", "p1", "p2", "mean_p1_step", "mean_length",
+                                       "mean_dist_to_nearest_law",
                                        "t0_dist_to_nearest_law", "t0_action_norm")}, flush=True)
     write_results("block_push_probe", {"test_seed0": TEST_SEED0}, rows, path)
 
