@@ -371,6 +371,41 @@ def test_tvm_fm_time_is_independent_logit_normal():
     assert len(seen) == 1 and torch.equal(seen[0], t_fm)
 
 
+def test_tvm_fm_time_at_the_jump_start_is_t_on_z_t():
+    """``fm_time="jump_start"`` (the earlier form): the flow-matching term is the net at ``(z_t, t,
+    h = 0)`` with the same ``eps``, and no flow-matching time is drawn (one fewer random draw)."""
+    seen = []
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.aux = {"tvm_target": lambda z, t, h, c: torch.zeros_like(z)}
+
+        def forward(self, z, t, h, cond):
+            if bool(torch.all(h == 0)):
+                seen.append((z.detach().clone(), t.detach().clone()))
+            return z * 0.5
+
+    obj = TerminalVelocityMatching(fm_time="jump_start")
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    eps = torch.randn_like(x)
+    t, s, t_fm = obj.sample_times(64, "cpu", torch.float64)
+    after_times = torch.get_rng_state()
+    assert torch.equal(t_fm, t)
+    torch.manual_seed(3)
+    torch.randn_like(x)
+    TerminalVelocityMatching().sample_times(64, "cpu", torch.float64)
+    assert not torch.equal(torch.get_rng_state(), after_times)          # the official form draws u
+    torch.manual_seed(3)
+    obj.loss(Net(), x, None)
+    z_t = (1 - t)[:, None] * x + t[:, None] * eps
+    assert len(seen) == 1 and torch.equal(seen[0][1], t)
+    assert torch.allclose(seen[0][0], z_t, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="fm_time"):
+        TerminalVelocityMatching(fm_time="start")
+
+
 @pytest.mark.parametrize("cls,kwargs,field", [
     (TerminalVelocityMatching, {"s_sampler": "clipped"}, "s_sampler"),
     (TerminalVelocityMatching, {"fm_sampler": {"kind": "beta"}}, r"fm_sampler\.kind"),

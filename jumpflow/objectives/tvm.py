@@ -24,6 +24,7 @@ from jumpflow.objectives.base import (
 from jumpflow.timeconv import expand_like, interpolate, velocity
 
 S_SAMPLERS = ("truncated", "scaled")
+FM_TIMES = ("independent", "jump_start")
 
 
 def truncated_logit_normal(mean: float, std: float, upper: Tensor) -> Tensor:
@@ -104,7 +105,8 @@ class TerminalVelocityMatching(Objective):
     (``s_sampler="scaled"``: the earlier ``s = terminal_sampler * (1 - gap)``, which has another
     law; kept for comparison); ``t = min(s + gap, 1)``; the flow-matching term at its own
     time ``u ~ fm_sampler`` (logit-normal(-0.4, 1)) on ``z_u = (1 - u) x + u eps`` (same
-    ``eps``), not at ``t``.
+    ``eps``), not at ``t`` (``fm_time="jump_start"``: at ``u = t`` on ``z_t``, the earlier form,
+    kept for comparison).
 
     ``F_ema`` is an EMA copy (decay ``target_decay``, updated by ``on_step_end``) of the backbone
     (``net.aux["tvm_target"]``) and, with ``target_encoder`` (default), of the condition path
@@ -139,6 +141,8 @@ class TerminalVelocityMatching(Objective):
         s_sampler: ``"truncated"`` (exact truncation of a logit-normal ``terminal_sampler`` to
             ``(0, 1 - gap)``; a uniform one is scaled, which is its exact truncation) or
             ``"scaled"`` (``terminal_sampler * (1 - gap)``).
+        fm_time: ``"independent"`` (the flow-matching term at ``u ~ fm_sampler``, official) or
+            ``"jump_start"`` (at the jump's start ``t``, on ``z_t``; no draw of ``u``).
         lambda_fm: weight of the flow-matching term.
         target_decay: EMA decay of the terminal-velocity target.
         target_encoder: the EMA target has its own copy of the condition encoder (``False``: it
@@ -157,7 +161,8 @@ class TerminalVelocityMatching(Objective):
     uses_jvp = True
 
     def __init__(self, gap_sampler: dict | None = None, terminal_sampler: dict | None = None,
-                 fm_sampler: dict | None = None, s_sampler: str = "truncated", lambda_fm: float = 1.0,
+                 fm_sampler: dict | None = None, s_sampler: str = "truncated", fm_time: str = "independent",
+                 lambda_fm: float = 1.0,
                  target_decay: float = 0.99, target_encoder: bool = True, adaptive_c: float | None = None,
                  adaptive_p: float = 1.0, adaptive_reduce: str = "mean", guidance: dict | None = None,
                  prediction: str = "native", data_t_min: float = 0.05, inference: dict | None = None):
@@ -181,6 +186,8 @@ class TerminalVelocityMatching(Objective):
                                       name="fm_sampler")
         require(s_sampler in S_SAMPLERS, "s_sampler", f"must be one of {S_SAMPLERS}, got {s_sampler!r}")
         self.s_sampler = s_sampler
+        require(fm_time in FM_TIMES, "fm_time", f"must be one of {FM_TIMES}, got {fm_time!r}")
+        self.fm_time = fm_time
         require(lambda_fm >= 0, "lambda_fm", f"must be >= 0, got {lambda_fm}")
         require(0.0 <= target_decay < 1.0, "target_decay", f"must be in [0, 1), got {target_decay}")
         require(isinstance(target_encoder, bool), "target_encoder", f"must be true or false, got {target_encoder!r}")
@@ -234,7 +241,7 @@ class TerminalVelocityMatching(Objective):
     # -- times ---------------------------------------------------------------------------------
     def sample_times(self, n: int, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor]:
         """``(t, s, t_fm)``, each ``(n,)``: the jump ``t -> s`` of the terminal term and the
-        flow-matching time (drawn independently of both)."""
+        flow-matching time (drawn independently of both; ``t`` itself with ``fm_time="jump_start"``)."""
         gap = self.gap_sampler(n, device, dtype)                             # (n,)
         upper = 1.0 - gap                                                    # (n,)
         ts = self.terminal_sampler
@@ -244,7 +251,7 @@ class TerminalVelocityMatching(Objective):
         else:
             s = ts(n, device, dtype) * upper
         t = (s + gap).clamp(max=1.0)
-        return t, s, self.fm_sampler(n, device, dtype)
+        return t, s, (t if self.fm_time == "jump_start" else self.fm_sampler(n, device, dtype))
 
     # -- loss and sampling ---------------------------------------------------------------------
     def guided_conditions(self, net, cond: Tensor, cond_tgt: Tensor, n: int):
