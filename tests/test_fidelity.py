@@ -349,43 +349,36 @@ def test_tvm_fm_time_is_independent_logit_normal():
         corr = np.corrcoef(t_fm.numpy(), other.numpy())[0, 1]
         assert abs(corr) < 4 / math.sqrt(20_000)
     # ... and it is what the flow-matching term uses: a net call with h = 0 at t_fm
-    seen = []
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.aux = {"tvm_target": lambda z, t, h, c: torch.zeros_like(z)}
-
-        def forward(self, z, t, h, cond):
-            if bool(torch.all(h == 0)):                      # the JVP call has h = t - s > 0
-                seen.append(t.detach().clone())
-            return z * 0.5
-
+    net = _FlowTermRecorder()
     x = torch.randn(64, 2, dtype=torch.float64)
     obj = TerminalVelocityMatching()
     torch.manual_seed(3)
     torch.randn_like(x)                                 # the loss draws eps first
     _, _, t_fm = obj.sample_times(64, "cpu", torch.float64)
     torch.manual_seed(3)
-    obj.loss(Net(), x, None)
-    assert len(seen) == 1 and torch.equal(seen[0], t_fm)
+    obj.loss(net, x, None)
+    assert len(net.seen) == 1 and torch.equal(net.seen[0][1], t_fm)
+
+
+class _FlowTermRecorder(nn.Module):
+    """``F = z / 2`` against a zero EMA target; records ``(z, t)`` of the flow-matching call (the
+    one with ``h = 0``: the JVP call has ``h = t - s > 0``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = {"tvm_target": lambda z, t, h, c: torch.zeros_like(z)}
+        self.seen = []
+
+    def forward(self, z, t, h, cond):
+        if bool(torch.all(h == 0)):
+            self.seen.append((z.detach().clone(), t.detach().clone()))
+        return z * 0.5
 
 
 def test_tvm_fm_time_at_the_jump_start_is_t_on_z_t():
     """``fm_time="jump_start"`` (the earlier form): the flow-matching term is the net at ``(z_t, t,
     h = 0)`` with the same ``eps``, and no flow-matching time is drawn (one fewer random draw)."""
-    seen = []
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.aux = {"tvm_target": lambda z, t, h, c: torch.zeros_like(z)}
-
-        def forward(self, z, t, h, cond):
-            if bool(torch.all(h == 0)):
-                seen.append((z.detach().clone(), t.detach().clone()))
-            return z * 0.5
-
+    net = _FlowTermRecorder()
     obj = TerminalVelocityMatching(fm_time="jump_start")
     x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(3)
@@ -398,10 +391,10 @@ def test_tvm_fm_time_at_the_jump_start_is_t_on_z_t():
     TerminalVelocityMatching().sample_times(64, "cpu", torch.float64)
     assert not torch.equal(torch.get_rng_state(), after_times)          # the official form draws u
     torch.manual_seed(3)
-    obj.loss(Net(), x, None)
+    obj.loss(net, x, None)
     z_t = (1 - t)[:, None] * x + t[:, None] * eps
-    assert len(seen) == 1 and torch.equal(seen[0][1], t)
-    assert torch.allclose(seen[0][0], z_t, rtol=0, atol=1e-15)
+    assert len(net.seen) == 1 and torch.equal(net.seen[0][1], t)
+    assert torch.allclose(net.seen[0][0], z_t, rtol=0, atol=1e-15)
     with pytest.raises(ValueError, match="fm_time"):
         TerminalVelocityMatching(fm_time="start")
 

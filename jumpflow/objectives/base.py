@@ -210,8 +210,8 @@ ADAPTIVE_REDUCTIONS = ("sum", "mean")
 
 
 def adaptive_loss_weight(err: Tensor, p: float, c: float, reduce: str = "sum") -> Tensor:
-    """MeanFlow's adaptive loss weight (Geng et al. 2025, sec. 4.3, after Song & Dhariwal's
-    pseudo-Huber), ``w = 1 / sg(||err||^2 + c)^p`` per sample: ``||err||^2`` is the ``"sum"``
+    """MeanFlow's adaptive loss weight (Geng et al. 2025; the pseudo-Huber idea of Song &
+    Dhariwal's improved consistency training), ``w = 1 / sg(||err||^2 + c)^p`` per sample: ``||err||^2`` is the ``"sum"``
     over the non-batch dims (both official MeanFlow codes) or their ``"mean"``. With ``p = 1``,
     ``w * ||err||^2`` tends to 1 for large errors (an L1-like loss) and to ``||err||^2 / c`` for
     small ones. Written once for every objective that weights this way. ``err: (B, *shape) ->
