@@ -148,13 +148,21 @@ def main(argv=None):
                     help="only rows of this config variant (e.g. h2) in the per-checkpoint plot")
     args = ap.parse_args(argv)
     rows = load_rows(RESULTS / "policy.json")
+    if args.variant is not None:
+        known = sorted({r["variant"] for r in rows if r["task"] == args.task and r.get("variant")})
+        if args.variant not in known:
+            ap.error(f"--variant: {args.variant!r} has no rows of {args.task} in {RESULTS / 'policy.json'}; "
+                     f"valid: {', '.join(known) or 'none'}")
     demo = None
     if args.demos:
         from jumpflow.eval.modes import mode_distribution, read_demo_modes
         demo = mode_distribution(read_demo_modes(args.demos))
     print(plot_modes(rows, args.task, demo))
     print(plot_nfe(rows, args.task))
-    checkpoints = plot_checkpoints(rows, args.task, args.variant)
+    try:
+        checkpoints = plot_checkpoints(rows, args.task, args.variant)
+    except ValueError as e:                                        # a malformed row: name the file
+        raise SystemExit(f"{RESULTS / 'policy.json'}: {e}") from None
     if checkpoints is not None:
         print(checkpoints)
 

@@ -263,3 +263,21 @@ def test_checkpoint_curves_average_seeds_per_step_and_plot(tmp_path, monkeypatch
     bad = [row("ddpm", "ddpm", 100, 3, [10, 20], [0.2])]
     with pytest.raises(ValueError, match="ddpm-100 seed 3: 2 checkpoint steps but 1 successes"):
         plot_policy.checkpoint_curves(bad, "t")
+
+
+def test_plot_policy_refuses_an_unknown_variant_before_writing(tmp_path, monkeypatch, capsys):
+    """``--variant`` naming no row of the task: one line naming the file and the valid variants,
+    and no plot written."""
+    import json
+
+    import bench.plot_policy as plot_policy
+
+    monkeypatch.setattr(plot_policy, "RESULTS", tmp_path)
+    row = {"task": "t", "objective": "ddpm", "sampler": "ddpm", "nfe": 100, "seed": 0, "success_rate": 0.5,
+           "variant": "h2", "checkpoint_steps": [1], "checkpoint_successes": [0.5]}
+    (tmp_path / "policy.json").write_text(json.dumps({"bench": "policy", "rows": [row]}))
+    with pytest.raises(SystemExit):
+        plot_policy.main(["--task", "t", "--variant", "h3"])
+    err = capsys.readouterr().err
+    assert "--variant: 'h3' has no rows of t in" in err and "policy.json; valid: h2" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.json"]
