@@ -79,11 +79,14 @@ PLAN = {
     "alpha_flow": [1, 2, 4],
     "improved_meanflow": [1, 2, 4],
     "transition_matching_ar": [1, 2, 4],
+    # students of a teacher run (``--override objective.teacher=<run_dir>``, e.g. this bench's flow_matching row)
+    "distill_consistency": [1, 2],
+    "distill_ayf": [1, 2],
 }
 #: objectives whose backbone output can be a clean-data estimate (``objective.prediction``);
 #: Drifting's output is a sample already and DTM's / ARTM's head predicts the jump itself
 DATA_PREDICTION = ("flow_matching", "meanflow", "tvm", "ddpm", "shortcut", "consistency", "ect", "sct", "alpha_flow",
-                   "improved_meanflow")
+                   "improved_meanflow", "distill_consistency", "distill_ayf")
 KEY_ROWS = {("flow_matching", 1), ("flow_matching", 100), ("meanflow", 1), ("meanflow", 2), ("tvm", 1),
             ("transition_matching", 4), ("drifting", 1), ("ddpm", 100)}
 

@@ -102,6 +102,12 @@ class Generator(nn.Module):
         self.data_key, self.cond_key, self.clip_sample = data_key, cond_key, clip_sample
         self.shape = tuple(shape) if shape is not None else getattr(backbone, "shape", None)
         self.aux = nn.ModuleDict(objective.extra_modules(backbone))
+        for module in self.aux.values():
+            # a distillation teacher is called with this generator's encoded condition: its
+            # condition encoder becomes the teacher's (frozen) when the teacher is read
+            share = getattr(module, "share_condition_on_read", None)
+            if share is not None:
+                share(cond_encoder)
         self.guidance_embed = None
         if getattr(objective, "guidance_input", False) and cond_encoder is not None:
             width = getattr(cond_encoder, "dim", None) or getattr(cond_encoder, "out_dim", None)

@@ -526,22 +526,37 @@ def test_ect_initialised_from_a_flow_checkpoint_and_loadable_without_it(tmp_path
     assert torch.isfinite(student.generate(n=8, steps=1)).all()
 
 
-def test_conditional_student_must_share_the_teachers_condition_encoder(tmp_path):
+def test_conditional_student_encodes_as_the_teacher_through_training(tmp_path):
+    """The student's condition encoder (a class embedding here) becomes the teacher's when the
+    teacher is read, frozen, and stays so through training; one changed afterwards is refused."""
     train(make_cfg(tmp_path / "fm", "objective=flow_matching", "task.conditional=true", "task.cond_dim=8",
                    "trainer.max_steps=2"))
+    teacher, _ = load_model(tmp_path / "fm")
     from jumpflow.build import build_components
 
-    cfg = make_cfg("/unused", "objective=distill_consistency", f"objective.teacher={tmp_path / 'fm'}",
-                   "task.conditional=true", "task.cond_dim=8", "seed=1")
-    model = build_components(cfg).model.to("cpu")
-    batch = {"x": torch.randn(8, 2), "cond": torch.tensor([0, 1] * 4)}
-    with pytest.raises(ConfigError, match="condition encoder"):
-        model.compute_loss(batch)
-    slot = model.aux["distill_teacher"]
-    slot.share_condition_encoder(model)
+    cfg = make_cfg(tmp_path / "student", "objective=distill_ayf", f"objective.teacher={tmp_path / 'fm'}",
+                   "task.conditional=true", "task.cond_dim=8", "seed=1", "trainer.max_steps=3")
+    model = build_components(cfg).model
     assert not any(p.requires_grad for p in model.cond_encoder.parameters())
-    out = model.compute_loss(batch)
-    assert torch.isfinite(out.loss).all()
+    assert not _same_encoder(model, teacher)                                 # seed 1: its own init until read
+    model = model.to("cpu")                                                  # the teacher is read
+    assert _same_encoder(model, teacher)
+    batch = {"x": torch.randn(8, 2), "cond": torch.tensor([0, 1] * 4)}
+    assert torch.isfinite(model.compute_loss(batch).loss).all()
+    train(cfg)                                                               # the trainer's path end to end
+    student, _ = load_model(tmp_path / "student")
+    assert _same_encoder(student, teacher)
+    other = build_components(cfg).model.to("cpu")
+    with torch.no_grad():
+        next(other.cond_encoder.parameters()).add_(1.0)
+    with pytest.raises(ConfigError, match="condition encoder differs") as err:
+        other.compute_loss(batch)
+    assert err.value.key == "objective.teacher"
+
+
+def _same_encoder(a, b) -> bool:
+    sa, sb = a.cond_encoder.state_dict(), b.cond_encoder.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_the_trainer_names_a_curriculum_the_run_cannot_finish(tmp_path, capsys):

@@ -78,6 +78,7 @@ class FrozenCheckpoint(nn.Module):
         self.kinds = None if kinds is None else tuple(kinds)
         self.shape = None if shape is None else tuple(int(s) for s in shape)
         self.__dict__["_students"] = list(students)
+        self.__dict__["_condition_students"] = []
         self.__dict__["_model"] = None
         self.__dict__["_validate"] = validate
         self.prepared = False
@@ -133,9 +134,39 @@ class FrozenCheckpoint(nn.Module):
                                             "cannot initialise it (use the same backbone, or turn the initialisation "
                                             "off)") from None
         self.__dict__["_students"] = []
+        for encoder in self.__dict__["_condition_students"]:
+            self._copy_condition_encoder(model, encoder)
+        self.__dict__["_condition_students"] = []
         if not self.keep:
             self.__dict__["_model"] = None
         self.prepared = True
+
+    def share_condition_on_read(self, encoder: nn.Module | None) -> None:
+        """Make ``encoder`` (the student generator's condition encoder) the teacher's: frozen now, and
+        given the teacher's weights when the teacher is read (at once if it has been). The teacher is
+        called with the student's encoded condition, so a conditional student must encode as the
+        teacher does, through training. ``Generator`` calls this for every teacher slot it holds; a
+        student restored from its own checkpoint gets the teacher's encoder back with its weights.
+        Init-only slots (``keep=False``, e.g. ECT's ``init_from``) leave the encoder alone."""
+        if encoder is None or not self.keep:
+            return
+        encoder.requires_grad_(False)
+        if self.prepared:
+            if self.__dict__["_model"] is not None:
+                self._copy_condition_encoder(self.__dict__["_model"], encoder)
+            return
+        self.__dict__["_condition_students"].append(encoder)
+
+    def _copy_condition_encoder(self, model: nn.Module, encoder: nn.Module) -> None:
+        teacher_encoder = getattr(model, "cond_encoder", None)
+        if teacher_encoder is None:
+            return                       # an unconditional teacher: check_student names the mismatch
+        try:
+            encoder.load_state_dict(teacher_encoder.state_dict())
+        except RuntimeError:
+            raise ConfigError(self.key, f"the condition encoder of {self.source!r} differs from the student's, "
+                                        "so the student cannot encode as the teacher does (use the same "
+                                        "condition config)") from None
 
     def _apply(self, fn, recurse=True):
         if not self.prepared:
@@ -147,6 +178,7 @@ class FrozenCheckpoint(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self.prepared = True             # the student's own weights are being restored
         self.__dict__["_students"] = []
+        self.__dict__["_condition_students"] = []
         super()._load_from_state_dict(*args, **kwargs)
 
     def __deepcopy__(self, memo):
@@ -204,24 +236,13 @@ class FrozenCheckpoint(nn.Module):
             raise ConfigError(self.key, f"the teacher is {'un' if t_enc is None else ''}conditional but the "
                                         f"student is {'un' if cond is None else ''}conditional")
         if cond is not None and not _same_state(t_enc, s_enc):
-            raise ConfigError(self.key, "the teacher is called with the student's encoded condition, so the "
-                                        "student's condition encoder must be the teacher's (copy it and freeze it "
-                                        "before training: FrozenCheckpoint.share_condition_encoder)")
+            raise ConfigError(self.key, "the student's condition encoder differs from the teacher's, with which "
+                                        "the teacher is called (a Generator gives it the teacher's weights and "
+                                        "freezes it when the teacher is read; it must not change after)")
         t_norm, s_norm = getattr(model, "normalizer", None), getattr(net, "normalizer", None)
         if (t_norm is not None or s_norm is not None) and not _same_state(t_norm, s_norm):
             raise ConfigError(self.key, "the teacher's data normalisation differs from the student's")
         self.checked = True
-
-    def share_condition_encoder(self, student: nn.Module) -> None:
-        """Copy the teacher's condition encoder (and normaliser) into ``student`` and freeze the
-        encoder: what a conditional student needs, done before its optimiser and EMA exist."""
-        model = self.model()
-        for name in ("cond_encoder", "normalizer"):
-            src, dst = getattr(model, name, None), getattr(student, name, None)
-            if src is not None and dst is not None:
-                dst.load_state_dict(src.state_dict())
-        if getattr(student, "cond_encoder", None) is not None:
-            student.cond_encoder.requires_grad_(False)
 
     @torch.no_grad()
     def velocity(self, z: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
