@@ -567,3 +567,16 @@ def test_the_trainer_names_a_curriculum_the_run_cannot_finish(tmp_path, capsys):
     assert "objective.tangent_warmup_steps = 10000 but the run trains 3 steps" in err
     train(make_cfg(tmp_path / "fits", "objective=sct", "objective.tangent_warmup_steps=3", "trainer.max_steps=3"))
     assert "tangent_warmup_steps" not in capsys.readouterr().err
+
+
+def test_a_teacher_whose_condition_encoder_differs_fails_in_one_line_naming_the_key(tmp_path):
+    train(make_cfg(tmp_path / "fm", "objective=flow_matching", "task.conditional=true", "task.cond_dim=8",
+                   "trainer.max_steps=2"))
+    from jumpflow.build import build_components
+
+    cfg = make_cfg(tmp_path / "student", "objective=distill_ayf", f"objective.teacher={tmp_path / 'fm'}",
+                   "objective.init_student=false", "task.conditional=true", "task.cond_dim=16")
+    model = build_components(cfg).model
+    with pytest.raises(ConfigError, match="condition encoder of") as err:
+        model.to("cpu")                                                      # the teacher is read here
+    assert err.value.key == "objective.teacher" and "\n" not in str(err.value)
