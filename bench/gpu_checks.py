@@ -50,7 +50,7 @@ from bench.common import RESULTS, print_table, write_results
 from jumpflow.backbones import build_backbone
 from jumpflow.generator import ClassEmbedding, Generator
 from jumpflow.objectives import DDPM, FlowMatching, MeanFlow, TerminalVelocityMatching
-from jumpflow.objectives.base import jvp_context
+from jumpflow.objectives.base import autocast_through_jvps, jvp_context
 
 DEV = torch.device("cuda")
 DIT_BATCH = 256        # the paper's global batch on one GPU: MeanFlow's whole-batch JVP and TVM run out of memory (64: per GPU of 4)
@@ -107,13 +107,13 @@ def empty_cache():
         torch.cuda.empty_cache()
 
 
-def train_step(gen: Generator, batch: dict, bf16: bool = False, seed: int = 0):
+def train_step(gen: Generator, batch: dict, bf16: bool = False, seed: int = 0, jvp_bf16: bool = False):
     opt = torch.optim.AdamW(gen.parameters(), lr=1e-4, betas=(0.9, 0.95))
 
     def step():
         opt.zero_grad(set_to_none=True)
         torch.manual_seed(seed)          # one draw replayed: MeanFlow's JVP share is the same every step
-        with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=bf16), autocast_through_jvps(jvp_bf16):
             loss = gen.compute_loss(batch).loss.mean()
         loss.backward()
         opt.step()
@@ -204,24 +204,29 @@ def check_dit_b2(batch: int | None = None) -> list[dict]:
     x = torch.randn(batch, *shape, device=DEV)
     labels = torch.randint(0, 1000, (batch,), device=DEV)
     rows, base = [], None
-    cases = [("flow_matching", FlowMatching, {}, False), ("flow_matching", FlowMatching, {}, True),
-             ("meanflow", MeanFlow, {}, False), ("meanflow", MeanFlow, {"jvp_rows": "all"}, False),
-             ("meanflow", MeanFlow, {}, True), ("tvm", TerminalVelocityMatching, {}, False)]
-    for label, cls, kw, bf16 in cases:
+    # precision: "fp32", "bf16" (autocast, JVPs in fp32: what the step does without the trainer's
+    # jvp_bf16) or "bf16_jvp" (autocast through the JVPs too: trainer.jvp_bf16=true)
+    cases = [("flow_matching", FlowMatching, {}, "fp32"), ("flow_matching", FlowMatching, {}, "bf16"),
+             ("meanflow", MeanFlow, {}, "fp32"), ("meanflow", MeanFlow, {"jvp_rows": "all"}, "fp32"),
+             ("meanflow", MeanFlow, {}, "bf16"), ("meanflow", MeanFlow, {}, "bf16_jvp"),
+             ("tvm", TerminalVelocityMatching, {}, "fp32"), ("tvm", TerminalVelocityMatching, {}, "bf16_jvp")]
+    for label, cls, kw, precision in cases:
+        bf16 = precision != "fp32"
         gen = Generator(backbone, cls(**kw), encoder, shape=shape).to(DEV)
         if DEV.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
-            sec = cuda_seconds(train_step(gen, {"x": x, "cond": labels}, bf16=bf16), warmup=3, iters=10)
+            sec = cuda_seconds(train_step(gen, {"x": x, "cond": labels}, bf16=bf16,
+                                          jvp_bf16=precision == "bf16_jvp"), warmup=3, iters=10)
             row = {"check": "dit_b2", "objective": label, "options": ",".join(f"{k}={v}" for k, v in kw.items()) or "-",
-                   "precision": "bf16 autocast (JVP fp32)" if bf16 and label != "flow_matching" else
-                   ("bf16 autocast" if bf16 else "fp32 (TF32 off)"),
+                   "precision": {"fp32": "fp32 (TF32 off)", "bf16_jvp": "bf16 autocast through the JVP"}.get(
+                       precision, "bf16 autocast (JVP fp32)" if label != "flow_matching" else "bf16 autocast"),
                    "batch": batch, "params_m": round(params / 1e6, 1), "sec_per_step": sec,
                    "img_per_s": batch / sec,
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if DEV.type == "cuda" else None}
         except Exception as e:  # noqa: BLE001 - an objective that fails here is the finding
             row = {"check": "dit_b2", "objective": label, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-        if label == "flow_matching" and not bf16:
+        if label == "flow_matching" and precision == "fp32":
             base = row.get("sec_per_step")
         if base and "sec_per_step" in row and label != "flow_matching":
             row["vs_flow_matching_fp32"] = row["sec_per_step"] / base

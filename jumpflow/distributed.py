@@ -88,23 +88,29 @@ class LossModule(nn.Module):
     ``loss`` is the mean of the objective's per-sample loss (a float32 scalar), ``metrics`` the
     objective's float diagnostics. The objective runs inside this forward (under bf16 autocast
     when ``bf16``; JVP objectives switch autocast off around their JVPs themselves,
-    ``jvp_context``), so DDP or FSDP wrapping this module sees every network evaluation the
+    ``jvp_context``, unless ``jvp_bf16``), so DDP or FSDP wrapping this module sees every network evaluation the
     loss makes. ``self.model`` is the module that is trained, checkpointed and averaged (EMA).
 
     Args:
         model: a module with ``compute_loss(batch) -> LossOutput`` (``jumpflow.generator.Generator``).
         bf16: run the loss under ``torch.autocast(dtype=bfloat16)``.
+        jvp_bf16: keep that autocast on inside the objective's JVPs too
+            (:func:`jumpflow.objectives.base.autocast_through_jvps`); else they run in fp32.
     """
 
-    def __init__(self, model: nn.Module, bf16: bool = False):
+    def __init__(self, model: nn.Module, bf16: bool = False, jvp_bf16: bool = False):
         super().__init__()
         self.model = model
-        self.bf16 = bool(bf16)
+        self.bf16, self.jvp_bf16 = bool(bf16), bool(jvp_bf16)
 
     def forward(self, batch) -> tuple[Tensor, dict[str, float]]:
         if self.bf16:
+            # imported here: jumpflow.objectives imports this module (shard-aware objectives)
+            from jumpflow.objectives.base import autocast_through_jvps
+
             device_type = next(self.model.parameters()).device.type
-            with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16), \
+                    autocast_through_jvps(self.jvp_bf16):
                 out = self.model.compute_loss(batch)
         else:
             out = self.model.compute_loss(batch)

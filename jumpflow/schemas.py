@@ -64,6 +64,7 @@ class TrainerConfig:
     log_every: int = 50
     grad_clip: float | None = 1.0
     precision: str = "fp32"
+    jvp_bf16: bool = False         # with precision bf16: JVP objectives keep autocast through their JVPs
     device: str = "auto"
     progress: bool = True
     cpu_threads: int | None = None
@@ -80,6 +81,8 @@ class TrainerConfig:
         _check(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads",
                f"must be >= 1 or null, got {self.cpu_threads}")
         _check(self.precision in ("fp32", "bf16"), "precision", f"must be one of fp32, bf16; got {self.precision!r}")
+        _check(not self.jvp_bf16 or self.precision == "bf16", "jvp_bf16",
+               f"needs precision: bf16 (the JVPs autocast only inside a bf16 step), got precision {self.precision!r}")
         _check(self.parallel in ("ddp", "fsdp"), "parallel", f"must be one of ddp, fsdp; got {self.parallel!r}")
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device",
                f"must be auto, cpu or cuda[:N], got {self.device!r}")

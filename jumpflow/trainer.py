@@ -398,9 +398,11 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
     for line in short_schedule_warnings(objective, int(tcfg.max_steps)) if info.rank == 0 else []:
         _say(line)
     use_bf16 = tcfg.precision == "bf16"
-    if use_bf16 and getattr(objective, "uses_jvp", False):
+    jvp_bf16 = bool(tcfg.get("jvp_bf16", False))
+    if use_bf16 and getattr(objective, "uses_jvp", False) and not jvp_bf16:
         if info.rank == 0:
-            _say("note: bf16 autocast is off for this objective (it differentiates with JVPs)")
+            _say("note: bf16 autocast is off for this objective (it differentiates with JVPs; "
+                 "trainer.jvp_bf16=true keeps it on through them)")
         use_bf16 = False
     if use_bf16 and device.type == "cpu" and not native_bf16_cpu() and info.rank == 0:
         _say("warning: this CPU has no native bf16 (avx512_bf16 / amx_bf16): bf16 autocast runs emulated, "
@@ -420,7 +422,7 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
             # in place: parameter names, checkpoints and the EMA copy (made above) are unchanged
             model.backbone.compile()
     parallel = str(OmegaConf.select(cfg, "trainer.parallel", default="ddp"))
-    loss_module = LossModule(model, bf16=use_bf16)
+    loss_module = LossModule(model, bf16=use_bf16, jvp_bf16=jvp_bf16)
     sharded = info.world > 1 and parallel == "fsdp"
     eval_copy = None
     if sharded:

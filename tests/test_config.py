@@ -70,6 +70,7 @@ def test_shipped_objective_configs_match_the_registry():
     ("trainer.num_workers=-1", "trainer.num_workers", "must be >= 0"),
     ("trainer.grad_clip=0", "trainer.grad_clip", "must be > 0"),
     ("trainer.precision=fp8", "trainer.precision", "must be one of fp32, bf16"),
+    ("trainer.jvp_bf16=true", "trainer.jvp_bf16", "needs precision: bf16"),
     ("optim.betas=[0.9,1.5]", "optim.betas", "two numbers in [0, 1)"),
     ("ema.decay=1.5", "ema.decay", "must be in [0, 1)"),
     ("logger=tensorboard", "logger", "must be one of wandb, none"),

@@ -129,6 +129,24 @@ def test_bf16_autocast_runs_and_is_off_for_jvp(tmp_path, objective, capfd):
     assert ("bf16 autocast is off" in err) == (objective == "meanflow")
 
 
+def test_jvp_bf16_keeps_autocast_through_meanflows_jvp(tmp_path, capfd):
+    """``trainer.jvp_bf16``: the JVP objective trains under autocast (no note that it is off), and
+    its loss differs from the fp32 run's by bf16 rounding, not more."""
+    fp32 = train(make_cfg(tmp_path / "fp32", "objective=meanflow", "trainer.max_steps=3"))
+    capfd.readouterr()
+    bf16 = train(make_cfg(tmp_path / "bf16", "objective=meanflow", "trainer.max_steps=3", "trainer.precision=bf16",
+                          "trainer.jvp_bf16=true"))
+    assert "bf16 autocast is off" not in capfd.readouterr().err
+    assert bf16["step"] == 3
+
+    def losses(run):
+        lines = (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        return [rec["train/loss"] for rec in map(json.loads, lines) if "train/loss" in rec]
+    a, b = losses(fp32), losses(bf16)
+    assert len(a) == len(b) == 3 and a != b
+    assert all(abs(x - y) < 0.05 * abs(x) for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("objective", [pytest.param("flow_matching", marks=pytest.mark.slow), "meanflow"])
 def test_compile_keeps_checkpoints_and_results(tmp_path, objective, capfd):
     """``trainer.compile`` compiles the backbone in place: the checkpoint's tensor names are the

@@ -4,6 +4,7 @@ the jump (Euler / Heun) sampler, hyper-parameter checks and the JVP context."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,14 +191,36 @@ def jump_sample(
     return z
 
 
+# set by autocast_through_jvps (the trainer's ``jvp_bf16``): whether jvp_context keeps autocast
+_AUTOCAST_THROUGH_JVPS: contextvars.ContextVar[bool] = contextvars.ContextVar("autocast_through_jvps", default=False)
+
+
+@contextlib.contextmanager
+def autocast_through_jvps(enabled: bool = True):
+    """Inside this context :func:`jvp_context` leaves an enclosing bf16 autocast on, so the
+    JVPs (primal and tangent) run in bf16 like the rest of the step. Their error against a
+    float64 JVP is then of bf16's order (about 1e-2 relative, tested) instead of fp32's."""
+    token = _AUTOCAST_THROUGH_JVPS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _AUTOCAST_THROUGH_JVPS.reset(token)
+
+
 @contextlib.contextmanager
 def jvp_context():
     """Forward-mode AD needs the math attention path (fused SDPA kernels have no forward
-    AD) and must run without autocast."""
+    AD); autocast is switched off around it (fp32 JVPs) unless :func:`autocast_through_jvps`
+    is active."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    with sdpa_kernel([SDPBackend.MATH]), torch.autocast(device_type=device_type, enabled=False):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        if not _AUTOCAST_THROUGH_JVPS.get():
+            # both device types: a model on the CPU of a machine with a GPU autocasts as "cpu"
+            stack.enter_context(torch.autocast(device_type="cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast(device_type="cuda", enabled=False))
         yield
 
 
