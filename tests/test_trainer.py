@@ -129,12 +129,14 @@ def test_bf16_autocast_runs_and_is_off_for_jvp(tmp_path, objective, capfd):
     assert ("bf16 autocast is off" in err) == (objective == "meanflow")
 
 
-def test_jvp_bf16_keeps_autocast_through_meanflows_jvp(tmp_path, capfd):
+@pytest.mark.parametrize("objective", ["meanflow", "tvm"])
+def test_jvp_bf16_keeps_autocast_through_the_jvp(tmp_path, capfd, objective):
     """``trainer.jvp_bf16``: the JVP objective trains under autocast (no note that it is off), and
-    its loss differs from the fp32 run's by bf16 rounding, not more."""
-    fp32 = train(make_cfg(tmp_path / "fp32", "objective=meanflow", "trainer.max_steps=3"))
+    its loss differs from the fp32 run's by bf16 rounding, not more (TVM also backpropagates
+    through its bf16 JVP)."""
+    fp32 = train(make_cfg(tmp_path / "fp32", f"objective={objective}", "trainer.max_steps=3"))
     capfd.readouterr()
-    bf16 = train(make_cfg(tmp_path / "bf16", "objective=meanflow", "trainer.max_steps=3", "trainer.precision=bf16",
+    bf16 = train(make_cfg(tmp_path / "bf16", f"objective={objective}", "trainer.max_steps=3", "trainer.precision=bf16",
                           "trainer.jvp_bf16=true"))
     assert "bf16 autocast is off" not in capfd.readouterr().err
     assert bf16["step"] == 3
