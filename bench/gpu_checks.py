@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.common import RESULTS, print_table, write_results
+from bench.backbones import representative_draw
+from bench.common import RESULTS, write_results
 from jumpflow.backbones import build_backbone
 from jumpflow.generator import ClassEmbedding, Generator
 from jumpflow.objectives import DDPM, FlowMatching, MeanFlow, TerminalVelocityMatching
@@ -107,12 +108,21 @@ def empty_cache():
         torch.cuda.empty_cache()
 
 
+def draw_seed(gen: Generator, batch: dict) -> int:
+    """The seed a timed step replays: for MeanFlow one whose draw has the paper's share of
+    ``r != t`` rows (``bench.backbones.representative_draw``: its cost depends on that share),
+    else 0."""
+    if not isinstance(gen.objective, MeanFlow):
+        return 0
+    return representative_draw(gen, batch["x"], batch["cond"])[0]
+
+
 def train_step(gen: Generator, batch: dict, bf16: bool = False, seed: int = 0, jvp_bf16: bool = False):
     opt = torch.optim.AdamW(gen.parameters(), lr=1e-4, betas=(0.9, 0.95))
 
     def step():
         opt.zero_grad(set_to_none=True)
-        torch.manual_seed(seed)          # one draw replayed: MeanFlow's JVP share is the same every step
+        torch.manual_seed(seed)          # one draw replayed (for MeanFlow, one with the paper's JVP share)
         with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=bf16), autocast_through_jvps(jvp_bf16):
             loss = gen.compute_loss(batch).loss.mean()
         loss.backward()
@@ -216,7 +226,8 @@ def check_dit_b2(batch: int | None = None) -> list[dict]:
         if DEV.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
-            sec = cuda_seconds(train_step(gen, {"x": x, "cond": labels}, bf16=bf16,
+            data = {"x": x, "cond": labels}
+            sec = cuda_seconds(train_step(gen, data, bf16=bf16, seed=draw_seed(gen, data),
                                           jvp_bf16=precision == "bf16_jvp"), warmup=3, iters=10)
             row = {"check": "dit_b2", "objective": label, "options": ",".join(f"{k}={v}" for k, v in kw.items()) or "-",
                    "precision": {"fp32": "fp32 (TF32 off)", "bf16_jvp": "bf16 autocast through the JVP"}.get(
@@ -252,7 +263,7 @@ def policy_rows(check: str, name: str, gens: dict, params: int, batch: dict, one
     fm_sec = None
     for label, gen in gens.items():
         gen.train()
-        sec = cuda_seconds(train_step(gen, batch), warmup=3, iters=10)
+        sec = cuda_seconds(train_step(gen, batch, seed=draw_seed(gen, batch)), warmup=3, iters=10)
         fm_sec = sec if label == "flow_matching" else fm_sec
         rows.append({"check": check, "backbone": name, "case": "train_step", "objective": label,
                      "batch": len(batch["x"]), "params_m": round(params / 1e6, 1), "sec_per_step": sec,
@@ -356,6 +367,8 @@ def main(argv=None) -> None:
     unknown = sorted(set(names) - set(CHECKS))
     if unknown:
         raise SystemExit(f"--only: unknown checks {unknown}; known: {sorted(CHECKS)}")
+    if args.out and not Path(args.out).is_dir():
+        raise SystemExit(f"--out: {args.out} is not a folder")
     if DEV.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.gpu_checks needs a CUDA device; none is visible")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -375,7 +388,6 @@ def main(argv=None) -> None:
         write_results(path.stem, {"only": names}, rows, path)
         if args.out:
             shutil.copy(path, Path(args.out) / path.name)
-    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ kernel equals the math path that the JVP uses."""
 import pytest
 import torch
 
-import bench.gpu_checks as gpu_checks
+from bench import gpu_checks
 
 
 @pytest.fixture
@@ -24,9 +24,11 @@ def test_jvp_through_attention_matches_a_central_difference_in_float64(on_cpu):
     assert 1e-4 < rows["bf16 autocast fused vs fp32 math"]["rel_err"] < 5e-2
 
 
-def test_unknown_check_and_missing_cuda_fail_in_one_line(monkeypatch):
+def test_unknown_check_bad_out_and_missing_cuda_fail_in_one_line(monkeypatch):
     with pytest.raises(SystemExit, match="unknown checks \\['nope'\\]"):
         gpu_checks.main(["--only", "env,nope"])
+    with pytest.raises(SystemExit, match="--out: .* is not a folder"):
+        gpu_checks.main(["--only", "env", "--out", "/nonexistent/folder"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         gpu_checks.main(["--only", "env"])
@@ -38,3 +40,19 @@ def test_timing_helpers_count_calls_on_the_cpu(on_cpu):
     assert len(calls) == 2 and sec >= 0                              # SMALL: one warm-up, one timed call
     p50, p95 = gpu_checks.wall_ms(lambda: calls.append(1))
     assert len(calls) == 2 + 3 and 0 <= p50 <= p95
+
+
+def test_meanflow_steps_replay_a_draw_with_the_papers_jvp_share(on_cpu):
+    from jumpflow.backbones import build_backbone
+    from jumpflow.generator import Generator
+    from jumpflow.objectives import FlowMatching, MeanFlow
+
+    torch.manual_seed(0)
+    backbone = build_backbone("UNet1D-S", (16, 7), 46, down_dims=(32, 64, 128))
+    batch = {"x": torch.randn(16, 16, 7), "cond": torch.randn(16, 46)}
+    mf = Generator(backbone, MeanFlow(), torch.nn.Identity(), shape=(16, 7))
+    seed = gpu_checks.draw_seed(mf, batch)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        assert mf.compute_loss(batch).metrics["frac_r_neq_t"] == 4 / 16          # round(0.25 * 16) rows
+    assert gpu_checks.draw_seed(Generator(backbone, FlowMatching(), torch.nn.Identity(), shape=(16, 7)), batch) == 0

@@ -70,3 +70,29 @@ def test_autocast_through_jvps_is_scoped():
             assert base._AUTOCAST_THROUGH_JVPS.get() is False
         assert base._AUTOCAST_THROUGH_JVPS.get() is True
     assert base._AUTOCAST_THROUGH_JVPS.get() is False
+
+
+@pytest.mark.parametrize("bf16,jvp_bf16", [(False, False), (True, False), (True, True)])
+def test_loss_module_passes_jvp_bf16_to_the_objective(bf16, jvp_bf16):
+    """The trainer's switch reaches ``jvp_context``: inside ``LossModule.forward`` the objective
+    sees autocast on when ``bf16`` and the through-JVPs flag exactly when ``jvp_bf16`` too."""
+    from types import SimpleNamespace
+
+    from jumpflow.distributed import LossModule
+    from jumpflow.objectives import base
+
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def compute_loss(self, batch):
+            seen["autocast"] = torch.is_autocast_enabled("cpu")
+            seen["through"] = base._AUTOCAST_THROUGH_JVPS.get()
+            return SimpleNamespace(loss=self.w * batch, metrics={})
+
+    loss, _ = LossModule(Probe(), bf16=bf16, jvp_bf16=jvp_bf16)(torch.ones(2))
+    assert seen == {"autocast": bf16, "through": jvp_bf16} and float(loss) == 1.0
+    assert base._AUTOCAST_THROUGH_JVPS.get() is False                   # reset after the step
