@@ -6,7 +6,7 @@ Lift demos, training and the 50-episode closed-loop evaluation. The figures come
 own ``eval_step<N>.json`` and the child's resource usage, and are written in the one result
 format to ``bench/results/main_job.json``::
 
-    python -m bench.main_job                       # the README's default, ~10 min on 2 idle cores
+    python -m bench.main_job                       # the README's default, about 5 min on 2 idle cores
     python -m bench.main_job --override trainer.max_steps=200 --tag smoke --out /tmp/main_job_smoke.json
 """
 

@@ -29,18 +29,24 @@ def write_demo(grp, episode: dict, compress_images: bool) -> None:
 
 
 def record_episode(sim, act, obs: dict, seed: int, max_steps: int, model_file: str,
-                   after_step=None) -> dict:
+                   after_step=None, perturb=None) -> dict:
     """Step ``act(obs) -> action`` (clipped to [-1, 1]) in ``sim`` from ``obs`` until the first
     success or ``max_steps``; ``after_step()`` runs after each step. Returns the robomimic demo
     record: ``states (T, S)``, ``actions (T, A)``, ``rewards (T,)``, ``dones (T,)``, ``obs`` /
-    ``next_obs`` ``{key: (T, ...)}``, ``model_file``, ``seed``, ``success``."""
-    states, actions, rewards, obs_list = [], [], [], [obs]
+    ``next_obs`` ``{key: (T, ...)}``, ``model_file``, ``seed``, ``success``.
+
+    ``perturb(action) -> executed`` (DART, Laskey et al. 2017): the simulator runs
+    ``clip(perturb(action))`` while ``actions`` keeps the clean ``action`` as the label of the
+    visited state; the record then also holds ``executed_actions (T, A)``, what to replay."""
+    states, actions, rewards, obs_list, executed = [], [], [], [obs], []
     success = False
     for _ in range(max_steps):
         states.append(sim.get_state())
         a = np.clip(act(obs), -1.0, 1.0)
-        obs, r, success = sim.step(a)
+        run = a if perturb is None else np.clip(perturb(a), -1.0, 1.0)
+        obs, r, success = sim.step(run)
         actions.append(a)
+        executed.append(run)
         rewards.append(r)
         obs_list.append(obs)
         if after_step is not None:
@@ -55,7 +61,7 @@ def record_episode(sim, act, obs: dict, seed: int, max_steps: int, model_file: s
         "rewards": np.asarray(rewards, dtype=np.float64), "dones": dones,
         "obs": {k: v[:-1] for k, v in stacked.items()}, "next_obs": {k: v[1:] for k, v in stacked.items()},
         "model_file": model_file, "seed": int(seed), "success": bool(success),
-    }
+    } | ({} if perturb is None else {"executed_actions": np.stack(executed).astype(np.float64)})
 
 
 def check_existing_demos(path, task_name: str, n_demos: int, image: bool) -> None:

@@ -22,7 +22,11 @@ Styles: ``ph`` (default) is the scripted expert, one way of doing the task, as r
 proficient-human sets. ``mh`` draws a human-like operator style per episode (speed, gains, pauses,
 smooth noise, detours, grasp choice, missed grasps and their recovery; ``envs/experts.py``,
 ``MHExpert``), as robomimic's multi-human sets; every demo stores what it drew as attributes, and
-``data`` gets ``demo_style = "mh"`` (ph files are exactly as before: no such attribute).
+``data`` gets ``demo_style = "mh"`` (ph files are exactly as before: no such attribute). ``dart``
+(DART, Laskey et al. 2017) runs the ph expert's action plus Ornstein-Uhlenbeck noise drawn per
+episode and stores the clean action as the label (``actions``) and what ran as ``executed_actions``
+(replay these); a grasp that did not hold is recovered from (``DARTExpert``). Its demos visit the
+states a cloned policy drifts into and label the way back, which ph demos never do.
 
 The file is written by ``jumpflow.io.atomic_write`` (a temporary file renamed onto ``<out>`` only when
 complete; temporary files of killed runs are removed by the next write).
@@ -61,7 +65,8 @@ def run_expert_episode(sim, expert, seed: int, max_steps: int, image_keys=()) ->
     if hasattr(expert, "reseed"):
         expert.reseed(seed)
     expert.reset(obs)
-    episode = record_episode(sim, expert.act, obs, seed, max_steps, model_file=sim.get_model_xml())
+    perturb = expert.perturb if getattr(expert, "labels_clean", False) else None     # dart: clean labels
+    episode = record_episode(sim, expert.act, obs, seed, max_steps, model_file=sim.get_model_xml(), perturb=perturb)
     if hasattr(expert, "episode_attrs"):
         episode["attrs"] = expert.episode_attrs()
     return episode
@@ -125,8 +130,10 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
         max_steps: episode cap (default 400, robomimic's horizon; mh: ``MH_MAX_STEPS``, 600-800).
         max_attempts: give up after this many attempts (default ``2 * n_demos + 20``).
         valid_fraction: share of demos listed in ``mask/valid`` (the rest in ``mask/train``).
-        style: ``"ph"`` (scripted expert) or ``"mh"`` (a human-like style drawn per episode from
-            the episode's seed, stored as ``data/demo_<i>`` attributes; see the module docstring).
+        style: ``"ph"`` (scripted expert), ``"mh"`` (a human-like style drawn per episode from
+            the episode's seed, stored as ``data/demo_<i>`` attributes; see the module docstring) or
+            ``"dart"`` (the expert's clean labels, executed with noise drawn per episode; the file
+            also holds ``executed_actions``, what to replay).
         workers: processes rolling the expert out (robosuite tasks); the file is the same for any
             number (episodes are functions of their seeds and are written in seed order).
     Returns:
@@ -289,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also store agentview_image and robot0_eye_in_hand_image (uint8, upright)")
     p.add_argument("--camera-size", type=int, default=84, help="image side in pixels (default 84)")
     p.add_argument("--style", default="ph",
-                   help="ph: the scripted expert (default); mh: a human-like style drawn per episode")
+                   help="ph: the scripted expert (default); mh: a human-like style drawn per episode; "
+                        "dart: the expert's labels executed with noise (recoveries included)")
     p.add_argument("--keep-failed", action="store_true", help="store failed attempts too")
     p.add_argument("--max-steps", type=int, default=None, help="episode cap (default 400)")
     p.add_argument("--valid-fraction", type=float, default=0.1, help="share of demos in mask/valid")

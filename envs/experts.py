@@ -19,6 +19,7 @@ These are the ``ph`` style (one proficient way of doing the task). ``MHExpert`` 
 the ``mh`` style: a human-like operator drawn per episode (``MHStyle``, :func:`draw_mh_style`: pace,
 gains, pauses, Ornstein-Uhlenbeck noise, via-point detours, an equivalent grasp, the approach side,
 a deliberate missed grasp and its recovery). ``make_expert(task, env, style="mh")`` builds one.
+``DARTExpert`` is the ``dart`` style: the ph labels, executed with noise (DART), with the mh recovery.
 """
 
 from __future__ import annotations
@@ -292,7 +293,7 @@ class SquareExpert(_Expert):
 # operator recovered from. The mh style draws all of that per episode (an ``MHStyle``) and lays it
 # over the scripted experts' phase logic (``MHExpert``); the ph experts above are not changed by it.
 
-STYLES = ("ph", "mh")
+STYLES = ("ph", "mh", "dart")
 MH_QUALITIES = ("better", "okay", "worse")
 # Operator quality sets the ranges the rest is drawn from (robomimic's "better / okay / worse").
 # speed: cap on the commanded motion (action units); noise: stationary std of the position noise
@@ -722,6 +723,65 @@ class MHExpert:
         }
 
 
+# ============================================================================ noise-injected ("dart") style
+#
+# A ph expert is proficient and deterministic: its demos visit a thin tube of states, and a cloned
+# policy that leaves the tube (a cube nudged while the fingers close) has never seen the way back.
+# The dart style (DART, Laskey et al. 2017) runs the ph expert's action plus temporally correlated
+# noise, so the demos leave the tube, and labels every visited state with the expert's clean action,
+# so there is no noise to imitate; a grasp that did not hold is re-opened and re-approached (the mh
+# wrapper's recovery), which is what the policy should learn to do after a bad grasp of its own.
+
+DART_NOISE = (0.0, 0.5)      # stationary std of the executed motion's noise per episode, action units
+DART_TAU = (3.0, 10.0)       # its correlation time, steps
+_DART_STREAM = 0x6474        # separates the noise's random stream from the mh style's
+
+
+def proficient_style() -> MHStyle:
+    """The ph expert's own way as an :class:`MHStyle`: full speed, the expert's gains, no noise,
+    pauses, detours or misses, the ph grasp, approached from straight above."""
+    return MHStyle(quality="better", grasp_yaw=0, side="left", side_offset=0.0, speed=1.0, speed_wobble=0.0,
+                   speed_period=60.0, speed_phase=0.0, pos_gain=1.0, rot_gain=1.0, noise_scale=0.0,
+                   noise_tau=10.0, pause_starts=(), pause_lengths=(), place_offset=(0.0, 0.0), via=(),
+                   carry_via=None, missed=False, miss_kind="", miss_distance=0.0, miss_sign=1)
+
+
+class DARTExpert(MHExpert):
+    """The dart style: the ph expert's clean labels, executed with noise (DART, Laskey et al. 2017).
+
+    ``act(obs) -> (7,)`` is the label: the ph expert's action, plus the mh wrapper's recovery when
+    the object is not in the hand while it should be (re-open, rise, re-approach). ``perturb(action)
+    -> (7,)`` is what the simulator runs: the label plus Ornstein-Uhlenbeck noise on the motion
+    (position std ``noise_scale``, rotation half of it; the gripper command is left alone), with
+    ``noise_scale ~ U(DART_NOISE)`` and ``noise_tau ~ U(DART_TAU)`` drawn per episode from the seed
+    (``reseed``), so some episodes are nearly clean and others are pushed well off the ph path.
+    ``labels_clean`` tells the demo writer to store ``perturb``'s output as ``executed_actions``.
+    """
+
+    labels_clean = True
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng([_DART_STREAM, int(seed)])
+
+    def reset(self, obs: dict | None = None, style: MHStyle | None = None) -> None:
+        super().reset(obs, style=proficient_style() if style is None else style)
+        self.base.patience = 1.0                      # the ph expert's phase time-outs
+        self.noise_scale = float(self.rng.uniform(*DART_NOISE))
+        self.noise_tau = float(self.rng.uniform(*DART_TAU))
+        self.execution_noise = OUNoise([self.noise_scale] * 3 + [self.noise_scale / 2] * 3, self.noise_tau, self.rng)
+
+    def perturb(self, action: np.ndarray) -> np.ndarray:
+        """The executed action: ``action`` with the next noise step added to its motion, clipped."""
+        out = np.array(action, dtype=np.float64)
+        out[:6] += self.execution_noise.step()
+        return np.clip(out, -1.0, 1.0)
+
+    def episode_attrs(self) -> dict:
+        """What the episode drew and did, as flat HDF5-attribute values (no ``mode``: one way)."""
+        return {"style": "dart", "noise_scale": self.noise_scale, "noise_tau": self.noise_tau,
+                "n_regrasps": int(self.regrasps)}
+
+
 EXPERTS = {"Lift": LiftExpert, "PickPlaceCan": CanExpert, "NutAssemblySquare": SquareExpert}
 
 
@@ -736,8 +796,9 @@ def make_expert(task: str, env=None, style: str = "ph", seed: int = 0) -> _Exper
     """Expert for a robosuite task name (``Lift``, ``PickPlaceCan``, ``NutAssemblySquare``); ``env``:
     the raw robosuite env, used to read task constants (the can's target bin, the square peg).
 
-    ``style``: ``"ph"`` (the scripted expert, one way of doing the task) or ``"mh"`` (an
-    :class:`MHExpert` around it that draws a human-like style per episode; ``seed`` starts its draws).
+    ``style``: ``"ph"`` (the scripted expert, one way of doing the task), ``"mh"`` (an
+    :class:`MHExpert` around it that draws a human-like style per episode; ``seed`` starts its draws)
+    or ``"dart"`` (a :class:`DARTExpert`: the ph labels, executed with noise drawn per episode).
     """
     from jumpflow.envs.sim import canonical_task
     check_style(style)
@@ -750,6 +811,8 @@ def make_expert(task: str, env=None, style: str = "ph", seed: int = 0) -> _Exper
         base = SquareExpert(np.array(env.sim.data.body_xpos[env.peg1_body_id]))
     else:
         base = EXPERTS[task]()
+    if style == "dart":
+        return DARTExpert(base, task, seed)
     return MHExpert(base, task, seed) if style == "mh" else base
 
 

@@ -106,19 +106,11 @@ def run_oracle_episode(sim, oracle, seed: int, max_steps: int) -> dict:
     def note_p1() -> None:
         if sim.success_dict().get("p1", False):
             reached_p1.append(True)
-    labels = []
-
-    def act(o: dict) -> np.ndarray:
-        # DART: run the perturbed action, label the state with the law (no noise to imitate)
-        clean = oracle.law(o)
-        labels.append(clean)
-        return oracle.perturb(clean)
+    # DART oracles (labels_clean): run the perturbed action, label the state with the noise-free law
     clean_labels = bool(getattr(oracle, "labels_clean", False))
-    episode = record_episode(sim, act if clean_labels else oracle.act, obs, seed, max_steps,
-                             model_file=sim.get_model_xml(), after_step=note_p1)
-    if clean_labels:
-        episode["executed_actions"] = episode["actions"]
-        episode["actions"] = np.clip(np.stack(labels), -1.0, 1.0).astype(np.float64)
+    episode = record_episode(sim, oracle.law if clean_labels else oracle.act, obs, seed, max_steps,
+                             model_file=sim.get_model_xml(), after_step=note_p1,
+                             perturb=oracle.perturb if clean_labels else None)
     return {**episode, "p1": bool(reached_p1) or episode["success"], "mode": oracle.mode,
             "realised_mode": sim.current_mode(), "draw": oracle.draw}
 

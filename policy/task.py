@@ -12,7 +12,7 @@ from jumpflow.normalizer import Normalizer
 from jumpflow.objectives.base import Inference
 from jumpflow.tasks import Task
 
-DEMO_STYLES = ("ph", "mh")
+from jumpflow.envs.experts import STYLES as DEMO_STYLES      # ph | mh | dart (numpy-only module)
 
 
 class PolicyTask(Task):
@@ -28,7 +28,8 @@ class PolicyTask(Task):
         horizon, n_obs_steps, n_action_steps: Diffusion Policy's 16 / 2 / 8.
         encoder: ``ObsEncoder`` kwargs (image_trunk, crop_size, ...).
         filter_key: ``mask/<filter_key>`` demos only (null: all).
-        demo_style: ``ph`` (scripted, the default) or ``mh`` (human-like, multimodal) generated demos.
+        demo_style: ``ph`` (scripted, the default), ``mh`` (human-like, multimodal) or ``dart`` (ph
+            labels executed with noise, recoveries included) generated demos.
         demo_workers: processes generating robosuite demos (the file does not depend on it).
         inference: sampling settings at evaluation (``steps``, ``sampler``, ``guidance``; missing
             ones: the objective's defaults, which live in the objective's config).
