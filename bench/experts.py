@@ -5,7 +5,8 @@ Usage: ``python -m bench.experts [--style ph|mh] [--n-episodes 100] [--tasks Lif
 generator's seeds), runs the expert for at most the demo generator's episode cap (ph 400 steps;
 mh ``MH_MAX_STEPS``) and counts success. ``--style mh`` runs the human-like style (``MHExpert``,
 its draw seeded by the episode seed, exactly as ``jumpflow-demos --style mh`` does), so
-``success_rate`` is the fraction of attempts the mh demo generator keeps. Rows are keyed by
+``success_rate`` is the fraction of attempts the mh demo generator keeps; ``--style dart`` runs the
+expert's perturbed execution (``DARTExpert``), the fraction the dart generator keeps. Rows are keyed by
 ``(task, style)``: a run replaces its own rows and keeps the others.
 
 MetaWorld: ``--tasks metaworld`` runs jumpflow's MetaWorld task set
@@ -28,8 +29,7 @@ import numpy as np
 
 from bench.common import load_rows, machine
 from jumpflow.checkpoint import atomic_write_text
-
-STYLES = ("ph", "mh")
+from jumpflow.envs.experts import STYLES      # ph | mh | dart (a numpy-only module)
 
 
 
@@ -92,7 +92,7 @@ def _expand_tasks(tasks: list[str]) -> list[str]:
 
 
 def run_task(task: str, n_episodes: int, seed: int, style: str = "ph", max_steps: int | None = None) -> dict:
-    from jumpflow.envs.demos import DEFAULT_MAX_STEPS, MH_MAX_STEPS
+    from jumpflow.envs.demos import DEFAULT_MAX_STEPS, MH_MAX_STEPS, run_expert_episode
     from jumpflow.envs.experts import make_expert
     from jumpflow.envs.sim import LOW_DIM_KEYS, RobosuiteSim, canonical_task, default_env_meta
 
@@ -100,22 +100,21 @@ def run_task(task: str, n_episodes: int, seed: int, style: str = "ph", max_steps
     max_steps = max_steps or (MH_MAX_STEPS if style == "mh" else DEFAULT_MAX_STEPS)[task]
     sim = RobosuiteSim(default_env_meta(task), obs_keys=LOW_DIM_KEYS)
     expert = make_expert(task, sim.env, style=style)
-    succ, lengths, failed_seeds, modes, n_missed = [], [], [], {}, 0
+    succ, lengths, failed_seeds, modes, n_missed, n_regrasps = [], [], [], {}, 0, 0
     t0 = time.perf_counter()
     for k in range(n_episodes):
-        obs = sim.reset(seed=seed + k)
-        if style == "mh":
-            expert.reseed(seed + k)           # the draw is a function of the episode seed, as in jumpflow-demos
-        expert.reset(obs)
-        ok, t = run_until_success(sim, expert.act, obs, max_steps)
+        # the demo generator's own episode (reseeded style draw, dart's perturbed execution)
+        ep = run_expert_episode(sim, expert, seed + k, max_steps)
+        ok, t = ep["success"], len(ep["actions"])
         succ.append(ok)
         lengths.append(t)
         if not ok:
             failed_seeds.append(seed + k)
+        attrs = ep.get("attrs", {})
         if style == "mh":
-            attrs = expert.episode_attrs()
             modes[attrs["mode"]] = modes.get(attrs["mode"], 0) + 1
             n_missed += int(attrs["missed"])
+        n_regrasps += int(attrs.get("n_regrasps", 0) > 0)
     sec = time.perf_counter() - t0
     sim.close()
     row = {"task": task, "style": style, "n_episodes": n_episodes, "n_success": int(np.sum(succ)),
@@ -125,6 +124,8 @@ def run_task(task: str, n_episodes: int, seed: int, style: str = "ph", max_steps
     if style == "mh":
         row["modes"] = dict(sorted(modes.items()))
         row["n_missed_grasps"] = n_missed
+    if style in ("mh", "dart"):
+        row["n_episodes_with_regrasp"] = n_regrasps
     return row
 
 
@@ -200,7 +201,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=["Lift", "PickPlaceCan", "NutAssemblySquare"],
                    help="robosuite tasks, MetaWorld v3 names (push-v3) or 'metaworld' (jumpflow's MetaWorld task set)")
-    p.add_argument("--style", default="ph", help="ph (the scripted expert) | mh (human-like, drawn per episode)")
+    p.add_argument("--style", default="ph",
+                   help="ph (the scripted expert) | mh (human-like, drawn per episode) | dart (ph labels, noisy execution)")
     p.add_argument("--n-episodes", type=int, default=100, help="episodes per task (one value for all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "experts.json"))

@@ -172,7 +172,7 @@ def check_jvp_attention() -> list[dict]:
             fd = (f(xs + eps * txs, ts + eps * tts) - f(xs - eps * txs, ts - eps * tts)) / (2 * eps)
         results[device] = (u.cpu(), du.cpu())
         rows.append({"check": "jvp_attention", "case": f"float64 jvp vs central difference ({device})",
-                     "rel_err": float((du - fd).norm() / fd.norm()), "tangent_norm": float(du.norm())})
+                     "rel_err": float((du - fd).norm().detach() / fd.norm()), "tangent_norm": float(du.norm().detach())})
     rows.append({"check": "jvp_attention", "case": "float64 CUDA vs CPU (u, du/dt)",
                  "max_abs_diff_u": float((results[DEV.type][0] - results["cpu"][0]).abs().max()),
                  "max_abs_diff_du": float((results[DEV.type][1] - results["cpu"][1]).abs().max())})

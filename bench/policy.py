@@ -211,7 +211,7 @@ def run_overrides(args, task_name: str, objective: str, seed: int, run_dir: Path
     if args.steps:
         overrides.append(f"trainer.max_steps={args.steps}")
     if args.protocol == "dp":     # checkpoints every tenth of training, the last five kept
-        total = args.steps or 3000
+        total = args.steps
         overrides += [f"trainer.ckpt_every={max(1, total // (2 * DP_CHECKPOINTS))}",
                       f"trainer.keep_checkpoints={DP_CHECKPOINTS}"]
     return overrides
@@ -224,7 +224,8 @@ def parser() -> argparse.ArgumentParser:
                          "one v3 task (rows metaworld_<name>, with a per-difficulty-group table)")
     ap.add_argument("--objectives", default=",".join(VARIANTS))
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the experiment's)")
+    ap.add_argument("--steps", type=int, default=3000,
+                    help="training steps (the benchmark's budget; the policy_cpu recipe's own default is the main job's)")
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--runs", default="runs/bench_policy", help="where run directories go")
     ap.add_argument("--overwrite", action="store_true")

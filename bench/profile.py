@@ -25,7 +25,7 @@ from bench.common import arg_parser, parse_args, write_results
 from jumpflow.build import build_components
 from jumpflow.trainer import GlobalBatchSampler, ItemSeeded
 
-MAIN_JOB = {"demos": 200, "steps": 3000, "episodes": 50}
+MAIN_JOB = {"demos": 200, "steps": 2500, "episodes": 50}
 
 
 class Clock:

@@ -30,7 +30,7 @@ from bench.main_job import phase_seconds, run_main_job
 #: name -> overrides on top of ``experiment=policy_cpu``; ``current`` is the recipe as committed
 RECIPES: dict[str, list[str]] = {
     "current": [],
-    "w256_s3000_lr5e-4": ["backbone.width=256"],
+    "w256_s3000_lr5e-4": ["backbone.width=256", "trainer.max_steps=3000"],
     "w256_s2000_lr1e-3": ["backbone.width=256", "trainer.max_steps=2000", "optim.lr=1e-3"],
     "w256_s1500_lr1e-3": ["backbone.width=256", "trainer.max_steps=1500", "optim.lr=1e-3"],
     "w512_s1500_lr1e-3": ["trainer.max_steps=1500", "optim.lr=1e-3"],

@@ -732,8 +732,11 @@ class MHExpert:
 # so there is no noise to imitate; a grasp that did not hold is re-opened and re-approached (the mh
 # wrapper's recovery), which is what the policy should learn to do after a bad grasp of its own.
 
-DART_NOISE = (0.0, 0.5)      # stationary std of the executed motion's noise per episode, action units
-DART_TAU = (3.0, 10.0)       # its correlation time, steps
+# per task: the largest stationary std of the executed motion's noise (drawn per episode from U(0, max),
+# action units), and whether it is scaled down where the task needs precision (the mh fine phases:
+# Square's insertion fails at noise Lift's grasp takes in its stride)
+DART_NOISE = {"Lift": (0.5, False), "PickPlaceCan": (0.5, False), "NutAssemblySquare": (0.2, True)}
+DART_TAU = (3.0, 10.0)       # the noise's correlation time, steps
 _DART_STREAM = 0x6474        # separates the noise's random stream from the mh style's
 
 
@@ -752,8 +755,9 @@ class DARTExpert(MHExpert):
     ``act(obs) -> (7,)`` is the label: the ph expert's action, plus the mh wrapper's recovery when
     the object is not in the hand while it should be (re-open, rise, re-approach). ``perturb(action)
     -> (7,)`` is what the simulator runs: the label plus Ornstein-Uhlenbeck noise on the motion
-    (position std ``noise_scale``, rotation half of it; the gripper command is left alone), with
-    ``noise_scale ~ U(DART_NOISE)`` and ``noise_tau ~ U(DART_TAU)`` drawn per episode from the seed
+    (position std ``noise_scale``, rotation half of it; the gripper command is left alone; Square:
+    scaled down in its precise phases), with ``noise_scale ~ U(0, DART_NOISE[task])`` and
+    ``noise_tau ~ U(DART_TAU)`` drawn per episode from the seed
     (``reseed``), so some episodes are nearly clean and others are pushed well off the ph path.
     ``labels_clean`` tells the demo writer to store ``perturb``'s output as ``executed_actions``.
     """
@@ -766,14 +770,16 @@ class DARTExpert(MHExpert):
     def reset(self, obs: dict | None = None, style: MHStyle | None = None) -> None:
         super().reset(obs, style=proficient_style() if style is None else style)
         self.base.patience = 1.0                      # the ph expert's phase time-outs
-        self.noise_scale = float(self.rng.uniform(*DART_NOISE))
+        top, self.noise_fine = DART_NOISE[self.task]
+        self.noise_scale = float(self.rng.uniform(0.0, top))
         self.noise_tau = float(self.rng.uniform(*DART_TAU))
         self.execution_noise = OUNoise([self.noise_scale] * 3 + [self.noise_scale / 2] * 3, self.noise_tau, self.rng)
 
     def perturb(self, action: np.ndarray) -> np.ndarray:
         """The executed action: ``action`` with the next noise step added to its motion, clipped."""
         out = np.array(action, dtype=np.float64)
-        out[:6] += self.execution_noise.step()
+        precision = self.spec.fine_phases.get(self.base.phase, 1.0) if self.noise_fine and not self.segments else 1.0
+        out[:6] += precision * self.execution_noise.step()
         return np.clip(out, -1.0, 1.0)
 
     def episode_attrs(self) -> dict:

@@ -281,3 +281,20 @@ def test_plot_policy_refuses_an_unknown_variant_before_writing(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "--variant: 'h3' has no rows of t in" in err and "policy.json; valid: h2" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.json"]
+
+
+def test_readme_main_job_is_what_bench_main_job_times():
+    """README command 1 is ``bench.main_job``'s ``README_COMMAND``, and the overrides the bench
+    passes by default compose into that command's config (Lift low-dim, dart demos)."""
+    from hydra import compose, initialize_config_module
+
+    from bench.main_job import README_COMMAND, default_overrides
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"&& {README_COMMAND}\n" in readme
+    command_args = README_COMMAND.split()[1:]
+    assert command_args == ["experiment=policy_cpu", *default_overrides("dart")]
+    with initialize_config_module(config_module="jumpflow.configs", version_base=None):
+        cfg = compose("train", overrides=[*command_args, "run_dir=unused"])
+    assert cfg.task.env == "Lift" and cfg.task.demo_style == "dart" and not cfg.task.image
+    assert cfg.task.dataset.endswith("lift_dart_lowdim_200.hdf5")
