@@ -92,12 +92,12 @@ def _expand_tasks(tasks: list[str]) -> list[str]:
 
 
 def run_task(task: str, n_episodes: int, seed: int, style: str = "ph", max_steps: int | None = None) -> dict:
-    from jumpflow.envs.demos import DEFAULT_MAX_STEPS, MH_MAX_STEPS, run_expert_episode
+    from jumpflow.envs.demos import episode_cap, run_expert_episode
     from jumpflow.envs.experts import make_expert
     from jumpflow.envs.sim import LOW_DIM_KEYS, RobosuiteSim, canonical_task, default_env_meta
 
     task = canonical_task(task)
-    max_steps = max_steps or (MH_MAX_STEPS if style == "mh" else DEFAULT_MAX_STEPS)[task]
+    max_steps = max_steps or episode_cap(task, style)
     sim = RobosuiteSim(default_env_meta(task), obs_keys=LOW_DIM_KEYS)
     expert = make_expert(task, sim.env, style=style)
     succ, lengths, failed_seeds, modes, n_missed, n_regrasps = [], [], [], {}, 0, 0

@@ -24,15 +24,19 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS, load_rows, write_results
+from jumpflow.envs.experts import STYLES
 
-#: README command 1 after ``pip install``: the CPU recipe on Lift low-dim, dart demos (the ph expert's
-#: labels executed with noise, so the policy has seen the way back from a nudged grasp)
-README_COMMAND = "jumpflow-train experiment=policy_cpu task.demo_style=dart"
+# README command 1 after ``pip install``: the CPU recipe on Lift low-dim, dart demos (the ph expert's
+# labels executed with noise, so the policy has seen the way back from a nudged grasp)
+EXPERIMENT, DEMO_STYLE = "policy_cpu", "dart"
 
 
 def default_overrides(demo_style: str) -> list[str]:
     """The overrides the README's command passes (its demo style), ahead of any ``--override``."""
     return [f"task.demo_style={demo_style}"]
+
+
+README_COMMAND = " ".join(["jumpflow-train", f"experiment={EXPERIMENT}", *default_overrides(DEMO_STYLE)])
 
 
 def run_main_job(experiment: str, run_dir: Path, overrides: list[str], data_dir: Path | None = None) -> dict:
@@ -95,10 +99,10 @@ def run_started(run_dir: Path) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experiment", default="policy_cpu")
+    ap.add_argument("--experiment", default=EXPERIMENT)
     ap.add_argument("--runs", default="runs/bench_main_job", help="where the run directory goes")
     ap.add_argument("--tag", default="default", help="row label; a row with the same tag is replaced")
-    ap.add_argument("--demo-style", default="dart", choices=("ph", "mh", "dart"),
+    ap.add_argument("--demo-style", default=DEMO_STYLE, choices=STYLES,
                     help="task.demo_style of the run (the README's main job: dart)")
     ap.add_argument("--override", action="append", default=[], help="extra hydra override (repeatable)")
     ap.add_argument("--out", default=str(RESULTS / "main_job.json"), help="result file (a smoke run: elsewhere)")

@@ -208,8 +208,7 @@ def run_overrides(args, task_name: str, objective: str, seed: int, run_dir: Path
                  *([f"task.demo_style={args.style}"] if args.style != "ph" else []), f"objective={objective}",
                  f"seed={seed}", "logger=none", "trainer.progress=false", "trainer.eval_at_end=false",
                  f"run_dir={run_dir}", *(o.replace("{seed}", str(seed)) for o in args.override)]
-    if args.steps:
-        overrides.append(f"trainer.max_steps={args.steps}")
+    overrides.append(f"trainer.max_steps={args.steps}")
     if args.protocol == "dp":     # checkpoints every tenth of training, the last five kept
         total = args.steps
         overrides += [f"trainer.ckpt_every={max(1, total // (2 * DP_CHECKPOINTS))}",
@@ -260,6 +259,8 @@ def main(argv=None):
         if group_summary(rows):
             print_table(group_summary(rows))
         return
+    if args.steps < 1:
+        parser().error(f"--steps: must be >= 1, got {args.steps}")
     try:
         specs = task_specs(args.tasks)
     except ValueError as e:
@@ -335,7 +336,7 @@ def main(argv=None):
                     # re-read: another bench process may have added rows since this one started
                     rows = [r for r in load_rows(out) if row_key(r) != row_key(row)] + [row]
                     print(json.dumps(row), flush=True)
-                    config = {"episodes": args.episodes, "steps": args.steps or "experiment default",
+                    config = {"episodes": args.episodes, "steps": args.steps,
                               "overrides": args.override, "machine_note": machine()}
                     # the peer bench (bench/peer_lerobot.py) keeps its settings in this file too
                     write_results("policy", config_keeping(out, config, keep=("peer_lerobot",)), rows)

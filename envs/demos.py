@@ -53,6 +53,12 @@ DEFAULT_MAX_STEPS = {"Lift": 400, "PickPlaceCan": 400, "NutAssemblySquare": 400}
 MH_MAX_STEPS = {"Lift": 600, "PickPlaceCan": 800, "NutAssemblySquare": 800}
 
 
+def episode_cap(task: str, style: str) -> int:
+    """Steps an expert episode of a robosuite ``task`` (canonical name) in ``style`` may take
+    (ph and dart: robomimic's 400; mh: ``MH_MAX_STEPS``)."""
+    return (MH_MAX_STEPS if style == "mh" else DEFAULT_MAX_STEPS).get(task, 400)
+
+
 def run_expert_episode(sim, expert, seed: int, max_steps: int, image_keys=()) -> dict:
     """Roll the expert out once from ``sim.reset(seed)``; stops at the first success.
 
@@ -165,7 +171,7 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
         raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    max_steps = max_steps or (MH_MAX_STEPS if style == "mh" else DEFAULT_MAX_STEPS).get(task, 400)
+    max_steps = max_steps or episode_cap(task, style)
     max_attempts = max_attempts or 2 * n_demos + 20
     env_meta = default_env_meta(task, image=image, camera_size=camera_size)
     image_keys = tuple(image_keys) if image else ()

@@ -10,9 +10,8 @@ from torch import nn
 from jumpflow.errors import ConfigError
 from jumpflow.normalizer import Normalizer
 from jumpflow.objectives.base import Inference
+from jumpflow.envs.experts import STYLES as DEMO_STYLES      # ph | mh | dart (a numpy-only module)
 from jumpflow.tasks import Task
-
-from jumpflow.envs.experts import STYLES as DEMO_STYLES      # ph | mh | dart (numpy-only module)
 
 
 class PolicyTask(Task):

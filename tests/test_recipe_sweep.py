@@ -213,7 +213,8 @@ def test_policy_bench_optional_variants_only_when_named_and_bad_names_stop_befor
     runs = tmp_path / "runs"
     for argv, message in ((["--objectives", "ddpm", "--variants", "ddim:1000"], "--variants: ['ddim:1000'] not offered"),
                           (["--objectives", "meanflow", "--variants", "ddim:100"], "--variants: ['ddim:100'] not offered"),
-                          (["--objectives", "meanflw"], "--objectives: unknown ['meanflw']")):
+                          (["--objectives", "meanflw"], "--objectives: unknown ['meanflw']"),
+                          (["--objectives", "meanflow", "--steps", "0"], "--steps: must be >= 1, got 0")):
         with pytest.raises(SystemExit):
             policy_main([*argv, "--runs", str(runs)])
         assert message in capsys.readouterr().err and not runs.exists()
