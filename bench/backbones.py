@@ -4,8 +4,10 @@ step of Flow Matching vs MeanFlow (whose step adds a JVP through the backbone).
 Cases: ``DiT-S/2`` on 32x32x4 latents (class-conditional, as on ImageNet latents) and the
 1-D UNets on a 16 x 7 action chunk (observation features as the condition, as in
 Diffusion Policy). The target is a MeanFlow step at most 1.5x a Flow Matching step; MeanFlow is
-timed with its default ``jvp_rows: jump`` (the JVP on the ``r != t`` rows) and with ``all`` (one
-JVP over the batch), objective ``meanflow_jvp_all``.
+timed with ``jvp_rows: jump`` (the JVP on the ``r != t`` rows, ``meanflow_jump``) and ``all`` (one
+JVP over the batch, ``meanflow_jvp_all``), the row its default ``auto`` picks marked ``default``;
+both again through ``torch.func.jvp`` in place of the default forward-mode dual tensors
+(``*_functorch``).
 
     python -m bench.backbones [--batch 8] [--repeats 5] [--debug]
 """
@@ -24,6 +26,8 @@ from bench.common import write_results
 from jumpflow.backbones import build_backbone
 from jumpflow.generator import ClassEmbedding, Generator
 from jumpflow.objectives import FlowMatching, MeanFlow
+from jumpflow.objectives.base import jvp_backend
+from jumpflow.objectives.meanflow import JVP_ALL_MAX_ELEMENTS
 
 TARGET_RATIO = 1.5
 # (backbone, shape, condition: ("class", num_classes) or ("vector", width), batch (None: --batch), overrides)
@@ -91,16 +95,22 @@ def bench_case(name, shape, condition, overrides, batch: int, repeats: int, warm
     # repetition replays one draw with the paper's share of such rows, or the minimum over
     # repetitions would pick the luckiest (fewest JVP rows)
     draw_seed, jvp_rows = representative_draw(Generator(backbone, MeanFlow(), encoder, shape=shape), x, raw_cond)
-    # MeanFlow twice: its default (JVP on the r != t rows) and jvp_rows="all" (one JVP over the batch)
-    for label, obj in (("flow_matching", FlowMatching()), ("meanflow", MeanFlow()),
-                       ("meanflow_jvp_all", MeanFlow(jvp_rows="all"))):
+    # MeanFlow with jvp_rows="jump" (JVP on the r != t rows) and "all" (one JVP over the batch;
+    # the default "auto" is one of the two, marked in the rows), each through both JVP backends: forward-mode dual tensors (the default) and
+    # torch.func.jvp (the "_functorch" rows), so the backend's saving is measured in the same run
+    for label, obj, backend in (("flow_matching", FlowMatching(), "forward_ad"),
+                                ("meanflow_jump", MeanFlow(jvp_rows="jump"), "forward_ad"),
+                                ("meanflow_jvp_all", MeanFlow(jvp_rows="all"), "forward_ad"),
+                                ("meanflow_jump_functorch", MeanFlow(jvp_rows="jump"), "functorch"),
+                                ("meanflow_jvp_all_functorch", MeanFlow(jvp_rows="all"), "functorch")):
         gen = Generator(backbone, obj, encoder, shape=shape)
         opt = torch.optim.AdamW(gen.parameters(), lr=1e-4, betas=(0.9, 0.95))
 
-        def step(gen=gen, opt=opt):
+        def step(gen=gen, opt=opt, backend=backend):
             opt.zero_grad(set_to_none=True)
             torch.manual_seed(draw_seed)
-            gen.compute_loss({"x": x, "cond": raw_cond}).loss.mean().backward()
+            with jvp_backend(backend):
+                gen.compute_loss({"x": x, "cond": raw_cond}).loss.mean().backward()
             opt.step()
         cases[("train_step", label)] = step
 
@@ -121,11 +131,14 @@ def bench_case(name, shape, condition, overrides, batch: int, repeats: int, warm
         i += 1
     rows = [base(case, objective, times[(case, objective)], cpu_times[(case, objective)])
             for (case, objective) in times]
+    default_rows = "jvp_all" if x.numel() <= JVP_ALL_MAX_ELEMENTS else "jump"          # jvp_rows="auto"
     fm = ("train_step", "flow_matching")
     for row in rows:
-        if row["objective"] in ("meanflow", "meanflow_jvp_all"):
+        if (row["objective"] or "").startswith("meanflow"):
             mf = ("train_step", row["objective"])
-            row["jvp_rows"] = jvp_rows if row["objective"] == "meanflow" else batch
+            row["jvp_rows"] = batch if "jvp_all" in row["objective"] else jvp_rows
+            row["jvp_backend"] = "functorch" if row["objective"].endswith("_functorch") else "forward_ad"
+            row["default"] = row["objective"] == f"meanflow_{default_rows}"   # MeanFlow() as configured
             row["vs_flow_matching"] = min(cpu_times[mf]) / min(cpu_times[fm])
             row["vs_flow_matching_wall"] = min(times[mf]) / min(times[fm])
     return rows
@@ -151,7 +164,8 @@ def main(argv=None):
         rows += bench_case(name, shape, condition, overrides, batch or args.batch, repeats, warmup,
                            0.0 if args.debug else args.min_seconds)
         print(f"done {name} {shape} batch {batch or args.batch}", flush=True)
-    ratios = {f'{r["backbone"]} {r["input"]} batch {r["batch"]} ({r["objective"]})': r["vs_flow_matching"]
+    ratios = {f'{r["backbone"]} {r["input"]} batch {r["batch"]} ({r["objective"]}'
+              f'{", the default" if r["default"] else ""})': r["vs_flow_matching"]
               for r in rows if "vs_flow_matching" in r}
     config = {"batch": args.batch, "load_avg_1min_at_end": os.getloadavg()[0], "repeats": repeats, "warmup": warmup, "dtype": "float32", "threads": torch.get_num_threads(),
               "estimator": ("sec_per_step = min wall time over repeats (sec_median also given), cpu_sec_per_step = "

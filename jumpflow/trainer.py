@@ -415,7 +415,7 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
     ema, ema_update = build_ema(model, cfg.ema)
     if tcfg.get("compile", False):
         if getattr(objective, "uses_jvp", False):
-            # torch.func.jvp through a compiled module graph-breaks or fails; the eager JVP is the tested one
+            # a forward-mode JVP through a compiled module graph-breaks or fails; the eager JVP is the tested one
             if info.rank == 0:
                 _say("note: torch.compile is off for this objective (it differentiates with JVPs)")
         else:

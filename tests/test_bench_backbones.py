@@ -23,7 +23,14 @@ def test_the_timed_meanflow_draw_has_the_papers_share_of_jvp_rows():
     name, shape, condition, _, overrides = DEBUG_CASES[1]
     rows_out = bench_case(name, shape, condition, overrides, batch=8, repeats=1, warmup=0)
     by_objective = {r["objective"]: r for r in rows_out if r["case"] == "train_step"}
-    assert set(by_objective) == {"flow_matching", "meanflow", "meanflow_jvp_all"}
-    assert by_objective["meanflow"]["jvp_rows"] == 2 and by_objective["meanflow_jvp_all"]["jvp_rows"] == 8
-    assert by_objective["meanflow"]["vs_flow_matching"] > 0 and by_objective["meanflow_jvp_all"]["vs_flow_matching"] > 0
+    assert set(by_objective) == {"flow_matching", "meanflow_jump", "meanflow_jvp_all", "meanflow_jump_functorch",
+                                 "meanflow_jvp_all_functorch"}
+    assert by_objective["meanflow_jump"]["jvp_rows"] == 2 and by_objective["meanflow_jvp_all"]["jvp_rows"] == 8
+    assert by_objective["meanflow_jump_functorch"]["jvp_rows"] == 2
+    assert by_objective["meanflow_jvp_all_functorch"]["jvp_rows"] == 8
+    assert by_objective["meanflow_jump_functorch"]["jvp_backend"] == "functorch"
+    assert by_objective["meanflow_jump"]["jvp_backend"] == "forward_ad"
+    # 8 x 16 x 7 numbers: jvp_rows="auto" takes the whole-batch JVP, and only its forward_ad row is the default
+    assert [o for o, r in by_objective.items() if r.get("default")] == ["meanflow_jvp_all"]
+    assert by_objective["meanflow_jump"]["vs_flow_matching"] > 0 and by_objective["meanflow_jvp_all"]["vs_flow_matching"] > 0
     assert "vs_flow_matching" not in by_objective["flow_matching"]

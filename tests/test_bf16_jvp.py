@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from jumpflow.backbones import build_backbone
-from jumpflow.objectives.base import autocast_through_jvps, jvp_context
+from jumpflow.objectives.base import JVP_BACKENDS, autocast_through_jvps, jvp_backend
+from jumpflow.objectives.base import jvp as objective_jvp
 
 CASES = [
     ("MLP", (16, 7), {"width": 64, "depth": 2}),
@@ -27,17 +28,18 @@ def perturbed(name, shape, kw):
     return net
 
 
-def jvp(net, inputs, tangents, through: bool):
+def jvp(net, inputs, tangents, through: bool, backend: str):
     x, t, h, c = inputs
 
     def f(x_, t_):
         return net(x_, t_, h, c)
-    with torch.autocast("cpu", dtype=torch.bfloat16), autocast_through_jvps(through), jvp_context():
-        return torch.func.jvp(f, (x, t), tangents)
+    with torch.autocast("cpu", dtype=torch.bfloat16), autocast_through_jvps(through), jvp_backend(backend):
+        return objective_jvp(f, (x, t), tangents)
 
 
+@pytest.mark.parametrize("backend", JVP_BACKENDS)
 @pytest.mark.parametrize("name,shape,kw", CASES, ids=[c[0] for c in CASES])
-def test_jvp_under_autocast_through_jvps_is_bf16_and_matches_float64(name, shape, kw):
+def test_jvp_under_autocast_through_jvps_is_bf16_and_matches_float64(name, shape, kw, backend):
     net = perturbed(name, shape, kw)
     g = torch.Generator().manual_seed(1)
     inputs = (torch.randn(4, *shape, generator=g), torch.rand(4, generator=g), 0.3 * torch.rand(4, generator=g),
@@ -51,11 +53,11 @@ def test_jvp_under_autocast_through_jvps_is_bf16_and_matches_float64(name, shape
     def rel(a, b):
         b = b.detach()
         return float((a.detach().double() - b).norm() / b.norm())
-    u, du = jvp(net, inputs, tangents, through=True)
+    u, du = jvp(net, inputs, tangents, through=True, backend=backend)
     assert du.dtype == torch.bfloat16
     assert rel(u, u64) < 3e-2 and rel(du, du64) < 3e-2
     assert rel(du, du64) > 1e-4                          # bf16's rounding is there: it did run in bf16
-    u, du = jvp(net, inputs, tangents, through=False)
+    u, du = jvp(net, inputs, tangents, through=False, backend=backend)
     assert du.dtype == torch.float32
     assert rel(u, u64) < 1e-4 and rel(du, du64) < 1e-4
 

@@ -111,7 +111,7 @@ def test_meanflow_jvp_only_on_rows_with_r_ne_t_equals_the_whole_batch_jvp(cond_d
     target and parameter gradient as one JVP over the whole batch, in float64, in the batch's
     own order; all-equal and all-different batches take one path each."""
     torch.manual_seed(0)
-    obj = MeanFlow()
+    obj = MeanFlow(jvp_rows="jump")
     net = Generator(MLP((3,), width=32, depth=2, cond_dim=cond_dim).double(), obj, shape=(3,))
     b = 12
     z, v = torch.randn(b, 3, dtype=torch.float64), torch.randn(b, 3, dtype=torch.float64)
@@ -141,6 +141,26 @@ def test_meanflow_jvp_only_on_rows_with_r_ne_t_equals_the_whole_batch_jvp(cond_d
     assert calls == [b] and torch.allclose(u3, split[0], atol=1e-12) and torch.allclose(tgt3, split[1], atol=1e-12)
     with pytest.raises(ValueError, match="jvp_rows"):
         MeanFlow(jvp_rows="some")
+
+
+def test_meanflow_jvp_rows_auto_takes_one_call_on_a_small_batch_and_splits_a_large_one():
+    """``jvp_rows="auto"`` (the default): one network call (the whole-batch JVP) while the batch holds
+    at most ``JVP_ALL_MAX_ELEMENTS`` numbers, two calls (plain forward + JVP rows) above it."""
+    from jumpflow.objectives.meanflow import JVP_ALL_MAX_ELEMENTS
+
+    torch.manual_seed(0)
+    assert MeanFlow().jvp_rows == "auto"
+    obj = MeanFlow()
+    net = Generator(MLP((8,), width=16, depth=1), obj, shape=(8,))
+    calls = []
+    net.backbone.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    for b, expected in ((JVP_ALL_MAX_ELEMENTS // 8, 1), (JVP_ALL_MAX_ELEMENTS // 8 + 4, 2)):
+        calls.clear()
+        z, v = torch.randn(b, 8), torch.randn(b, 8)
+        t = torch.rand(b) * 0.8 + 0.1
+        r = torch.where(torch.arange(b) % 4 == 0, t * 0.5, t)
+        obj.prediction_and_target(net, z, r, t, v, None)
+        assert len(calls) == expected and sum(calls) == b
 
 
 def test_flow_matching_point_oracle_exact_in_one_euler_step():

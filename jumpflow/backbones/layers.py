@@ -1,11 +1,13 @@
 """Layers shared by the DiT and UNet backbones whose JVPs are correct, differentiable and cheap.
 
 Objectives such as MeanFlow and TVM push a forward-mode tangent through the whole backbone
-(``torch.func.jvp`` inside ``jumpflow.objectives.base.jvp_context``); TVM also backpropagates
+(``jumpflow.objectives.base.jvp``: forward-mode dual tensors, or ``torch.func.jvp``); TVM also backpropagates
 through that tangent. Three facts about torch 2.14 on CPU shape this file:
 
 * fused attention kernels (flash / memory-efficient SDPA) have no forward-mode AD, so
-  ``attention`` switches to an explicit ``softmax(q k^T / sqrt(d)) v`` when a tangent is present;
+  ``attention`` switches to an explicit ``softmax(q k^T / sqrt(d)) v`` when a tangent is present,
+  with the softmax's tangent written out (torch's formula saves an ``exp`` it later modifies in
+  place, which breaks a backward through the tangent under plain forward-mode dual tensors);
 * the fused ``layer_norm``'s forward-AD formula has wrong second derivatives (backward of a
   JVP; pytorch/pytorch#196700), so ``LayerNorm`` runs a composite formula under a JVP;
 * the forward-AD formulas of ``mm`` / ``addmm`` / ``convolution`` materialise a zero tangent
@@ -70,8 +72,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mode: str = "auto") -> Tensor:
     if mode == "fused" or (mode == "auto" and not has_forward_grad(q, k, v)):
         return F.scaled_dot_product_attention(q, k, v)                    # (B, heads, N, d)
     scale = q.shape[-1] ** -0.5
-    weights = torch.softmax(scale_plain(q, scale) @ k.transpose(-2, -1), dim=-1)  # (B, heads, N, N)
+    weights = softmax_last(scale_plain(q, scale) @ k.transpose(-2, -1))  # (B, heads, N, N)
     return weights @ v                                                    # (B, heads, N, d)
+
+
+def softmax_last(logits: Tensor) -> Tensor:
+    """``softmax`` over the last dim with an explicit tangent ``w * (dl - sum(w * dl))`` under a JVP.
+
+    torch's own forward-AD formula for softmax modifies a saved ``exp`` output in place, so a
+    backward through the tangent (TVM on a DiT) fails outside ``torch.func.jvp``; the explicit
+    tangent is differentiable and its primal is ``torch.softmax``'s, bit for bit."""
+    primal, tangent = forward_ad.unpack_dual(logits)
+    if tangent is None:
+        return torch.softmax(logits, dim=-1)
+    weights = torch.softmax(primal, dim=-1)                               # (..., N)
+    d_weights = weights * (tangent - (weights * tangent).sum(-1, keepdim=True))  # (..., N)
+    return forward_ad.make_dual(weights, d_weights)
 
 
 class LayerNorm(nn.Module):

@@ -31,7 +31,7 @@ from jumpflow.objectives.base import (
     LossOutput,
     Objective,
     jump_sample,
-    jvp_context,
+    jvp,
     per_sample_mse,
     require,
 )
@@ -230,7 +230,7 @@ class AlignYourFlow(Distillation, TangentWarmup, AverageVelocityObjective):
     start time (Eulerian condition)::
 
         df/dt = d_z f . v_phi(z_t, t) + d_t f = v_phi - u - (t - r) du/dt = 0
-        du/dt = d_z u . v_phi + d_t u + d_h u          (one torch.func.jvp, tangent (v_phi, 1), h = t - r)
+        du/dt = d_z u . v_phi + d_t u + d_h u          (one JVP, tangent (v_phi, 1), h = t - r)
 
     The EMD gradient (AYF Thm. 3.1, the ``dt -> 0`` limit of
     ``||f_theta(z_t, t, r) - sg f_theta(z_{t-dt}, t - dt, r)||^2 / dt`` along the teacher's ODE,
@@ -283,8 +283,7 @@ class AlignYourFlow(Distillation, TangentWarmup, AverageVelocityObjective):
         """``u(z, t, h=t-r)`` (with grad) and ``du/dt`` along ``(v, 1)`` with ``r`` fixed."""
         def u_fn(z_, t_):
             return net(z_, t_, t_ - r, cond)
-        with jvp_context():
-            return torch.func.jvp(u_fn, (z, t), (v, torch.ones_like(t)))       # (B, *shape) each
+        return jvp(u_fn, (z, t), (v, torch.ones_like(t)))                     # (B, *shape) each
 
     def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:
         b = x.shape[0]

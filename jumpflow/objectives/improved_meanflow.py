@@ -11,7 +11,7 @@ from jumpflow.objectives.base import (
     LossOutput,
     drop_condition,
     jump_sample,
-    jvp_context,
+    jvp,
     require,
 )
 from jumpflow.objectives.meanflow import AverageVelocityObjective
@@ -89,8 +89,7 @@ class ImprovedMeanFlow(AverageVelocityObjective):
         """``V = u(z, r, t) + (t - r) sg(du/dt)`` with ``du/dt`` along ``(tangent, 0, 1)``."""
         def u_fn(z_, r_, t_):
             return net(z_, t_, t_ - r_, cond)
-        with jvp_context():
-            u, dudt = torch.func.jvp(u_fn, (z, r, t), (tangent, torch.zeros_like(r), torch.ones_like(t)))
+        u, dudt = jvp(u_fn, (z, r, t), (tangent, torch.zeros_like(r), torch.ones_like(t)))
         return u + expand_like(t - r, u) * dudt.detach()
 
     def _weighted(self, err: Tensor) -> Tensor:

@@ -19,6 +19,13 @@ from jumpflow.objectives.base import (
 from jumpflow.timeconv import expand_like, interpolate, velocity
 
 TANGENTS = ("v_0_1", "v_0_0", "v_1_0", "v_1_1")
+JVP_ROWS = ("auto", "jump", "all")
+# jvp_rows="auto": a batch of at most this many numbers takes one JVP over every row. Below it a
+# step is dispatch-bound and the split's second network call costs more than the JVP rows it saves
+# (bench.backbones, one CPU thread: UNet1D-S / -M at 8 x 16 x 7 = 896 numbers, 1.43 / 1.26x a Flow
+# Matching step whole against 1.77 / 1.48x split); above it the split pays (UNet1D-S at 64 rows,
+# 7,168 numbers: 1.44x split against 1.48x; DiT-S/2 at 8 x 4 x 32 x 32: 1.13x against 1.54x).
+JVP_ALL_MAX_ELEMENTS = 2048
 
 
 class AverageVelocityObjective(Objective):
@@ -64,7 +71,7 @@ class MeanFlow(AverageVelocityObjective):
         u_tgt = v - (t - r) * du/dt,    du/dt = v * d_z u + d_t u          (eq. 8)
         L = w * mean_d (u_theta(z_t, r, t) - sg(u_tgt))^2,  w = 1 / sg(||err||^2 + c)^p
 
-    ``du/dt`` is one ``torch.func.jvp`` of ``u_theta`` along the tangent ``(v, 0, 1)`` for
+    ``du/dt`` is one forward-mode JVP (``base.jvp``) of ``u_theta`` along the tangent ``(v, 0, 1)`` for
     ``(z, r, t)``. With guidance folded into training (paper eq. 13-19)::
 
         v_g = omega * v + kappa * u(z_t, t, t | c) + (1 - omega - kappa) * u(z_t, t, t | null)
@@ -92,8 +99,10 @@ class MeanFlow(AverageVelocityObjective):
         prediction: ``"native"`` (the backbone outputs the average velocity; pixel MeanFlow's choice is data) or ``"data"`` (it outputs a
             clean-data estimate, converted by ``from_data_prediction``; the loss is unchanged).
         data_t_min: floor on ``t`` in ``(z - x_hat) / t``.
-        jvp_rows: ``"jump"`` (the JVP on the ``r != t`` rows, a plain forward on the rest) or
-            ``"all"`` (one JVP over the batch); the same values and gradients, different cost.
+        jvp_rows: ``"jump"`` (the JVP on the ``r != t`` rows, a plain forward on the rest),
+            ``"all"`` (one JVP over the batch) or ``"auto"`` (``"all"`` for a batch of at most
+            ``JVP_ALL_MAX_ELEMENTS`` numbers, where a second network call costs more than the rows
+            it saves, else ``"jump"``); the same values and gradients, different cost.
         inference: defaults of ``sample`` (``steps``: 1; guidance is folded into training, so
             ``guidance`` must stay 1.0).
     """
@@ -106,7 +115,7 @@ class MeanFlow(AverageVelocityObjective):
                  tangent: str = "v_0_1", time_embedding: str = "t_h", adaptive_p: float = 1.0,
                  adaptive_c: float = 1e-2, adaptive_reduce: str = "sum", omega: float = 1.0, kappa: float = 0.0,
                  guidance_interval: tuple[float, float] = (0.0, 1.0), class_drop_prob: float = 0.0,
-                 prediction: str = "native", data_t_min: float = 0.05, jvp_rows: str = "jump",
+                 prediction: str = "native", data_t_min: float = 0.05, jvp_rows: str = "auto",
                  inference: dict | None = None):
         self.init_average_velocity(time_sampler, ratio_r_neq_t, adaptive_p, adaptive_c, adaptive_reduce,
                                    class_drop_prob, prediction, data_t_min, inference)
@@ -118,7 +127,7 @@ class MeanFlow(AverageVelocityObjective):
         require(0.0 <= kappa < 1.0, "kappa", f"need 0 <= kappa < 1, got {kappa}")
         lo, hi = guidance_interval
         require(0.0 <= lo < hi <= 1.0, "guidance_interval", f"need 0 <= lo < hi <= 1, got {guidance_interval}")
-        require(jvp_rows in ("jump", "all"), "jvp_rows", f"must be 'jump' or 'all', got {jvp_rows!r}")
+        require(jvp_rows in JVP_ROWS, "jvp_rows", f"must be one of {JVP_ROWS}, got {jvp_rows!r}")
         self.tangent, self.time_embedding, self.jvp_rows = tangent, time_embedding, jvp_rows
         self.omega, self.kappa, self.guidance_interval = omega, kappa, (float(lo), float(hi))
 
@@ -165,7 +174,8 @@ class MeanFlow(AverageVelocityObjective):
         batch is a few rows of a small net and per-call overhead dominates). Shapes:
         ``z, v, u, u_tgt: (B, *shape)``; ``r, t: (B,)``; ``cond: (B, ...)`` or ``None``."""
         jump = r != t                                                   # (B,)
-        if self.jvp_rows == "all" or bool(jump.all()):
+        whole = self.jvp_rows == "all" or (self.jvp_rows == "auto" and z.numel() <= JVP_ALL_MAX_ELEMENTS)
+        if whole or bool(jump.all()):
             return self._jvp_prediction_and_target(net, z, r, t, v, cond)
         if not bool(jump.any()):
             return net(z, t, self._second_time(t, r), cond), v.detach()
@@ -181,14 +191,13 @@ class MeanFlow(AverageVelocityObjective):
         return torch.cat([u_flow, u_jump])[back], torch.cat([v[flow_rows], tgt_jump])[back].detach()
 
     def _jvp_prediction_and_target(self, net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Tensor | None):
-        """``u`` and its target for every row by one ``torch.func.jvp`` along ``(v, 0, 1)`` (or the
+        """``u`` and its target for every row by one JVP along ``(v, 0, 1)`` (or the
         configured tangent)."""
         tz, tr, tt = self._tangents(v)
 
         def u_fn(z_, r_, t_):
             return net(z_, t_, self._second_time(t_, r_), cond)
-        with base.jvp_context():
-            u, dudt = torch.func.jvp(u_fn, (z, r, t), (tz, tr, tt))  # (B, *shape) each
+        u, dudt = base.jvp(u_fn, (z, r, t), (tz, tr, tt))      # (B, *shape) each
         return u, (v - expand_like(t - r, u) * dudt).detach()
 
     def _tangents(self, v: Tensor):

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from jumpflow.objectives.base import Inference, LossOutput, Objective, TimeSampler, jvp_context, require
+from jumpflow.objectives.base import Inference, LossOutput, Objective, TimeSampler, jvp, require
 from jumpflow.objectives.consistency import consistency_sample
 from jumpflow.objectives.curriculum import TangentWarmup
 from jumpflow.timeconv import expand_like, interpolate, velocity
@@ -44,7 +44,7 @@ class ContinuousConsistency(TangentWarmup, Objective):
 
     **Tangent.** Continuous-time CT follows ``df/dt`` along the path ``dz/dt = v = eps - x``::
 
-        du/dt = d_z u . v + d_t u + d_h u            (one torch.func.jvp, tangent (v, 1), h = t)
+        du/dt = d_z u . v + d_t u + d_h u            (one JVP, tangent (v, 1), h = t)
         df/dt = v - u - t du/dt                      (= u_tgt - u, MeanFlow's target at r = 0)
 
     and the loss gradient is ``E[w (d f_theta)^T df-/dt]`` (sCM's continuous CT). With ``d f = -t d u`` it
@@ -109,8 +109,7 @@ class ContinuousConsistency(TangentWarmup, Objective):
         """``u(z, t, h=t)`` (with grad) and ``du/dt`` along ``(v, 1)`` (total derivative, ``h = t``)."""
         def u_fn(z_, t_):
             return net(z_, t_, t_, cond)
-        with jvp_context():
-            return torch.func.jvp(u_fn, (z, t), (v, torch.ones_like(t)))      # (B, *shape) each
+        return jvp(u_fn, (z, t), (v, torch.ones_like(t)))                    # (B, *shape) each
 
     def loss(self, net, x: Tensor, cond: Tensor | None) -> LossOutput:
         eps = torch.randn_like(x)                                            # (B, *shape)

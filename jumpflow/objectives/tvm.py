@@ -17,7 +17,7 @@ from jumpflow.objectives.base import (
     TimeSampler,
     adaptive_loss_weight,
     jump_sample,
-    jvp_context,
+    jvp,
     per_sample_mse,
     require,
 )
@@ -292,8 +292,7 @@ class TerminalVelocityMatching(Objective):
 
         def jump_velocity(s_):
             return net(z_t, t, t - s_, cond)
-        with jvp_context():
-            F, dF_ds = torch.func.jvp(jump_velocity, (s,), (torch.ones_like(s),))  # (B, *shape) each
+        F, dF_ds = jvp(jump_velocity, (s,), (torch.ones_like(s),))           # (B, *shape) each
         F, dF_ds = scaled(F), scaled(dF_ds)
         f = z_t + expand_like(s - t, z_t) * F                                # (B, *shape)
         df_ds = F + expand_like(s - t, z_t) * dF_ds                          # (B, *shape)
