@@ -2,8 +2,9 @@
 
 * ``env``: the device, torch and CUDA versions.
 * ``jvp_attention``: forward-mode AD through the DiT's attention on CUDA. In float64, the
-  ``torch.func.jvp`` of a small DiT inside ``jvp_context`` against a central finite difference,
-  and CUDA against CPU for the same weights and inputs; in float32, the fused SDPA kernel
+  objectives' JVP (``objectives.base.jvp``) of a small DiT against a central finite difference,
+  its two backends (dual tensors, ``torch.func.jvp``) against each other, the gradient through
+  the tangent included, and CUDA against CPU for the same weights and inputs; in float32, the fused SDPA kernel
   (flash / memory-efficient) against the math path that the JVP uses; and whether a tangent
   through SDPA outside ``jvp_context`` raises on CUDA (why the context exists).
 * ``dit_b2``: DiT-B/2 on ImageNet-256 latents (4 x 32 x 32, 1000 classes), one training step
@@ -51,7 +52,7 @@ from bench.common import RESULTS, write_results
 from jumpflow.backbones import build_backbone
 from jumpflow.generator import ClassEmbedding, Generator
 from jumpflow.objectives import DDPM, FlowMatching, MeanFlow, TerminalVelocityMatching
-from jumpflow.objectives.base import autocast_through_jvps, jvp_context
+from jumpflow.objectives.base import JVP_BACKENDS, autocast_through_jvps, jvp, jvp_backend
 
 DEV = torch.device("cuda")
 DIT_BATCH = 256        # the paper's global batch on one GPU: MeanFlow's whole-batch JVP and TVM run out of memory (64: per GPU of 4)
@@ -165,14 +166,26 @@ def check_jvp_attention() -> list[dict]:
 
         def f(x_, t_, n=n, hs=hs, cs=cs):
             return n(x_, t_, hs, cs)
-        with jvp_context():
-            u, du = torch.func.jvp(f, (xs, ts), (txs, tts))
+        by_backend = {}
+        for backend in JVP_BACKENDS:        # the objectives' JVP: dual tensors (default) and torch.func.jvp
+            with jvp_backend(backend):
+                u, du = jvp(f, (xs, ts), (txs, tts))
+            # TVM differentiates through the tangent: its gradient must agree between the backends
+            grads = torch.autograd.grad(du.pow(2).sum(), [p for p in n.parameters() if p.requires_grad],
+                                        allow_unused=True)
+            by_backend[backend] = (u.detach(), du.detach(), [gr for gr in grads if gr is not None])
+        u, du, _ = by_backend["forward_ad"]
         eps = 1e-6
         with torch.no_grad():
             fd = (f(xs + eps * txs, ts + eps * tts) - f(xs - eps * txs, ts - eps * tts)) / (2 * eps)
         results[device] = (u.cpu(), du.cpu())
         rows.append({"check": "jvp_attention", "case": f"float64 jvp vs central difference ({device})",
                      "rel_err": float((du - fd).norm().detach() / fd.norm()), "tangent_norm": float(du.norm().detach())})
+        (ua, dua, ga), (ub, dub, gb) = by_backend["forward_ad"], by_backend["functorch"]
+        rows.append({"check": "jvp_attention", "case": f"float64 forward_ad vs functorch ({device})",
+                     "max_abs_diff_u": float((ua - ub).abs().max()), "max_abs_diff_du": float((dua - dub).abs().max()),
+                     "max_abs_diff_grad_through_tangent": max(float((a - b).abs().max()) for a, b in zip(ga, gb)),
+                     "grads": len(ga)})
     rows.append({"check": "jvp_attention", "case": "float64 CUDA vs CPU (u, du/dt)",
                  "max_abs_diff_u": float((results[DEV.type][0] - results["cpu"][0]).abs().max()),
                  "max_abs_diff_du": float((results[DEV.type][1] - results["cpu"][1]).abs().max())})

@@ -19,6 +19,9 @@ def test_jvp_through_attention_matches_a_central_difference_in_float64(on_cpu):
     rows = {r["case"]: r for r in gpu_checks.check_jvp_attention()}
     fd = rows["float64 jvp vs central difference (cpu)"]
     assert fd["rel_err"] < 1e-7 and fd["tangent_norm"] > 1.0       # a non-trivial tangent, matched
+    both = rows["float64 forward_ad vs functorch (cpu)"]              # the two JVP backends agree exactly
+    assert both["grads"] > 0
+    assert both["max_abs_diff_u"] == both["max_abs_diff_du"] == both["max_abs_diff_grad_through_tangent"] == 0.0
     assert rows["fp32 fused SDPA vs math path"]["rel_err"] < 1e-5
     # bf16 differs from fp32 by its rounding, not by a wrong path
     assert 1e-4 < rows["bf16 autocast fused vs fp32 math"]["rel_err"] < 5e-2
