@@ -27,7 +27,6 @@ from jumpflow.backbones import build_backbone
 from jumpflow.generator import ClassEmbedding, Generator
 from jumpflow.objectives import FlowMatching, MeanFlow
 from jumpflow.objectives.base import jvp_backend
-from jumpflow.objectives.meanflow import JVP_ALL_MAX_ELEMENTS
 
 TARGET_RATIO = 1.5
 # (backbone, shape, condition: ("class", num_classes) or ("vector", width), batch (None: --batch), overrides)
@@ -131,7 +130,7 @@ def bench_case(name, shape, condition, overrides, batch: int, repeats: int, warm
         i += 1
     rows = [base(case, objective, times[(case, objective)], cpu_times[(case, objective)])
             for (case, objective) in times]
-    default_rows = "jvp_all" if x.numel() <= JVP_ALL_MAX_ELEMENTS else "jump"          # jvp_rows="auto"
+    default_rows = "jvp_all" if MeanFlow().whole_batch_jvp(x.numel()) else "jump"   # the default's choice
     fm = ("train_step", "flow_matching")
     for row in rows:
         if (row["objective"] or "").startswith("meanflow"):

@@ -174,8 +174,7 @@ class MeanFlow(AverageVelocityObjective):
         batch is a few rows of a small net and per-call overhead dominates). Shapes:
         ``z, v, u, u_tgt: (B, *shape)``; ``r, t: (B,)``; ``cond: (B, ...)`` or ``None``."""
         jump = r != t                                                   # (B,)
-        whole = self.jvp_rows == "all" or (self.jvp_rows == "auto" and z.numel() <= JVP_ALL_MAX_ELEMENTS)
-        if whole or bool(jump.all()):
+        if self.whole_batch_jvp(z.numel()) or bool(jump.all()):
             return self._jvp_prediction_and_target(net, z, r, t, v, cond)
         if not bool(jump.any()):
             return net(z, t, self._second_time(t, r), cond), v.detach()
@@ -189,6 +188,11 @@ class MeanFlow(AverageVelocityObjective):
                                                            v[jump_rows], rows(cond, jump_rows))  # (B_j, *shape)
         back = torch.argsort(torch.cat([flow_rows, jump_rows]))                                # (B,)
         return torch.cat([u_flow, u_jump])[back], torch.cat([v[flow_rows], tgt_jump])[back].detach()
+
+    def whole_batch_jvp(self, numel: int) -> bool:
+        """Whether a batch of ``numel`` numbers takes one JVP over every row (``jvp_rows`` ``all``, or
+        ``auto`` at most ``JVP_ALL_MAX_ELEMENTS``) rather than the split."""
+        return self.jvp_rows == "all" or (self.jvp_rows == "auto" and numel <= JVP_ALL_MAX_ELEMENTS)
 
     def _jvp_prediction_and_target(self, net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Tensor | None):
         """``u`` and its target for every row by one JVP along ``(v, 0, 1)`` (or the
