@@ -2,8 +2,9 @@
 global batch (for losses that couple samples across processes), and FSDP helpers.
 
 **The loss module.** ``torch.func.jvp`` cannot go *through* the DDP wrapper (the wrapper's
-forward is not a function of the parameters that functorch can transform), so the JVP has to
-run *inside* DDP's forward. :class:`LossModule` holds the generator (the module the trainer
+forward is not a function of the parameters that functorch can transform) and the dual-tensor
+path was never tried through it, so the objectives' JVP (``jumpflow.objectives.base.jvp``, either
+backend) runs *inside* DDP's forward. :class:`LossModule` holds the generator (the module the trainer
 trains) and its ``forward(batch)`` is the objective's loss; DDP wraps the loss module, so every
 objective (MeanFlow's and TVM's JVPs, EMA targets in ``net.aux``, ``net.null_cond``, a second
 or third network evaluation) runs in DDP's forward, and DDP keeps what it exists for: gradient
