@@ -5,10 +5,12 @@ evaluated checkpoint: whether a row has stopped improving or was cut short by th
 
     python -m bench.plot_policy --task block_push_lowdim
     python -m bench.plot_policy --task reach_around_lowdim
+    python -m bench.plot_policy --task block_push_lowdim --variant h2-24000
 
 Writes ``bench/results/policy_modes_<task>.png``, ``policy_nfe_<task>.png`` and, where rows
 have ``checkpoint_successes``, ``policy_checkpoints_<task>.png`` (atomically) and prints the
-numbers it plotted."""
+numbers it plotted. ``--variant V`` draws only the rows of config variant ``V`` and writes
+``..._<task>_<V>.png``, so that the plots of two budgets or recipes of one task stand side by side."""
 
 from __future__ import annotations
 
@@ -36,12 +38,22 @@ def mode_rows(rows: list[dict], task: str, demo: dict[str, float] | None = None
     return modes, mean, demo
 
 
-def plot_modes(rows: list[dict], task: str, demo: dict[str, float] | None = None):
+def plot_path(kind: str, task: str, variant: str | None = None):
+    """``RESULTS / policy_<kind>_<task>[_<variant>].png``."""
+    return RESULTS / f"policy_{kind}_{task}{'_' + variant if variant else ''}.png"
+
+
+def of_variant(rows: list[dict], variant: str | None) -> list[dict]:
+    """The rows of config ``variant`` (all rows when ``None``)."""
+    return rows if variant is None else [r for r in rows if r.get("variant") == variant]
+
+
+def plot_modes(rows: list[dict], task: str, demo: dict[str, float] | None = None, variant: str | None = None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes, mean, demo = mode_rows(rows, task, demo)
+    modes, mean, demo = mode_rows(of_variant(rows, variant), task, demo)
     if not mean:
         raise SystemExit(f"no rows with mode metrics for {task} in {RESULTS / 'policy.json'}")
     labels = (["demos"] if demo else []) + sorted(mean)
@@ -56,19 +68,19 @@ def plot_modes(rows: list[dict], task: str, demo: dict[str, float] | None = None
     ax.legend(fontsize=7, ncol=2, loc="upper right")
     ax.tick_params(axis="x", rotation=45, labelsize=8)
     fig.tight_layout()
-    path = RESULTS / f"policy_modes_{task}.png"
+    path = plot_path("modes", task, variant)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     print_table([{"variant": lab, **{m: round(v, 3) for m, v in mean[lab].items()}} for lab in sorted(mean)])
     return path
 
 
-def plot_nfe(rows: list[dict], task: str):
+def plot_nfe(rows: list[dict], task: str, variant: str | None = None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
+    for r in of_variant(rows, variant):
         if r["task"] == task:
             name = r["objective"] if r["sampler"] in (r["objective"], None) else f"{r['objective']} ({r['sampler']})"
             name += f" [{r['variant']}]" if r.get("variant") else ""
@@ -83,7 +95,7 @@ def plot_nfe(rows: list[dict], task: str):
     ax.set_title(f"{task}: success against NFE")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = RESULTS / f"policy_nfe_{task}.png"
+    path = plot_path("nfe", task, variant)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     return path
 
@@ -133,7 +145,7 @@ def plot_checkpoints(rows: list[dict], task: str, variant: str | None = None):
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = RESULTS / f"policy_checkpoints_{task}.png"
+    path = plot_path("checkpoints", task, variant)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     print_table([{"variant": lab, **{str(st): f"{m:.2f}" for st, (m, _) in pts.items()},
                   "seeds": max(n for _, n in pts.values())} for lab, pts in sorted(curves.items())])
@@ -145,7 +157,7 @@ def main(argv=None):
     ap.add_argument("--task", default="block_push_lowdim")
     ap.add_argument("--demos", default=None, help="the task's HDF5 (its demos' mode frequencies are drawn too)")
     ap.add_argument("--variant", default=None,
-                    help="only rows of this config variant (e.g. h2) in the per-checkpoint plot")
+                    help="only rows of this config variant (e.g. h2-24000), in plots named ..._<task>_<variant>.png")
     args = ap.parse_args(argv)
     rows = load_rows(RESULTS / "policy.json")
     if args.variant is not None:
@@ -157,8 +169,8 @@ def main(argv=None):
     if args.demos:
         from jumpflow.eval.modes import mode_distribution, read_demo_modes
         demo = mode_distribution(read_demo_modes(args.demos))
-    print(plot_modes(rows, args.task, demo))
-    print(plot_nfe(rows, args.task))
+    print(plot_modes(rows, args.task, demo, args.variant))
+    print(plot_nfe(rows, args.task, args.variant))
     try:
         checkpoints = plot_checkpoints(rows, args.task, args.variant)
     except ValueError as e:                                        # a malformed row: name the file

@@ -261,6 +261,7 @@ def test_checkpoint_curves_average_seeds_per_step_and_plot(tmp_path, monkeypatch
     assert plot_policy.plot_checkpoints(rows, "t") == tmp_path / "policy_checkpoints_t.png"
     assert (tmp_path / "policy_checkpoints_t.png").stat().st_size > 0
     assert plot_policy.plot_checkpoints(rows, "missing") is None
+    assert plot_policy.plot_checkpoints(rows, "t", variant="h2") == tmp_path / "policy_checkpoints_t_h2.png"
     bad = [row("ddpm", "ddpm", 100, 3, [10, 20], [0.2])]
     with pytest.raises(ValueError, match="ddpm-100 seed 3: 2 checkpoint steps but 1 successes"):
         plot_policy.checkpoint_curves(bad, "t")
@@ -282,6 +283,35 @@ def test_plot_policy_refuses_an_unknown_variant_before_writing(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "--variant: 'h3' has no rows of t in" in err and "policy.json; valid: h2" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.json"]
+
+
+def test_plot_policy_variant_draws_its_own_rows_into_its_own_files(tmp_path, monkeypatch, capsys):
+    """``--variant V``: the modes, NFE and checkpoint plots take only V's rows and are written as
+    ``policy_<kind>_<task>_V.png`` beside the unfiltered plots, which keep every row."""
+    import json
+
+    import bench.plot_policy as plot_policy
+
+    monkeypatch.setattr(plot_policy, "RESULTS", tmp_path)
+
+    def row(variant, nfe, a):
+        return {"task": "t", "objective": "meanflow", "sampler": "meanflow", "nfe": nfe, "seed": 0,
+                "success_rate": a, "variant": variant, "mode_entropy_ratio": 1.0, "mode_freq/left": a,
+                "mode_freq/right": 1.0 - a, "checkpoint_steps": [5, 10], "checkpoint_successes": [a / 2, a]}
+
+    rows = [row("short", 1, 0.2), row("long", 1, 0.8), row("long", 2, 0.6)]
+    (tmp_path / "policy.json").write_text(json.dumps({"bench": "policy", "rows": rows}))
+    modes, mean, _ = plot_policy.mode_rows(plot_policy.of_variant(rows, "long"), "t")
+    assert set(mean) == {"meanflow-1 (long)", "meanflow-2 (long)"}
+    assert mean["meanflow-1 (long)"] == {"left": 0.8, "right": pytest.approx(0.2)}
+    plot_policy.main(["--task", "t", "--variant", "long"])
+    out = capsys.readouterr().out
+    assert "meanflow-1 (long)" in out and "(short)" not in out
+    plot_policy.main(["--task", "t"])
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "policy_checkpoints_t.png", "policy_checkpoints_t_long.png", "policy_modes_t.png",
+        "policy_modes_t_long.png", "policy_nfe_t.png", "policy_nfe_t_long.png"]
+    assert "meanflow-1 (short)" in capsys.readouterr().out
 
 
 def test_readme_main_job_is_what_bench_main_job_times():
