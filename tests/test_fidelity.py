@@ -423,6 +423,24 @@ def test_meanflow_adaptive_weight_uses_the_sum():
         MeanFlow(adaptive_reduce="max")
 
 
+def test_adaptive_weight_gradient_norm_is_pseudo_huber_at_half_and_falls_at_one():
+    """The weighted loss ``sg(w) * ||err||^2`` has gradient ``2 w err``, whose norm is
+    ``2 ||err|| / (||err||^2 + c)^p``: bounded by 2 and tending to 2 at ``p = 1/2`` (the
+    pseudo-Huber gradient, sCT's normalised push), falling as ``2 / ||err||`` at ``p = 1``."""
+    from jumpflow.objectives.base import adaptive_loss_weight
+    c = 1e-2
+    scales = torch.tensor([1e-3, 0.1, 1.0, 10.0, 1e3], dtype=torch.float64)
+    direction = torch.randn(5, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    err0 = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1) * scales.view(-1, 1, 1)
+    norms = scales.numpy()
+    for p, ref in [(0.5, 2 * norms / np.sqrt(norms ** 2 + c)), (1.0, 2 * norms / (norms ** 2 + c))]:
+        err = err0.clone().requires_grad_(True)
+        loss = (adaptive_loss_weight(err, p, c) * err.pow(2).flatten(1).sum(1)).sum()
+        (grad,) = torch.autograd.grad(loss, err)
+        got = grad.flatten(1).norm(dim=1).numpy()
+        assert np.abs(got - ref).max() < 1e-12 * max(1.0, ref.max())
+
+
 def test_meanflow_loss_is_sum_weight_times_mean_error():
     """A constant net ``u = c0``: ``du/dt = 0``, so ``u_tgt = v = eps - x`` and the loss is
     ``mean_d err^2 / (sum_d err^2 + c)^p`` with ``err = c0 - v``."""

@@ -279,10 +279,13 @@ ADAPTIVE_REDUCTIONS = ("sum", "mean")
 def adaptive_loss_weight(err: Tensor, p: float, c: float, reduce: str = "sum") -> Tensor:
     """MeanFlow's adaptive loss weight (Geng et al. 2025; the pseudo-Huber idea of Song &
     Dhariwal's improved consistency training), ``w = 1 / sg(||err||^2 + c)^p`` per sample: ``||err||^2`` is the ``"sum"``
-    over the non-batch dims (both official MeanFlow codes) or their ``"mean"``. With ``p = 1``,
-    ``w * ||err||^2`` tends to 1 for large errors (an L1-like loss) and to ``||err||^2 / c`` for
-    small ones. Written once for every objective that weights this way. ``err: (B, *shape) ->
-    (B,)``, no gradient."""
+    over the non-batch dims (both official MeanFlow codes) or their ``"mean"``. The gradient of
+    ``w * ||err||^2`` is ``2 w err``: with ``p = 1/2`` its norm tends to 2 for large errors (the
+    pseudo-Huber loss, L1-like: every sample pushes with unit strength, as sCT's normalised tangent
+    ``g / (||g|| + c)`` does); with ``p = 1`` (MeanFlow's default) it falls as ``2 / ||err||``, so
+    the samples with the largest errors are pushed least; for small errors the loss is
+    ``||err||^2 / c^p``. Written once for every objective that weights this way. ``err: (B, *shape)
+    -> (B,)``, no gradient."""
     sq = err.detach().pow(2).flatten(1)
     sq = sq.sum(1) if reduce == "sum" else sq.mean(1)
     return (sq + c).pow(-p)
