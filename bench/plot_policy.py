@@ -6,11 +6,14 @@ evaluated checkpoint: whether a row has stopped improving or was cut short by th
     python -m bench.plot_policy --task block_push_lowdim
     python -m bench.plot_policy --task reach_around_lowdim
     python -m bench.plot_policy --task block_push_lowdim --variant h2-24000
+    python -m bench.plot_policy --task block_push_lowdim --variant h2-24000 --also h2-24000-p05
 
 Writes ``bench/results/policy_modes_<task>.png``, ``policy_nfe_<task>.png`` and, where rows
 have ``checkpoint_successes``, ``policy_checkpoints_<task>.png`` (atomically) and prints the
 numbers it plotted. ``--variant V`` draws only the rows of config variant ``V`` and writes
-``..._<task>_<V>.png``, so that the plots of two budgets or recipes of one task stand side by side."""
+``..._<task>_<V>.png``, so that the plots of two budgets or recipes of one task stand side by side;
+``--also W`` (repeatable) draws the rows of variant ``W`` into ``V``'s plots too (a recipe change
+run on the same budget, e.g. one objective's hyper-parameter), labelled by their variant."""
 
 from __future__ import annotations
 
@@ -43,21 +46,22 @@ def plot_path(kind: str, task: str, variant: str | None = None):
     return RESULTS / f"policy_{kind}_{task}{'_' + variant if variant else ''}.png"
 
 
-def of_variant(rows: list[dict], variant: str | None) -> list[dict]:
-    """The rows of config ``variant`` (all rows when ``None``)."""
-    return rows if variant is None else [r for r in rows if r.get("variant") == variant]
+def of_variant(rows: list[dict], variant: str | None, also: tuple[str, ...] = ()) -> list[dict]:
+    """The rows of config ``variant`` or of one of ``also`` (all rows when ``variant`` is ``None``)."""
+    return rows if variant is None else [r for r in rows if r.get("variant") in (variant, *also)]
 
 
-def plot_modes(rows: list[dict], task: str, demo: dict[str, float] | None = None, variant: str | None = None):
+def plot_modes(rows: list[dict], task: str, demo: dict[str, float] | None = None, variant: str | None = None,
+               also: tuple[str, ...] = ()):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes, mean, demo = mode_rows(of_variant(rows, variant), task, demo)
+    modes, mean, demo = mode_rows(of_variant(rows, variant, also), task, demo)
     if not mean:
         raise SystemExit(f"no rows with mode metrics for {task} in {RESULTS / 'policy.json'}")
     labels = (["demos"] if demo else []) + sorted(mean)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(labels), 3.6))
+    fig, ax = plt.subplots(figsize=(2.2 + 0.9 * len(labels), 3.6))
     bottom = np.zeros(len(labels))
     for m in modes:
         vals = np.array(([demo.get(m, 0.0)] if demo else []) + [mean[lab][m] for lab in sorted(mean)])
@@ -65,8 +69,10 @@ def plot_modes(rows: list[dict], task: str, demo: dict[str, float] | None = None
         bottom += vals
     ax.set_ylabel("share of episodes")
     ax.set_title(f"{task}: behaviour modes of rollouts (mean over seeds) vs demos")
-    ax.legend(fontsize=7, ncol=2, loc="upper right")
-    ax.tick_params(axis="x", rotation=45, labelsize=8)
+    # outside the axes: every bar reaches 1.0, so any legend inside covers one
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="mode", title_fontsize=7)
+    ax.tick_params(axis="x", labelsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
     fig.tight_layout()
     path = plot_path("modes", task, variant)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
@@ -74,13 +80,13 @@ def plot_modes(rows: list[dict], task: str, demo: dict[str, float] | None = None
     return path
 
 
-def plot_nfe(rows: list[dict], task: str, variant: str | None = None):
+def plot_nfe(rows: list[dict], task: str, variant: str | None = None, also: tuple[str, ...] = ()):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in of_variant(rows, variant):
+    for r in of_variant(rows, variant, also):
         if r["task"] == task:
             name = r["objective"] if r["sampler"] in (r["objective"], None) else f"{r['objective']} ({r['sampler']})"
             name += f" [{r['variant']}]" if r.get("variant") else ""
@@ -107,15 +113,15 @@ def label_of(row: dict) -> str:
     return label + (f" ({row['variant']})" if row.get("variant") else "")
 
 
-def checkpoint_curves(rows: list[dict], task: str, variant: str | None = None
+def checkpoint_curves(rows: list[dict], task: str, variant: str | None = None, also: tuple[str, ...] = ()
                       ) -> dict[str, dict[int, tuple[float, int]]]:
     """Per variant label, per training step: ``(mean success over the seeds evaluated at that
     step, number of seeds)``, from the DP-protocol rows' ``checkpoint_steps`` /
-    ``checkpoint_successes``; only rows of config ``variant`` when one is given. Rows without
+    ``checkpoint_successes``; only rows of config ``variant`` (or of ``also``) when one is given. Rows without
     them (final-checkpoint-only runs) are left out."""
     acc: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        if r["task"] != task or "checkpoint_successes" not in r or (variant and r.get("variant") != variant):
+    for r in of_variant(rows, variant, also):
+        if r["task"] != task or "checkpoint_successes" not in r:
             continue
         steps, succ = r["checkpoint_steps"], r["checkpoint_successes"]
         if len(steps) != len(succ):
@@ -126,10 +132,10 @@ def checkpoint_curves(rows: list[dict], task: str, variant: str | None = None
     return {lab: {st: (float(np.mean(v)), len(v)) for st, v in sorted(pts.items())} for lab, pts in acc.items()}
 
 
-def plot_checkpoints(rows: list[dict], task: str, variant: str | None = None):
+def plot_checkpoints(rows: list[dict], task: str, variant: str | None = None, also: tuple[str, ...] = ()):
     """Success against training step (mean over seeds) per variant (of config ``variant`` only,
     when given); ``None`` when no such row of ``task`` has per-checkpoint results."""
-    curves = checkpoint_curves(rows, task, variant)
+    curves = checkpoint_curves(rows, task, variant, also)
     if not curves:
         return None
     import matplotlib
@@ -158,21 +164,26 @@ def main(argv=None):
     ap.add_argument("--demos", default=None, help="the task's HDF5 (its demos' mode frequencies are drawn too)")
     ap.add_argument("--variant", default=None,
                     help="only rows of this config variant (e.g. h2-24000), in plots named ..._<task>_<variant>.png")
+    ap.add_argument("--also", action="append", default=[], metavar="VARIANT",
+                    help="with --variant: draw this variant's rows into the same plots too (repeatable)")
     args = ap.parse_args(argv)
     rows = load_rows(RESULTS / "policy.json")
-    if args.variant is not None:
-        known = sorted({r["variant"] for r in rows if r["task"] == args.task and r.get("variant")})
-        if args.variant not in known:
-            ap.error(f"--variant: {args.variant!r} has no rows of {args.task} in {RESULTS / 'policy.json'}; "
+    if args.also and args.variant is None:
+        ap.error("--also needs --variant (the plots are named after --variant)")
+    known = sorted({r["variant"] for r in rows if r["task"] == args.task and r.get("variant")})
+    for flag, name in [("--variant", args.variant)] * (args.variant is not None) + [("--also", a) for a in args.also]:
+        if name not in known:
+            ap.error(f"{flag}: {name!r} has no rows of {args.task} in {RESULTS / 'policy.json'}; "
                      f"valid: {', '.join(known) or 'none'}")
+    also = tuple(args.also)
     demo = None
     if args.demos:
         from jumpflow.eval.modes import mode_distribution, read_demo_modes
         demo = mode_distribution(read_demo_modes(args.demos))
-    print(plot_modes(rows, args.task, demo, args.variant))
-    print(plot_nfe(rows, args.task, args.variant))
+    print(plot_modes(rows, args.task, demo, args.variant, also))
+    print(plot_nfe(rows, args.task, args.variant, also))
     try:
-        checkpoints = plot_checkpoints(rows, args.task, args.variant)
+        checkpoints = plot_checkpoints(rows, args.task, args.variant, also)
     except ValueError as e:                                        # a malformed row: name the file
         raise SystemExit(f"{RESULTS / 'policy.json'}: {e}") from None
     if checkpoints is not None:

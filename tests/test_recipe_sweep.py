@@ -314,6 +314,37 @@ def test_plot_policy_variant_draws_its_own_rows_into_its_own_files(tmp_path, mon
     assert "meanflow-1 (short)" in capsys.readouterr().out
 
 
+def test_plot_policy_also_adds_another_variants_rows_to_the_named_plots(tmp_path, monkeypatch, capsys):
+    """``--variant V --also W``: W's rows join V's plots (labelled by their variant), the files keep
+    V's name, and a W without rows (or ``--also`` without ``--variant``) is refused in one line."""
+    import json
+
+    import bench.plot_policy as plot_policy
+
+    monkeypatch.setattr(plot_policy, "RESULTS", tmp_path)
+
+    def row(variant, a):
+        return {"task": "t", "objective": "meanflow", "sampler": "meanflow", "nfe": 1, "seed": 0,
+                "success_rate": a, "variant": variant, "mode_entropy_ratio": 1.0, "mode_freq/left": a,
+                "mode_freq/right": 1.0 - a, "checkpoint_steps": [5, 10], "checkpoint_successes": [a / 2, a]}
+
+    rows = [row("base", 0.2), row("tuned", 0.8), row("other", 0.5)]
+    (tmp_path / "policy.json").write_text(json.dumps({"bench": "policy", "rows": rows}))
+    curves = plot_policy.checkpoint_curves(rows, "t", "base", ("tuned",))
+    assert curves == {"meanflow-1 (base)": {5: (0.1, 1), 10: (0.2, 1)},
+                      "meanflow-1 (tuned)": {5: (0.4, 1), 10: (0.8, 1)}}
+    plot_policy.main(["--task", "t", "--variant", "base", "--also", "tuned"])
+    out = capsys.readouterr().out
+    assert "meanflow-1 (tuned)" in out and "(other)" not in out
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "policy_checkpoints_t_base.png", "policy_modes_t_base.png", "policy_nfe_t_base.png"]
+    for argv, needle in ((["--task", "t", "--also", "tuned"], "--also needs --variant"),
+                         (["--task", "t", "--variant", "base", "--also", "nope"], "'nope' has no rows of t")):
+        with pytest.raises(SystemExit):
+            plot_policy.main(argv)
+        assert needle in capsys.readouterr().err
+
+
 def test_readme_main_job_is_what_bench_main_job_times():
     """README command 1 is ``bench.main_job``'s ``README_COMMAND``, and the overrides the bench
     passes by default compose into that command's config (Lift low-dim, dart demos)."""
