@@ -452,9 +452,22 @@ def _write_rows(rows: list[dict], out: Path, args) -> None:
     write_results("policy", config_keeping(out, {"peer_lerobot": peer}), rows, path=out)
 
 
-def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, options: dict | None = None) -> None:
-    """Train one seed, evaluate its checkpoints at every variant, write the rows as they finish."""
+def style_recipe(task: str, style: str) -> tuple[str, list[str]]:
+    """The rows' task label and the recipe overrides of demo ``style``: ``ph`` is the task as it is;
+    ``mh`` (human-like demos) labels the rows ``<task>_mh``, as ``bench.policy --style mh`` does, so
+    the peer's rows sit beside jumpflow's of the same demos."""
+    if style not in ("ph", "mh"):
+        raise ValueError(f"--style: expected ph or mh, got {style!r}")
+    return (task, []) if style == "ph" else (f"{task}_mh", [f"task.demo_style={style}"])
+
+
+def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, options: dict | None = None,
+             label: str | None = None) -> None:
+    """Train one seed, evaluate its checkpoints at every variant, write the rows (task ``label``,
+    default ``task_name``) as they finish."""
     from hydra.utils import instantiate
+
+    label = label or task_name
 
     cfg = compose_recipe(task_name, args.steps, args.override)
     task = instantiate(cfg.task)
@@ -464,7 +477,7 @@ def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, op
     total = int(cfg.trainer.max_steps)
     ckpt_every = max(1, total // (2 * DP_CHECKPOINTS)) if args.protocol == "dp" else total
     keep = DP_CHECKPOINTS if args.protocol == "dp" else 1
-    print(f"== {task_name} seed {seed}: LeRobot {lerobot_version()} DiffusionPolicy, down_dims {down_dims}, "
+    print(f"== {label} seed {seed}: LeRobot {lerobot_version()} DiffusionPolicy, down_dims {down_dims}, "
           f"{total} steps x batch {int(cfg.trainer.batch_size)}, optim {args.optim}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
     trained = train_lerobot_dp(cfg, task, seed, args.optim, down_dims, ckpt_every, keep, log=partial(print, flush=True),
@@ -485,7 +498,7 @@ def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, op
             lat = measure_latency(adapter, task.train_dataset(), args.latency_calls)
             print(f"   {sampler}-{nfe}: latency p50 {lat['latency_ms_p50']:.1f} ms, p95 {lat['latency_ms_p95']:.1f} ms "
                   "per chunk (batch 1)", flush=True)
-            row = make_row(task_name, seed, sampler, nfe, evals, lat, trained, cfg, args, down_dims)
+            row = make_row(label, seed, sampler, nfe, evals, lat, trained, cfg, args, down_dims)
             # re-read: another process may have added rows since this one started
             rows = [r for r in load_rows(out) if row_key(r) != row_key(row)] + [row]
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("mode_freq")}), flush=True)
@@ -513,6 +526,8 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="dataset folder (default: $JUMPFLOW_DATA, else <repo>/data)")
     ap.add_argument("--env-state-keys", default=None, help="obs keys for observation.environment_state")
     ap.add_argument("--override", action="append", default=[], help="extra hydra override of the recipe")
+    ap.add_argument("--style", choices=("ph", "mh"), default="ph",
+                    help="demo style: mh trains on human-like demos (task.demo_style=mh), rows labelled <task>_mh")
     ap.add_argument("--lerobot-option", action="append", default=[],
                     help="KEY=VALUE: a DiffusionConfig field beyond the defaults (e.g. do_mask_loss_for_padding=true); "
                          "named in the rows' variant")
@@ -535,15 +550,18 @@ def main(argv=None):
     if not args.table_only:
         _import_lerobot()                                         # fail here, before any work
         for task_name in tasks:
+            label, style_overrides = style_recipe(task_name, args.style)
+            run_args = argparse.Namespace(**{**vars(args), "override": [*args.override, *style_overrides]})
             for seed in map(int, args.seeds.split(",")):
                 done = {row_key(r) for r in load_rows(out)}
                 variant = peer_variant(args.optim, down_dims, options)
-                if args.overwrite or not all((task_name, OBJECTIVE, variant, s, n, seed) in done
+                if args.overwrite or not all((label, OBJECTIVE, variant, s, n, seed) in done
                                              for s, n in variants):
-                    run_seed(task_name, seed, args, variants, down_dims, out, options)
+                    run_seed(task_name, seed, run_args, variants, down_dims, out, options, label=label)
     for task_name in tasks:
-        print(f"\n== {task_name}: LeRobot DP beside jumpflow's rows ({out}), mean over seeds")
-        print_table(side_by_side(peer_rows(task_name, out), jumpflow_rows(task_name, out)))
+        label = style_recipe(task_name, args.style)[0]
+        print(f"\n== {label}: LeRobot DP beside jumpflow's rows ({out}), mean over seeds")
+        print_table(side_by_side(peer_rows(label, out), jumpflow_rows(label, out)))
 
 
 if __name__ == "__main__":
