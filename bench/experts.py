@@ -32,16 +32,6 @@ from jumpflow.checkpoint import atomic_write_text
 from jumpflow.envs.experts import STYLES      # ph | mh | dart (a numpy-only module)
 
 
-
-def run_until_success(sim, act, obs, max_steps: int) -> tuple[bool, int]:
-    """Step ``act(obs)`` until the first success or ``max_steps``: ``(success, steps taken)``."""
-    ok, t = False, 0
-    for t in range(1, max_steps + 1):
-        obs, _, ok = sim.step(act(obs))
-        if ok:
-            break
-    return ok, t
-
 def machine_info() -> dict:
     import mujoco
     import robosuite
@@ -55,6 +45,7 @@ def machine_info() -> dict:
 def run_metaworld_task(task: str, n_episodes: int, seed: int, noise_std: float = 0.0) -> dict:
     """MetaWorld's scripted policy on ``MetaWorldSim`` (episode ``k``: seed ``seed + k``, at most 500 steps)."""
     from jumpflow.envs.metaworld_env import MetaWorldExpert, MetaWorldSim, metaworld_env_meta, task_group
+    from jumpflow.envs.metaworld_demos import run_metaworld_episode
 
     meta = metaworld_env_meta(task)
     max_steps = int(meta["env_kwargs"]["horizon"])
@@ -63,9 +54,9 @@ def run_metaworld_task(task: str, n_episodes: int, seed: int, noise_std: float =
     succ, lengths, failed_seeds = [], [], []
     t0 = time.perf_counter()
     for k in range(n_episodes):
-        obs = sim.reset(seed=seed + k)
-        expert.reset(seed + k)
-        ok, t = run_until_success(sim, lambda o: np.clip(expert.act(o), -1.0, 1.0), obs, max_steps)
+        # the demo generator's own episode, so the table measures what the demos are drawn from
+        ep = run_metaworld_episode(sim, expert, seed + k, max_steps)
+        ok, t = ep["success"], len(ep["actions"])
         succ.append(ok)
         lengths.append(t)
         if not ok:

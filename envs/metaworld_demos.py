@@ -21,6 +21,7 @@ or at ``max_steps`` (MetaWorld's 500); only successful episodes are kept. Writte
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -74,11 +75,7 @@ def generate_metaworld_demos(out: str | os.PathLike, task: str = "push-v3", n_de
     expert = MetaWorldExpert(name, noise_std=noise_std)
     t0 = time.perf_counter()
 
-    def run(episode_seed: int) -> dict:
-        obs = sim.reset(seed=episode_seed)
-        expert.reset(episode_seed)
-        return record_episode(sim, expert.act, obs, episode_seed, max_steps, model_file=sim.get_model_xml())
-
+    run = functools.partial(run_metaworld_episode, sim, expert, max_steps=max_steps)
     try:
         stats = write_demo_file(out, name, n_demos, seed, max_attempts, run, env_meta,
                                 valid_fraction=valid_fraction, compress_images=compress_images, progress=progress,
@@ -86,6 +83,15 @@ def generate_metaworld_demos(out: str | os.PathLike, task: str = "push-v3", n_de
     finally:
         sim.close()
     return {**demo_summary(out, name, stats, time.perf_counter() - t0), "noise_std": float(noise_std)}
+
+
+def run_metaworld_episode(sim, expert, episode_seed: int, max_steps: int) -> dict:
+    """One episode of MetaWorld's scripted policy as the demo generator records it (env and expert
+    reseeded with ``episode_seed``, actions clipped to [-1, 1], stopped at the first success); the
+    expert-success bench (``bench/experts.py``) measures exactly this episode."""
+    obs = sim.reset(seed=episode_seed)
+    expert.reset(episode_seed)
+    return record_episode(sim, expert.act, obs, episode_seed, max_steps, model_file=sim.get_model_xml())
 
 
 def ensure_metaworld_demos(path: str | os.PathLike, task: str = "push-v3", n_demos: int = 50, seed: int = 0,

@@ -156,6 +156,22 @@ def test_replaying_a_demo_from_its_stored_state_reproduces_it(push_demos):
 
 
 @pytest.mark.sim
+def test_expert_bench_measures_the_episode_the_demo_generator_records(push_demos):
+    """``bench/experts.py``'s MetaWorld row runs the generator's own episode: from a stored demo's
+    seed (same action noise) it succeeds in exactly that demo's number of steps."""
+    import h5py
+
+    from bench.experts import run_metaworld_task
+
+    path, _ = push_demos
+    with h5py.File(path, "r") as f:
+        demos = [(int(f["data"][n].attrs["seed"]), f["data"][n]["actions"].shape[0]) for n in ("demo_0", "demo_1")]
+    for seed, length in demos:
+        row = run_metaworld_task(PUSH, 1, seed, noise_std=0.1)
+        assert (row["n_success"], row["mean_length"], row["seeds"]) == (1, float(length), f"{seed}..{seed}")
+
+
+@pytest.mark.sim
 def test_ensure_demos_hook_and_image_observations(tmp_path):
     from jumpflow.datasets.robomimic import RobomimicFile
     from jumpflow.envs.demos import ensure_demos
