@@ -42,32 +42,40 @@ def machine_info() -> dict:
     return info
 
 
+def episode_stats(run_episode, n_episodes: int, seed: int, on_episode=None) -> dict:
+    """``run_episode(seed + k)`` for ``k < n_episodes`` (each the demo generator's own episode, so the
+    table measures what the demos are drawn from), ``on_episode(record)`` after each; the fields every
+    expert row shares: successes, mean length, the failed seeds, seconds per episode."""
+    succ, lengths, failed_seeds = [], [], []
+    t0 = time.perf_counter()
+    for k in range(n_episodes):
+        ep = run_episode(seed + k)
+        succ.append(bool(ep["success"]))
+        lengths.append(len(ep["actions"]))
+        if not ep["success"]:
+            failed_seeds.append(seed + k)
+        if on_episode is not None:
+            on_episode(ep)
+    return {"n_episodes": n_episodes, "n_success": int(np.sum(succ)), "success_rate": float(np.mean(succ)),
+            "mean_length": float(np.mean(lengths)), "seconds_per_episode": (time.perf_counter() - t0) / n_episodes,
+            "seeds": f"{seed}..{seed + n_episodes - 1}", "failed_seeds": failed_seeds}
+
+
 def run_metaworld_task(task: str, n_episodes: int, seed: int, noise_std: float = 0.0) -> dict:
     """MetaWorld's scripted policy on ``MetaWorldSim`` (episode ``k``: seed ``seed + k``, at most 500 steps)."""
-    from jumpflow.envs.metaworld_env import MetaWorldExpert, MetaWorldSim, metaworld_env_meta, task_group
     from jumpflow.envs.metaworld_demos import run_metaworld_episode
+    from jumpflow.envs.metaworld_env import MetaWorldExpert, MetaWorldSim, metaworld_env_meta, task_group
 
     meta = metaworld_env_meta(task)
     max_steps = int(meta["env_kwargs"]["horizon"])
     sim = MetaWorldSim(meta, obs_keys=["state"])
     expert = MetaWorldExpert(meta["env_name"], noise_std=noise_std)
-    succ, lengths, failed_seeds = [], [], []
-    t0 = time.perf_counter()
-    for k in range(n_episodes):
-        # the demo generator's own episode, so the table measures what the demos are drawn from
-        ep = run_metaworld_episode(sim, expert, seed + k, max_steps)
-        ok, t = ep["success"], len(ep["actions"])
-        succ.append(ok)
-        lengths.append(t)
-        if not ok:
-            failed_seeds.append(seed + k)
-    sec = time.perf_counter() - t0
-    sim.close()
+    try:
+        stats = episode_stats(lambda s: run_metaworld_episode(sim, expert, s, max_steps), n_episodes, seed)
+    finally:
+        sim.close()
     return {"task": meta["env_name"], "family": "metaworld", "group": task_group(meta["env_name"]), "style": "ph",
-            "noise_std": float(noise_std), "n_episodes": n_episodes, "n_success": int(np.sum(succ)),
-            "success_rate": float(np.mean(succ)), "max_steps": max_steps, "mean_length": float(np.mean(lengths)),
-            "seconds_per_episode": sec / n_episodes, "seeds": f"{seed}..{seed + n_episodes - 1}",
-            "failed_seeds": failed_seeds}
+            "noise_std": float(noise_std), "max_steps": max_steps, **stats}
 
 
 def _expand_tasks(tasks: list[str]) -> list[str]:
@@ -91,27 +99,22 @@ def run_task(task: str, n_episodes: int, seed: int, style: str = "ph", max_steps
     max_steps = max_steps or episode_cap(task, style)
     sim = RobosuiteSim(default_env_meta(task), obs_keys=LOW_DIM_KEYS)
     expert = make_expert(task, sim.env, style=style)
-    succ, lengths, failed_seeds, modes, n_missed, n_regrasps = [], [], [], {}, 0, 0
-    t0 = time.perf_counter()
-    for k in range(n_episodes):
-        # the demo generator's own episode (reseeded style draw, dart's perturbed execution)
-        ep = run_expert_episode(sim, expert, seed + k, max_steps)
-        ok, t = ep["success"], len(ep["actions"])
-        succ.append(ok)
-        lengths.append(t)
-        if not ok:
-            failed_seeds.append(seed + k)
+    modes, counts = {}, {"missed": 0, "regrasps": 0}
+
+    def tally(ep):
         attrs = ep.get("attrs", {})
         if style == "mh":
             modes[attrs["mode"]] = modes.get(attrs["mode"], 0) + 1
-            n_missed += int(attrs["missed"])
-        n_regrasps += int(attrs.get("n_regrasps", 0) > 0)
-    sec = time.perf_counter() - t0
-    sim.close()
-    row = {"task": task, "style": style, "n_episodes": n_episodes, "n_success": int(np.sum(succ)),
-           "success_rate": float(np.mean(succ)), "max_steps": max_steps, "mean_length": float(np.mean(lengths)),
-           "seconds_per_episode": sec / n_episodes, "seeds": f"{seed}..{seed + n_episodes - 1}",
-           "failed_seeds": failed_seeds}
+            counts["missed"] += int(attrs["missed"])
+        counts["regrasps"] += int(attrs.get("n_regrasps", 0) > 0)
+
+    try:
+        # reseeded style draw, dart's perturbed execution
+        stats = episode_stats(lambda s: run_expert_episode(sim, expert, s, max_steps), n_episodes, seed, tally)
+    finally:
+        sim.close()
+    n_missed, n_regrasps = counts["missed"], counts["regrasps"]
+    row = {"task": task, "style": style, "max_steps": max_steps, **stats}
     if style == "mh":
         row["modes"] = dict(sorted(modes.items()))
         row["n_missed_grasps"] = n_missed

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
@@ -225,7 +226,7 @@ def test_policy_bench_says_when_it_skips_rows_that_exist(tmp_path, monkeypatch, 
     saying so (a queued re-run must not pass silently), and nothing is trained."""
     import json
 
-    import bench.policy as policy
+    from bench import policy
 
     monkeypatch.setattr(policy, "RESULTS", tmp_path)
     row = {"task": "lift_lowdim", "objective": "regression", "sampler": "regression", "nfe": 1, "seed": 0,
@@ -240,7 +241,7 @@ def test_checkpoint_curves_average_seeds_per_step_and_plot(tmp_path, monkeypatch
     """The per-checkpoint plot averages each step over the seeds evaluated there (exact on
     hand-made rows), labels samplers and variants apart, leaves final-only rows out, and names a
     row whose steps and successes disagree in length."""
-    import bench.plot_policy as plot_policy
+    from bench import plot_policy
 
     def row(obj, sampler, nfe, seed, steps, succ, **kw):
         return {"task": "t", "objective": obj, "sampler": sampler, "nfe": nfe, "seed": seed,
@@ -272,7 +273,7 @@ def test_plot_policy_refuses_an_unknown_variant_before_writing(tmp_path, monkeyp
     and no plot written."""
     import json
 
-    import bench.plot_policy as plot_policy
+    from bench import plot_policy
 
     monkeypatch.setattr(plot_policy, "RESULTS", tmp_path)
     row = {"task": "t", "objective": "ddpm", "sampler": "ddpm", "nfe": 100, "seed": 0, "success_rate": 0.5,
@@ -290,7 +291,7 @@ def test_plot_policy_variant_draws_its_own_rows_into_its_own_files(tmp_path, mon
     ``policy_<kind>_<task>_V.png`` beside the unfiltered plots, which keep every row."""
     import json
 
-    import bench.plot_policy as plot_policy
+    from bench import plot_policy
 
     monkeypatch.setattr(plot_policy, "RESULTS", tmp_path)
 
@@ -301,7 +302,7 @@ def test_plot_policy_variant_draws_its_own_rows_into_its_own_files(tmp_path, mon
 
     rows = [row("short", 1, 0.2), row("long", 1, 0.8), row("long", 2, 0.6)]
     (tmp_path / "policy.json").write_text(json.dumps({"bench": "policy", "rows": rows}))
-    modes, mean, _ = plot_policy.mode_rows(plot_policy.of_variant(rows, "long"), "t")
+    _, mean, _ = plot_policy.mode_rows(plot_policy.of_variant(rows, "long"), "t")
     assert set(mean) == {"meanflow-1 (long)", "meanflow-2 (long)"}
     assert mean["meanflow-1 (long)"] == {"left": 0.8, "right": pytest.approx(0.2)}
     plot_policy.main(["--task", "t", "--variant", "long"])
@@ -319,7 +320,7 @@ def test_plot_policy_also_adds_another_variants_rows_to_the_named_plots(tmp_path
     V's name, and a W without rows (or ``--also`` without ``--variant``) is refused in one line."""
     import json
 
-    import bench.plot_policy as plot_policy
+    from bench import plot_policy
 
     monkeypatch.setattr(plot_policy, "RESULTS", tmp_path)
 
@@ -360,3 +361,18 @@ def test_readme_main_job_is_what_bench_main_job_times():
         cfg = compose("train", overrides=[*command_args, "run_dir=unused"])
     assert cfg.task.env == "Lift" and cfg.task.demo_style == "dart" and not cfg.task.image
     assert cfg.task.dataset.endswith("lift_dart_lowdim_200.hdf5")
+
+
+def test_expert_episode_stats_counts_successes_lengths_and_failed_seeds():
+    """``bench.experts.episode_stats``: episode ``k`` runs seed ``seed + k``; the row's success rate,
+    mean length and failed seeds are those of the records, and every record reaches ``on_episode``."""
+    from bench.experts import episode_stats
+
+    def run(seed):                       # succeeds on even seeds, in `seed` steps
+        return {"success": seed % 2 == 0, "actions": np.zeros((seed, 2))}
+
+    seen = []
+    stats = episode_stats(run, 4, 10, on_episode=lambda ep: seen.append(len(ep["actions"])))
+    assert seen == [10, 11, 12, 13]
+    assert (stats["n_episodes"], stats["n_success"], stats["success_rate"]) == (4, 2, 0.5)
+    assert stats["mean_length"] == 11.5 and stats["failed_seeds"] == [11, 13] and stats["seeds"] == "10..13"
