@@ -91,7 +91,7 @@ def plot_nfe(rows: list[dict], task: str, variant: str | None = None, also: tupl
             name = r["objective"] if r["sampler"] in (r["objective"], None) else f"{r['objective']} ({r['sampler']})"
             name += f" [{r['variant']}]" if r.get("variant") else ""
             curves[name][int(r["nfe"])].append(float(r.get("success_last_mean", r["success_rate"])))
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
     for name, pts in sorted(curves.items()):
         nfes = sorted(pts)
         ax.plot(nfes, [np.mean(pts[n]) for n in nfes], marker="o", label=name)
@@ -99,7 +99,7 @@ def plot_nfe(rows: list[dict], task: str, variant: str | None = None, also: tupl
     ax.set_xlabel("NFE per action chunk")
     ax.set_ylabel("success (mean over seeds)")
     ax.set_title(f"{task}: success against NFE")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))    # beside: the 1-NFE points sit low
     fig.tight_layout()
     path = plot_path("nfe", task, variant)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
