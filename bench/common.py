@@ -73,6 +73,15 @@ def row_key(row: dict) -> tuple:
     return row["task"], row["objective"], row.get("variant", ""), row["sampler"], row["nfe"], row["seed"]
 
 
+def demo_style_recipe(task: str, style: str) -> tuple[str, list[str]]:
+    """The rows' task label and the recipe overrides of demo ``style``, the one rule every policy
+    bench labels by: ``ph`` (the scripted default) is the task as it is; ``mh`` (human-like demos)
+    labels the rows ``<task>_mh`` and composes ``task.demo_style=mh``."""
+    if style not in ("ph", "mh"):
+        raise ValueError(f"--style: expected ph or mh, got {style!r}")
+    return (task, []) if style == "ph" else (f"{task}_mh", [f"task.demo_style={style}"])
+
+
 def config_keeping(path: Path, config: dict, keep: tuple[str, ...] | None = None) -> dict:
     """``config`` plus the ``config`` entries of the result file already at ``path`` that two benches
     sharing one file must not drop: those named in ``keep``, or (``keep=None``) every entry ``config``

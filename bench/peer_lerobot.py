@@ -73,7 +73,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 try:
-    from bench.common import RESULTS, config_keeping, load_rows, machine, print_table, row_key, write_results
+    from bench.common import (
+        RESULTS,
+        config_keeping,
+        demo_style_recipe,
+        load_rows,
+        machine,
+        print_table,
+        row_key,
+        write_results,
+    )
 except ImportError:        # run as a file from outside the repository root (the lerobot venv)
     _spec = importlib.util.spec_from_file_location("_bench_common", Path(__file__).with_name("common.py"))
     _common = importlib.util.module_from_spec(_spec)
@@ -81,6 +90,7 @@ except ImportError:        # run as a file from outside the repository root (the
     RESULTS, load_rows, machine = _common.RESULTS, _common.load_rows, _common.machine
     print_table, write_results = _common.print_table, _common.write_results
     config_keeping, row_key = _common.config_keeping, _common.row_key
+    demo_style_recipe = _common.demo_style_recipe
 
 OBJECTIVE = "lerobot_dp"
 OBS_STATE, OBS_ENV_STATE, ACTION = "observation.state", "observation.environment_state", "action"
@@ -452,15 +462,6 @@ def _write_rows(rows: list[dict], out: Path, args) -> None:
     write_results("policy", config_keeping(out, {"peer_lerobot": peer}), rows, path=out)
 
 
-def style_recipe(task: str, style: str) -> tuple[str, list[str]]:
-    """The rows' task label and the recipe overrides of demo ``style``: ``ph`` is the task as it is;
-    ``mh`` (human-like demos) labels the rows ``<task>_mh``, as ``bench.policy --style mh`` does, so
-    the peer's rows sit beside jumpflow's of the same demos."""
-    if style not in ("ph", "mh"):
-        raise ValueError(f"--style: expected ph or mh, got {style!r}")
-    return (task, []) if style == "ph" else (f"{task}_mh", [f"task.demo_style={style}"])
-
-
 def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, options: dict | None = None,
              label: str | None = None) -> None:
     """Train one seed, evaluate its checkpoints at every variant, write the rows (task ``label``,
@@ -550,7 +551,7 @@ def main(argv=None):
     if not args.table_only:
         _import_lerobot()                                         # fail here, before any work
         for task_name in tasks:
-            label, style_overrides = style_recipe(task_name, args.style)
+            label, style_overrides = demo_style_recipe(task_name, args.style)
             run_args = argparse.Namespace(**{**vars(args), "override": [*args.override, *style_overrides]})
             for seed in map(int, args.seeds.split(",")):
                 done = {row_key(r) for r in load_rows(out)}
@@ -559,7 +560,7 @@ def main(argv=None):
                                              for s, n in variants):
                     run_seed(task_name, seed, run_args, variants, down_dims, out, options, label=label)
     for task_name in tasks:
-        label = style_recipe(task_name, args.style)[0]
+        label = demo_style_recipe(task_name, args.style)[0]
         print(f"\n== {label}: LeRobot DP beside jumpflow's rows ({out}), mean over seeds")
         print_table(side_by_side(peer_rows(label, out), jumpflow_rows(label, out)))
 

@@ -27,7 +27,16 @@ from hydra import compose, initialize_config_module
 from jumpflow.envs.registry import success_levels
 from jumpflow.eval import rollout  # noqa: F401  (imported now: a later edit of the tree cannot break evaluation)
 
-from bench.common import RESULTS, config_keeping, load_rows, machine, print_table, row_key, write_results
+from bench.common import (
+    RESULTS,
+    config_keeping,
+    demo_style_recipe,
+    load_rows,
+    machine,
+    print_table,
+    row_key,
+    write_results,
+)
 from jumpflow.checkpoint import checkpoint_paths, load_model
 from jumpflow.io import atomic_write_text
 from jumpflow.trainer import train
@@ -205,7 +214,7 @@ def run_overrides(args, task_name: str, objective: str, seed: int, run_dir: Path
     protocol's checkpoint schedule and ``--override`` with ``{seed}`` filled in (so that e.g. each
     distilled student reads the teacher trained with its own seed)."""
     overrides = [f"experiment={recipe_for(task_name)}", f"task={task_name}", *task_overrides,
-                 *([f"task.demo_style={args.style}"] if args.style != "ph" else []), f"objective={objective}",
+                 *demo_style_recipe(task_name, args.style)[1], f"objective={objective}",
                  f"seed={seed}", "logger=none", "trainer.progress=false", "trainer.eval_at_end=false",
                  f"run_dir={run_dir}", *(o.replace("{seed}", str(seed)) for o in args.override)]
     overrides.append(f"trainer.max_steps={args.steps}")
@@ -279,7 +288,7 @@ def main(argv=None):
         parser().error(f"--variants: {sorted(wanted - offered)} not offered by {objectives}; "
                        f"valid: {', '.join(sorted(offered))}")
     for task_name, label, task_overrides, fields in specs:
-        task = label if args.style == "ph" else f"{label}_mh"      # the rows' label
+        task = demo_style_recipe(label, args.style)[0]             # the rows' label
         for objective in objectives:
             for seed in map(int, args.seeds.split(",")):
                 variants = select_variants(objective, wanted)

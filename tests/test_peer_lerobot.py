@@ -201,13 +201,13 @@ def test_peer_rows_share_policy_json_with_jumpflow_rows(tmp_path):
 def test_style_mh_labels_rows_as_bench_policy_does_and_composes_the_mh_demos():
     """``--style mh``: rows labelled ``<task>_mh`` (the key jumpflow's mh rows carry) and the recipe
     composed with ``task.demo_style=mh``; ph leaves both as they are; anything else is refused."""
-    assert pl.style_recipe("can_lowdim", "ph") == ("can_lowdim", [])
-    label, overrides = pl.style_recipe("can_lowdim", "mh")
+    assert pl.demo_style_recipe("can_lowdim", "ph") == ("can_lowdim", [])
+    label, overrides = pl.demo_style_recipe("can_lowdim", "mh")
     assert label == "can_lowdim_mh" and overrides == ["task.demo_style=mh"]
     cfg = pl.compose_recipe("can_lowdim", 10, overrides)
     assert cfg.task.demo_style == "mh" and pl.compose_recipe("can_lowdim", 10).task.demo_style == "ph"
     with pytest.raises(ValueError, match="--style: expected ph or mh, got 'xx'"):
-        pl.style_recipe("can_lowdim", "xx")
+        pl.demo_style_recipe("can_lowdim", "xx")
 
 
 def test_peer_row_keeps_the_dp_protocol_figures_and_the_rollout_time(monkeypatch):
