@@ -46,8 +46,8 @@ def filter_modes(src: str | Path, out: str | Path, modes: list[str]) -> int:
     whose ``mode`` attribute is in ``modes`` and the ``mask`` entries that name them; returns the
     number kept. A demo without a ``mode`` attribute, or an unknown mode, is refused by name."""
     import h5py
-    from jumpflow.envs.block_push import parse_mode
 
+    from jumpflow.envs.block_push import parse_mode
     from jumpflow.io import temp_path
 
     for m in modes:
@@ -116,6 +116,7 @@ def probe_run(run: str, episodes: int, noise: str, inference: str | None, sample
     """Closed-loop rollouts of one policy on the Block Push test seeds (module doc)."""
     import torch
     import yaml
+
     from jumpflow.envs.block_push import BLOCK_PUSH_ORDERS, BlockPushOracle, BlockPushSim
     from jumpflow.policy import load_policy
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from bench.common import load_rows, machine
 from jumpflow.checkpoint import atomic_write_text
-from jumpflow.envs.experts import STYLES      # ph | mh | dart (a numpy-only module)
+from jumpflow.envs.experts import STYLES  # ph | mh | dart (a numpy-only module)
 
 
 def machine_info() -> dict:

@@ -53,10 +53,10 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import numpy as np
 import torch
-from jumpflow.datasets.images import load_mnist, to_uint8, write_json_atomic
-from jumpflow.eval.fid import InceptionFeatures, feature_stats, features_of, frechet_distance, save_stats
 
 from bench.common import machine, print_table
+from jumpflow.datasets.images import load_mnist, to_uint8, write_json_atomic
+from jumpflow.eval.fid import InceptionFeatures, feature_stats, features_of, frechet_distance, save_stats
 from jumpflow.generator import Generator
 from jumpflow.images.encoders import ClassifierFeatures, accuracy, save_weights, train_classifier
 from jumpflow.io import atomic_write

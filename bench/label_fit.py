@@ -37,6 +37,7 @@ def label_fit(run_dir: str, dataset: str | None, n_demos: int, stride: int) -> d
     import h5py
     import torch
     import yaml
+
     from jumpflow.envs.block_push import BlockPushOracle, parse_mode
     from jumpflow.policy import load_policy
 

@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
-from jumpflow.envs.registry import success_levels
-from jumpflow.eval import rollout  # noqa: F401  (imported now: a later edit of the tree cannot break evaluation)
 
 from bench.common import (
     RESULTS,
@@ -38,6 +36,8 @@ from bench.common import (
     write_results,
 )
 from jumpflow.checkpoint import checkpoint_paths, load_model
+from jumpflow.envs.registry import success_levels
+from jumpflow.eval import rollout  # noqa: F401  (imported now: a later edit of the tree cannot break evaluation)
 from jumpflow.io import atomic_write_text
 from jumpflow.trainer import train
 

@@ -272,7 +272,6 @@ def main(argv=None) -> int:
         if m not in MODES:
             ap.error(f"--wallclock-mode: {m!r} is not one of {MODES}")
     from jumpflow.eval.rollout import TEST_SEED_OFFSET
-
     from jumpflow.serve import load_serving_policy
 
     rows = []

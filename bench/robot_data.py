@@ -31,11 +31,11 @@ def main(argv=None) -> int:
     n = 5 if args.debug else args.n_demos
 
     import torch
+
+    from bench.experts import machine_info
     from jumpflow.datasets.sequence import RobomimicSequenceDataset
     from jumpflow.envs.demos import generate_demos
     from jumpflow.envs.sim import LOW_DIM_KEYS
-
-    from bench.experts import machine_info
 
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)

@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from jumpflow.datasets.robomimic import DatasetError, RobomimicFile
 
+from jumpflow.datasets.robomimic import DatasetError, RobomimicFile
 from jumpflow.io import atomic_directory
 
 FORMAT_VERSION = 1

@@ -14,9 +14,9 @@ import os
 
 import numpy as np
 import torch
-from jumpflow.datasets.replay_buffer import ReplayBuffer, load_replay_buffer
 from torch.utils.data import Dataset
 
+from jumpflow.datasets.replay_buffer import ReplayBuffer, load_replay_buffer
 from jumpflow.normalizer import Normalizer
 
 

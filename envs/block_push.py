@@ -41,6 +41,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+
 from jumpflow.envs.experts import OUNoise
 from jumpflow.envs.planar import PlanarSim, effector_body, free_planar_box, planar_scene
 

@@ -42,9 +42,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from jumpflow.envs.demo_format import record_episode, write_demo
 from jumpflow.envs.sim import canonical_task, default_env_meta
-
 from jumpflow.io import atomic_write
 
 DEMO_SEED_LIMIT = 100_000      # demo seeds are expected below this; test seeds start at 1_000_000
@@ -147,10 +147,11 @@ def generate_demos(out: str | os.PathLike, task: str = "Lift", n_demos: int = 20
         "seconds_per_demo", "total_samples"}`` (+ ``"modes"``: demos per mode label, for mh).
     """
     import h5py
+    from tqdm import tqdm
+
     from jumpflow.envs.experts import check_style
     from jumpflow.envs.metaworld_demos import is_metaworld_task
     from jumpflow.envs.planar_demos import generate_from_demos_args, is_planar_task
-    from tqdm import tqdm
 
     if is_metaworld_task(task):    # MetaWorld v3 (push-v3, metaworld:push-v3): MetaWorld's scripted policies
         from jumpflow.envs.metaworld_demos import generate_from_demos_args as metaworld_from_demos_args

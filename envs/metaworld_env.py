@@ -62,6 +62,7 @@ import re
 from typing import ClassVar
 
 import numpy as np
+
 from jumpflow.envs.mujoco_sim import MujocoSim
 from jumpflow.envs.rendering import select_gl_backend
 

@@ -17,6 +17,7 @@ import weakref
 from typing import ClassVar
 
 import numpy as np
+
 from jumpflow.envs.rendering import require_offscreen_rendering, select_gl_backend
 
 select_gl_backend()          # MuJoCo reads MUJOCO_GL when it is first imported

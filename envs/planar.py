@@ -31,6 +31,7 @@ import json
 from typing import ClassVar
 
 import numpy as np
+
 from jumpflow.envs.mujoco_sim import MujocoSim
 from jumpflow.envs.rendering import select_gl_backend
 

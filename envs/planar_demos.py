@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from jumpflow.envs.demo_format import (
     check_existing_demos,
     check_generation_args,

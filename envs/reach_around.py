@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+
 from jumpflow.envs.planar import PlanarSim, effector_body, planar_scene
 
 AGENT_RADIUS = 0.02

@@ -30,6 +30,7 @@ import types
 import weakref
 
 import numpy as np
+
 from jumpflow.envs.rendering import require_offscreen_rendering, select_gl_backend
 
 select_gl_backend()          # must precede the first robosuite import

@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from jumpflow.eval.realtime import (
     ChunkScheduler,
     ChunkSource,
@@ -52,7 +53,6 @@ from jumpflow.eval.realtime import (
     delay_steps,
     execution_horizon,
 )
-
 from jumpflow.io import atomic_write
 
 TEST_SEED_OFFSET = 1_000_000
@@ -162,6 +162,7 @@ class RolloutEvaluator:
     def _make_venv(self):
         import gymnasium as gym
         from gymnasium.vector import AutoresetMode
+
         from jumpflow.envs.gym_env import RobomimicGymEnv
 
         if self.env_fn is not None:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from torch import nn
 
+from jumpflow.envs.experts import STYLES as DEMO_STYLES  # ph | mh | dart (a numpy-only module)
 from jumpflow.errors import ConfigError
 from jumpflow.normalizer import Normalizer
 from jumpflow.objectives.base import Inference
-from jumpflow.envs.experts import STYLES as DEMO_STYLES      # ph | mh | dart (a numpy-only module)
 from jumpflow.tasks import Task
 
 

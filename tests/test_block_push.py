@@ -171,6 +171,7 @@ def test_block_push_oracle_modes_and_success(block_push_demos):
 @pytest.mark.sim
 def test_block_push_demo_replays_from_its_initial_state(block_push_demos):
     import h5py
+
     from jumpflow.datasets.robomimic import RobomimicFile
     from jumpflow.envs.block_push import BlockPushOracle, parse_mode
     from jumpflow.envs.registry import make_sim
@@ -217,6 +218,7 @@ def test_block_push_demos_from_another_oracle_version_are_refused(block_push_dem
     import shutil
 
     import h5py
+
     from jumpflow.envs.block_push import BlockPushOracle
     from jumpflow.envs.planar_demos import ensure_planar_demos
 
@@ -231,9 +233,8 @@ def test_block_push_demos_from_another_oracle_version_are_refused(block_push_dem
     with pytest.raises(ValueError, match=r"old\.hdf5: data attrs 'oracle_version' is 1, .*BlockPush oracle is version 4"):
         ensure_planar_demos(old, "BlockPush", n_demos=60)
     # training on an existing file checks it too (the file is not missing, so nothing is generated)
-    from jumpflow.policy.task import PolicyTask
-
     from jumpflow.errors import ConfigError
+    from jumpflow.policy.task import PolicyTask
 
     PolicyTask(str(path), env="BlockPush", generate_if_missing=False, obs_keys=BP_KEYS,
                cache_dir=str(tmp_path / "cache")).prepare()
@@ -249,10 +250,9 @@ def test_block_push_oracle_is_memoryless_and_survives_held_actions():
     """The oracle is a feedback law of the observation and its drawn order: a fresh oracle with
     the same order acts identically mid-episode (nothing hidden a learner could not see), and
     holding each action for 4 steps, as a chunked policy acts open loop, still succeeds."""
+    from bench.experts import PerturbedOracle
     from jumpflow.envs.block_push import BlockPushOracle, BlockPushSim
     from jumpflow.envs.planar_demos import run_oracle_episode
-
-    from bench.experts import PerturbedOracle
 
     sim = BlockPushSim()
     oracle = BlockPushOracle(max_delta=sim.max_delta, noise_std=0.0)
@@ -284,6 +284,7 @@ def test_block_push_oracle_is_memoryless_and_survives_held_actions():
 @pytest.mark.sim
 def test_reach_around_demos_modes_replay_and_images(tmp_path):
     import h5py
+
     from jumpflow.envs.demos import ensure_demos, generate_demos
     from jumpflow.envs.reach_around import ReachAroundSim
     from jumpflow.eval.modes import read_demo_modes
@@ -345,10 +346,10 @@ def test_dataset_naming_an_unknown_env_type_fails_at_prepare(tmp_path):
     import json
 
     import h5py
-    from jumpflow.envs.planar_demos import generate_planar_demos
-    from jumpflow.policy.task import PolicyTask
 
+    from jumpflow.envs.planar_demos import generate_planar_demos
     from jumpflow.errors import ConfigError
+    from jumpflow.policy.task import PolicyTask
 
     path = tmp_path / "reach.hdf5"
     generate_planar_demos(path, task="ReachAround", n_demos=3, seed=0, progress=False)
@@ -490,7 +491,13 @@ def test_block_push_probe_filter_keeps_one_mode_and_refuses_bad_input(block_push
 def test_block_push_orders_pair_the_other_block_with_the_other_target():
     """The four orders the oracle draws and the probe compares against: each is its mode's pair
     then the complementary pair, one per mode, all distinct."""
-    from jumpflow.envs.block_push import BLOCK_PUSH_MODES, BLOCK_PUSH_ORDERS, BlockPushOracle, mode_name, order_of
+    from jumpflow.envs.block_push import (
+        BLOCK_PUSH_MODES,
+        BLOCK_PUSH_ORDERS,
+        BlockPushOracle,
+        mode_name,
+        order_of,
+    )
 
     assert order_of(0, 1) == ((0, 1), (1, 0)) and order_of(1, 1) == ((1, 1), (0, 0))
     assert [mode_name(*o[0]) for o in BLOCK_PUSH_ORDERS] == list(BLOCK_PUSH_MODES)

@@ -25,6 +25,7 @@ def test_dart_labels_are_the_clean_expert_and_execution_adds_its_noise(lift_dart
     stored labels, and its perturbation of each label is exactly the stored executed action: the
     labels carry no noise, the executed actions carry the drawn noise on the motion only."""
     import h5py
+
     from jumpflow.envs.experts import DART_NOISE, DART_TAU, DARTExpert, make_expert
 
     path, summary = lift_dart

@@ -55,6 +55,7 @@ def test_demo_file_is_robomimic_layout(lift_demos):
 @pytest.mark.sim
 def test_demos_deterministic_by_seed_and_cli(tmp_path, lift_demos):
     import h5py
+
     from jumpflow.envs.demos import main
 
     out = tmp_path / "again.hdf5"

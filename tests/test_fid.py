@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from jumpflow.eval import fid
 from scipy import linalg
+
+from jumpflow.eval import fid
 
 
 def _random_stats(rng, d):

@@ -383,7 +383,7 @@ def test_tvm_fm_time_at_the_jump_start_is_t_on_z_t():
     x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(3)
     eps = torch.randn_like(x)
-    t, s, t_fm = obj.sample_times(64, "cpu", torch.float64)
+    t, _s, t_fm = obj.sample_times(64, "cpu", torch.float64)
     after_times = torch.get_rng_state()
     assert torch.equal(t_fm, t)
     torch.manual_seed(3)

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from jumpflow.datasets import images as di
 
 from jumpflow.cli.sample import merge_shards, sample_shards
+from jumpflow.datasets import images as di
 
 pytestmark = pytest.mark.xdist_group("images")   # one worker builds the module fixture
 

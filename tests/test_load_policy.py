@@ -13,9 +13,8 @@ pytestmark = pytest.mark.sim
 
 
 def test_policy_acts_from_its_checkpoint_without_the_dataset(tmp_path):
-    from jumpflow.policy import load_policy
-
     from jumpflow.checkpoint import CheckpointError
+    from jumpflow.policy import load_policy
     from jumpflow.trainer import train
 
     data = tmp_path / "data" / "reach.hdf5"

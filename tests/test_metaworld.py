@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from jumpflow.envs.rendering import select_gl_backend
 
 select_gl_backend()                     # before MetaWorld imports MuJoCo (which reads MUJOCO_GL once)
@@ -18,6 +19,7 @@ BUTTON = "button-press-v3"
 # ---------------------------------------------------------------------------- names and task set (no simulator)
 def test_unknown_task_name_is_one_line_listing_the_valid_names(tmp_path, monkeypatch):
     import metaworld.env_dict
+
     from jumpflow.envs.demos import ensure_demos, generate_demos
     from jumpflow.envs.registry import make_sim
 
@@ -38,8 +40,9 @@ def test_unknown_task_name_is_one_line_listing_the_valid_names(tmp_path, monkeyp
 
 
 def test_task_set_spans_the_difficulty_groups():
-    from jumpflow.envs.metaworld_env import GROUPS, TASK_SET, task_group, task_names
     from metaworld.policies import ENV_POLICY_MAP
+
+    from jumpflow.envs.metaworld_env import GROUPS, TASK_SET, task_group, task_names
 
     names = task_names()
     assert len(names) == 50 and set(names) == set(ENV_POLICY_MAP)
@@ -134,6 +137,7 @@ def test_demos_read_back_through_the_robomimic_reader_and_sequence_dataset(push_
 @pytest.mark.sim
 def test_replaying_a_demo_from_its_stored_state_reproduces_it(push_demos):
     import h5py
+
     from jumpflow.envs.registry import make_sim
 
     path, _ = push_demos

@@ -152,6 +152,7 @@ def test_mh_demos_deterministic_by_seed_via_cli_and_workers(tmp_path, lift_mh):
     """The CLI with two worker processes writes exactly the demos one process wrote (every array
     and attribute of each demo), in seed order."""
     import h5py
+
     from jumpflow.envs.demos import main
 
     out = tmp_path / "mh2.hdf5"
@@ -187,6 +188,7 @@ def test_ph_default_unchanged(lift_demos):
     """The default style is ph, its files carry no style attributes, and its actions are exactly
     the scripted expert's (the same code path, and a hash taken before mh existed)."""
     import h5py
+
     from jumpflow.envs.demos import run_expert_episode
     from jumpflow.envs.experts import LiftExpert, make_expert
     from jumpflow.envs.sim import RobosuiteSim, default_env_meta

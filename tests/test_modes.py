@@ -48,6 +48,7 @@ def test_mode_switches_count_changes_of_the_committed_mode():
 
 def test_read_demo_modes_and_missing_attribute(tmp_path):
     import h5py
+
     from jumpflow.datasets.robomimic import DatasetError
     from jumpflow.eval.modes import read_demo_modes
 

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from jumpflow.datasets.sequence import RobomimicSequenceDataset
 from robot_fixtures import LOWDIM, write_synthetic_robomimic
 
 from bench import peer_lerobot as pl
+from jumpflow.datasets.sequence import RobomimicSequenceDataset
 
 H, N_OBS, N_ACT = 4, 2, 2
 LENGTHS = (5, 7, 4)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from jumpflow.policy.task import PolicyTask
 from robot_fixtures import LOWDIM, write_synthetic_robomimic
 
 from jumpflow.backbones import build_backbone
 from jumpflow.objectives import OBJECTIVES
+from jumpflow.policy.task import PolicyTask
 
 pytestmark = pytest.mark.xdist_group("policy")   # one worker builds the module fixture
 
@@ -127,6 +127,7 @@ def test_square_task_config_generates_its_demos(tmp_path):
     scripted expert (the embedded default), with the nut's 14-d object state and 7-d actions."""
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
+
     from jumpflow.datasets.robomimic import RobomimicFile
 
     dataset = tmp_path / "square.hdf5"

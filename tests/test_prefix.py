@@ -4,12 +4,12 @@ plain policy; on, the committed prefix is an input and the new chunk continues i
 from __future__ import annotations
 
 import torch
-from jumpflow.policy.chunk_policy import ChunkPolicy
-from jumpflow.policy.encoders import ObsEncoder
 
 from jumpflow.backbones import build_backbone
 from jumpflow.normalizer import Normalizer
 from jumpflow.objectives import OBJECTIVES
+from jumpflow.policy.chunk_policy import ChunkPolicy
+from jumpflow.policy.encoders import ObsEncoder
 
 H, A, N_OBS, N_ACT = 8, 2, 2, 4
 

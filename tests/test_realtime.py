@@ -373,11 +373,12 @@ def test_async_blocks_through_spawned_envs_and_expert_in_sync_with_delay(lift_de
     """Real simulator: (1) async d = 0 with 3-step requests through two spawned workers (action
     blocks shorter than a chunk) replays the demos exactly; (2) the closed-loop expert under
     sync d = 2 acts exactly as under d = 0 and pays 2 stall periods per (one-step) chunk."""
+    from robot_fixtures import ReplayPolicy
+
     from jumpflow.datasets.robomimic import RobomimicFile
     from jumpflow.envs.experts import ExpertPolicy
     from jumpflow.envs.sim import default_env_meta
     from jumpflow.eval.rollout import RolloutEvaluator
-    from robot_fixtures import ReplayPolicy
 
     with RobomimicFile(lift_demos) as rf:
         actions = [rf.data[n]["actions"][()] for n in rf.demo_names()]

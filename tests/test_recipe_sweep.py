@@ -166,9 +166,8 @@ def test_policy_bench_metaworld_tasks_expand_compose_and_average_per_group():
     """``--tasks metaworld`` is the task set (every group present), ``metaworld:<name>`` one task
     whose overrides compose to ``task=metaworld task.env=<name>``; the per-group table is the mean
     over a group's tasks of each task's seed mean; an unknown name stops with one line."""
-    from jumpflow.envs.metaworld_env import GROUPS, TASK_SET
-
     from bench.policy import group_summary, parser, run_overrides, task_specs
+    from jumpflow.envs.metaworld_env import GROUPS, TASK_SET
 
     specs = task_specs("metaworld")
     assert [label for _, label, _, _ in specs] == [f"metaworld_{t}" for t in TASK_SET]

@@ -9,11 +9,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from robot_fixtures import LOWDIM, write_synthetic_robomimic
+
 from jumpflow.datasets.replay_buffer import cache_path_for, load_replay_buffer
 from jumpflow.datasets.robomimic import DatasetError, RobomimicFile
 from jumpflow.datasets.sequence import RobomimicSequenceDataset, create_indices
-from robot_fixtures import LOWDIM, write_synthetic_robomimic
-
 from jumpflow.normalizer import Normalizer
 
 

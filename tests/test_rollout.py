@@ -115,6 +115,7 @@ def test_bad_policy_output_shape_raises():
 
 def test_videos_of_first_episodes(lift_demos, tmp_path):
     import imageio.v2 as imageio
+
     from jumpflow.eval.rollout import RolloutEvaluator
 
     actions, _ = _stored_actions(lift_demos)

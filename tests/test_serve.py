@@ -230,12 +230,12 @@ def _chunk_policy():
     """A small untrained ChunkPolicy with prefix conditioning (MeanFlow, stochastic: the tests
     seed torch's global generator before each call, the server's thread uses the same one)."""
     import torch
-    from jumpflow.policy.chunk_policy import ChunkPolicy
-    from jumpflow.policy.encoders import ObsEncoder
 
     from jumpflow.backbones import build_backbone
     from jumpflow.normalizer import Normalizer
     from jumpflow.objectives import OBJECTIVES
+    from jumpflow.policy.chunk_policy import ChunkPolicy
+    from jumpflow.policy.encoders import ObsEncoder
 
     torch.manual_seed(0)
     encoder = ObsEncoder({"state": (3,)}, P_OBS, lowdim_mlp=0)

@@ -99,7 +99,6 @@ def outcomes(result):
 
 def test_openpi_client_rollout_reproduces_the_in_process_rollout():
     from jumpflow.envs.registry import planar_env_meta
-
     from jumpflow.serve import RemotePolicy
 
     env_meta = planar_env_meta("ReachAround")

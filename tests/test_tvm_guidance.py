@@ -11,8 +11,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from jumpflow.policy.chunk_policy import ChunkPolicy
-from jumpflow.policy.encoders import ObsEncoder
 from torch import nn
 
 from jumpflow.backbones import build_backbone
@@ -21,6 +19,8 @@ from jumpflow.normalizer import Normalizer
 from jumpflow.objectives import TerminalVelocityMatching
 from jumpflow.objectives.base import LossOutput, jvp_context, per_sample_mse
 from jumpflow.objectives.tvm import GuidanceSampler
+from jumpflow.policy.chunk_policy import ChunkPolicy
+from jumpflow.policy.encoders import ObsEncoder
 from jumpflow.timeconv import expand_like, interpolate, velocity
 
 N_CLASSES, C_DIM = 4, 6
