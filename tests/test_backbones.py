@@ -28,6 +28,7 @@ TINY = {
                                                    "pos_embed": "learned"}),
     "dit1d": ("DiT1D-S", (8, 3), {"hidden_size": 32, "depth": 2, "num_heads": 2}),
     "unet1d": ("UNet1D-S", (8, 3), {"down_dims": (16, 32), "emb_dim": 32}),
+    "unet1d_concat": ("UNet1D-S", (8, 3), {"down_dims": (16, 32), "emb_dim": 32, "cond_mode": "concat"}),
     "unet2d": ("UNet2D-S", (3, 8, 8), {"model_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1,
                                           "attention_ds": (1, 2), "head_channels": 8}),
     "mlp": ("MLP", (8, 3), {"width": 32, "depth": 2}),
@@ -206,7 +207,7 @@ def test_grouped_condition_equals_repeated_rows_float64(key):
     assert not torch.allclose(o1[:3], o1[3:])                          # the two groups differ
 
 
-@pytest.mark.parametrize("key", ["mlp", "unet1d", "dit1d"])
+@pytest.mark.parametrize("key", ["mlp", "unet1d", "unet1d_concat", "dit1d"])
 def test_condition_rows_must_divide_the_batch(key):
     net, shape = tiny(key)
     x = torch.randn(6, *shape)
@@ -216,6 +217,32 @@ def test_condition_rows_must_divide_the_batch(key):
     with pytest.raises(ValueError, match="grouped conditioning"):
         net(x, torch.rand(2), torch.rand(2), torch.randn(3, COND_DIM))  # two different row counts
     assert net(x, torch.rand(1), torch.rand(1), torch.randn(3, COND_DIM)).shape == x.shape   # one row broadcasts
+
+
+def test_unet1d_cond_modes_feed_film_as_written_float64():
+    """``cond_mode="sum"``: FiLM reads ``emb(t) + emb(h) + Linear(cond)``; ``"concat"`` (Diffusion
+    Policy's ``ConditionalUnet1D``): ``[emb(t) + emb(h), cond]``, the raw condition in the last
+    ``cond_dim`` columns, so every block's FiLM linear is ``cond_dim`` wider."""
+    torch.manual_seed(0)
+    summed, shape = tiny("unet1d", dtype=torch.float64)
+    concat, _ = tiny("unet1d_concat", dtype=torch.float64)
+    _, t, h, cond = inputs(shape, batch=3, dtype=torch.float64)
+    emb_th = concat.embed(t, h, None)                                   # (3, 32)
+    torch.testing.assert_close(concat.condition(t, h, cond), torch.cat([emb_th, cond], dim=-1), rtol=0, atol=0)
+    proj = summed.embed.cond_proj
+    expected = summed.embed(t, h, cond)
+    torch.testing.assert_close(expected, summed.embed.t_embed(t) + summed.embed.h_embed(h) + proj(cond),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(summed.condition(t, h, cond), expected, rtol=0, atol=0)
+    film_in = {m: net.down[0][0].film[1].in_features for m, net in (("sum", summed), ("concat", concat))}
+    assert film_in == {"sum": 32, "concat": 32 + COND_DIM}
+    one_row = concat.condition(t[:1], h[:1], cond)                      # a single (t, h) row broadcasts
+    torch.testing.assert_close(one_row[:, -COND_DIM:], cond, rtol=0, atol=0)
+    torch.testing.assert_close(one_row[1, :32], emb_th[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="cond_dim=8"):
+        concat.condition(t, h, None)
+    with pytest.raises(ConfigError, match="cond_mode"):
+        build_backbone("UNet1D-S", (8, 3), COND_DIM, cond_mode="film")
 
 
 def test_dit_starts_as_zero_map():

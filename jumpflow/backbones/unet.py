@@ -81,6 +81,9 @@ class FiLMResBlock1D(nn.Module):
         return y + self.skip(x)                                           # (B, C_out, T)
 
 
+COND_MODES = ("sum", "concat")
+
+
 class UNet1D(nn.Module):
     """Diffusion Policy's ``ConditionalUnet1D`` on ``x: (B, T, A)``.
 
@@ -89,13 +92,19 @@ class UNet1D(nn.Module):
         cond_dim: width of ``cond`` (the observation features; 0: unconditional).
         down_dims: channel widths per resolution (DP low-dim: 256/512/1024).
         kernel_size: convolution width (DP: 5); n_groups: GroupNorm groups (DP: 8).
-        emb_dim: width of the ``(t, h, cond)`` conditioning vector (DP: 256).
+        emb_dim: width of the ``(t, h)`` embedding (DP: 256).
+        cond_mode: how ``cond`` reaches every block's FiLM. ``"sum"`` (default): jumpflow's shared
+            :class:`TimeCondEmbedder`, ``emb(t) + emb(h) + Linear(cond)``, so FiLM sees
+            ``Mish`` of a learned projection of the observation (a one-hidden-layer encoder).
+            ``"concat"``: Diffusion Policy's (and LeRobot's) ``[emb(t) + emb(h), cond]``, so FiLM
+            sees ``Mish`` of the raw condition (``bench/results/policy.json`` variants ``unet1d_s``
+            and ``unet1d_s_concat`` compare them).
     """
 
     grouped_condition = True     # t, h, cond may come once per group of consecutive rows (layers.per_row)
 
     def __init__(self, shape, cond_dim: int = 0, down_dims=(256, 512, 1024), kernel_size: int = 5,
-                 n_groups: int = 8, emb_dim: int = 256):
+                 n_groups: int = 8, emb_dim: int = 256, cond_mode: str = "sum"):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) != 2:
@@ -108,9 +117,15 @@ class UNet1D(nn.Module):
         if horizon % factor:
             raise ConfigError("horizon", f"the horizon {horizon} must be divisible by 2**(len(down_dims)-1) = {factor} "
                              f"(down_dims={down_dims}); pad the chunk or use fewer levels")
+        if cond_mode not in COND_MODES:
+            raise ConfigError("cond_mode", f"must be one of {', '.join(COND_MODES)}, got {cond_mode!r}")
         self.down_dims, self.feature_dim = down_dims, down_dims[0]
-        self.embed = TimeCondEmbedder(emb_dim, cond_dim)
-        block = partial(FiLMResBlock1D, emb_dim=emb_dim, kernel_size=kernel_size, n_groups=n_groups)
+        self.cond_mode = cond_mode
+        concat = cond_mode == "concat"
+        self.embed = TimeCondEmbedder(emb_dim, 0 if concat else cond_dim)
+        self.cond_dim = int(cond_dim)
+        film_dim = emb_dim + (self.cond_dim if concat else 0)
+        block = partial(FiLMResBlock1D, emb_dim=film_dim, kernel_size=kernel_size, n_groups=n_groups)
 
         widths = (action_dim, *down_dims)
         self.down = nn.ModuleList()
@@ -128,6 +143,19 @@ class UNet1D(nn.Module):
         self.final_block = Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups)
         self.final_conv = Conv1d(down_dims[0], action_dim, 1)
 
+    def condition(self, t: Tensor, h: Tensor, cond: Tensor | None) -> Tensor:
+        """The vector every block's FiLM reads: ``(Bc, emb_dim)`` for ``cond_mode="sum"``,
+        ``(Bc, emb_dim + cond_dim)`` for ``"concat"``."""
+        if self.cond_mode == "sum" or self.cond_dim == 0:
+            return self.embed(t, h, cond)                                 # (Bc, E)
+        if cond is None:
+            raise ValueError(f"this backbone is conditional (cond_dim={self.cond_dim}) but cond is None")
+        if cond.shape[-1] != self.cond_dim:
+            raise ValueError(f"cond has width {cond.shape[-1]}, backbone expects cond_dim={self.cond_dim}")
+        emb = self.embed(t, h, None)                                      # (Bt, E), Bt 1 or Bc
+        rows = max(emb.shape[0], cond.shape[0])
+        return torch.cat([per_row(emb, rows), per_row(cond, rows)], dim=-1)   # (Bc, E + cond_dim)
+
     def tokenize(self, x: Tensor) -> Tensor:
         """``(B, T, A) -> (B, T, A)``: one token per time step."""
         return x
@@ -138,7 +166,7 @@ class UNet1D(nn.Module):
     def forward(self, x: Tensor, t: Tensor, h: Tensor, cond: Tensor | None = None,
                 return_features: bool = False):
         check_input_shape(self, x, t, h, cond)
-        emb = self.embed(t, h, cond)                                      # (Bc, E): Bc divides B (per_row)
+        emb = self.condition(t, h, cond)                                  # (Bc, E'): Bc divides B (per_row)
         y = rearrange(x, "b t a -> b a t")                                # (B, A, T)
         skips = []
         for res1, res2, down in self.down:
