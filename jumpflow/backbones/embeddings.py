@@ -47,6 +47,14 @@ class ScalarEmbedder(nn.Module):
         return self.mlp(sinusoidal_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))  # (B, dim)
 
 
+def require_cond(cond: Tensor | None, cond_dim: int) -> None:
+    """One-line error unless ``cond`` is ``(Bc, cond_dim)`` for a conditional backbone."""
+    if cond is None:
+        raise ValueError(f"this backbone is conditional (cond_dim={cond_dim}) but cond is None")
+    if cond.shape[-1] != cond_dim:
+        raise ValueError(f"cond has width {cond.shape[-1]}, backbone expects cond_dim={cond_dim}")
+
+
 class TimeCondEmbedder(nn.Module):
     """The conditioning vector of every backbone: ``emb(t) + emb(h) + proj(cond)``.
 
@@ -65,9 +73,6 @@ class TimeCondEmbedder(nn.Module):
     def forward(self, t: Tensor, h: Tensor, cond: Tensor | None) -> Tensor:
         emb = self.t_embed(t) + self.h_embed(h)                      # (B, dim)
         if self.cond_proj is not None:
-            if cond is None:
-                raise ValueError(f"this backbone is conditional (cond_dim={self.cond_dim}) but cond is None")
-            if cond.shape[-1] != self.cond_dim:
-                raise ValueError(f"cond has width {cond.shape[-1]}, backbone expects cond_dim={self.cond_dim}")
+            require_cond(cond, self.cond_dim)
             emb = add_plain(emb, self.cond_proj(cond))                # (B, dim)
         return emb

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from jumpflow.backbones.embeddings import TimeCondEmbedder
+from jumpflow.backbones.embeddings import TimeCondEmbedder, require_cond
 from jumpflow.backbones.layers import (
     ATTENTION_MODES,
     Conv1d,
@@ -148,10 +148,7 @@ class UNet1D(nn.Module):
         ``(Bc, emb_dim + cond_dim)`` for ``"concat"``."""
         if self.cond_mode == "sum" or self.cond_dim == 0:
             return self.embed(t, h, cond)                                 # (Bc, E)
-        if cond is None:
-            raise ValueError(f"this backbone is conditional (cond_dim={self.cond_dim}) but cond is None")
-        if cond.shape[-1] != self.cond_dim:
-            raise ValueError(f"cond has width {cond.shape[-1]}, backbone expects cond_dim={self.cond_dim}")
+        require_cond(cond, self.cond_dim)
         emb = self.embed(t, h, None)                                      # (Bt, E), Bt 1 or Bc
         rows = max(emb.shape[0], cond.shape[0])
         return torch.cat([per_row(emb, rows), per_row(cond, rows)], dim=-1)   # (Bc, E + cond_dim)
