@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from bench.common import arg_parser, parse_args, write_results
-from datasets.toy2d import sample_toy2d
+from jumpflow.datasets.toy2d import sample_toy2d
 from jumpflow.drift import drift_field
 
 FLOOR = 1e-6

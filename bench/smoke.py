@@ -38,6 +38,7 @@ TINY_RUN = ["--override", "task.n_demos=4", "--override", "backbone.width=32", "
 SMALLEST: dict[str, list[str]] = {
     "jvp_ops": ["--repeats", "2"],
     "drift_kernel": ["--repeats", "1"],
+    "drift_floor": [],
     "backbones": ["--debug"],
     "trainer_overhead": ["--steps", "5"],
     "speedups": ["--steps", "5", "--repeats", "1"],
