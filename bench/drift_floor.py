@@ -22,11 +22,13 @@ Writes ``bench/results/drift_floor.json``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from bench.common import arg_parser, parse_args, write_results
 from jumpflow.datasets.toy2d import sample_toy2d
-from jumpflow.drift import drift_field
+from jumpflow.drift import drift_field, log_pair_products
 
 FLOOR = 1e-6
 TEMPERATURES = (0.02, 0.05, 0.2)
@@ -50,16 +52,9 @@ def regimes(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 def lifted_share(gen: torch.Tensor, pos: torch.Tensor, tau: float) -> float:
     """Share of valid (gen, target) pairs whose ``softmax_row * softmax_col`` is below the floor,
-    at one temperature, on batch-scaled distances (self-pairs excluded)."""
-    y = torch.cat([pos, gen], 1)                                                 # (Gr, M, d)
-    d = torch.cdist(gen.double(), y.double())                                    # (Gr, G, M)
-    n_gen = gen.shape[1]
-    valid = torch.ones_like(d, dtype=torch.bool)
-    valid[:, :, pos.shape[1]:] &= ~torch.eye(n_gen, dtype=torch.bool)
-    d = d / d[valid].mean()
-    logits = torch.where(valid, -d / tau, torch.full_like(d, -torch.inf))
-    log_prod = logits.log_softmax(2) + logits.log_softmax(1)
-    return float((log_prod[valid] < torch.log(torch.tensor(FLOOR, dtype=torch.float64))).double().mean())
+    at one temperature, with the kernel's own masks and batch distance scale."""
+    log_prod, valid = log_pair_products(gen.double(), pos.double(), tau)      # (Gr, G, M), (Gr, G, M)
+    return float((log_prod[valid] < math.log(FLOOR)).double().mean())
 
 
 def main(argv=None):

@@ -91,11 +91,11 @@ def _group_neg_weight(neg_weight, n_groups: int, dtype, device) -> Tensor:
     return w.expand(n_groups) if w.dim() == 0 else w
 
 
-def drift_field_torch(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, neg: Tensor | None = None,
-                      neg_weight: float | Tensor = 1.0, temperatures=(0.02, 0.05, 0.2), gen_as_neg: bool = True,
-                      attraction_only: bool = False, scale: str = "batch", floor: float = 1e-6,
-                      gen_mask: Tensor | None = None, neg_mask: Tensor | None = None) -> Tensor:
-    """Per-temperature raw fields ``(K, groups, G, d)`` (before rms normalisation), in torch."""
+def _kernel_pairs(gen: Tensor, pos: Tensor, pos_mask, neg, neg_weight, gen_as_neg: bool, scale: str,
+                  gen_mask, neg_mask) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The targets ``y (Gr, M, d)`` (positives, then generated, then extra negatives), the valid
+    pairs ``(Gr, G, M)`` (bool), the column weights ``(Gr, 1, M)`` and the scale-normalised
+    distances ``(Gr, G, M)`` of the torch kernel."""
     n_groups, g, _ = gen.shape
     p = pos.shape[1]
     negs = [gen] if gen_as_neg else []
@@ -126,11 +126,39 @@ def drift_field_torch(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, 
         count = valid.sum((1, 2)).clamp_min(1)
         mean = (dist * valid).sum((1, 2)) / count                       # (Gr,)
     dist = dist / mean.clamp_min(1e-12)[:, None, None]
+    return y, valid, weight, dist
+
+
+def _kernel_logits(dist: Tensor, valid: Tensor, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``-d / tau`` on valid pairs (``-inf`` elsewhere) ``(Gr, G, M)`` and its log-normalisers over
+    the columns ``(Gr, G, 1)`` and over the rows ``(Gr, 1, M)``."""
+    logits = torch.where(valid, -dist / tau, torch.full_like(dist, _NEG_INF))
+    return logits, torch.logsumexp(logits, dim=2, keepdim=True), torch.logsumexp(logits, dim=1, keepdim=True)
+
+
+def log_pair_products(gen: Tensor, pos: Tensor, temperature: float, pos_mask: Tensor | None = None,
+                      scale: str = "batch") -> tuple[Tensor, Tensor]:
+    """``log(softmax_row * softmax_col)`` of every (generated, target) pair ``(Gr, G, M)`` at one
+    temperature, the quantity the affinity floor clips (targets: positives, then the generated
+    samples as negatives), and the valid pairs ``(Gr, G, M)`` (bool; self-pairs and padded
+    positives are not). Same masks and distance scale as the torch kernel."""
+    _check(gen, pos, pos_mask, None, (temperature,))
+    _check_options(gen, 1.0, scale, 0.0)
+    _, valid, _, dist = _kernel_pairs(gen, pos, pos_mask, None, 1.0, True, scale, None, None)
+    logits, row, col = _kernel_logits(dist, valid, temperature)
+    return 2 * logits - row - col, valid
+
+
+def drift_field_torch(gen: Tensor, pos: Tensor, pos_mask: Tensor | None = None, neg: Tensor | None = None,
+                      neg_weight: float | Tensor = 1.0, temperatures=(0.02, 0.05, 0.2), gen_as_neg: bool = True,
+                      attraction_only: bool = False, scale: str = "batch", floor: float = 1e-6,
+                      gen_mask: Tensor | None = None, neg_mask: Tensor | None = None) -> Tensor:
+    """Per-temperature raw fields ``(K, groups, G, d)`` (before rms normalisation), in torch."""
+    p = pos.shape[1]
+    y, valid, weight, dist = _kernel_pairs(gen, pos, pos_mask, neg, neg_weight, gen_as_neg, scale, gen_mask, neg_mask)
     out = []
     for tau in temperatures:
-        logits = torch.where(valid, -dist / tau, torch.full_like(dist, _NEG_INF))
-        row = torch.logsumexp(logits, dim=2, keepdim=True)              # (Gr, G, 1)
-        col = torch.logsumexp(logits, dim=1, keepdim=True)              # (Gr, 1, M)
+        logits, row, col = _kernel_logits(dist, valid, tau)              # (Gr, G, M), (Gr, G, 1), (Gr, 1, M)
         a = torch.exp(logits - 0.5 * (row + col))                       # (Gr, G, M)
         if floor > 0:
             a = a.clamp_min(math.sqrt(floor))                           # sqrt(max(p, f)) = max(sqrt p, sqrt f)

@@ -22,7 +22,7 @@ def test_lifted_share_on_a_regular_simplex_matches_closed_form(n, lifted):
 
 def test_lifted_share_counts_only_far_pairs():
     # two far clusters: at a small temperature each row's softmax sits on its own cluster, so the
-    # cross-cluster pairs (half of them) fall below the floor and the near ones do not
+    # cross-cluster pairs fall below the floor and the near ones do not
     near = torch.tensor([[0.0, 0.0], [0.01, 0.0]], dtype=torch.float64)
     far = near + torch.tensor([100.0, 0.0], dtype=torch.float64)
     gen = torch.cat([near, far])[None]                           # (1, 4, 2)
