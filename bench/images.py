@@ -106,7 +106,8 @@ def overrides_for(objective: str, args, enc_path: Path, run_dir: Path) -> list[s
     if objective == "drifting":
         ov += [f"objective.feature_map.path={enc_path}", f"objective.feature_map.kind={args.enc_arch}",
                f"objective.feature_map.width={args.enc_width}", f"objective.gen_per_group={args.drift_gen}",
-               f"objective.feature_map.separate_blocks={args.drift_blocks == 'separate'}"]
+               f"objective.feature_map.separate_blocks={args.drift_blocks == 'separate'}",
+               f"objective.feature_map.per_location={args.drift_blocks == 'location'}"]
     return ov
 
 
@@ -231,8 +232,9 @@ def main(argv=None) -> int:
                    help="Drifting's frozen encoder (mlp: pixel MLP 1024-512-256, cheap on CPU; convnet: SmallConvNet)")
     p.add_argument("--enc-width", type=int, default=256, help="width of Drifting's encoder")
     p.add_argument("--drift-gen", type=int, default=128, help="Drifting's generated samples per class group")
-    p.add_argument("--drift-blocks", choices=("concat", "separate"), default="separate",
-                   help="one drift field over the concatenated features, or one per feature block")
+    p.add_argument("--drift-blocks", choices=("concat", "separate", "location"), default="separate",
+                   help="one drift field over the concatenated features, one per feature block, or (location, "
+                        "--enc-arch convnet) the official sets: one per location, patch and statistic of each map")
     p.add_argument("--tag", default="all", help="name of this part (parts can run in parallel)")
     p.add_argument("--bench", default="images",
                    help="result name: parts <bench>.part-<tag>.json, merged <bench>.json (a sweep apart from the main table)")
@@ -248,6 +250,8 @@ def main(argv=None) -> int:
     p.add_argument("--inception-only", action="store_true",
                    help="compute and cache Inception statistics of the rows saved so far")
     args = p.parse_args(argv)
+    if args.drift_blocks == "location" and args.enc_arch != "convnet":
+        p.error("--drift-blocks location: needs --enc-arch convnet (the pixel MLP has no feature maps)")
     torch.set_num_threads(args.threads)
     if args.finalize:
         return finalize(args)

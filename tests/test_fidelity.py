@@ -167,6 +167,62 @@ def test_numba_equals_torch_on_new_options(scale, floor, attraction_only):
     assert (drift_field_torch(*args32) - drift_field_numba(*args32)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("impl", ["torch", "numba"])
+@pytest.mark.parametrize("scale", ["batch", "group"])
+def test_per_location_field_is_the_official_folded_layout(impl, scale):
+    """Blocks of ``T`` locations (``gen (Gr, G, T, d)``): the field is the naive reference on the
+    official layout ``'(b f) x d'`` (location t of group r is group ``r*T + t``), built here by
+    hand, with the per-group negative weight repeated per location; one batch scale and one rms
+    over every group and location."""
+    gen, pos, neg, mask = (a.reshape(2, a.shape[1], 3, 2) if a.dim() == 3 else a
+                           for a in drift_case(4, groups=2, g=5, p=4, u=3, d=6))        # (2, K, 3 locations, 2)
+    mask = mask[:, :4]
+    w = torch.tensor([0.4, 1.3], dtype=torch.float64)
+    taus = (0.05, 0.2)
+    obj = Drifting(temperatures=taus, kernel=impl, scale=scale)
+    v = obj._field(gen, pos, mask, neg, w)                                            # (2, 5, 3, 2)
+    layout = lambda a: torch.stack([a[r, :, t] for r in range(2) for t in range(3)])   # (6, K, 2)
+    ref = ref_drift(layout(gen), layout(pos), mask.repeat_interleave(3, 0), layout(neg),
+                    w.repeat_interleave(3), taus, scale, 1e-6)                        # (6, 5, 2)
+    assert v.shape == gen.shape
+    assert (layout(v) - ref).abs().max() < TOL
+    # one location per block is the plain field of the (Gr, G, d) groups
+    one = obj._field(gen[:, :, :1], pos[:, :, :1], mask, neg[:, :, :1], w)[:, :, 0]
+    assert (one - obj._field(gen[:, :, 0], pos[:, :, 0], mask, neg[:, :, 0], w)).abs().max() == 0
+
+
+def test_per_location_blocks_in_the_loss_and_the_global_path(monkeypatch):
+    """A feature map returning ``[(N, T, d)]``: the loss of each generated sample is the mean
+    over its locations of ``|V|^2`` (its target is ``phi(x) + V``), and the sharded path given
+    its own shard only is the single-process loss (float64)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.aux = {"feature_map": lambda x: [x.unflatten(1, (3, 2)), x[:, :2]]}  # (N, 3, 2) and (N, 2)
+
+        def forward(self, z, t, h, cond):
+            return 0.5 * z + cond[:, :z.shape[1]]
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(10, 6, generator=gen, dtype=torch.float64)
+    cond = torch.nn.functional.one_hot(torch.arange(10) % 3, 6).double()
+    obj = Drifting(gen_per_group=4, n_uncond_neg=2, uncond_weight=0.7, kernel="torch")
+    seen = []
+    real_field = obj._field
+    monkeypatch.setattr(obj, "_field", lambda *a, **k: seen.append(real_field(*a, **k)) or seen[-1])
+    torch.manual_seed(5)
+    local = obj.loss(Net(), x, cond)
+    v_loc, v_flat = seen                                                                # (3, 4, 3, 2), (3, 4, 2)
+    want = v_loc.pow(2).flatten(2).mean(2).flatten() + v_flat.pow(2).mean(2).flatten()
+    assert torch.allclose(local.loss, want, rtol=1e-12, atol=0) and float(want.min()) > 0
+    monkeypatch.setattr(drifting_mod, "current_shards", lambda: object())
+    monkeypatch.setattr(drifting_mod, "gather_shards", lambda payload: ([payload], 0))
+    torch.manual_seed(5)
+    glob = obj.loss(Net(), x, cond)
+    assert torch.allclose(glob.loss, local.loss, rtol=1e-12, atol=1e-15)
+
+
 def test_drift_field_rejects_bad_options():
     gen, pos, neg, mask = drift_case()
     with pytest.raises(ValueError, match="scale"):

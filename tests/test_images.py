@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
 import subprocess
 import sys
@@ -319,3 +320,56 @@ def test_fake_smoke_run_full_dit_b2():
         proc = _train(Path(d) / "run", "experiment=imagenet256_latent", "objective=meanflow", "data=fake",
                       "trainer.max_steps=2", "trainer.batch_size=2", "task.eval_samples=2", timeout=3000)
         _check_ran(proc)
+
+
+def test_location_feature_sets_closed_form():
+    """The official feature sets of a 4x4 map holding 0..15 (float64): the input's channel
+    norm, the 16 locations in raster order, mean 7.5 and std sqrt(21.25 + eps), the 2x2 patch
+    means 2.5 / 4.5 / 10.5 / 12.5 with std sqrt(4.25 + eps) each, the one 4x4 patch; a 6x6 map
+    has no 4x4 patches."""
+    from jumpflow.images.encoders import location_feature_sets
+
+    eps = 1e-6
+    x = torch.tensor([1.0, -3.0], dtype=torch.float64).view(1, 2, 1, 1).expand(1, 2, 2, 2)
+    fmap = torch.arange(16, dtype=torch.float64).view(1, 1, 4, 4)
+    sets = location_feature_sets(x, [fmap], eps=eps)
+    norm, locs, mean, std, mean2, std2, mean4, std4 = sets
+    assert torch.allclose(norm, torch.tensor([[[math.sqrt(1 + eps), math.sqrt(9 + eps)]]], dtype=torch.float64))
+    assert torch.equal(locs, torch.arange(16, dtype=torch.float64).view(1, 16, 1))
+    assert torch.allclose(mean, torch.full((1, 1, 1), 7.5, dtype=torch.float64))
+    assert torch.allclose(std, torch.full((1, 1, 1), math.sqrt(21.25 + eps), dtype=torch.float64))
+    assert torch.allclose(mean2, torch.tensor([2.5, 4.5, 10.5, 12.5], dtype=torch.float64).view(1, 4, 1))
+    assert torch.allclose(std2, torch.full((1, 4, 1), math.sqrt(4.25 + eps), dtype=torch.float64))
+    assert torch.allclose(mean4, mean) and torch.allclose(std4, std)
+    six = location_feature_sets(x, [torch.zeros(1, 3, 6, 6, dtype=torch.float64)])
+    assert [tuple(s.shape) for s in six] == [(1, 1, 2), (1, 36, 3), (1, 1, 3), (1, 1, 3), (1, 9, 3), (1, 9, 3)]
+
+
+def test_per_location_drift_features_train_a_generator(tmp_path):
+    """``feature_encoder(convnet, per_location=True)``: blocks ``(B, T, C)`` of the input and the
+    four stage maps reach Drifting, whose loss moves the generator and not the frozen encoder;
+    a pixel-MLP encoder has no maps and fails in one line naming per_location."""
+    from jumpflow.backbones import build_backbone
+    from jumpflow.images.encoders import SmallConvNet, SmallMLPNet, feature_encoder, save_weights
+    from jumpflow.images.task import ImageTask
+    from jumpflow.objectives import Drifting
+
+    torch.manual_seed(0)
+    path = save_weights(SmallConvNet(1, 10, 4), tmp_path / "enc.safetensors")
+    make = functools.partial(feature_encoder, kind="convnet", path=str(path), in_channels=1, width=4, per_location=True)
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+    sets = make()(x)
+    assert sets[0].shape == (6, 1, 1) and sets[1].shape == (6, 32 * 32, 4)             # input norm, stage 1 locations
+    assert sum(s.shape[1] for s in sets) == 1 + sum(hw * hw + 2 + 2 * (hw // 2) ** 2 + 2 * (hw // 4) ** 2
+                                                    for hw in (32, 16, 8, 4))
+    task = ImageTask("fake", shape=(1, 32, 32), num_classes=10, cond_dim=16, image_size=32)
+    obj = Drifting(gen_per_group=2, kernel="torch", feature_map=make)
+    model = task.build_model(build_backbone("MLP", (1, 32, 32), 16, width=32, depth=1), obj)
+    out = model.compute_loss({"x": x, "cond": torch.arange(6) % 2})
+    out.loss.mean().backward()
+    assert out.loss.shape == (4,) and torch.isfinite(out.loss).all() and float(out.loss.detach().min()) > 0
+    assert all(p.grad is None for p in model.aux["feature_map"].parameters())
+    assert model.backbone.out.weight.grad.abs().sum() > 0
+    mlp = save_weights(SmallMLPNet(1, 10, 8), tmp_path / "mlp.safetensors")
+    with pytest.raises(ValueError, match="per_location: SmallMLPNet has no feature maps"):
+        feature_encoder("mlp", str(mlp), width=8, per_location=True)

@@ -4,7 +4,9 @@ pixel-space drift fails) and the classifier of the fast classifier-feature FID.
 
 * ``SmallConvNet``: a 4-stage CNN the project trains itself on its own data (MNIST in the CPU
   benchmark): ``train_classifier``. As a drift feature map it returns multi-scale features
-  (pooled stage activations, each block divided by ``sqrt(dim)`` so every scale weighs alike).
+  (pooled stage activations, each block divided by ``sqrt(dim)`` so every scale weighs alike),
+  or with ``per_location`` the official feature sets of every stage map
+  (``location_feature_sets``: one drift field per location, per patch and per map statistic).
 * ``ResNetFeatures``: a torchvision ResNet (18/34/50) with weights from a *local* file
   (``.safetensors`` or a plain-tensor ``.pth``; never downloaded), ``in_channels`` 3 for
   pixels or 4 for SD latents (a network the user trained on latents); multi-scale pooled
@@ -33,7 +35,36 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
+
+
+def location_feature_sets(x: Tensor, maps: list[Tensor], patch_sizes=(2, 4), eps: float = 1e-6) -> list[Tensor]:
+    """Drifting's feature sets of an input ``x: (B, C, H, W)`` and the encoder's feature maps
+    ``[(B, C_i, H_i, W_i)]``, as the official ``get_activations`` builds them (Deng et al.,
+    arXiv 2602.04770, Sec. A; lambertae/drifting ``models/mae_model.py``): blocks ``(B, T, C)``
+    of ``T`` vectors, each vector its own drift field (``Drifting`` folds ``T`` into its groups):
+
+    * the input's per-channel norm ``sqrt(mean_hw x^2 + eps)``, ``(B, 1, C)``;
+    * per map: its locations ``(B, H_i*W_i, C_i)``, its channel mean and std over locations
+      ``(B, 1, C_i)``, and for each ``s`` in ``patch_sizes`` dividing ``H_i`` and ``W_i`` the mean
+      and std of every ``s x s`` patch ``(B, H_i*W_i/s^2, C_i)``.
+
+    The std is ``sqrt(var + eps)`` (biased variance), as the official ``safe_std``."""
+
+    def std(a: Tensor, dim) -> Tensor:
+        return (a - a.mean(dim, keepdim=True)).pow(2).mean(dim).clamp_min(0.0).add(eps).sqrt()
+
+    sets = [x.pow(2).mean((2, 3)).add(eps).sqrt()[:, None]]                 # (B, 1, C)
+    for fmap in maps:
+        _, _, h, w = fmap.shape
+        sets += [rearrange(fmap, "b c h w -> b (h w) c"),                    # (B, HW, C_i)
+                 fmap.mean((2, 3))[:, None], std(fmap, (2, 3))[:, None]]     # (B, 1, C_i) each
+        for s in patch_sizes:
+            if h % s == 0 and w % s == 0:
+                patches = rearrange(fmap, "b c (h s1) (w s2) -> b (h w) (s1 s2) c", s1=s, s2=s)
+                sets += [patches.mean(2), std(patches, 2)]                   # (B, HW/s^2, C_i) each
+    return sets
 
 
 class SmallConvNet(nn.Module):
@@ -83,6 +114,10 @@ class SmallConvNet(nn.Module):
     def drift_features(self, x: Tensor) -> Tensor:
         return torch.cat(self.drift_blocks(x), 1)                    # (B, D)
 
+    def drift_location_sets(self, x: Tensor) -> list[Tensor]:
+        """``location_feature_sets`` of the input and the four stage maps: ``[(B, T_i, C_i)]``."""
+        return location_feature_sets(x, self.stage_outputs(x))
+
 
 class SmallMLPNet(nn.Module):
     """A pixel MLP classifier ``(B, C, H, W) -> logits``: cheap on a CPU, where the backward
@@ -121,19 +156,26 @@ class DriftFeatures(nn.Module):
     """Wraps an encoder as a frozen drift feature map: ``forward(x) = encoder.drift_features(x)``
     (one concatenated ``(B, D)`` vector), or with ``separate_blocks`` the list of its blocks
     ``[(B, D_i)]``: Drifting then computes one drift field per block (each normalised on its
-    own, as the paper does per feature) instead of one kernel over the concatenation."""
+    own, as the paper does per feature) instead of one kernel over the concatenation; or with
+    ``per_location`` the official feature sets ``[(B, T_i, C_i)]`` of its feature maps
+    (``location_feature_sets``), one drift field per location, patch and map statistic."""
 
-    def __init__(self, encoder: nn.Module, separate_blocks: bool = False):
+    def __init__(self, encoder: nn.Module, separate_blocks: bool = False, per_location: bool = False):
         super().__init__()
         self.encoder = encoder.requires_grad_(False).eval()
-        self.separate_blocks = bool(separate_blocks)
+        self.separate_blocks, self.per_location = bool(separate_blocks), bool(per_location)
         if self.separate_blocks and not hasattr(encoder, "drift_blocks"):
             raise ValueError(f"separate_blocks: {type(encoder).__name__} has no drift_blocks()")
+        if self.per_location and not hasattr(encoder, "drift_location_sets"):
+            raise ValueError(f"per_location: {type(encoder).__name__} has no feature maps (drift_location_sets); "
+                             "use a conv encoder (convnet, resnet*)")
 
     def train(self, mode: bool = True):                                  # stays frozen in eval mode
         return super().train(False)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if self.per_location:
+            return self.encoder.drift_location_sets(x)
         return self.encoder.drift_blocks(x) if self.separate_blocks else self.encoder.drift_features(x)
 
 
@@ -161,16 +203,26 @@ class ResNetFeatures(nn.Module):
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
-    def drift_blocks(self, x: Tensor) -> list[Tensor]:
+    def stage_outputs(self, x: Tensor) -> list[Tensor]:
+        """The stem's map and the four stages' ``[(B, C_i, H_i, W_i)]``."""
         if self.imagenet_norm:
             x = ((x + 1) / 2 - self.mean) / self.std
         n = self.net
         x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-        blocks = []
+        outs = [x]
         for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
             x = layer(x)
-            blocks.append(x.mean((2, 3)))                               # (B, C_i)
+            outs.append(x)                                              # (B, C_i, H_i, W_i)
+        return outs
+
+    def drift_blocks(self, x: Tensor) -> list[Tensor]:
+        blocks = [fmap.mean((2, 3)) for fmap in self.stage_outputs(x)[1:]]   # [(B, C_i)]
         return [b / math.sqrt(b.shape[1]) for b in blocks]
+
+    def drift_location_sets(self, x: Tensor) -> list[Tensor]:
+        """``location_feature_sets`` of the input and the stem and stage maps (the official
+        feature sets of its ResNet: ``conv1``, ``layer1..4``)."""
+        return location_feature_sets(x, self.stage_outputs(x))
 
     def drift_features(self, x: Tensor) -> Tensor:
         return torch.cat(self.drift_blocks(x), 1)                    # (B, D)
@@ -191,7 +243,7 @@ def _load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> N
 
 def feature_encoder(kind: str = "convnet", path: str | Path | None = None, in_channels: int = 1,
                     num_classes: int = 10, width: int = 32, imagenet_norm: bool = True,
-                    separate_blocks: bool = False) -> nn.Module:
+                    separate_blocks: bool = False, per_location: bool = False) -> nn.Module:
     """A frozen drift feature map (``(B, C, H, W) -> (B, D)``, or a list of blocks).
 
     Args:
@@ -201,6 +253,8 @@ def feature_encoder(kind: str = "convnet", path: str | Path | None = None, in_ch
         path: local weights (``.safetensors`` / plain-tensor ``.pth``); required: a random
             encoder is no feature map.
         separate_blocks: return the blocks (one drift field each), see ``DriftFeatures``.
+        per_location: return the official feature sets of the conv maps (one drift field per
+            location, patch and map statistic), see ``location_feature_sets``.
     """
     if path is None:
         raise ValueError("feature_encoder: objective.feature_map.path must name a local weights file")
@@ -217,7 +271,7 @@ def feature_encoder(kind: str = "convnet", path: str | Path | None = None, in_ch
         bad = [k for k in missing if not k.startswith("fc.")]
         if bad:
             raise ValueError(f"{path}: weights lack {bad[:3]} for {kind} (in_channels={in_channels})")
-    return DriftFeatures(enc, separate_blocks)
+    return DriftFeatures(enc, separate_blocks, per_location)
 
 
 def save_weights(module: nn.Module, path: str | Path) -> Path:

@@ -48,8 +48,8 @@ def _pad_by_group(group: Tensor, n_groups: int) -> tuple[Tensor, Tensor, int]:
 
 
 def _scatter_pad(values: Tensor, group: Tensor, slot: Tensor, n_groups: int, width: int) -> tuple[Tensor, Tensor]:
-    """``values (N, d)`` placed at ``[group, slot]`` of ``(n_groups, width, d)``, and the mask."""
-    out = values.new_zeros((n_groups, width, values.shape[1]))
+    """``values (N, *f)`` placed at ``[group, slot]`` of ``(n_groups, width, *f)``, and the mask."""
+    out = values.new_zeros((n_groups, width, *values.shape[1:]))
     mask = torch.zeros(n_groups, width, dtype=torch.bool, device=values.device)
     out[group, slot] = values
     mask[group, slot] = True
@@ -223,7 +223,9 @@ class Drifting(Objective):
         kernel: ``"auto"`` (numba on CPU, torch on GPU), ``"numba"`` or ``"torch"``.
         feature_map: factory of a frozen feature encoder ``phi`` (images); ``None``: identity.
             When ``phi`` returns a list of blocks ``[(N, d_i)]``, each block gets its own drift
-            field and the losses add up.
+            field and the losses add up. A block ``(N, T, d_i)`` holds ``T`` locations (or
+            patches) of a feature map, each its own drift field (the official feature sets,
+            ``jumpflow.images.encoders.location_feature_sets``); its loss is the mean over them.
     """
 
     name = "drifting"
@@ -274,11 +276,39 @@ class Drifting(Objective):
         return {"feature_map": phi}
 
     def _features(self, net, x: Tensor) -> list[Tensor]:
-        """Feature blocks ``[(N, d_i)]``: one block (the sample itself, or ``phi(x)``) unless
-        the feature map returns several, which then get one drift field each."""
+        """Feature blocks ``[(N, d_i)]`` or ``[(N, T_i, d_i)]`` (per location): one block (the
+        sample itself, flattened, or ``phi(x)``) unless the feature map returns several, which
+        then get one drift field each."""
         phi = net.aux["feature_map"] if "feature_map" in getattr(net, "aux", {}) else None
-        out = x if phi is None else phi(x)
-        return [f.flatten(1) for f in (out if isinstance(out, (list, tuple)) else [out])]
+        if phi is None:
+            return [x.flatten(1)]                                               # [(N, D)]
+        out = phi(x)
+        return [f if f.dim() == 3 else f.flatten(1) for f in (out if isinstance(out, (list, tuple)) else [out])]
+
+    def _field(self, gen: Tensor, pos: Tensor, pos_mask: Tensor, neg: Tensor | None, neg_weight,
+               gen_mask: Tensor | None = None, neg_mask: Tensor | None = None) -> Tensor:
+        """``drift_field`` of groups ``gen (Gr, G, d)``, or per location of ``gen (Gr, G, T, d)``
+        (``pos (Gr, P, ...)``, ``neg (Gr, U, ...)`` alike): location ``t`` of group ``r`` is a
+        group of its own, ordered group-major as the official ``'(b f) x d'``, so the batch
+        distance scale and each temperature's rms run over every group and location together."""
+        opts = {"attraction_only": self.attraction_only, "impl": self.kernel, "scale": self.scale,
+                "floor": self.affinity_floor, "gen_mask": gen_mask, "neg_mask": neg_mask}
+        if gen.dim() == 3:
+            return drift_field(gen, pos, pos_mask, neg, neg_weight, self.temperatures, **opts)   # (Gr, G, d)
+        n_groups, locations = gen.shape[0], gen.shape[2]
+
+        def fold(a):                                                            # (Gr, K, T, d) -> (Gr*T, K, d)
+            return None if a is None else a.transpose(1, 2).flatten(0, 1)
+
+        def per_location(m):                                                    # (Gr, K) -> (Gr*T, K)
+            return None if m is None else m.repeat_interleave(locations, 0)
+
+        if isinstance(neg_weight, Tensor) and neg_weight.dim() == 1:
+            neg_weight = neg_weight.repeat_interleave(locations)                # (Gr*T,)
+        opts.update(gen_mask=per_location(gen_mask), neg_mask=per_location(neg_mask))
+        v = drift_field(fold(gen), fold(pos), per_location(pos_mask), fold(neg), neg_weight, self.temperatures,
+                        **opts)                                                 # (Gr*T, G, d)
+        return v.unflatten(0, (n_groups, locations)).transpose(1, 2)            # (Gr, G, T, d)
 
     def _groups(self, x: Tensor, cond: Tensor | None):
         """Positives ``(Gr, P, *shape)``, their mask ``(Gr, P)`` and one condition row per group."""
@@ -352,12 +382,11 @@ class Drifting(Objective):
         loss, drift_sq = 0.0, 0.0
         for f_gen, f_pos, f_neg in zip(gen_blocks, pos_blocks, neg_blocks):
             with torch.no_grad():
-                neg = None if f_neg is None else f_neg.reshape(n_groups, self.n_uncond_neg, -1)
-                v = drift_field(f_gen.detach().reshape(n_groups, g, -1), f_pos.reshape(n_groups, p, -1), mask, neg,
-                                neg_weight, self.temperatures, attraction_only=self.attraction_only,
-                                impl=self.kernel, scale=self.scale, floor=self.affinity_floor)   # (Gr, G, d_i)
-                target = f_gen.detach() + v.reshape(f_gen.shape)                # (Gr*G, d_i)
-            loss = loss + (f_gen - target).pow(2).mean(1)                       # (Gr*G,)
+                neg = None if f_neg is None else f_neg.unflatten(0, (n_groups, self.n_uncond_neg))   # (Gr, U, ...)
+                v = self._field(f_gen.detach().unflatten(0, (n_groups, g)), f_pos.unflatten(0, (n_groups, p)), mask,
+                                neg, neg_weight)                                # (Gr, G, [T,] d_i)
+                target = f_gen.detach() + v.reshape(f_gen.shape)                # (Gr*G, [T,] d_i)
+            loss = loss + (f_gen - target).pow(2).flatten(1).mean(1)            # (Gr*G,)
             drift_sq += v.pow(2).mean().item()
         metrics["drift_norm"] = (drift_sq / len(gen_blocks)) ** 0.5
         return LossOutput(loss, metrics)
@@ -373,16 +402,16 @@ class Drifting(Objective):
         group (float64; ``(Gr, 0)`` unconditional), ``alpha (Gr,)`` (with guidance),
         ``row_group (B,)`` and ``gen_group (Gr*G,)`` / ``neg_group (Gr*U,)`` (local group of each
         data row, generated sample, unconditional negative), and per feature block ``i``:
-        ``gen.i (Gr*G, d_i)``, ``pos.i (B, d_i)`` (every data row), ``neg.i (Gr*U, d_i)``."""
+        ``gen.i (Gr*G, [T,] d_i)``, ``pos.i (B, [T,] d_i)`` (every data row), ``neg.i (Gr*U, [T,] d_i)``."""
         n_groups = 1 if group_cond is None else group_cond.shape[0]
         with torch.no_grad():
-            pos_blocks = self._features(net, x)                                 # [(B, d_i)]
+            pos_blocks = self._features(net, x)                                 # [(B, [T,] d_i)]
             rows = self._uncond_rows(row_group, n_groups, alpha)                # (Gr, U) or None
             if rows is not None:
-                neg_blocks = self._features(net, x[rows.flatten()])             # [(Gr*U, d_i)]
+                neg_blocks = self._features(net, x[rows.flatten()])             # [(Gr*U, [T,] d_i)]
                 neg_group = torch.arange(n_groups, device=x.device).repeat_interleave(rows.shape[1])
             else:
-                neg_blocks = [f.new_zeros((0, f.shape[1])) for f in pos_blocks]
+                neg_blocks = [f.new_zeros((0, *f.shape[1:])) for f in pos_blocks]
                 neg_group = torch.zeros(0, dtype=torch.long, device=x.device)
         cond = (group_cond.detach().double() if group_cond is not None
                 else torch.zeros(n_groups, 0, dtype=torch.float64, device=x.device))
@@ -396,7 +425,7 @@ class Drifting(Objective):
 
     def global_drift_field(self, parts: list[dict[str, Tensor]], own: int) -> list[Tensor]:
         """The drift field of shard ``own``'s generated samples over the global batch ``parts``
-        (``shard_payload`` of every shard): one ``(G_own, d_i)`` per feature block. Every global
+        (``shard_payload`` of every shard): one ``(G_own, [T,] d_i)`` per feature block. Every global
         group's field is computed (the column softmax and the rms couple the rows), then the
         caller's rows are taken."""
         layout = merge_shards(parts, own, self.group_by, conditional=parts[0]["cond"].shape[1] > 0)
@@ -409,16 +438,15 @@ class Drifting(Objective):
             f_gen = torch.cat([p[f"gen.{i}"] for p in parts])                   # (sum G_s, d)
             f_pos = torch.cat([p[f"pos.{i}"] for p in parts])                   # (N, d)
             f_neg = torch.cat([p[f"neg.{i}"] for p in parts])                   # (sum U_s, d)
-            gen, gen_mask = _scatter_pad(f_gen, *layout.gen, layout.n_groups, layout.gen_width)   # (Gr, G, d)
-            pos = f_pos[layout.pos.clamp_min(0)] * layout.pos_mask[..., None]   # (Gr, P, d)
+            gen, gen_mask = _scatter_pad(f_gen, *layout.gen, layout.n_groups, layout.gen_width)   # (Gr, G, [T,] d)
+            real = layout.pos_mask.reshape(*layout.pos_mask.shape, *[1] * (f_pos.dim() - 1))
+            pos = f_pos[layout.pos.clamp_min(0)] * real                         # (Gr, P, [T,] d)
             neg, neg_mask = None, None
             if f_neg.shape[0] > 0:
                 neg, neg_mask = _scatter_pad(f_neg, *layout.neg, layout.n_groups, layout.neg_width)   # (Gr, U, d)
             w = neg_weight.to(f_gen.dtype) if isinstance(neg_weight, Tensor) else neg_weight
-            v = drift_field(gen, pos, layout.pos_mask, neg, w, self.temperatures,
-                            attraction_only=self.attraction_only, impl=self.kernel, scale=self.scale,
-                            floor=self.affinity_floor, gen_mask=gen_mask, neg_mask=neg_mask)   # (Gr, G, d)
-            fields.append(v[layout.gen[0][layout.own], layout.gen[1][layout.own]])   # (G_own, d)
+            v = self._field(gen, pos, layout.pos_mask, neg, w, gen_mask, neg_mask)   # (Gr, G, [T,] d)
+            fields.append(v[layout.gen[0][layout.own], layout.gen[1][layout.own]])   # (G_own, [T,] d)
         return fields
 
     def _global_loss(self, net, x, gen_blocks, group_cond, row_group, alpha, g, metrics) -> LossOutput:
@@ -428,8 +456,8 @@ class Drifting(Objective):
         fields = self.global_drift_field(parts, own)
         loss, drift_sq = 0.0, 0.0
         for f_gen, v in zip(gen_blocks, fields):
-            target = f_gen.detach() + v                                         # (G_own, d_i)
-            loss = loss + (f_gen - target).pow(2).mean(1)                       # (G_own,)
+            target = f_gen.detach() + v                                         # (G_own, [T,] d_i)
+            loss = loss + (f_gen - target).pow(2).flatten(1).mean(1)            # (G_own,)
             drift_sq += v.pow(2).mean().item()
         metrics["drift_norm"] = (drift_sq / len(gen_blocks)) ** 0.5
         return LossOutput(loss, metrics)
