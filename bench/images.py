@@ -97,9 +97,8 @@ def overrides_for(objective: str, args, enc_path: Path, run_dir: Path) -> list[s
     ov = ["experiment=mnist", f"objective={objective}", "logger=none", "trainer.progress=false", "trainer.eval_every=0",
           "trainer.eval_at_end=false", f"trainer.ckpt_every={args.steps}", f"trainer.max_steps={args.steps}",
           f"trainer.batch_size={args.batch}", f"trainer.cpu_threads={args.threads}", f"optim.lr={args.lr}",
-          f"optim.warmup_steps={args.warmup}", f"ema.decay={args.ema}", f"backbone.width={args.width}",
-          f"backbone.depth={args.depth}", f"task.cond_dim={args.cond_dim}", f"task.root={args.data_root}",
-          f"seed={args.seed}", f"run_dir={run_dir}"]
+          f"optim.warmup_steps={args.warmup}", f"ema.decay={args.ema}", *backbone_overrides(args),
+          f"task.cond_dim={args.cond_dim}", f"task.root={args.data_root}", f"seed={args.seed}", f"run_dir={run_dir}"]
     if objective in DATA_PREDICTION:
         ov.append(f"objective.prediction={args.prediction}")
     ov += list(args.override or [])
@@ -109,6 +108,21 @@ def overrides_for(objective: str, args, enc_path: Path, run_dir: Path) -> list[s
                f"objective.feature_map.separate_blocks={args.drift_blocks == 'separate'}",
                f"objective.feature_map.per_location={args.drift_blocks == 'location'}"]
     return ov
+
+
+def backbone_overrides(args) -> list[str]:
+    """The shared backbone: the MLP at ``--width`` x ``--depth``, or ``--backbone unet2d`` (the
+    registry's ``UNet2D-<--unet-size>``; tens of seconds a step at batch 128 on one CPU thread, so
+    its rows are a GPU run)."""
+    if args.backbone == "unet2d":
+        return ["backbone=unet2d", f"backbone.size={args.unet_size}", "~backbone.width", "~backbone.depth"]
+    return [f"backbone.width={args.width}", f"backbone.depth={args.depth}"]
+
+
+def backbone_name(args) -> str:
+    if args.backbone == "unet2d":
+        return f"UNet2D-{args.unet_size} (FiLM on t, h, class)"
+    return f"MLP width {args.width} depth {args.depth} (FiLM on t, h, class)"
 
 
 def row_label(objective: str, args) -> str:
@@ -217,6 +231,10 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--backbone", choices=("mlp", "unet2d"), default="mlp",
+                   help="the backbone of every row: the residual MLP (--width, --depth) or UNet2D (--unet-size); "
+                        "put conv rows in a result file of their own (--bench images_conv)")
+    p.add_argument("--unet-size", choices=("S", "B"), default="S", help="UNet2D size from the backbone registry")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--cond-dim", type=int, default=64)
@@ -295,7 +313,7 @@ def main(argv=None) -> int:
 
     result = {"bench": args.bench, "machine": machine(),
               "config": {"dataset": "mnist (official test set split 8000 train / 2000 held-out, padded 32x32)",
-                         "backbone": f"MLP width {args.width} depth {args.depth} (FiLM on t, h, class)",
+                         "backbone": backbone_name(args),
                          "cond": f"ClassEmbedding(10, {args.cond_dim}), no guidance",
                          "train": {"steps": args.steps, "batch": args.batch, "optimizer": "Adam(0.9, 0.99)",
                                    "lr": args.lr, "warmup": args.warmup, "grad_clip": 1.0, "ema": args.ema},
@@ -433,7 +451,7 @@ def finalize(args) -> int:
             merged["rows"].extend(part["rows"])
             merged["config"]["elapsed_s"] = max(merged["config"].get("elapsed_s", 0), part["config"].get("elapsed_s", 0))
     merged["config"]["notes"] = (
-        "Rows are comparable with each other (same MLP backbone, optimiser, batch, steps and generated samples), "
+        "Rows are comparable with each other (same backbone, optimiser, batch, steps and generated samples), "
         "not converged models. Flow Matching, MeanFlow, TVM and DDPM use data prediction (objective.prediction=data): "
         "with native velocity / noise outputs the width-512 MLP cannot pass the 1,024-pixel noise through and "
         "every such row was noisy (FM-100 classifier FID 51 at 1,000 steps in the previous run of this bench). "
