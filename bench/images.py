@@ -112,8 +112,7 @@ def overrides_for(objective: str, args, enc_path: Path, run_dir: Path) -> list[s
 
 def backbone_overrides(args) -> list[str]:
     """The shared backbone: the MLP at ``--width`` x ``--depth``, or ``--backbone unet2d`` (the
-    registry's ``UNet2D-<--unet-size>``; tens of seconds a step at batch 128 on one CPU thread, so
-    its rows are a GPU run)."""
+    registry's ``UNet2D-<--unet-size>``; far slower than the MLP on a CPU, so its rows are a GPU run)."""
     if args.backbone == "unet2d":
         return ["backbone=unet2d", f"backbone.size={args.unet_size}", "~backbone.width", "~backbone.depth"]
     return [f"backbone.width={args.width}", f"backbone.depth={args.depth}"]

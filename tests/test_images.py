@@ -371,5 +371,5 @@ def test_per_location_drift_features_train_a_generator(tmp_path):
     assert all(p.grad is None for p in model.aux["feature_map"].parameters())
     assert model.backbone.out.weight.grad.abs().sum() > 0
     mlp = save_weights(SmallMLPNet(1, 10, 8), tmp_path / "mlp.safetensors")
-    with pytest.raises(ValueError, match="per_location: SmallMLPNet has no feature maps"):
+    with pytest.raises(ValueError, match="^feature_map.per_location: SmallMLPNet has no feature maps"):
         feature_encoder("mlp", str(mlp), width=8, per_location=True)

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from jumpflow.errors import ConfigError
+
 
 def location_feature_sets(x: Tensor, maps: list[Tensor], patch_sizes=(2, 4), eps: float = 1e-6) -> list[Tensor]:
     """Drifting's feature sets of an input ``x: (B, C, H, W)`` and the encoder's feature maps
@@ -53,7 +55,7 @@ def location_feature_sets(x: Tensor, maps: list[Tensor], patch_sizes=(2, 4), eps
     The std is ``sqrt(var + eps)`` (biased variance), as the official ``safe_std``."""
 
     def std(a: Tensor, dim) -> Tensor:
-        return (a - a.mean(dim, keepdim=True)).pow(2).mean(dim).clamp_min(0.0).add(eps).sqrt()
+        return a.var(dim, correction=0).add(eps).sqrt()
 
     sets = [x.pow(2).mean((2, 3)).add(eps).sqrt()[:, None]]                 # (B, 1, C)
     for fmap in maps:
@@ -167,8 +169,8 @@ class DriftFeatures(nn.Module):
         if self.separate_blocks and not hasattr(encoder, "drift_blocks"):
             raise ValueError(f"separate_blocks: {type(encoder).__name__} has no drift_blocks()")
         if self.per_location and not hasattr(encoder, "drift_location_sets"):
-            raise ValueError(f"per_location: {type(encoder).__name__} has no feature maps (drift_location_sets); "
-                             "use a conv encoder (convnet, resnet*)")
+            raise ConfigError("feature_map.per_location", f"{type(encoder).__name__} has no feature maps; use a conv "
+                              "encoder (kind: convnet or resnet*)")
 
     def train(self, mode: bool = True):                                  # stays frozen in eval mode
         return super().train(False)
