@@ -47,10 +47,6 @@ import sys
 import time
 from pathlib import Path
 
-# numba's worker threads spin while torch runs on the same two busy cores (a Drifting step went
-# from 0.8 s to 6.5 s); one numba thread per process, unless the caller says otherwise.
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-
 import numpy as np
 import torch
 
@@ -500,4 +496,9 @@ def finalize(args) -> int:
 
 
 if __name__ == "__main__":
+    # numba's worker threads spin while torch runs on the same two busy cores (a Drifting step went
+    # from 0.8 s to 6.5 s): one numba thread per process unless the caller says otherwise. Set here,
+    # not at import: numba refuses a thread count that changes after its pool started, so a module
+    # that tests import must leave the environment alone (CI failed on exactly that).
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     sys.exit(main())

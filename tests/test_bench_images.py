@@ -1,6 +1,9 @@
 """bench/images: the backbone every row shares composes into the trained model's config."""
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,24 @@ def test_backbone_choice_builds_that_backbone(backbone, cls, name, objective):
         assert net.feature_dim == 64 and "width" not in cfg.backbone
     if objective == "drifting":
         assert cfg.objective.feature_map.per_location is True and cfg.objective.feature_map.kind == "convnet"
+
+
+def test_importing_the_bench_scripts_leaves_the_environment_alone():
+    """numba refuses a NUMBA_NUM_THREADS that changes after its pool started, so a bench module that set
+    it at import broke the numba tests of whichever pytest worker imported it after its first parallel
+    call (CI, 2026-12-05). Checked in a fresh interpreter so this worker's imports do not hide it."""
+    code = (
+        "import importlib, os, pathlib\n"
+        "before = dict(os.environ)\n"
+        "for f in sorted(pathlib.Path('bench').glob('*.py')):\n"
+        "    importlib.import_module('bench.' + f.stem)\n"
+        "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))\n"
+        "print(changed)\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    # without NUMBA_*: this worker imported bench.images at collection, and a setdefault would hide there
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
