@@ -52,6 +52,7 @@ import torch
 
 from bench.common import machine, print_table
 from jumpflow.datasets.images import load_mnist, to_uint8, write_json_atomic
+from jumpflow.eval.diversity import class_spread_ratio, precision_recall
 from jumpflow.eval.fid import InceptionFeatures, feature_stats, features_of, frechet_distance, save_stats
 from jumpflow.generator import Generator
 from jumpflow.images.encoders import ClassifierFeatures, accuracy, save_weights, train_classifier
@@ -165,6 +166,25 @@ def generate(model: Generator, n: int, nfe: int, seed: int, batch: int = 500, sa
     return torch.cat(out).numpy(), labels.numpy()
 
 
+def fid_classifier(x_tr: torch.Tensor, y_tr: torch.Tensor) -> torch.nn.Module:
+    """The classifier whose penultimate features every row's FID and diversity are measured on
+    (seeded: ``--finalize --diversity`` rebuilds the same one)."""
+    return train_classifier(x_tr, y_tr, width=24, epochs=4, seed=1)
+
+
+DIVERSITY_NOTE = ("improved precision / recall (Kynkaanniemi et al. 2019, k = 3) and the within-class spread "
+                  "ratio tr Cov(fake_c) / tr Cov(real_c), on the classifier's features against the held-out digits")
+
+
+def diversity(feats: np.ndarray, labels: np.ndarray, ref: np.ndarray, ref_labels: np.ndarray) -> dict:
+    """Improved precision / recall (k = 3) and the within-class spread ratio against the held-out
+    digits, on the classifier's features: FID on them hardly punishes a generator that draws the
+    same digit for every noise of a class; recall and the spread ratio do."""
+    precision, recall = precision_recall(ref, feats, k=3)
+    return {"precision": round(precision, 4), "recall": round(recall, 4),
+            "spread_ratio": round(class_spread_ratio(feats, labels, ref, ref_labels), 4)}
+
+
 def save_grid(panels: list[tuple[str, np.ndarray]], path: Path, per_class: int = 8) -> None:
     """One panel per NFE: 10 rows (classes 0-9) x ``per_class`` samples (class-balanced order)."""
     import matplotlib
@@ -258,6 +278,9 @@ def main(argv=None) -> int:
                    help="guidance scales to sweep at sampling, e.g. 1,1.5,2,3 (objectives with guidance at sampling; "
                         "rows get a 'guidance' field and the label suffix -w<scale>)")
     p.add_argument("--finalize", action="store_true", help="merge the parts, add Inception FID, print the table")
+    p.add_argument("--diversity", action="store_true",
+                   help="with --finalize: precision / recall / spread for rows from before those columns "
+                        "(redrawn from their runs)")
     p.add_argument("--inception-select", default="",
                    help="only these saved rows for Inception, e.g. flow_matching:1,drifting:1 (CPU budget)")
     p.add_argument("--inception-only", action="store_true",
@@ -288,22 +311,25 @@ def main(argv=None) -> int:
     ho_u8 = to_uint8(x_ho).numpy()
 
     log(f"training the FID classifier (conv, width 24, seed 1) and Drifting's feature encoder ({args.enc_arch}, width {args.enc_width}, seed 0)")
-    fid_net = train_classifier(x_tr, y_tr, width=24, epochs=4, seed=1)
+    fid_net = fid_classifier(x_tr, y_tr)
     enc_net = train_classifier(x_tr, y_tr, width=args.enc_width, epochs=4, seed=0, arch=args.enc_arch)
     acc_fid, acc_enc = accuracy(fid_net, x_ho, y_ho), accuracy(enc_net, x_ho, y_ho)
     log(f"held-out accuracy: FID classifier {acc_fid:.4f}, drift encoder {acc_enc:.4f}")
     enc_path = out / "cache" / f"mnist_{args.enc_arch}_w{args.enc_width}.safetensors"
     save_weights(enc_net, enc_path)
     cls_feat = ClassifierFeatures(fid_net)
-    mu_ref, sig_ref = feature_stats(features_of(ho_u8, cls_feat))
+    ref_feat = features_of(ho_u8, cls_feat)                                # (2000, 192)
+    mu_ref, sig_ref = feature_stats(ref_feat)
     # the classifier FID of held-out digits against themselves split in two (noise floor)
     mu_a, s_a = feature_stats(features_of(ho_u8[:1000], cls_feat))
     mu_b, s_b = feature_stats(features_of(ho_u8[1000:], cls_feat))
     floor = frechet_distance(mu_a, s_a, mu_b, s_b)
     # training digits vs held-out (what a perfect generator of the 8k set would score)
     tr_u8 = to_uint8(x_tr[: args.n_fid]).numpy()
-    mu_t, s_t = feature_stats(features_of(tr_u8, cls_feat))
+    tr_feat = features_of(tr_u8, cls_feat)
+    mu_t, s_t = feature_stats(tr_feat)
     data_fid = frechet_distance(mu_t, s_t, mu_ref, sig_ref)
+    data_div = diversity(tr_feat, y_tr[: args.n_fid].numpy(), ref_feat, y_ho.numpy())
     log(f"classifier FID floors: held-out 1k vs 1k {floor:.3f}; {args.n_fid} training digits vs held-out {data_fid:.3f}")
 
     result = {"bench": args.bench, "machine": machine(),
@@ -317,6 +343,8 @@ def main(argv=None) -> int:
                          "fid": f"classifier-feature FID: SmallConvNet width 24 (held-out acc {acc_fid:.4f}), "
                                 f"penultimate 192-d features, n_samples generated vs 2000 held-out",
                          "fid_floor_heldout_1k_vs_1k": floor, "fid_train_digits_vs_heldout": data_fid,
+                         "diversity": DIVERSITY_NOTE,
+                         "diversity_train_digits_vs_heldout": data_div,
                          "drift_encoder": f"{args.enc_arch} classifier width {args.enc_width} seed 0 (held-out acc {acc_enc:.4f}), multi-scale",
                          "nfe_note": "transition_matching: nfe = backbone passes (each followed by 8 head steps); "
                                      "ddpm nfe 100 = ancestral DDPM, nfe 10 = DDIM"},
@@ -339,11 +367,13 @@ def main(argv=None) -> int:
             for w in scales:
                 label = base if w is None else f"{base}-w{w:g}"
                 t0 = time.time()
-                imgs, _ = generate(ema, args.n_fid, nfe, seed=args.seed + 1000, sampler=sampler, guidance=w)
+                imgs, labels = generate(ema, args.n_fid, nfe, seed=args.seed + 1000, sampler=sampler, guidance=w)
                 sample_s = time.time() - t0
-                mu, sig = feature_stats(features_of(imgs, cls_feat))
+                feat = features_of(imgs, cls_feat)
+                mu, sig = feature_stats(feat)
                 row = {"dataset": "mnist", "objective": name, "label": label, "nfe": nfe, "n_samples": args.n_fid,
                        "fid": round(frechet_distance(mu, sig, mu_ref, sig_ref), 4),
+                       **diversity(feat, labels, ref_feat, y_ho.numpy()),
                        "sampler": sampler or ("euler" if name == "flow_matching" else "native"),
                        "sec_per_step": round(sec, 4), "sample_seconds": round(sample_s, 2)}
                 if w is not None:
@@ -353,7 +383,8 @@ def main(argv=None) -> int:
                     atomic_write(out / "cache" / f"samples_{label}_nfe{nfe}.npz",
                                  lambda tmp, k=keep: np.savez(tmp, arr_0=k))
                 result["rows"].append(row)
-                log(f"  {label} nfe={nfe}: fid {row['fid']:.3f}")
+                log(f"  {label} nfe={nfe}: fid {row['fid']:.3f}, recall {row['recall']:.3f}, "
+                    f"spread {row['spread_ratio']:.3f}")
                 title = f"{base} {nfe} NFE" + (f" ({sampler})" if sampler else "")
                 if w == scales[0]:
                     panels.append((title + ("" if w is None else f" w={w:g}"), imgs[:80]))
@@ -428,6 +459,46 @@ def fill_missing_samples(args, rows: list[dict]) -> None:
         print(f"generated {len(imgs)} samples for {path.name} from {r['run_dir']}", flush=True)
 
 
+def fill_diversity(args, config: dict, rows: list[dict]) -> int:
+    """Precision, recall and spread for rows from before those columns: the same seeded classifier,
+    and each row's own samples drawn again from its run (same noise seed and labels). The FID of the
+    redrawn samples must equal the row's (within 1%), so a run changed since is left out rather than
+    mixed in. -> the number of rows filled."""
+    from jumpflow.checkpoint import load_model
+
+    todo = [r for r in rows if "recall" not in r]
+    if not todo:
+        return 0
+    x_tr, y_tr = load_mnist(args.data_root, "train")
+    x_ho, y_ho = load_mnist(args.data_root, "heldout")
+    cls_feat = ClassifierFeatures(fid_classifier(x_tr, y_tr))
+    ref = features_of(to_uint8(x_ho).numpy(), cls_feat)
+    mu_ref, sig_ref = feature_stats(ref)
+    n_data = max(r["n_samples"] for r in rows)
+    config["diversity_train_digits_vs_heldout"] = diversity(
+        features_of(to_uint8(x_tr[:n_data]).numpy(), cls_feat), y_tr[:n_data].numpy(), ref, y_ho.numpy())
+    filled = 0
+    for r in todo:
+        name = f"{r.get('label', r['objective'])} nfe={r['nfe']}"
+        if not Path(r["run_dir"], "checkpoints").is_dir():
+            print(f"{name}: no run at {r['run_dir']}; its diversity is left out", flush=True)
+            continue
+        model, _ = load_model(r["run_dir"])
+        sampler = r["sampler"] if r["sampler"] in ("ddpm", "ddim") else None
+        imgs, labels = generate(model, r["n_samples"], r["nfe"], seed=args.seed + 1000, sampler=sampler,
+                                guidance=r.get("guidance"))
+        feat = features_of(imgs, cls_feat)
+        fid = frechet_distance(*feature_stats(feat), mu_ref, sig_ref)
+        if abs(fid - r["fid"]) > 0.01 * max(r["fid"], 1.0):
+            print(f"{name}: redrawn samples score FID {fid:.3f}, the row {r['fid']:.3f}; left out", flush=True)
+            continue
+        r.update(diversity(feat, labels, ref, y_ho.numpy()))
+        filled += 1
+        print(f"{name}: FID {fid:.3f} (row {r['fid']:.3f}), recall {r['recall']:.3f}, "
+              f"spread {r['spread_ratio']:.3f}", flush=True)
+    return filled
+
+
 def finalize(args) -> int:
     """Merge ``images.part-*.json`` into ``images.json``, add Inception FID for the rows whose
     samples were saved, the ratios to Flow Matching at 100 steps, and print the table."""
@@ -435,13 +506,14 @@ def finalize(args) -> int:
     parts = sorted(out.glob(f"{args.bench}.part-*.json"))
     if not parts:
         raise FileNotFoundError(f"{out}: no {args.bench}.part-*.json; run the training parts first")
-    merged = None
+    merged, loaded = None, []
     for path in parts:
         part = json.loads(path.read_text())
+        loaded.append((path, part))
         for r in part["rows"]:
             r.setdefault("run_dir", str(Path(args.runs) / f"{path.stem.split('part-', 1)[1]}_{r['objective']}"))
         if merged is None:
-            merged = part
+            merged = {**part, "config": dict(part["config"]), "rows": list(part["rows"])}
         else:
             merged["rows"].extend(part["rows"])
             merged["config"]["elapsed_s"] = max(merged["config"].get("elapsed_s", 0), part["config"].get("elapsed_s", 0))
@@ -456,6 +528,13 @@ def finalize(args) -> int:
                                                  -r["nfe"] if r["objective"] == "ddpm" else r["nfe"],
                                                  r.get("guidance", 0.0)))
     merged["rows"] = rows
+    if args.diversity and fill_diversity(args, merged["config"], rows):
+        for path, part in loaded:                 # the parts keep the new columns for later merges
+            part["config"].setdefault("diversity_train_digits_vs_heldout",
+                                      merged["config"]["diversity_train_digits_vs_heldout"])
+            write_json_atomic(path, part)
+    if any("recall" in r for r in rows):
+        merged["config"]["diversity"] = DIVERSITY_NOTE
     if args.n_inception > 0:
         if args.inception_rows == "all":
             fill_missing_samples(args, rows)
@@ -489,7 +568,7 @@ def finalize(args) -> int:
     if any("guidance" in r for r in rows):
         save_guidance_plot(rows, out / f"{args.bench}_guidance.png")
     cols = ("nfe", "n_samples", "fid", "fid_ratio_to_fm100", "fid_inception", "fid_inception_ratio_to_fm100",
-            "sec_per_step")
+            "precision", "recall", "spread_ratio", "sec_per_step")
     print_table([{"objective": r.get("label", r["objective"]), **{k: r.get(k, float("nan")) for k in cols}}
                  for r in rows])
     return 0
