@@ -18,7 +18,11 @@ Metrics, per row, on the same generated samples (class-balanced, fixed noise):
 * ``fid_inception``: FID with the TF 2015-12-05 Inception (``jumpflow.eval.fid``) on the first
   ``n_inception`` samples vs ``n_inception_ref`` held-out digits (Inception costs ~0.2-0.5 s
   per image on this CPU, hence fewer samples and only on the key rows); small-sample FID is
-  biased upward, so compare rows with each other, not with published numbers.
+  biased upward, so compare rows with each other, not with published numbers;
+* ``precision`` / ``recall`` (improved, k = 3) and ``spread_ratio`` (a class's generated feature
+  variance over its held-out digits', averaged over classes) on the classifier's features
+  (``jumpflow.eval.diversity``): the within-class collapse that this FID hardly punishes.
+  ``--finalize --diversity`` adds them to rows from before them, redrawn from their runs.
 
 Writes ``bench/results/images.json`` (rows: dataset, objective, nfe, n_samples, fid, ...),
 ``bench/results/images_<objective>.png`` (10 classes x 8 samples per NFE) and prints a table.
