@@ -322,9 +322,12 @@ def main(argv=None):
                 models = [load_model(c)[0] for c in ckpts]
                 for lbl, nfe, sampler in variants:
                     evals = []
-                    for model in models:
+                    for ckpt, model in zip(ckpts, models):
                         model.set_inference({"steps": nfe, "sampler": sampler})
                         evals.append(evaluate_variant(model, args.episodes, result["run_dir"]))
+                        # a long evaluation can be followed in the log (stdout is buffered under nohup)
+                        print(f"{task} {objective} seed {seed} {lbl}-{nfe} {ckpt.stem}: success "
+                              f"{evals[-1]['success_rate']:.2f}", flush=True)
                     last = evals[-1]
                     row = {"task": task, **fields, "objective": objective, "sampler": sampler or lbl, "nfe": nfe,
                            "seed": seed,
