@@ -176,6 +176,18 @@ def fid_classifier(x_tr: torch.Tensor, y_tr: torch.Tensor) -> torch.nn.Module:
     return train_classifier(x_tr, y_tr, width=24, epochs=4, seed=1)
 
 
+def measurement_reference(x_tr, y_tr, x_ho, y_ho, n_data: int):
+    """What every row is measured against: the FID classifier's feature extractor, the held-out
+    digits' features ``(2000, 192)`` and labels, their FID statistics, and the first ``n_data``
+    training digits' features (the data's own figures). -> dict."""
+    fid_net = fid_classifier(x_tr, y_tr)
+    cls_feat = ClassifierFeatures(fid_net)
+    ref = features_of(to_uint8(x_ho).numpy(), cls_feat)
+    data = features_of(to_uint8(x_tr[:n_data]).numpy(), cls_feat)
+    return {"net": fid_net, "features": cls_feat, "ref": ref, "ref_labels": y_ho.numpy(), "stats": feature_stats(ref),
+            "data": data, "data_diversity": diversity(data, y_tr[:n_data].numpy(), ref, y_ho.numpy())}
+
+
 DIVERSITY_NOTE = ("improved precision / recall (Kynkaanniemi et al. 2019, k = 3) and the within-class spread "
                   "ratio tr Cov(fake_c) / tr Cov(real_c), on the classifier's features against the held-out digits")
 
@@ -315,25 +327,20 @@ def main(argv=None) -> int:
     ho_u8 = to_uint8(x_ho).numpy()
 
     log(f"training the FID classifier (conv, width 24, seed 1) and Drifting's feature encoder ({args.enc_arch}, width {args.enc_width}, seed 0)")
-    fid_net = fid_classifier(x_tr, y_tr)
+    meas = measurement_reference(x_tr, y_tr, x_ho, y_ho, args.n_fid)
     enc_net = train_classifier(x_tr, y_tr, width=args.enc_width, epochs=4, seed=0, arch=args.enc_arch)
-    acc_fid, acc_enc = accuracy(fid_net, x_ho, y_ho), accuracy(enc_net, x_ho, y_ho)
+    acc_fid, acc_enc = accuracy(meas["net"], x_ho, y_ho), accuracy(enc_net, x_ho, y_ho)
     log(f"held-out accuracy: FID classifier {acc_fid:.4f}, drift encoder {acc_enc:.4f}")
     enc_path = out / "cache" / f"mnist_{args.enc_arch}_w{args.enc_width}.safetensors"
     save_weights(enc_net, enc_path)
-    cls_feat = ClassifierFeatures(fid_net)
-    ref_feat = features_of(ho_u8, cls_feat)                                # (2000, 192)
-    mu_ref, sig_ref = feature_stats(ref_feat)
+    cls_feat, ref_feat = meas["features"], meas["ref"]                    # ref_feat: (2000, 192)
+    mu_ref, sig_ref = meas["stats"]
     # the classifier FID of held-out digits against themselves split in two (noise floor)
     mu_a, s_a = feature_stats(features_of(ho_u8[:1000], cls_feat))
     mu_b, s_b = feature_stats(features_of(ho_u8[1000:], cls_feat))
     floor = frechet_distance(mu_a, s_a, mu_b, s_b)
     # training digits vs held-out (what a perfect generator of the 8k set would score)
-    tr_u8 = to_uint8(x_tr[: args.n_fid]).numpy()
-    tr_feat = features_of(tr_u8, cls_feat)
-    mu_t, s_t = feature_stats(tr_feat)
-    data_fid = frechet_distance(mu_t, s_t, mu_ref, sig_ref)
-    data_div = diversity(tr_feat, y_tr[: args.n_fid].numpy(), ref_feat, y_ho.numpy())
+    data_fid = frechet_distance(*feature_stats(meas["data"]), mu_ref, sig_ref)
     log(f"classifier FID floors: held-out 1k vs 1k {floor:.3f}; {args.n_fid} training digits vs held-out {data_fid:.3f}")
 
     result = {"bench": args.bench, "machine": machine(),
@@ -348,7 +355,7 @@ def main(argv=None) -> int:
                                 f"penultimate 192-d features, n_samples generated vs 2000 held-out",
                          "fid_floor_heldout_1k_vs_1k": floor, "fid_train_digits_vs_heldout": data_fid,
                          "diversity": DIVERSITY_NOTE,
-                         "diversity_train_digits_vs_heldout": data_div,
+                         "diversity_train_digits_vs_heldout": meas["data_diversity"],
                          "drift_encoder": f"{args.enc_arch} classifier width {args.enc_width} seed 0 (held-out acc {acc_enc:.4f}), multi-scale",
                          "nfe_note": "transition_matching: nfe = backbone passes (each followed by 8 head steps); "
                                      "ddpm nfe 100 = ancestral DDPM, nfe 10 = DDIM"},
@@ -377,7 +384,7 @@ def main(argv=None) -> int:
                 mu, sig = feature_stats(feat)
                 row = {"dataset": "mnist", "objective": name, "label": label, "nfe": nfe, "n_samples": args.n_fid,
                        "fid": round(frechet_distance(mu, sig, mu_ref, sig_ref), 4),
-                       **diversity(feat, labels, ref_feat, y_ho.numpy()),
+                       **diversity(feat, labels, ref_feat, meas["ref_labels"]),
                        "sampler": sampler or ("euler" if name == "flow_matching" else "native"),
                        "sec_per_step": round(sec, 4), "sample_seconds": round(sample_s, 2)}
                 if w is not None:
@@ -443,11 +450,19 @@ def inception_stats(args) -> dict:
     return result
 
 
+def redraw(args, row: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A row's first ``n`` samples drawn again from its run: the same noise seed, labels, sampler and
+    guidance as when the row was measured. -> (uint8 NHWC images, labels)."""
+    from jumpflow.checkpoint import load_model
+
+    model, _ = load_model(row["run_dir"])
+    sampler = row["sampler"] if row["sampler"] in ("ddpm", "ddim") else None
+    return generate(model, n, row["nfe"], seed=args.seed + 1000, sampler=sampler, guidance=row.get("guidance"))
+
+
 def fill_missing_samples(args, rows: list[dict]) -> None:
     """The training parts keep samples of the key rows only; the other rows' first
     ``n_inception`` samples are generated again from their run (same noise seed and labels)."""
-    from jumpflow.checkpoint import load_model
-
     cache = Path(args.out) / "cache"
     for r in rows:
         path = cache / f"samples_{r.get('label', r['objective'])}_nfe{r['nfe']}.npz"
@@ -456,47 +471,37 @@ def fill_missing_samples(args, rows: list[dict]) -> None:
         if not Path(r["run_dir"], "checkpoints").is_dir():
             print(f"no samples and no run for {path.name}; its Inception FID is left out", flush=True)
             continue
-        model, _ = load_model(r["run_dir"])
-        sampler = r["sampler"] if r["sampler"] in ("ddpm", "ddim") else None
-        imgs, _ = generate(model, args.n_inception, r["nfe"], seed=args.seed + 1000, sampler=sampler)
+        imgs, _ = redraw(args, r, args.n_inception)
         atomic_write(path, lambda tmp, imgs=imgs: np.savez(tmp, arr_0=imgs))
         print(f"generated {len(imgs)} samples for {path.name} from {r['run_dir']}", flush=True)
 
 
 def fill_diversity(args, config: dict, rows: list[dict]) -> int:
     """Precision, recall and spread for rows from before those columns: the same seeded classifier,
-    and each row's own samples drawn again from its run (same noise seed and labels). The FID of the
-    redrawn samples must equal the row's (within 1%), so a run changed since is left out rather than
-    mixed in. -> the number of rows filled."""
-    from jumpflow.checkpoint import load_model
-
+    and each row's own samples drawn again from its run (``redraw``). The FID of the redrawn samples
+    must equal the row's (within 1%), so a run changed since is left out rather than mixed in.
+    -> the number of rows filled."""
     todo = [r for r in rows if "recall" not in r]
     if not todo:
         return 0
     x_tr, y_tr = load_mnist(args.data_root, "train")
     x_ho, y_ho = load_mnist(args.data_root, "heldout")
-    cls_feat = ClassifierFeatures(fid_classifier(x_tr, y_tr))
-    ref = features_of(to_uint8(x_ho).numpy(), cls_feat)
-    mu_ref, sig_ref = feature_stats(ref)
-    n_data = max(r["n_samples"] for r in rows)
-    config["diversity_train_digits_vs_heldout"] = diversity(
-        features_of(to_uint8(x_tr[:n_data]).numpy(), cls_feat), y_tr[:n_data].numpy(), ref, y_ho.numpy())
+    meas = measurement_reference(x_tr, y_tr, x_ho, y_ho, max(r["n_samples"] for r in rows))
+    config["diversity_train_digits_vs_heldout"] = meas["data_diversity"]
     filled = 0
     for r in todo:
         name = f"{r.get('label', r['objective'])} nfe={r['nfe']}"
         if not Path(r["run_dir"], "checkpoints").is_dir():
             print(f"{name}: no run at {r['run_dir']}; its diversity is left out", flush=True)
             continue
-        model, _ = load_model(r["run_dir"])
-        sampler = r["sampler"] if r["sampler"] in ("ddpm", "ddim") else None
-        imgs, labels = generate(model, r["n_samples"], r["nfe"], seed=args.seed + 1000, sampler=sampler,
-                                guidance=r.get("guidance"))
-        feat = features_of(imgs, cls_feat)
-        fid = frechet_distance(*feature_stats(feat), mu_ref, sig_ref)
+        imgs, labels = redraw(args, r, r["n_samples"])
+        feat = features_of(imgs, meas["features"])
+        fid = frechet_distance(*feature_stats(feat), *meas["stats"])
         if abs(fid - r["fid"]) > 0.01 * max(r["fid"], 1.0):
-            print(f"{name}: redrawn samples score FID {fid:.3f}, the row {r['fid']:.3f}; left out", flush=True)
+            print(f"{name}: samples redrawn from {r['run_dir']} score FID {fid:.3f}, the row {r['fid']:.3f}; "
+                  "its diversity is left out", flush=True)
             continue
-        r.update(diversity(feat, labels, ref, y_ho.numpy()))
+        r.update(diversity(feat, labels, meas["ref"], meas["ref_labels"]))
         filled += 1
         print(f"{name}: FID {fid:.3f} (row {r['fid']:.3f}), recall {r['recall']:.3f}, "
               f"spread {r['spread_ratio']:.3f}", flush=True)
