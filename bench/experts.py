@@ -5,7 +5,9 @@ Usage: ``python -m bench.experts [--style ph|mh] [--n-episodes 100] [--tasks Lif
 generator's seeds), runs the expert for at most the demo generator's episode cap (ph 400 steps;
 mh ``MH_MAX_STEPS``) and counts success. ``--style mh`` runs the human-like style (``MHExpert``,
 its draw seeded by the episode seed, exactly as ``jumpflow-demos --style mh`` does), so
-``success_rate`` is the fraction of attempts the mh demo generator keeps; ``--style dart`` runs the
+``success_rate`` is the fraction of attempts the mh demo generator keeps, and on Lift and Can
+``mode_read_back_rate`` the fraction of its successful episodes whose mode, read back from the
+states by the evaluator's rule (``jumpflow.envs.grasp_modes``), is the mode the style drew; ``--style dart`` runs the
 expert's perturbed execution (``DARTExpert``), the fraction the dart generator keeps. Rows are keyed by
 ``(task, style)``: a run replaces its own rows and keeps the others.
 
@@ -99,13 +101,16 @@ def run_task(task: str, n_episodes: int, seed: int, style: str = "ph", max_steps
     max_steps = max_steps or episode_cap(task, style)
     sim = RobosuiteSim(default_env_meta(task), obs_keys=LOW_DIM_KEYS)
     expert = make_expert(task, sim.env, style=style)
-    modes, counts = {}, {"missed": 0, "regrasps": 0}
+    modes, counts = {}, {"missed": 0, "regrasps": 0, "read": 0, "read_back": 0}
 
     def tally(ep):
         attrs = ep.get("attrs", {})
         if style == "mh":
             modes[attrs["mode"]] = modes.get(attrs["mode"], 0) + 1
             counts["missed"] += int(attrs["missed"])
+            if sim.tracks_modes and ep["success"]:      # the mode a rollout of this episode would be given
+                counts["read"] += 1
+                counts["read_back"] += int(sim.current_mode() == attrs["mode"])
         counts["regrasps"] += int(attrs.get("n_regrasps", 0) > 0)
 
     try:
@@ -118,6 +123,9 @@ def run_task(task: str, n_episodes: int, seed: int, style: str = "ph", max_steps
     if style == "mh":
         row["modes"] = dict(sorted(modes.items()))
         row["n_missed_grasps"] = n_missed
+        if counts["read"]:
+            row["n_mode_read_back"] = counts["read_back"]
+            row["mode_read_back_rate"] = counts["read_back"] / counts["read"]
     if style in ("mh", "dart"):
         row["n_episodes_with_regrasp"] = n_regrasps
     return row

@@ -10,7 +10,7 @@ ReachAround) for chunked policies.
 - ``info``: ``success`` (reached at any step so far), ``max_reward``, ``steps``, ``error``
   ("" or why the episode was cut: an exception in the simulator or a non-finite observation,
   which also ends the episode with ``terminated=True``); on tasks with behaviour modes (sims with
-  ``current_mode()``) also ``mode`` (the mode committed so far, ``None`` before one is) and
+  ``current_mode()``, unless their ``tracks_modes`` is false) also ``mode`` (the mode committed so far, ``None`` before one is) and
   ``mode_switches`` (changes of the committed mode this episode).
 - ``reset(seed=s)``: the initial state is a function of ``s`` only (see ``RobosuiteSim.reset``).
 - After an episode ends, further ``step`` calls do nothing and return the last observation
@@ -56,8 +56,8 @@ class RobomimicGymEnv(gym.Env):
         self.render_mode = "rgb_array"
         self.sim = make_sim(env_meta, obs_keys=self.obs_keys, image_keys=self.image_keys,
                             camera_size=camera_size)
-        # tasks with behaviour modes (the planar ones) report the mode committed so far
-        self._tracks_modes = hasattr(self.sim, "current_mode")
+        # tasks with behaviour modes (the planar ones; Lift and Can's grasps) report the mode committed so far
+        self._tracks_modes = bool(getattr(self.sim, "tracks_modes", hasattr(self.sim, "current_mode")))
         self.record = False
         self._frames: list[np.ndarray] = []
         self._history: collections.deque = collections.deque(maxlen=self.n_obs_steps)

@@ -31,6 +31,7 @@ import weakref
 
 import numpy as np
 
+from jumpflow.envs.grasp_modes import GRASP_MODE_TASKS, GraspModeTracker
 from jumpflow.envs.rendering import require_offscreen_rendering, select_gl_backend
 
 select_gl_backend()          # must precede the first robosuite import
@@ -268,6 +269,8 @@ class RobosuiteSim:
         self.obs_keys = tuple(obs_keys) if obs_keys is not None else None
         self._last_raw = None
         self._closed = False
+        # Lift / Can: the grasp and approach an episode took (``current_mode``), as the mh demos label it
+        self._modes = GraspModeTracker(self.task) if self.task in GRASP_MODE_TASKS else None
         _LIVE_SIMS.add(self)
         self._sample_on_demand()
         with contextlib.redirect_stdout(io.StringIO()):
@@ -291,6 +294,21 @@ class RobosuiteSim:
     def action_dim(self) -> int:
         return int(self.env.action_spec[0].shape[0])
 
+    @property
+    def tracks_modes(self) -> bool:
+        """Whether :meth:`current_mode` labels this task's episodes (Lift, PickPlaceCan)."""
+        return self._modes is not None
+
+    def current_mode(self) -> str | None:
+        """The grasp and approach of the episode so far, ``"yaw<0|90>_<left|right|above>"``, or
+        ``None`` before the object first leaves the table in the hand (:mod:`jumpflow.envs.grasp_modes`)."""
+        return None if self._modes is None else self._modes.mode
+
+    def _track(self, raw, start: bool) -> None:
+        if self._modes is not None:
+            state = convert_obs(raw, ("robot0_eef_pos", "robot0_eef_quat", "object"))
+            self._modes.reset(state) if start else self._modes.update(state)
+
     def _obs(self, raw) -> dict:
         self._last_raw = raw
         keys = None
@@ -301,13 +319,15 @@ class RobosuiteSim:
     def reset(self, seed: int | None = None) -> dict:
         """Reset to the initial state drawn with ``seed``. Returns the observation dict."""
         if seed is None:
-            return self._obs(self.env.reset())
-        saved = np.random.get_state()
-        try:
-            np.random.seed(int(seed) % (2 ** 32))
             raw = self.env.reset()
-        finally:
-            np.random.set_state(saved)
+        else:
+            saved = np.random.get_state()
+            try:
+                np.random.seed(int(seed) % (2 ** 32))
+                raw = self.env.reset()
+            finally:
+                np.random.set_state(saved)
+        self._track(raw, start=True)
         return self._obs(raw)
 
     def step(self, action: np.ndarray):
@@ -320,6 +340,7 @@ class RobosuiteSim:
         # that observations and images are those of the stored state (no effect on the dynamics)
         self.env.sim.forward()
         raw = self.env._get_observations(force_update=True)
+        self._track(raw, start=False)
         return self._obs(raw), float(reward), self.is_success()
 
     def is_success(self) -> bool:
@@ -372,6 +393,7 @@ class RobosuiteSim:
                 gripper.current_action = np.zeros(gripper.dof)
         self.env.sim.forward()
         raw = self.env._get_observations(force_update=True)
+        self._track(raw, start=True)
         return self._obs(raw)
 
     def render(self, camera_name: str = "agentview", height: int = 84, width: int = 84) -> np.ndarray:

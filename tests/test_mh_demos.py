@@ -148,6 +148,46 @@ def _yaw(q_xyzw: np.ndarray) -> float:
     return float(np.arctan2(2 * (x * y + z * w), 1 - 2 * (y * y + z * z)))
 
 
+def test_rollout_modes_read_back_the_drawn_modes(lift_mh):
+    """The grasp-mode rule (jumpflow.envs.grasp_modes) gives the mode each demo drew, from its
+    stored observations and from the sim while the demo's actions are replayed from its first state."""
+    import h5py
+
+    from jumpflow.datasets.robomimic import RobomimicFile
+    from jumpflow.envs.grasp_modes import episode_grasp_mode
+    from jumpflow.envs.gym_env import RobomimicGymEnv
+    from jumpflow.envs.sim import RobosuiteSim
+
+    path, _ = lift_mh
+    keys = ("robot0_eef_pos", "robot0_eef_quat", "object")
+    with h5py.File(path, "r") as f:
+        drawn, read = [], []
+        for i in range(N_MH):
+            g = f[f"data/demo_{i}"]
+            obs = {k: np.concatenate([g["obs"][k][()], g["next_obs"][k][-1:]]) for k in keys}
+            drawn.append(g.attrs["mode"])
+            read.append(episode_grasp_mode("Lift", obs))
+    agree = [a == b for a, b in zip(drawn, read)]
+    assert sum(agree) >= N_MH - 2, list(zip(drawn, read))    # misses: wrist turns within a degree of 45
+    demo = int(np.argmax(agree))
+    with RobomimicFile(path) as rf:
+        sim = RobosuiteSim(rf.env_meta, obs_keys=("robot0_eef_pos",))
+        assert sim.tracks_modes and sim.current_mode() is None
+        states, xml = rf.read_states(f"demo_{demo}")
+        sim.reset_to(states[0], xml)
+        for a in rf.data[f"demo_{demo}"]["actions"][()]:
+            sim.step(a)
+        assert sim.current_mode() == drawn[demo]
+        sim.reset(seed=0)
+        assert sim.current_mode() is None
+        sim.close()
+        env = RobomimicGymEnv(rf.env_meta, obs_keys=["robot0_eef_pos"], n_obs_steps=1, n_action_steps=8,
+                              max_steps=10)
+        _, info = env.reset(seed=0)
+        assert info["mode"] is None and info["mode_switches"] == 0
+        env.close()
+
+
 def test_mh_demos_deterministic_by_seed_via_cli_and_workers(tmp_path, lift_mh):
     """The CLI with two worker processes writes exactly the demos one process wrote (every array
     and attribute of each demo), in seed order."""
