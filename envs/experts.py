@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jumpflow.envs.task_names import canonical_task
+
 POS_SCALE = 0.05          # metres per unit action (OSC_POSE output_max)
 ROT_SCALE = 0.5           # radians per unit action
 
@@ -405,7 +407,6 @@ def draw_mh_style(task: str, rng: np.random.Generator) -> MHStyle:
     0.20 / 0.35 by quality (0.22 overall); 0-3 pauses; 0-2 approach detours (P 0.4 / 0.4 / 0.2);
     a carrying detour with probability 0.5 (Can, Square).
     """
-    from jumpflow.envs.sim import canonical_task
     spec = MH_TASKS.get(canonical_task(task))
     if spec is None:
         raise ValueError(f"no mh style for task {task!r}; available: {sorted(MH_TASKS)}")
@@ -505,7 +506,6 @@ class MHExpert:
     """
 
     def __init__(self, base: _Expert, task: str, seed: int = 0):
-        from jumpflow.envs.sim import canonical_task
         self.task = canonical_task(task)
         if self.task not in MH_TASKS:
             raise ValueError(f"no mh style for task {task!r}; available: {sorted(MH_TASKS)}")
@@ -806,7 +806,6 @@ def make_expert(task: str, env=None, style: str = "ph", seed: int = 0) -> _Exper
     :class:`MHExpert` around it that draws a human-like style per episode; ``seed`` starts its draws)
     or ``"dart"`` (a :class:`DARTExpert`: the ph labels, executed with noise drawn per episode).
     """
-    from jumpflow.envs.sim import canonical_task
     check_style(style)
     task = canonical_task(task)
     if task not in EXPERTS:
@@ -839,7 +838,6 @@ class ExpertPolicy:
         self.experts = []
 
     def _new(self) -> _Expert:
-        from jumpflow.envs.sim import canonical_task
         if canonical_task(self.task) == "PickPlaceCan" and self.bin_target is not None:
             return CanExpert(self.bin_target)
         return make_expert(self.task)

@@ -33,6 +33,7 @@ import numpy as np
 
 from jumpflow.envs.grasp_modes import GRASP_MODE_TASKS, GraspModeTracker
 from jumpflow.envs.rendering import require_offscreen_rendering, select_gl_backend
+from jumpflow.envs.task_names import TASK_ALIASES, canonical_task  # noqa: F401  (re-exported: the sim's task names)
 
 select_gl_backend()          # must precede the first robosuite import
 
@@ -65,8 +66,6 @@ with contextlib.redirect_stdout(io.StringIO()):
 logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
 
 ROBOSUITE_TYPE = 1          # robomimic EnvType.ROBOSUITE_TYPE
-TASK_ALIASES = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare",
-                "transport": "TwoArmTransport", "tool_hang": "ToolHang", "toolhang": "ToolHang"}
 DEFAULT_CAMERAS = ("agentview", "robot0_eye_in_hand")
 # robomimic's standard low-dim observation keys for single-arm tasks
 LOW_DIM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
@@ -81,11 +80,6 @@ OSC_POSE_CONFIG = {
     "damping_limits": [0, 10], "position_limits": None, "orientation_limits": None,
     "uncouple_pos_ori": True, "control_delta": True, "interpolation": None, "ramp_ratio": 0.2,
 }
-
-
-def canonical_task(task: str) -> str:
-    """``"lift"`` / ``"Lift"`` -> ``"Lift"``; ``"can"`` -> ``"PickPlaceCan"``; robosuite names pass."""
-    return TASK_ALIASES.get(task.lower(), task)
 
 
 def default_env_meta(task: str, image: bool = False, camera_names=DEFAULT_CAMERAS,
