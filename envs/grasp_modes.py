@@ -19,10 +19,12 @@ target. The rule, fixed when the object first leaves the table in the hand:
 Lift-off: the object ``LIFT_OFF`` above where it started with the gripper within ``HOLD_RADIUS``
 of it. Put down (back within ``LIFT_OFF / 2`` of its start height), let go (the gripper further
 than ``HOLD_RADIUS`` from it) and lifted again, the mode is read anew, so a re-grasp the other way
-counts as a mode switch. On the 200-demo mh sets this rule
-gives every Can demo's stored mode and 196 of 200 Lift demos' (three misses are wrist turns
-within 0.5 degrees of 45; one is a re-approach from the other side after a deliberate miss beside
-the cube, where the last approach is not the drawn one); ``tests/test_grasp_modes.py`` checks it on demos written by the experts.
+counts as a mode switch. ``python -m bench.experts --style mh`` reports how often the rule reads
+back the mode each expert episode drew (``mode_read_back_rate``); the rare misses are wrist turns
+within a fraction of a degree of 45 (both labels fit) and a re-approach from the other side after a
+deliberate miss beside the cube (the last approach is not the drawn one). The rule is tested on
+hand-made paths (``tests/test_grasp_modes.py``) and on demos the experts write
+(``tests/test_mh_demos.py``).
 """
 
 from __future__ import annotations
