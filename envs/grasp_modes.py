@@ -38,6 +38,7 @@ HOLD_RADIUS = 0.03       # metres, gripper to object centre, for a lift-off to c
 SIDE_OFFSET = 0.03       # metres of y offset that decide the approach side
 ABOVE_MARGIN = 0.02      # the approach is read below ``hover + 3 cm``: from ``hover + ABOVE_MARGIN``
 GRASP_MODE_TASKS = ("Lift", "PickPlaceCan")
+MODE_OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "object")   # what the rule reads, robomimic keys
 
 
 def wrist_yaw(eef_quat: np.ndarray) -> float:
@@ -120,7 +121,7 @@ def episode_grasp_mode(task: str, observations: dict) -> str | None:
     """
     tracker = GraspModeTracker(task)
     steps = len(observations["object"])
-    tracker.reset({k: observations[k][0] for k in ("robot0_eef_pos", "robot0_eef_quat", "object")})
+    tracker.reset({k: observations[k][0] for k in MODE_OBS_KEYS})
     for t in range(1, steps):
-        tracker.update({k: observations[k][t] for k in ("robot0_eef_pos", "robot0_eef_quat", "object")})
+        tracker.update({k: observations[k][t] for k in MODE_OBS_KEYS})
     return tracker.mode

@@ -31,7 +31,7 @@ import weakref
 
 import numpy as np
 
-from jumpflow.envs.grasp_modes import GRASP_MODE_TASKS, GraspModeTracker
+from jumpflow.envs.grasp_modes import GRASP_MODE_TASKS, MODE_OBS_KEYS, GraspModeTracker
 from jumpflow.envs.rendering import require_offscreen_rendering, select_gl_backend
 from jumpflow.envs.task_names import TASK_ALIASES, canonical_task  # noqa: F401  (re-exported: the sim's task names)
 
@@ -300,8 +300,11 @@ class RobosuiteSim:
 
     def _track(self, raw, start: bool) -> None:
         if self._modes is not None:
-            state = convert_obs(raw, ("robot0_eef_pos", "robot0_eef_quat", "object"))
-            self._modes.reset(state) if start else self._modes.update(state)
+            state = convert_obs(raw, MODE_OBS_KEYS)
+            if start:
+                self._modes.reset(state)
+            else:
+                self._modes.update(state)
 
     def _obs(self, raw) -> dict:
         self._last_raw = raw

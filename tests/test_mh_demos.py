@@ -154,17 +154,16 @@ def test_rollout_modes_read_back_the_drawn_modes(lift_mh):
     import h5py
 
     from jumpflow.datasets.robomimic import RobomimicFile
-    from jumpflow.envs.grasp_modes import episode_grasp_mode
+    from jumpflow.envs.grasp_modes import MODE_OBS_KEYS, episode_grasp_mode
     from jumpflow.envs.gym_env import RobomimicGymEnv
     from jumpflow.envs.sim import RobosuiteSim
 
     path, _ = lift_mh
-    keys = ("robot0_eef_pos", "robot0_eef_quat", "object")
     with h5py.File(path, "r") as f:
         drawn, read = [], []
         for i in range(N_MH):
             g = f[f"data/demo_{i}"]
-            obs = {k: np.concatenate([g["obs"][k][()], g["next_obs"][k][-1:]]) for k in keys}
+            obs = {k: np.concatenate([g["obs"][k][()], g["next_obs"][k][-1:]]) for k in MODE_OBS_KEYS}
             drawn.append(g.attrs["mode"])
             read.append(episode_grasp_mode("Lift", obs))
     agree = [a == b for a, b in zip(drawn, read)]
