@@ -68,7 +68,8 @@ def plot_modes(rows: list[dict], task: str, demo: dict[str, float] | None = None
         ax.bar(labels, vals, bottom=bottom, label=m)
         bottom += vals
     ax.set_ylabel("share of episodes")
-    ax.set_title(f"{task}: behaviour modes of rollouts (mean over seeds) vs demos")
+    # two lines: one line is wider than a figure of few bars and tight_layout cuts it at the left
+    ax.set_title(f"{task}\nbehaviour modes of rollouts (mean over seeds) vs demos", fontsize=9)
     # outside the axes: every bar reaches 1.0, so any legend inside covers one
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="mode", title_fontsize=7)
     ax.tick_params(axis="x", labelsize=8)

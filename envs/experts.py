@@ -34,7 +34,7 @@ POS_SCALE = 0.05          # metres per unit action (OSC_POSE output_max)
 ROT_SCALE = 0.5           # radians per unit action
 
 
-def _quat2mat(q: np.ndarray) -> np.ndarray:
+def quat2mat(q: np.ndarray) -> np.ndarray:
     """xyzw quaternion -> (3, 3) rotation matrix."""
     x, y, z, w = np.asarray(q, dtype=np.float64) / np.linalg.norm(q)
     return np.array([
@@ -64,11 +64,12 @@ def _mat2axisangle(r: np.ndarray) -> np.ndarray:
     return axis / n * angle
 
 
-def _yaw_of(rot: np.ndarray) -> float:
+def yaw_of(rot: np.ndarray) -> float:
+    """The heading (rotation about z, radians in (-pi, pi]) of a (3, 3) rotation matrix."""
     return float(np.arctan2(rot[1, 0], rot[0, 0]))
 
 
-def _wrap(a: float, period: float) -> float:
+def wrap_angle(a: float, period: float) -> float:
     """``a`` wrapped to ``[-period / 2, period / 2)``."""
     return float((a + period / 2) % period - period / 2)
 
@@ -107,7 +108,7 @@ class _Expert:
     def _action(self, obs: dict, target_pos: np.ndarray, grip: float, max_speed: float = 1.0) -> np.ndarray:
         eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
         d_pos = np.clip(self.pos_gain * (target_pos - eef) / POS_SCALE, -max_speed, max_speed)
-        r_cur = _quat2mat(obs["robot0_eef_quat"])
+        r_cur = quat2mat(obs["robot0_eef_quat"])
         aa = _mat2axisangle(self.r_target @ r_cur.T)
         d_rot = np.clip(self.rot_gain * aa / ROT_SCALE, -1.0, 1.0)
         return np.concatenate([d_pos, d_rot, [grip]]).astype(np.float64)
@@ -125,9 +126,9 @@ class LiftExpert(_Expert):
     def face_aligned_rotation(obs: dict) -> np.ndarray:
         """The current gripper rotation turned about world z by the smallest angle that aligns the
         fingers with a pair of cube faces."""
-        r0 = _quat2mat(obs["robot0_eef_quat"])
-        cube_yaw = _yaw_of(_quat2mat(obs["object"][3:7]))
-        d = (cube_yaw - _yaw_of(r0)) % (np.pi / 2)
+        r0 = quat2mat(obs["robot0_eef_quat"])
+        cube_yaw = yaw_of(quat2mat(obs["object"][3:7]))
+        d = (cube_yaw - yaw_of(r0)) % (np.pi / 2)
         d = d - np.pi / 2 if d > np.pi / 4 else d
         return _rot_z(d) @ r0
 
@@ -181,7 +182,7 @@ class CanExpert(_Expert):
         eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
         can = np.asarray(obs["object"][:3], dtype=np.float64)
         if self.r_target is None:
-            self.r_target = _quat2mat(obs["robot0_eef_quat"])
+            self.r_target = quat2mat(obs["robot0_eef_quat"])
         self.t_phase += 1
         ph = self.phase
         if ph == 0:                                   # hover above the can
@@ -234,7 +235,7 @@ class SquareExpert(_Expert):
         """Wrist turn about world z (from the start rotation ``r0``) that puts the fingers across the
         handle: the smaller of the two equivalent turns, or the other one (half a turn away) when
         ``flip_handle`` is set."""
-        d = _wrap(nut_yaw - _yaw_of(self.r0), np.pi)
+        d = wrap_angle(nut_yaw - yaw_of(self.r0), np.pi)
         if self.flip_handle:
             d = d + np.pi if d < 0 else d - np.pi
         return d
@@ -242,15 +243,15 @@ class SquareExpert(_Expert):
     def grasp_point(self, obs: dict) -> np.ndarray:
         """Where the gripper closes: on the handle, ``grasp_offset`` from the nut's centre."""
         nut = np.asarray(obs["object"][:3], dtype=np.float64)
-        return nut + _quat2mat(obs["object"][3:7]) @ np.array([self.grasp_offset, 0.0, self.grasp_dz])
+        return nut + quat2mat(obs["object"][3:7]) @ np.array([self.grasp_offset, 0.0, self.grasp_dz])
 
     def act(self, obs: dict) -> np.ndarray:
         eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
         nut = np.asarray(obs["object"][:3], dtype=np.float64)
-        r_nut = _quat2mat(obs["object"][3:7])
-        r_eef = _quat2mat(obs["robot0_eef_quat"])
+        r_nut = quat2mat(obs["object"][3:7])
+        r_eef = quat2mat(obs["robot0_eef_quat"])
         grasp = nut + r_nut @ np.array([self.grasp_offset, 0.0, self.grasp_dz])
-        nut_yaw = _yaw_of(r_nut)
+        nut_yaw = yaw_of(r_nut)
         if self.r0 is None:
             self.r0 = r_eef
         self.t_phase += 1
@@ -258,7 +259,7 @@ class SquareExpert(_Expert):
         if ph <= 2:            # fingers across the handle (symmetric under a half turn)
             self.r_target = _rot_z(self.handle_turn(nut_yaw)) @ self.r0
         else:                  # turn the nut to a multiple of 90 degrees (the peg's symmetry)
-            d = _wrap(-nut_yaw, np.pi / 2)
+            d = wrap_angle(-nut_yaw, np.pi / 2)
             self.r_target = _rot_z(d) @ r_eef if abs(d) > 0.02 else r_eef
         if ph == 0:                                   # above the handle, yaw aligned
             target = grasp + [0.0, 0.0, 0.08]
@@ -276,7 +277,7 @@ class SquareExpert(_Expert):
         if ph == 4:                                   # nut centre over the peg, nut square to it
             target = eef + np.r_[self.peg[:2] - nut[:2], 0.0]
             target[2] = self.carry_z
-            aligned = abs(_wrap(-nut_yaw, np.pi / 2)) < 0.03
+            aligned = abs(wrap_angle(-nut_yaw, np.pi / 2)) < 0.03
             done = (np.linalg.norm((self.peg - nut)[:2]) < 0.005 and aligned) or self._late(100)
             return self._advance_if(done, obs, target, 1.0, max_speed=0.6)
         if ph == 5:                                   # lower onto the peg, correcting xy
@@ -544,16 +545,16 @@ class MHExpert:
     def _begin(self, obs: dict) -> None:
         """First step: fix the grasp rotation and queue the approach (detours, then the side point)."""
         base, st = self.base, self.style
-        r_eef = _quat2mat(obs["robot0_eef_quat"])
+        r_eef = quat2mat(obs["robot0_eef_quat"])
         if isinstance(base, LiftExpert):
             r = base.face_aligned_rotation(obs)
-            d = _wrap(_yaw_of(r) - _yaw_of(r_eef), 2 * np.pi)
+            d = wrap_angle(yaw_of(r) - yaw_of(r_eef), 2 * np.pi)
             turn = _feasible_turn(d, st.grasp_yaw // 90) if st.grasp_yaw else d
             self.grasp_yaw = st.grasp_yaw if turn is not None else 0
             base.r_target = _rot_z(turn if turn is not None else d) @ r_eef
         elif isinstance(base, SquareExpert):
             base.r0 = r_eef
-            nut_yaw = _yaw_of(_quat2mat(obs["object"][3:7]))
+            nut_yaw = yaw_of(quat2mat(obs["object"][3:7]))
             base.flip_handle = st.grasp_yaw == 180
             turn = base.handle_turn(nut_yaw)
             if not WRIST_TURN_RANGE[0] <= turn <= WRIST_TURN_RANGE[1]:
@@ -583,7 +584,7 @@ class MHExpert:
         """Square: the grasp rotation follows the nut (as the expert's own phases 0-2 do)."""
         base = self.base
         if isinstance(base, SquareExpert) and base.phase <= 2:
-            base.r_target = _rot_z(base.handle_turn(_yaw_of(_quat2mat(obs["object"][3:7])))) @ base.r0
+            base.r_target = _rot_z(base.handle_turn(yaw_of(quat2mat(obs["object"][3:7])))) @ base.r0
 
     def _queue_miss(self, obs: dict) -> None:
         """Close once where the object is not, re-open, lift, and let the expert approach again."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jumpflow.envs.experts import MH_TASKS, _quat2mat, _wrap, _yaw_of
+from jumpflow.envs.experts import MH_TASKS, quat2mat, wrap_angle, yaw_of
 
 LIFT_OFF = 0.004         # metres above the start height: the object has left the table
 HOLD_RADIUS = 0.03       # metres, gripper to object centre, for a lift-off to count as a grasp
@@ -43,12 +43,12 @@ MODE_OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "object")   # what the rul
 
 def wrist_yaw(eef_quat: np.ndarray) -> float:
     """Yaw (radians) of the gripper frame from robosuite's ``(x, y, z, w)`` quaternion."""
-    return _yaw_of(_quat2mat(np.asarray(eef_quat, dtype=np.float64)))
+    return yaw_of(quat2mat(np.asarray(eef_quat, dtype=np.float64)))
 
 
 def grasp_label(turn: float) -> str:
     """``"yaw90"`` if the wrist turned more than 45 degrees (``turn`` radians), else ``"yaw0"``."""
-    return "yaw90" if abs(_wrap(float(turn), 2 * np.pi)) > np.pi / 4 else "yaw0"
+    return "yaw90" if abs(wrap_angle(float(turn), 2 * np.pi)) > np.pi / 4 else "yaw0"
 
 
 def side_label(offsets: np.ndarray, hover: float) -> str:

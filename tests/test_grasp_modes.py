@@ -100,3 +100,20 @@ def test_an_episode_that_switches_grasps_counts_one_switch():
         seq.append(tracker.update(_obs([0, 0, -0.003], z0, yaw)))
     assert seq[-1] == "yaw0_right" and "yaw0_left" in seq
     assert mode_switches(seq) == 1
+
+
+def test_square_sims_track_no_modes_and_lift_sims_do():
+    """The sim labels modes only where the mh demos do: a NutAssemblySquare rollout reports none
+    (``tracks_modes`` false, ``current_mode`` ``None`` after steps), a Lift one tracks them."""
+    from jumpflow.envs.sim import RobosuiteSim, default_env_meta
+
+    for task, tracks in (("NutAssemblySquare", False), ("Lift", True)):
+        sim = RobosuiteSim(default_env_meta(task), obs_keys=("robot0_eef_pos",))
+        try:
+            sim.reset(seed=0)
+            for _ in range(3):
+                sim.step(np.zeros(7))
+            assert sim.tracks_modes is tracks
+            assert sim.current_mode() is None      # nothing lifted yet (Lift) / no labels (Square)
+        finally:
+            sim.close()
