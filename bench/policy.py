@@ -207,6 +207,21 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     atomic_write_text(path, "\n".join(text) + "\n")
 
 
+def checkpoint_summary(evals: list[dict], steps: list[int]) -> dict:
+    """Diffusion Policy's two figures over the evaluated checkpoints (``success_max``, the mean
+    ``success_last_mean``), each checkpoint's success, and the mean over checkpoints of the mode
+    metrics and partial successes (``success_p1`` ...). A metric that some checkpoint's evaluation
+    lacks is left out rather than averaged over the others."""
+    successes = [e["success_rate"] for e in evals]
+    summary = {"success_max": max(successes), "success_last_mean": sum(successes) / len(successes),
+               "checkpoint_successes": successes, "checkpoint_steps": list(steps)}
+    partial = [k for k in evals[-1] if k.startswith("success_") and k != "success_rate"]
+    for k in ("mode_entropy_ratio", "mode_tv", "mode_switches", *partial):
+        if all(k in e for e in evals):
+            summary[k] = sum(e[k] for e in evals) / len(evals)
+    return summary
+
+
 def run_overrides(args, task_name: str, objective: str, seed: int, run_dir: Path,
                   task_overrides: list[str] = ()) -> list[str]:
     """Hydra overrides of one training run: the task's CPU recipe, the task (and its
@@ -321,7 +336,7 @@ def main(argv=None):
                     ckpts = ckpts[-1:]
                 models = [load_model(c)[0] for c in ckpts]
                 for lbl, nfe, sampler in variants:
-                    evals = []
+                    evals, t_eval = [], time.perf_counter()
                     for ckpt, model in zip(ckpts, models):
                         model.set_inference({"steps": nfe, "sampler": sampler})
                         evals.append(evaluate_variant(model, args.episodes, result["run_dir"]))
@@ -331,20 +346,15 @@ def main(argv=None):
                     last = evals[-1]
                     row = {"task": task, **fields, "objective": objective, "sampler": sampler or lbl, "nfe": nfe,
                            "seed": seed,
-                           **last, "train_seconds": train_seconds, "train_steps": int(result["step"]),
+                           **last, "train_seconds": train_seconds,
+                           # every checkpoint this variant evaluated, all its episodes (envs included)
+                           "eval_seconds": time.perf_counter() - t_eval, "train_steps": int(result["step"]),
                            "episodes": args.episodes, "threads": torch.get_num_threads(), "protocol": args.protocol,
                            # > 1: lock-step batches of spawned envs, latency per batch call
                            "eval_envs": int(getattr(models[-1].task, "eval_envs", 1)),
                            **({"variant": args.variant, "variant_overrides": args.override} if args.variant else {})}
                     if args.protocol == "dp":
-                        successes = [e["success_rate"] for e in evals]
-                        row.update({"success_max": max(successes), "success_last_mean": sum(successes) / len(successes),
-                                    "checkpoint_successes": successes,
-                                    "checkpoint_steps": [int(c.stem.split("_")[1]) for c in ckpts]})
-                        partial = [k for k in last if k.startswith("success_") and k != "success_rate"]
-                        for k in ("mode_entropy_ratio", "mode_tv", "mode_switches", *partial):
-                            if k in last:
-                                row[k] = sum(e[k] for e in evals) / len(evals)   # mean over the checkpoints
+                        row.update(checkpoint_summary(evals, [int(c.stem.split("_")[1]) for c in ckpts]))
                     # re-read: another bench process may have added rows since this one started
                     rows = [r for r in load_rows(out) if row_key(r) != row_key(row)] + [row]
                     print(json.dumps(row), flush=True)
