@@ -66,6 +66,8 @@ SMALLEST: dict[str, list[str]] = {
     "images": ["--objectives", "flow_matching", "--steps", "5", "--n-fid", "20", "--n-inception", "0",
                "--runs", "{work}/images", "--bench", "images_smoke", "--tag", "s"],
     "recipe_sweep": ["--list"],
+    "merge_policy_rows": ["bench/results/policy.json", "--into", "{work}/merged_policy.json",
+                          "--select", "reach_around_lowdim:regression"],
     "gpu_checks": ["--device", "cpu", "--only", "env,jvp_attention"],      # the CPU dry run: no GPU in CI
     "code_ab": ["--tree", "a={pkg}", "--tree", "b={pkg}", "--steps", "3", "--repeats", "1", "--tag", "smoke",
                 "--override", "experiment=toy2d"],
