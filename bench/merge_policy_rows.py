@@ -24,8 +24,9 @@ from pathlib import Path
 from bench.common import RESULTS, machine, print_table, row_key
 from jumpflow.io import atomic_write_text
 
-#: the fields of a row's key (``bench.common.row_key``) every merged row must have
-KEY_FIELDS = ("task", "objective", "sampler", "nfe", "seed")
+#: the fields every merged row must have: its key (``bench.common.row_key``) and what ``policy.md``'s
+#: seed summary reads
+KEY_FIELDS = ("task", "objective", "sampler", "nfe", "seed", "train_steps")
 
 
 def read_policy_file(path: Path) -> dict:
@@ -114,8 +115,9 @@ def main(argv=None) -> dict[str, int]:
 
     doc = {"bench": "policy", "machine": target.get("machine", machine()), "config": target.get("config", {}),
            "rows": merged}
-    atomic_write_text(args.into, json.dumps(doc, indent=2))
+    # the markdown first: if it cannot be built, neither file changes
     write_markdown(merged, args.into.with_suffix(".md"))
+    atomic_write_text(args.into, json.dumps(doc, indent=2))
     print(f"wrote {args.into} and {args.into.with_suffix('.md')}")
     return counts
 

@@ -207,23 +207,23 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     atomic_write_text(path, "\n".join(text) + "\n")
 
 
-def checkpoint_summary(evals: list[dict], steps: list[int]) -> tuple[dict, list[str]]:
-    """Diffusion Policy's two figures over the evaluated checkpoints (``success_max``, the mean
-    ``success_last_mean``), each checkpoint's success, and the mean over checkpoints of the mode
-    metrics and partial successes (``success_p1`` ...); and the metrics that some checkpoints'
-    evaluations have and others lack (an evaluator from another tree), which the row must drop
-    rather than average over the others or report for the last checkpoint alone."""
+def with_checkpoint_summary(row: dict, evals: list[dict], steps: list[int]) -> dict:
+    """``row`` (built from the last checkpoint's evaluation) with Diffusion Policy's two figures over
+    the evaluated checkpoints (``success_max``, the mean ``success_last_mean``), each checkpoint's
+    success, and the mode metrics and partial successes (``success_p1`` ...) replaced by their mean
+    over the checkpoints. A metric that some evaluations have and others lack (an evaluator from
+    another tree) is dropped from the row, neither averaged over the others nor left standing for
+    the last checkpoint alone under the mean's name."""
     successes = [e["success_rate"] for e in evals]
-    summary = {"success_max": max(successes), "success_last_mean": sum(successes) / len(successes),
-               "checkpoint_successes": successes, "checkpoint_steps": list(steps)}
+    out = {**row, "success_max": max(successes), "success_last_mean": sum(successes) / len(successes),
+           "checkpoint_successes": successes, "checkpoint_steps": list(steps)}
     partial = {k for e in evals for k in e if k.startswith("success_") and k != "success_rate"}
-    dropped = []
     for k in ("mode_entropy_ratio", "mode_tv", "mode_switches", *sorted(partial)):
         if all(k in e for e in evals):
-            summary[k] = sum(e[k] for e in evals) / len(evals)
-        elif any(k in e for e in evals):
-            dropped.append(k)
-    return summary, dropped
+            out[k] = sum(e[k] for e in evals) / len(evals)
+        else:
+            out.pop(k, None)
+    return out
 
 
 def run_overrides(args, task_name: str, objective: str, seed: int, run_dir: Path,
@@ -358,10 +358,7 @@ def main(argv=None):
                            "eval_envs": int(getattr(models[-1].task, "eval_envs", 1)),
                            **({"variant": args.variant, "variant_overrides": args.override} if args.variant else {})}
                     if args.protocol == "dp":
-                        summary, dropped = checkpoint_summary(evals, [int(c.stem.split("_")[1]) for c in ckpts])
-                        row.update(summary)
-                        for k in dropped:
-                            row.pop(k, None)
+                        row = with_checkpoint_summary(row, evals, [int(c.stem.split("_")[1]) for c in ckpts])
                     # re-read: another bench process may have added rows since this one started
                     rows = [r for r in load_rows(out) if row_key(r) != row_key(row)] + [row]
                     print(json.dumps(row), flush=True)

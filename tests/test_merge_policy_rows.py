@@ -67,6 +67,7 @@ def test_dry_run_and_nothing_new_write_nothing(tmp_path):
     ("notjson", "not JSON"),
     ("images", "bench is 'images', not 'policy'"),
     ("noseed", "row 1 has no 'seed'"),
+    ("nosteps", "row 1 has no 'train_steps'"),
 ])
 def test_bad_side_files_stop_with_one_line_before_anything_is_written(tmp_path, bad, message):
     from bench.merge_policy_rows import main
@@ -79,9 +80,9 @@ def test_bad_side_files_stop_with_one_line_before_anything_is_written(tmp_path, 
         path.write_text("{rows: ")
     elif bad == "images":
         _write(path, [_row()], bench="images")
-    elif bad == "noseed":
+    elif bad in ("noseed", "nosteps"):
         rows = [_row(seed=3), _row(seed=4)]
-        del rows[1]["seed"]
+        del rows[1]["seed" if bad == "noseed" else "train_steps"]
         _write(path, rows)
     with pytest.raises(SystemExit) as err:
         main([str(good), str(path), "--into", str(into)])    # the good file first: still nothing written

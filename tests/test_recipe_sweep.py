@@ -377,18 +377,20 @@ def test_expert_episode_stats_counts_successes_lengths_and_failed_seeds():
     assert stats["mean_length"] == 11.5 and stats["failed_seeds"] == [11, 13] and stats["seeds"] == "10..13"
 
 
-def test_policy_bench_checkpoint_summary_is_dp_s_two_figures_and_skips_metrics_some_checkpoint_lacks():
+def test_policy_bench_checkpoint_summary_is_dp_s_two_figures_and_drops_metrics_some_checkpoint_lacks():
     """DP's protocol: max and mean over the evaluated checkpoints, mode metrics averaged over them;
-    a mode metric missing from one checkpoint's evaluation (an evaluator from another tree) is left
-    out of the row instead of raising, being averaged over the rest or standing for the last alone."""
-    from bench.policy import checkpoint_summary
+    a mode metric missing from one checkpoint's evaluation (an evaluator from another tree) leaves
+    the row, instead of raising, being averaged over the rest or standing for the last alone."""
+    from bench.policy import with_checkpoint_summary
 
     evals = [{"success_rate": 0.5, "mode_tv": 0.2, "success_p1": 0.75},
              {"success_rate": 0.25, "mode_tv": 0.4, "success_p1": 0.5, "mode_entropy_ratio": 0.9},
              {"success_rate": 1.0, "mode_tv": 0.6, "success_p1": 1.0, "mode_entropy_ratio": 0.7}]
-    s, dropped = checkpoint_summary(evals, [10, 20, 30])
+    row = {"task": "t", **evals[-1]}                  # as bench.policy builds it: the last checkpoint's fields
+    s = with_checkpoint_summary(row, evals, [10, 20, 30])
     assert s["success_max"] == 1.0 and s["success_last_mean"] == pytest.approx(1.75 / 3, abs=1e-12)
     assert s["checkpoint_successes"] == [0.5, 0.25, 1.0] and s["checkpoint_steps"] == [10, 20, 30]
     assert s["mode_tv"] == pytest.approx(0.4, abs=1e-12) and s["success_p1"] == pytest.approx(0.75, abs=1e-12)
+    assert s["success_rate"] == 1.0 and s["task"] == "t"          # the last checkpoint's success stays
     assert "mode_entropy_ratio" not in s and "mode_switches" not in s
-    assert dropped == ["mode_entropy_ratio"]           # in some evaluations: the row must not keep the last's
+    assert row["mode_entropy_ratio"] == 0.7                        # the caller's row is not changed
