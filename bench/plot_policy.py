@@ -133,6 +133,14 @@ def checkpoint_curves(rows: list[dict], task: str, variant: str | None = None, a
     return {lab: {st: (float(np.mean(v)), len(v)) for st, v in sorted(pts.items())} for lab, pts in acc.items()}
 
 
+def legend_label(label: str, points: dict[int, tuple[float, int]]) -> str:
+    """``label`` with the seed count of its curve, ``n=3``, or ``n=1-3`` where fewer seeds reached
+    some checkpoints, so a one-seed curve is not read as a three-seed mean."""
+    counts = sorted({n for _, n in points.values()})
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"{label}, n={n}"
+
+
 def plot_checkpoints(rows: list[dict], task: str, variant: str | None = None, also: tuple[str, ...] = ()):
     """Success against training step (mean over seeds) per variant (of config ``variant`` only,
     when given); ``None`` when no such row of ``task`` has per-checkpoint results."""
@@ -145,7 +153,7 @@ def plot_checkpoints(rows: list[dict], task: str, variant: str | None = None, al
 
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
     for lab, pts in sorted(curves.items()):
-        ax.plot(list(pts), [m for m, _ in pts.values()], marker="o", label=lab)
+        ax.plot(list(pts), [m for m, _ in pts.values()], marker="o", label=legend_label(lab, pts))
     ax.set_xlabel("training step of the checkpoint")
     ax.set_ylabel("success (mean over seeds)")
     ax.set_title(f"{task}: success of the last checkpoints (DP protocol)")

@@ -256,6 +256,8 @@ def test_checkpoint_curves_average_seeds_per_step_and_plot(tmp_path, monkeypatch
     assert set(curves) == {"ddpm-100", "ddim-10", "flow_matching-1 (h2)"}
     assert curves["ddpm-100"] == {10: (pytest.approx(0.3), 2), 20: (pytest.approx(0.6), 2)}
     assert curves["ddim-10"] == {10: (0.1, 1), 20: (0.3, 1)}
+    assert plot_policy.legend_label("ddpm-100", curves["ddpm-100"]) == "ddpm-100, n=2"
+    assert plot_policy.legend_label("x", {10: (0.5, 1), 20: (0.5, 3)}) == "x, n=1-3"
     assert set(plot_policy.checkpoint_curves(rows, "t", variant="h2")) == {"flow_matching-1 (h2)"}
     monkeypatch.setattr(plot_policy, "RESULTS", tmp_path)
     assert plot_policy.plot_checkpoints(rows, "t") == tmp_path / "policy_checkpoints_t.png"
