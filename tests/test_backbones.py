@@ -153,9 +153,10 @@ def test_token_layouts():
     assert unet2d.tokenize(torch.zeros(2, 3, 8, 8)).shape == (2, 64, 3)
 
 
-def test_mlp_tokens_split_rows_and_share_features():
-    """``tokens`` only changes the token view (ARTM's autoregression over a chunk's steps): the
-    network's output is the same, each token is a row, every token carries the same features."""
+def test_mlp_tokens_split_rows_and_add_a_position_to_the_features():
+    """``tokens`` only changes the token view (ARTM's autoregression over a chunk's steps) and the
+    features: the network's output is the same, each token is a row, and every token carries the
+    shared features plus its own learned position embedding (none, and no parameter, at one token)."""
     torch.manual_seed(0)
     one = build_backbone("MLP", (8, 3), cond_dim=0, width=16, depth=1)
     torch.manual_seed(0)
@@ -166,7 +167,12 @@ def test_mlp_tokens_split_rows_and_share_features():
     assert torch.equal(rows.tokenize(x)[:, 5], x[:, 5]) and torch.equal(rows.untokenize(rows.tokenize(x)), x)
     out1, f1 = one(x, t, t, return_features=True)
     out8, f8 = rows(x, t, t, return_features=True)
-    assert torch.equal(out1, out8) and f8.shape == (2, 8, 16) and torch.equal(f8, f1.expand(-1, 8, -1))
+    assert torch.equal(out1, out8) and f8.shape == (2, 8, 16)
+    assert torch.equal(f8, f1.expand(-1, 8, -1) + rows.token_embed)
+    assert not torch.allclose(f8[:, 0], f8[:, 1])                         # positions differ
+    assert one.token_embed is None and "token_embed" not in one.state_dict()   # old checkpoints load
+    f8.sum().backward()
+    assert rows.token_embed.grad is not None and torch.equal(rows.token_embed.grad, torch.full((8, 16), 2.0))
     for bad in (0, 5, -1):
         with pytest.raises(ConfigError, match="tokens"):
             build_backbone("MLP", (8, 3), tokens=bad)

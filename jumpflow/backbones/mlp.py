@@ -46,7 +46,9 @@ class MLP(nn.Module):
             tokens matter only to the per-token heads of Transition Matching: with ``1`` ARTM's
             causal context is empty and it reduces to DTM's head on the independent linear
             process, with ``shape[0]`` (one token per action step of a chunk) ARTM draws the
-            chunk step by step. Every token gets the same features.
+            chunk step by step. Every token gets the network's last features plus a learned
+            embedding of its position (``tokens > 1`` only), so a per-token head can tell the
+            tokens apart, as a DiT's per-patch features do.
     """
 
     grouped_condition = True     # t, h, cond may come once per group of consecutive rows (layers.per_row)
@@ -70,6 +72,8 @@ class MLP(nn.Module):
         self.blocks = nn.ModuleList(ResidualFiLMBlock(width, width) for _ in range(depth))
         self.out_norm = LayerNorm(width, eps=1e-5, elementwise_affine=True)
         self.out = Linear(width, self.in_dim)
+        # created last, so the other weights draw the same numbers whatever ``tokens`` is
+        self.token_embed = nn.Parameter(0.02 * torch.randn(self.tokens, width)) if self.tokens > 1 else None
 
     def tokenize(self, x: Tensor) -> Tensor:
         """``(B, *shape) -> (B, N, D / N)`` with ``N = tokens``, row-major."""
@@ -87,5 +91,8 @@ class MLP(nn.Module):
         feats = self.out_norm(y)                                   # (B, W)
         out = self.out(feats).reshape(x.shape)                     # (B, *shape)
         if return_features:
-            return out, feats[:, None, :].expand(-1, self.tokens, -1)   # (B, *shape), (B, N, W)
+            token_feats = feats[:, None, :].expand(-1, self.tokens, -1)    # (B, N, W)
+            if self.token_embed is not None:
+                token_feats = token_feats + self.token_embed               # (B, N, W): + position
+            return out, token_feats
         return out
