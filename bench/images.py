@@ -269,7 +269,9 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--cond-dim", type=int, default=64)
-    p.add_argument("--n-fid", type=int, default=2000, help="generated samples per row (classifier FID)")
+    p.add_argument("--n-fid", type=int, default=2000,
+                   help="generated samples per row (classifier FID); also the training digits the data's own "
+                        "diversity figures use, which need two of every class (200 is enough; 20 is not)")
     p.add_argument("--n-inception", type=int, default=250, help="samples per key row for Inception FID (0: off)")
     p.add_argument("--n-inception-ref", type=int, default=500)
     p.add_argument("--inception-rows", choices=("key", "all"), default="all",
@@ -389,6 +391,8 @@ def main(argv=None) -> int:
                        "sec_per_step": round(sec, 4), "sample_seconds": round(sample_s, 2)}
                 if w is not None:
                     row["guidance"] = w
+                if args.override:        # on the row: parts with other overrides merge into one file
+                    row["overrides"] = list(args.override)
                 if args.n_inception > 0 and (args.inception_rows == "all" or (name, nfe) in KEY_ROWS):
                     keep = imgs[: args.n_inception]
                     atomic_write(out / "cache" / f"samples_{label}_nfe{nfe}.npz",

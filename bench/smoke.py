@@ -63,7 +63,7 @@ SMALLEST: dict[str, list[str]] = {
                      "--override", "task.n_demos=4", "--override", "trainer.batch_size=16"],
     "main_job": ["--runs", "{work}/main_job", "--tag", "smoke", "--override", "trainer.max_steps=5",
                  "--override", "task.eval_episodes=1", *TINY_RUN],
-    "images": ["--objectives", "flow_matching", "--steps", "5", "--n-fid", "20", "--n-inception", "0",
+    "images": ["--objectives", "flow_matching", "--steps", "5", "--n-fid", "200", "--n-inception", "0",
                "--runs", "{work}/images", "--bench", "images_smoke", "--tag", "s"],
     "recipe_sweep": ["--list"],
     "merge_policy_rows": ["bench/results/policy.json", "--into", "{work}/merged_policy.json",
