@@ -156,7 +156,8 @@ def test_token_layouts():
 def test_mlp_tokens_split_rows_and_add_a_position_to_the_features():
     """``tokens`` only changes the token view (ARTM's autoregression over a chunk's steps) and the
     features: the network's output is the same, each token is a row, and every token carries the
-    shared features plus its own learned position embedding (none, and no parameter, at one token)."""
+    shared features plus its own learned position embedding and a linear map of its own input values
+    (none of it, and no parameter, at one token)."""
     torch.manual_seed(0)
     one = build_backbone("MLP", (8, 3), cond_dim=0, width=16, depth=1)
     torch.manual_seed(0)
@@ -168,11 +169,13 @@ def test_mlp_tokens_split_rows_and_add_a_position_to_the_features():
     out1, f1 = one(x, t, t, return_features=True)
     out8, f8 = rows(x, t, t, return_features=True)
     assert torch.equal(out1, out8) and f8.shape == (2, 8, 16)
-    assert torch.equal(f8, f1.expand(-1, 8, -1) + rows.token_embed)
+    own = x.reshape(2, 8, 3) @ rows.token_in.weight.T + rows.token_in.bias         # (B, N, W)
+    assert torch.allclose(f8, f1.expand(-1, 8, -1) + rows.token_embed + own, atol=1e-6)
     assert not torch.allclose(f8[:, 0], f8[:, 1])                         # positions differ
-    assert one.token_embed is None and "token_embed" not in one.state_dict()   # old checkpoints load
+    assert one.token_embed is None and one.token_in is None
+    assert not any(k.startswith("token_") for k in one.state_dict())     # old checkpoints load
     f8.sum().backward()
-    assert rows.token_embed.grad is not None and torch.equal(rows.token_embed.grad, torch.full((8, 16), 2.0))
+    assert torch.equal(rows.token_embed.grad, torch.full((8, 16), 2.0))
     for bad in (0, 5, -1):
         with pytest.raises(ConfigError, match="tokens"):
             build_backbone("MLP", (8, 3), tokens=bad)

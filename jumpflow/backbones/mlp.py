@@ -46,9 +46,10 @@ class MLP(nn.Module):
             tokens matter only to the per-token heads of Transition Matching: with ``1`` ARTM's
             causal context is empty and it reduces to DTM's head on the independent linear
             process, with ``shape[0]`` (one token per action step of a chunk) ARTM draws the
-            chunk step by step. Every token gets the network's last features plus a learned
-            embedding of its position (``tokens > 1`` only), so a per-token head can tell the
-            tokens apart, as a DiT's per-patch features do.
+            chunk step by step. With ``tokens > 1`` every token gets the network's last features
+            plus a learned embedding of its position and a linear map of its own input values, as
+            a DiT's per-patch features carry their patch: a per-token head can tell the tokens
+            apart and see the noise in them, which a bottleneck narrower than the sample drops.
     """
 
     grouped_condition = True     # t, h, cond may come once per group of consecutive rows (layers.per_row)
@@ -74,6 +75,7 @@ class MLP(nn.Module):
         self.out = Linear(width, self.in_dim)
         # created last, so the other weights draw the same numbers whatever ``tokens`` is
         self.token_embed = nn.Parameter(0.02 * torch.randn(self.tokens, width)) if self.tokens > 1 else None
+        self.token_in = Linear(self.in_dim // self.tokens, width) if self.tokens > 1 else None
 
     def tokenize(self, x: Tensor) -> Tensor:
         """``(B, *shape) -> (B, N, D / N)`` with ``N = tokens``, row-major."""
@@ -92,7 +94,7 @@ class MLP(nn.Module):
         out = self.out(feats).reshape(x.shape)                     # (B, *shape)
         if return_features:
             token_feats = feats[:, None, :].expand(-1, self.tokens, -1)    # (B, N, W)
-            if self.token_embed is not None:
-                token_feats = token_feats + self.token_embed               # (B, N, W): + position
+            if self.token_embed is not None:                               # + position, + own input
+                token_feats = token_feats + self.token_embed + self.token_in(self.tokenize(x))   # (B, N, W)
             return out, token_feats
         return out
