@@ -36,7 +36,8 @@ the repository root (a bare ``datasets/`` folder on ``sys.path`` would hide Hugg
     python -m venv /work/venvs/lerobot
     /work/venvs/lerobot/bin/pip install lerobot==0.4.4
     /work/venvs/lerobot/bin/pip install "mujoco==3.9.0" "zarr>=3,<4" h5py "hydra-core>=1.3,<1.4" omegaconf \\
-        numba scipy matplotlib
+        numba scipy matplotlib "robosuite==1.4.1"
+    /work/venvs/lerobot/bin/pip install --no-deps "robomimic==0.3.0"    # the robosuite tasks' env path
     /work/venvs/lerobot/bin/pip install --no-deps -e /work/main
     cd /tmp && OMP_NUM_THREADS=1 /work/venvs/lerobot/bin/python /work/main/bench/peer_lerobot.py \\
         --tasks reach_around_lowdim --seeds 0 --steps 1000
