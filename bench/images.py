@@ -192,6 +192,14 @@ DIVERSITY_NOTE = ("improved precision / recall (Kynkaanniemi et al. 2019, k = 3)
                   "ratio tr Cov(fake_c) / tr Cov(real_c), on the classifier's features against the held-out digits")
 
 
+def row_settings(args, guidance: float | None) -> dict:
+    """What a row ran with beyond the shared config: its guidance scale at sampling and the part's
+    ``--override`` list (on the row, because parts with other overrides merge into one file whose
+    config keeps one part's)."""
+    out = {} if guidance is None else {"guidance": guidance}
+    return {**out, "overrides": list(args.override)} if args.override else out
+
+
 def diversity(feats: np.ndarray, labels: np.ndarray, ref: np.ndarray, ref_labels: np.ndarray) -> dict:
     """Improved precision / recall (k = 3) and the within-class spread ratio against the held-out
     digits, on the classifier's features: FID on them hardly punishes a generator that draws the
@@ -389,10 +397,7 @@ def main(argv=None) -> int:
                        **diversity(feat, labels, ref_feat, meas["ref_labels"]),
                        "sampler": sampler or ("euler" if name == "flow_matching" else "native"),
                        "sec_per_step": round(sec, 4), "sample_seconds": round(sample_s, 2)}
-                if w is not None:
-                    row["guidance"] = w
-                if args.override:        # on the row: parts with other overrides merge into one file
-                    row["overrides"] = list(args.override)
+                row.update(row_settings(args, w))
                 if args.n_inception > 0 and (args.inception_rows == "all" or (name, nfe) in KEY_ROWS):
                     keep = imgs[: args.n_inception]
                     atomic_write(out / "cache" / f"samples_{label}_nfe{nfe}.npz",

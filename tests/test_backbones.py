@@ -153,7 +153,7 @@ def test_token_layouts():
     assert unet2d.tokenize(torch.zeros(2, 3, 8, 8)).shape == (2, 64, 3)
 
 
-def test_mlp_tokens_split_rows_and_add_a_position_to_the_features():
+def test_mlp_tokens_split_rows_and_add_position_and_own_input_to_the_features():
     """``tokens`` only changes the token view (ARTM's autoregression over a chunk's steps) and the
     features: the network's output is the same, each token is a row, and every token carries the
     shared features plus its own learned position embedding and a linear map of its own input values

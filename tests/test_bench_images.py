@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from bench.images import backbone_name, overrides_for
+from bench.images import backbone_name, overrides_for, row_settings
 from jumpflow.backbones import MLP, UNet2D
 from jumpflow.config import validate_config
 
@@ -37,6 +37,18 @@ def test_backbone_choice_builds_that_backbone(backbone, cls, name, objective):
         assert net.feature_dim == 64 and "width" not in cfg.backbone
     if objective == "drifting":
         assert cfg.objective.feature_map.per_location is True and cfg.objective.feature_map.kind == "convnet"
+
+
+def test_a_row_records_its_guidance_and_its_part_s_overrides():
+    """Parts with other ``--override`` lists merge into one result file, so each row names its own."""
+    assert row_settings(bench_args(), None) == {}
+    assert row_settings(bench_args(), 2.0) == {"guidance": 2.0}
+    args = bench_args(override=["backbone.tokens=16"])
+    assert row_settings(args, None) == {"overrides": ["backbone.tokens=16"]}
+    row = row_settings(args, 1.5)
+    assert row == {"guidance": 1.5, "overrides": ["backbone.tokens=16"]}
+    row["overrides"].append("x")
+    assert args.override == ["backbone.tokens=16"]                # a copy, not the parser's list
 
 
 def test_importing_the_bench_scripts_leaves_the_environment_alone():
