@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     p.add_argument("--backbone", choices=("mlp", "unet2d"), default="mlp",
                    help="the backbone of every row: the residual MLP (--width, --depth) or UNet2D (--unet-size); "
                         "put conv rows in a result file of their own (--bench images_conv)")
-    p.add_argument("--unet-size", choices=("S", "B"), default="S", help="UNet2D size from the backbone registry")
+    p.add_argument("--unet-size", choices=("XS", "S", "B"), default="S", help="UNet2D size from the backbone registry")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--cond-dim", type=int, default=64)

@@ -6,7 +6,7 @@
   ``(C, H, W)``) and ``DiT1D-S``, ``DiT1D-B``, ``DiT1D-L`` (action chunks ``(T, A)``, one
   token per step): ``jumpflow.backbones.dit.DiT``;
 * ``UNet1D-S``, ``UNet1D-M`` (Diffusion Policy low-dim), ``UNet1D-L`` (DP image),
-  ``UNet2D-S``, ``UNet2D-B``: ``jumpflow.backbones.unet``;
+  ``UNet2D-XS``, ``UNet2D-S``, ``UNet2D-B``: ``jumpflow.backbones.unet``;
 * ``MLP``: ``jumpflow.backbones.mlp.MLP`` (toys, tests).
 
 ``build_backbone(name, shape, cond_dim=0, **overrides)`` builds one; any constructor

@@ -371,6 +371,9 @@ UNet_models = {
     "UNet1D-S": partial(UNet, dims=1, down_dims=(64, 128, 256), emb_dim=128),
     "UNet1D-M": partial(UNet, dims=1, down_dims=(256, 512, 1024), emb_dim=256),   # DP low-dim
     "UNet1D-L": partial(UNet, dims=1, down_dims=(512, 1024, 2048), emb_dim=256),  # DP image
+    # XS: the size a 2-core CPU trains on 32x32 MNIST (one res block a level, attention at 8x8 only)
+    "UNet2D-XS": partial(UNet, dims=2, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                         attention_ds=(4,)),
     "UNet2D-S": partial(UNet, dims=2, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
                         attention_ds=(2, 4)),
     "UNet2D-B": partial(UNet, dims=2, model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
