@@ -23,18 +23,20 @@ def bench_args(**kw) -> argparse.Namespace:
     return args
 
 
-@pytest.mark.parametrize("backbone, cls, name", [("mlp", MLP, "MLP width 64 depth 2"), ("unet2d", UNet2D, "UNet2D-S")])
+@pytest.mark.parametrize("backbone, size, cls, name, width", [("mlp", "S", MLP, "MLP width 64 depth 2", None),
+                                                              ("unet2d", "S", UNet2D, "UNet2D-S", 64),
+                                                              ("unet2d", "XS", UNet2D, "UNet2D-XS", 32)])
 @pytest.mark.parametrize("objective", ["meanflow", "drifting"])
-def test_backbone_choice_builds_that_backbone(backbone, cls, name, objective):
-    args = bench_args(backbone=backbone)
+def test_backbone_choice_builds_that_backbone(backbone, size, cls, name, width, objective):
+    args = bench_args(backbone=backbone, unet_size=size)
     overrides = overrides_for(objective, args, Path("enc.safetensors"), Path("run"))
     with initialize_config_module("configs", version_base=None):
         cfg = compose("train", overrides=overrides)
     validate_config(cfg)                                       # the typed schemas accept it
     net = instantiate(cfg.backbone)
     assert isinstance(net, cls) and backbone_name(args).startswith(name)
-    if backbone == "unet2d":                                   # the registry's S size, not the MLP's keys
-        assert net.feature_dim == 64 and "width" not in cfg.backbone
+    if backbone == "unet2d":                                   # the registry's size, not the MLP's keys
+        assert net.feature_dim == width and "width" not in cfg.backbone
     if objective == "drifting":
         assert cfg.objective.feature_map.per_location is True and cfg.objective.feature_map.kind == "convnet"
 
