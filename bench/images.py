@@ -530,14 +530,17 @@ def finalize(args) -> int:
         loaded.append((path, part))
         for r in part["rows"]:
             r.setdefault("run_dir", str(Path(args.runs) / f"{path.stem.split('part-', 1)[1]}_{r['objective']}"))
+            # parts trained with other --steps / --batch merge into one file whose config keeps one part's
+            r.setdefault("steps", part["config"]["train"]["steps"])
+            r.setdefault("batch", part["config"]["train"]["batch"])
         if merged is None:
             merged = {**part, "config": dict(part["config"]), "rows": list(part["rows"])}
         else:
             merged["rows"].extend(part["rows"])
             merged["config"]["elapsed_s"] = max(merged["config"].get("elapsed_s", 0), part["config"].get("elapsed_s", 0))
     merged["config"]["notes"] = (
-        "Rows are comparable with each other (same backbone, optimiser, batch, steps and generated samples), "
-        "not converged models. Flow Matching, MeanFlow, TVM and DDPM use data prediction (objective.prediction=data): "
+        "Rows are comparable with each other (same backbone, optimiser and generated samples; each row names "
+        "its own steps and batch), not converged models. Flow Matching, MeanFlow, TVM and DDPM use data prediction (objective.prediction=data): "
         "with native velocity / noise outputs the width-512 MLP cannot pass the 1,024-pixel noise through and "
         "every such row was noisy (FM-100 classifier FID 51 at 1,000 steps in the previous run of this bench). "
         "Small-sample Inception FID is biased upward; compare rows, not published numbers.")
@@ -585,7 +588,7 @@ def finalize(args) -> int:
     write_json_atomic(out / f"{args.bench}.json", merged)
     if any("guidance" in r for r in rows):
         save_guidance_plot(rows, out / f"{args.bench}_guidance.png")
-    cols = ("nfe", "n_samples", "fid", "fid_ratio_to_fm100", "fid_inception", "fid_inception_ratio_to_fm100",
+    cols = ("steps", "nfe", "n_samples", "fid", "fid_ratio_to_fm100", "fid_inception", "fid_inception_ratio_to_fm100",
             "precision", "recall", "spread_ratio", "sec_per_step")
     print_table([{"objective": r.get("label", r["objective"]), **{k: r.get(k, float("nan")) for k in cols}}
                  for r in rows])

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from bench.images import backbone_name, overrides_for, row_settings
+from bench.images import backbone_name, finalize, overrides_for, row_settings
 from jumpflow.backbones import MLP, UNet2D
 from jumpflow.config import validate_config
 
@@ -51,6 +51,27 @@ def test_a_row_records_its_guidance_and_its_part_s_overrides():
     assert row == {"guidance": 1.5, "overrides": ["backbone.tokens=16"]}
     row["overrides"].append("x")
     assert args.override == ["backbone.tokens=16"]                # a copy, not the parser's list
+
+
+def test_finalize_gives_each_row_its_own_part_s_steps_and_batch(tmp_path):
+    """Parts trained with other ``--steps`` merge into one file whose config keeps the first part's;
+    each merged row names its own, and the merged table keeps every row."""
+    import json
+
+    def part(tag, objective, steps, batch, fid):
+        row = {"dataset": "mnist", "objective": objective, "label": objective, "nfe": 1, "n_samples": 10,
+               "fid": fid, "sec_per_step": 0.1}
+        cfg = {"train": {"steps": steps, "batch": batch}, "elapsed_s": 1.0}
+        (tmp_path / f"b.part-{tag}.json").write_text(json.dumps({"bench": "b", "config": cfg, "rows": [row]}))
+
+    part("a", "meanflow", 3000, 64, 0.6)
+    part("d", "drifting", 1500, 32, 11.4)
+    args = argparse.Namespace(out=str(tmp_path), bench="b", runs=str(tmp_path / "runs"), diversity=False,
+                              n_inception=0)
+    assert finalize(args) == 0
+    rows = {r["objective"]: r for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
+    assert (rows["meanflow"]["steps"], rows["meanflow"]["batch"]) == (3000, 64)
+    assert (rows["drifting"]["steps"], rows["drifting"]["batch"]) == (1500, 32)
 
 
 def test_importing_the_bench_scripts_leaves_the_environment_alone():
