@@ -527,6 +527,11 @@ def finalize(args) -> int:
     merged, loaded = None, []
     for path in parts:
         part = json.loads(path.read_text())
+        train = part.get("config", {}).get("train", {})
+        for key, present in (("rows", "rows" in part), ("config.train.steps", "steps" in train),
+                             ("config.train.batch", "batch" in train)):
+            if not present:                                        # before anything is written
+                raise KeyError(f"{path}: no '{key}' (not a part written by bench.images)")
         loaded.append((path, part))
         for r in part["rows"]:
             r.setdefault("run_dir", str(Path(args.runs) / f"{path.stem.split('part-', 1)[1]}_{r['objective']}"))

@@ -73,6 +73,13 @@ def test_finalize_gives_each_row_its_own_part_s_steps_and_batch(tmp_path):
     assert (rows["meanflow"]["steps"], rows["meanflow"]["batch"]) == (3000, 64)
     assert (rows["drifting"]["steps"], rows["drifting"]["batch"]) == (1500, 32)
 
+    broken = tmp_path / "b.part-z.json"                   # a part without its train config: one line, no write
+    broken.write_text(json.dumps({"bench": "b", "config": {}, "rows": []}))
+    (tmp_path / "b.json").unlink()
+    with pytest.raises(KeyError, match=r"b\.part-z\.json: no 'config\.train\.steps'"):
+        finalize(args)
+    assert not (tmp_path / "b.json").exists()
+
 
 def test_importing_the_bench_scripts_leaves_the_environment_alone():
     """numba refuses a NUMBA_NUM_THREADS that changes after its pool started, so a bench module that set
