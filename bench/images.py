@@ -539,7 +539,9 @@ def finalize(args) -> int:
             r.setdefault("steps", part["config"]["train"]["steps"])
             r.setdefault("batch", part["config"]["train"]["batch"])
         if merged is None:
-            merged = {**part, "config": dict(part["config"]), "rows": list(part["rows"])}
+            # named by --bench: parts copied from another bench (re-measured, e.g. with more Inception
+            # samples) keep that bench's name inside
+            merged = {**part, "bench": args.bench, "config": dict(part["config"]), "rows": list(part["rows"])}
         else:
             merged["rows"].extend(part["rows"])
             merged["config"]["elapsed_s"] = max(merged["config"].get("elapsed_s", 0), part["config"].get("elapsed_s", 0))
@@ -576,6 +578,7 @@ def finalize(args) -> int:
                 if st is not None:
                     r["fid_inception"] = round(frechet_distance(*st, *ref), 3)
                     r["n_inception"] = args.n_inception
+                    r["n_inception_ref"] = args.n_inception_ref
     fm100 = next((r for r in rows if r["objective"] == "flow_matching" and r["nfe"] == 100), None)
     main_table = out / "images.json"
     if fm100 is None and args.bench != "images" and main_table.exists():
@@ -588,8 +591,13 @@ def finalize(args) -> int:
     if fm100:
         for r in rows:
             r["fid_ratio_to_fm100"] = round(r["fid"] / fm100["fid"], 3)
-            if "fid_inception" in r and "fid_inception" in fm100:
+            # small-sample FID falls with the sample count, so a ratio needs the same counts on both sides
+            same_counts = all(r.get(k) == fm100.get(k) for k in ("n_inception", "n_inception_ref")
+                              if k in r and k in fm100)
+            if "fid_inception" in r and "fid_inception" in fm100 and same_counts:
                 r["fid_inception_ratio_to_fm100"] = round(r["fid_inception"] / fm100["fid_inception"], 3)
+            else:
+                r.pop("fid_inception_ratio_to_fm100", None)
     write_json_atomic(out / f"{args.bench}.json", merged)
     if any("guidance" in r for r in rows):
         save_guidance_plot(rows, out / f"{args.bench}_guidance.png")

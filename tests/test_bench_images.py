@@ -62,14 +62,18 @@ def test_finalize_gives_each_row_its_own_part_s_steps_and_batch(tmp_path):
         row = {"dataset": "mnist", "objective": objective, "label": objective, "nfe": 1, "n_samples": 10,
                "fid": fid, "sec_per_step": 0.1}
         cfg = {"train": {"steps": steps, "batch": batch}, "elapsed_s": 1.0}
-        (tmp_path / f"b.part-{tag}.json").write_text(json.dumps({"bench": "b", "config": cfg, "rows": [row]}))
+        # part "a" was copied from another bench (re-measured under a new name): the file is named by --bench
+        name = "old" if tag == "a" else "b"
+        (tmp_path / f"b.part-{tag}.json").write_text(json.dumps({"bench": name, "config": cfg, "rows": [row]}))
 
     part("a", "meanflow", 3000, 64, 0.6)
     part("d", "drifting", 1500, 32, 11.4)
     args = argparse.Namespace(out=str(tmp_path), bench="b", runs=str(tmp_path / "runs"), diversity=False,
                               n_inception=0)
     assert finalize(args) == 0
-    rows = {r["objective"]: r for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
+    merged = json.loads((tmp_path / "b.json").read_text())
+    assert merged["bench"] == "b"
+    rows = {r["objective"]: r for r in merged["rows"]}
     assert (rows["meanflow"]["steps"], rows["meanflow"]["batch"]) == (3000, 64)
     assert (rows["drifting"]["steps"], rows["drifting"]["batch"]) == (1500, 32)
 
@@ -79,6 +83,28 @@ def test_finalize_gives_each_row_its_own_part_s_steps_and_batch(tmp_path):
     with pytest.raises(KeyError, match=r"b\.part-z\.json: no 'config\.train\.steps'"):
         finalize(args)
     assert not (tmp_path / "b.json").exists()
+
+
+def test_inception_ratio_to_fm100_needs_the_same_sample_counts(tmp_path):
+    """Small-sample Inception FID falls as the sample count grows (session 56: the real-vs-real floor
+    25.1 at 250 samples, 11.2 at 1,000), so a row measured on other counts than the main table's Flow
+    Matching-100 gets no ratio to it; the classifier-FID ratio (same count everywhere) stays."""
+    import json
+
+    fm100 = {"objective": "flow_matching", "nfe": 100, "fid": 4.0, "fid_inception": 200.0, "n_inception": 250}
+    (tmp_path / "images.json").write_text(json.dumps({"bench": "images", "config": {}, "rows": [fm100]}))
+    rows = [{"dataset": "mnist", "objective": "meanflow", "label": "mf", "nfe": 1, "n_samples": 10, "fid": 1.0,
+             "fid_inception": 100.0, "n_inception": 1000, "n_inception_ref": 1000, "sec_per_step": 0.1},
+            {"dataset": "mnist", "objective": "drifting", "label": "dr", "nfe": 1, "n_samples": 10, "fid": 2.0,
+             "fid_inception": 50.0, "n_inception": 250, "sec_per_step": 0.1}]
+    cfg = {"train": {"steps": 10, "batch": 8}, "elapsed_s": 1.0}
+    (tmp_path / "c.part-a.json").write_text(json.dumps({"bench": "c", "config": cfg, "rows": rows}))
+    args = argparse.Namespace(out=str(tmp_path), bench="c", runs=str(tmp_path / "runs"), diversity=False,
+                              n_inception=0)
+    assert finalize(args) == 0
+    got = {r["objective"]: r for r in json.loads((tmp_path / "c.json").read_text())["rows"]}
+    assert got["meanflow"]["fid_ratio_to_fm100"] == 0.25 and "fid_inception_ratio_to_fm100" not in got["meanflow"]
+    assert got["drifting"]["fid_inception_ratio_to_fm100"] == 0.25
 
 
 def test_importing_the_bench_scripts_leaves_the_environment_alone():
