@@ -240,17 +240,22 @@ class SquareExpert(_Expert):
             d = d + np.pi if d < 0 else d - np.pi
         return d
 
+    @classmethod
+    def handle_point(cls, nut_pose: np.ndarray) -> np.ndarray:
+        """Where the gripper closes: on the handle, ``grasp_offset`` from the nut's centre.
+        ``nut_pose``: the first 7 of ``object`` (nut_pos, nut_quat ``(x, y, z, w)``) -> (3,)."""
+        nut = np.asarray(nut_pose[:3], dtype=np.float64)
+        return nut + quat2mat(nut_pose[3:7]) @ np.array([cls.grasp_offset, 0.0, cls.grasp_dz])
+
     def grasp_point(self, obs: dict) -> np.ndarray:
-        """Where the gripper closes: on the handle, ``grasp_offset`` from the nut's centre."""
-        nut = np.asarray(obs["object"][:3], dtype=np.float64)
-        return nut + quat2mat(obs["object"][3:7]) @ np.array([self.grasp_offset, 0.0, self.grasp_dz])
+        return self.handle_point(obs["object"])
 
     def act(self, obs: dict) -> np.ndarray:
         eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
         nut = np.asarray(obs["object"][:3], dtype=np.float64)
         r_nut = quat2mat(obs["object"][3:7])
         r_eef = quat2mat(obs["robot0_eef_quat"])
-        grasp = nut + r_nut @ np.array([self.grasp_offset, 0.0, self.grasp_dz])
+        grasp = self.handle_point(obs["object"])
         nut_yaw = yaw_of(r_nut)
         if self.r0 is None:
             self.r0 = r_eef

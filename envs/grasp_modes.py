@@ -1,4 +1,5 @@
-"""Behaviour modes of a pick rollout on Lift and PickPlaceCan, read from the states it visits.
+"""Behaviour modes of a pick rollout on Lift, PickPlaceCan and NutAssemblySquare, read from the
+states it visits.
 
 The mh experts (:mod:`jumpflow.envs.experts`, ``MHStyle.mode``) label each demo with the grasp and
 the approach they drew: ``"yaw<0|90>_<left|right>"``, the extra wrist turn of an equivalent grasp
@@ -6,11 +7,16 @@ the approach they drew: ``"yaw<0|90>_<left|right>"``, the extra wrist turn of an
 gripper comes in from (``left``: +y, ``right``: -y, offset 5-12 cm from the object at
 ``hover + 3 cm`` above it). A policy's rollout carries no such label, so the evaluator reads one back
 from what the arm did, the way the Block Push sim reads ``b<i>t<j>`` from which block reached which
-target. The rule, fixed when the object first leaves the table in the hand:
+target. Square's demos draw ``"yaw<0|180>_<left|right>"``: fingers across the nut's handle by the
+nearer of the two wrist turns that do it, or by the other one half a turn away, and the side as
+above, measured from the handle (where the gripper closes) rather than the nut's centre. The rule,
+fixed when the object first leaves the table in the hand:
 
 - **grasp**: the wrist's yaw turn since the episode began, ``|turn| > 45 deg`` -> ``yaw90``, else
   ``yaw0`` (the expert's own turns are ``d`` with ``|d| <= 45 deg`` for the ph grasp and ``d +- 90``
-  for the other one, so only a ph grasp turned by almost exactly 45 degrees is ambiguous);
+  for the other one, so only a ph grasp turned by almost exactly 45 degrees is ambiguous); Square:
+  the turn against the nearer handle turn ``d = wrap(nut yaw - wrist yaw, 180 deg)`` at the start,
+  more than 90 degrees from it -> ``yaw180``, else ``yaw0``;
 - **side**: from the last step at which the gripper was above ``hover + 2 cm`` over the object,
   back in time to the first step at which it was at least ``SIDE_OFFSET`` to one side in y: the
   sign of that offset (``left`` / ``right``), or ``above`` when it came straight down (a mode no
@@ -31,13 +37,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from jumpflow.envs.experts import MH_TASKS, quat2mat, wrap_angle, yaw_of
+from jumpflow.envs.experts import MH_TASKS, SquareExpert, quat2mat, wrap_angle, yaw_of
 
 LIFT_OFF = 0.004         # metres above the start height: the object has left the table
 HOLD_RADIUS = 0.03       # metres, gripper to object centre, for a lift-off to count as a grasp
 SIDE_OFFSET = 0.03       # metres of y offset that decide the approach side
 ABOVE_MARGIN = 0.02      # the approach is read below ``hover + 3 cm``: from ``hover + ABOVE_MARGIN``
-GRASP_MODE_TASKS = ("Lift", "PickPlaceCan")
+GRASP_MODE_TASKS = ("Lift", "PickPlaceCan", "NutAssemblySquare")
 MODE_OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "object")   # what the rule reads, robomimic keys
 
 
@@ -49,6 +55,15 @@ def wrist_yaw(eef_quat: np.ndarray) -> float:
 def grasp_label(turn: float) -> str:
     """``"yaw90"`` if the wrist turned more than 45 degrees (``turn`` radians), else ``"yaw0"``."""
     return "yaw90" if abs(wrap_angle(float(turn), 2 * np.pi)) > np.pi / 4 else "yaw0"
+
+
+def handle_grasp_label(turn: float, nut_yaw_from_start: float) -> str:
+    """Square: ``"yaw180"`` if the wrist's turn (radians since the episode began) is more than 90
+    degrees from the nearer of the two turns that put the fingers across the handle (the handle is
+    symmetric under a half turn of the wrist), else ``"yaw0"``. ``nut_yaw_from_start``: the nut's
+    yaw minus the wrist's at the start, radians."""
+    nearer = wrap_angle(float(nut_yaw_from_start), np.pi)
+    return "yaw180" if abs(wrap_angle(float(turn) - nearer, 2 * np.pi)) > np.pi / 2 else "yaw0"
 
 
 def side_label(offsets: np.ndarray, hover: float) -> str:
@@ -72,26 +87,32 @@ def side_label(offsets: np.ndarray, hover: float) -> str:
 
 
 class GraspModeTracker:
-    """Reads ``"yaw<0|90>_<left|right|above>"`` from a Lift / PickPlaceCan episode step by step.
+    """Reads ``"yaw<0|90>_<left|right|above>"`` from a Lift / PickPlaceCan episode step by step
+    (``"yaw<0|180>_..."`` from a NutAssemblySquare one).
 
     ``reset(obs)`` at the episode's first observation, ``update(obs)`` after every step (robomimic
-    keys ``robot0_eef_pos`` (3,), ``robot0_eef_quat`` (4,), ``object`` (>= 3,): the object's centre
-    first); ``mode`` is the mode of the latest grasp, ``None`` before the first.
+    keys ``robot0_eef_pos`` (3,), ``robot0_eef_quat`` (4,), ``object`` (>= 3,; Square >= 7,): the
+    object's centre first, then its quaternion); ``mode`` is the mode of the latest grasp, ``None``
+    before the first.
     """
 
     def __init__(self, task: str):
         if task not in GRASP_MODE_TASKS:
             raise ValueError(f"grasp modes are defined for {', '.join(GRASP_MODE_TASKS)}; got {task!r}")
         self.hover = MH_TASKS[task].hover
+        self.square = task == "NutAssemblySquare"
         self.mode: str | None = None
         self._offsets: list[np.ndarray] = []
-        self._start_z = self._start_yaw = 0.0
+        self._start_z = self._start_yaw = self._start_nut_yaw = 0.0
         self._held = False
 
     def reset(self, obs: dict) -> None:
         self.mode, self._held, self._offsets = None, False, []
         self._start_z = float(obs["object"][2])
         self._start_yaw = wrist_yaw(obs["robot0_eef_quat"])
+        # Square: the nut's yaw where the expert chose its turn (the episode's start); read at the grasp
+        # instead, a nut nudged across the +-90 degree boundary on the way in would flip the label
+        self._start_nut_yaw = yaw_of(quat2mat(obs["object"][3:7])) if self.square else 0.0
         self._observe(obs)
 
     def update(self, obs: dict) -> str | None:
@@ -100,13 +121,20 @@ class GraspModeTracker:
         if not self._held and lifted > LIFT_OFF and np.linalg.norm(offset) < HOLD_RADIUS:
             self._held = True
             turn = wrist_yaw(obs["robot0_eef_quat"]) - self._start_yaw
-            self.mode = f"{grasp_label(turn)}_{side_label(np.array(self._offsets), self.hover)}"
+            if self.square:
+                grasp = handle_grasp_label(turn, self._start_nut_yaw - self._start_yaw)
+            else:
+                grasp = grasp_label(turn)
+            self.mode = f"{grasp}_{side_label(np.array(self._offsets), self.hover)}"
         elif self._held and lifted < LIFT_OFF / 2 and np.linalg.norm(offset) > HOLD_RADIUS:
             self._held, self._offsets = False, []        # put down and let go: the next grasp is read anew
         return self.mode
 
     def _observe(self, obs: dict) -> np.ndarray:
-        offset = np.asarray(obs["robot0_eef_pos"], dtype=np.float64) - np.asarray(obs["object"][:3], dtype=np.float64)
+        """Gripper minus grasp point (the object's centre; Square: the handle point), metres."""
+        target = (SquareExpert.handle_point(obs["object"]) if self.square
+                  else np.asarray(obs["object"][:3], dtype=np.float64))
+        offset = np.asarray(obs["robot0_eef_pos"], dtype=np.float64) - target
         self._offsets.append(offset)
         return offset
 
@@ -115,7 +143,7 @@ def episode_grasp_mode(task: str, observations: dict) -> str | None:
     """The mode :class:`GraspModeTracker` reads from one stored episode.
 
     Args:
-        task: ``Lift`` or ``PickPlaceCan``.
+        task: ``Lift``, ``PickPlaceCan`` or ``NutAssemblySquare``.
         observations: ``{key: (T, D)}`` with ``robot0_eef_pos``, ``robot0_eef_quat`` and ``object``
             for the episode's states in order (a demo's ``obs`` followed by its last ``next_obs``).
     """

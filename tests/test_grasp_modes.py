@@ -1,4 +1,4 @@
-"""Lift / Can rollout modes read back from states (jumpflow.envs.grasp_modes): the rule on hand-made
+"""Lift / Can / Square rollout modes read back from states (jumpflow.envs.grasp_modes): the rule on hand-made
 paths, the tracker's commit and re-read, and the sim's ``current_mode`` during a demo replay."""
 
 from __future__ import annotations
@@ -83,8 +83,53 @@ def test_tracker_commits_at_lift_off_and_rereads_after_a_put_down():
     assert tracker.update(_obs([0, 0, -0.003], z0 + 0.01, 1.6)) == "yaw90_right"
     tracker.reset(_obs(path[0], z0, 0.0))
     assert tracker.mode is None
-    with pytest.raises(ValueError, match="Lift, PickPlaceCan"):
-        GraspModeTracker("NutAssemblySquare")
+    with pytest.raises(ValueError, match="Lift, PickPlaceCan, NutAssemblySquare; got 'Stack'"):
+        GraspModeTracker("Stack")
+
+
+def test_handle_grasp_label_measures_the_turn_from_the_nearer_handle_turn():
+    """Square's handle is symmetric under half a wrist turn: of the two turns that put the fingers
+    across it, the one within 90 degrees of zero is ``yaw0``, the other ``yaw180``."""
+    from jumpflow.envs.grasp_modes import handle_grasp_label
+
+    deg = np.radians
+    assert handle_grasp_label(deg(30), deg(30)) == "yaw0" and handle_grasp_label(deg(-150), deg(30)) == "yaw180"
+    # the nut at 100 degrees: the nearer turn is -80, the other +100
+    assert handle_grasp_label(deg(-80), deg(100)) == "yaw0" and handle_grasp_label(deg(100), deg(100)) == "yaw180"
+    assert handle_grasp_label(deg(-80 + 360), deg(100)) == "yaw0"              # a full turn more is the same grasp
+    assert handle_grasp_label(deg(5), deg(-170)) == "yaw0"                      # -170 is +10 for the handle
+
+
+def _square_obs(eef, nut_z: float, nut_yaw: float, wrist_yaw: float) -> dict:
+    nut = np.array([0.0, 0.0, nut_z])
+    quat = np.array([0.0, 0.0, np.sin(nut_yaw / 2), np.cos(nut_yaw / 2)])
+    return {"robot0_eef_pos": np.asarray(eef, dtype=np.float64), "robot0_eef_quat": _quat_yaw(wrist_yaw),
+            "object": np.r_[nut, quat, np.zeros(7)]}
+
+
+def test_square_tracker_reads_the_side_from_the_handle_not_the_nut_centre():
+    """The nut turned 80 degrees puts its handle 6.5 cm to the left (+y) of its centre; a gripper that
+    comes down 5 cm to the right of the handle is still left of the centre, and the rule reads
+    ``right``, the side the Square expert's approach point is drawn on. The wrist's half turn from the
+    nearer handle turn is ``yaw180``."""
+    from jumpflow.envs.experts import MH_TASKS, SquareExpert
+    from jumpflow.envs.grasp_modes import GraspModeTracker
+
+    z0, nut_yaw = 0.83, np.radians(80)
+    hover = MH_TASKS["NutAssemblySquare"].hover
+    handle = SquareExpert.handle_point(np.r_[0.0, 0.0, z0, 0.0, 0.0, np.sin(nut_yaw / 2), np.cos(nut_yaw / 2)])
+    assert handle[:2] == pytest.approx(SquareExpert.grasp_offset * np.array([np.cos(nut_yaw), np.sin(nut_yaw)]), abs=1e-12)
+    side_point = handle + [0.0, -0.05, hover + 0.03]
+    path = np.concatenate([np.linspace(handle + [-0.1, 0.0, 0.2], side_point, 8),
+                           np.linspace(side_point, handle + [0.0, 0.0, hover], 8),
+                           np.linspace(handle + [0.0, 0.0, hover], handle, 8)])
+    assert (path[:, 1] > 0.0).all()                            # never right of the nut's centre
+    turn = nut_yaw - np.pi                                     # nearer turn +80, this one -100
+    tracker = GraspModeTracker("NutAssemblySquare")
+    tracker.reset(_square_obs(path[0], z0, nut_yaw, 0.0))
+    for p in path[1:]:
+        assert tracker.update(_square_obs(p, z0, nut_yaw, 0.4 * turn)) is None
+    assert tracker.update(_square_obs(handle + [0, 0, 0.01], z0 + 0.01, nut_yaw, turn)) == "yaw180_right"
 
 
 def test_an_episode_that_switches_grasps_counts_one_switch():
@@ -102,18 +147,55 @@ def test_an_episode_that_switches_grasps_counts_one_switch():
     assert mode_switches(seq) == 1
 
 
-def test_square_sims_track_no_modes_and_lift_sims_do():
-    """The sim labels modes only where the mh demos do: a NutAssemblySquare rollout reports none
-    (``tracks_modes`` false, ``current_mode`` ``None`` after steps), a Lift one tracks them."""
+def test_square_and_lift_sims_track_modes():
+    """The sim labels modes where the mh demos do (Lift, Can, Square): ``tracks_modes`` true and
+    ``current_mode`` ``None`` until the object leaves the table in the hand."""
     from jumpflow.envs.sim import RobosuiteSim, default_env_meta
 
-    for task, tracks in (("NutAssemblySquare", False), ("Lift", True)):
+    for task, tracks in (("NutAssemblySquare", True), ("Lift", True)):
         sim = RobosuiteSim(default_env_meta(task), obs_keys=("robot0_eef_pos",))
         try:
             sim.reset(seed=0)
             for _ in range(3):
                 sim.step(np.zeros(7))
             assert sim.tracks_modes is tracks
-            assert sim.current_mode() is None      # nothing lifted yet (Lift) / no labels (Square)
+            assert sim.current_mode() is None      # nothing lifted yet
+        finally:
+            sim.close()
+
+
+@pytest.mark.sim
+def test_square_mh_demos_read_back_their_drawn_modes(tmp_path):
+    """Five NutAssemblySquare mh demos from seed 0 (both grasps, both sides, a missed grasp "high"
+    above the handle; none of the "beside" misses whose re-approach may come from the other side):
+    the rule gives each drawn mode from the stored states, and the sim gives the half-turn grasp's
+    while its actions are replayed from its first state."""
+    import h5py
+
+    from jumpflow.datasets.robomimic import RobomimicFile
+    from jumpflow.envs.demos import generate_demos
+    from jumpflow.envs.grasp_modes import MODE_OBS_KEYS, episode_grasp_mode
+    from jumpflow.envs.sim import RobosuiteSim
+
+    path = tmp_path / "square_mh.hdf5"
+    generate_demos(path, "NutAssemblySquare", n_demos=5, seed=0, style="mh", progress=False)
+    with h5py.File(path, "r") as f:
+        demos = [f[f"data/demo_{i}"] for i in range(5)]
+        drawn = [g.attrs["mode"] for g in demos]
+        read = [episode_grasp_mode("NutAssemblySquare",
+                                   {k: np.concatenate([g["obs"][k][()], g["next_obs"][k][-1:]]) for k in MODE_OBS_KEYS})
+                for g in demos]
+        assert not any(g.attrs["miss_kind"] == "beside" for g in demos)
+    assert read == drawn
+    assert {m.split("_")[0] for m in drawn} == {"yaw0", "yaw180"} and {m.split("_")[1] for m in drawn} == {"left", "right"}
+    demo = drawn.index(next(m for m in drawn if m.startswith("yaw180")))
+    with RobomimicFile(path) as rf:
+        sim = RobosuiteSim(rf.env_meta, obs_keys=("robot0_eef_pos",))
+        try:
+            states, xml = rf.read_states(f"demo_{demo}")
+            sim.reset_to(states[0], xml)
+            for a in rf.data[f"demo_{demo}"]["actions"][()]:
+                sim.step(a)
+            assert sim.current_mode() == drawn[demo]
         finally:
             sim.close()
