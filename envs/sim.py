@@ -263,7 +263,7 @@ class RobosuiteSim:
         self.obs_keys = tuple(obs_keys) if obs_keys is not None else None
         self._last_raw = None
         self._closed = False
-        # Lift / Can: the grasp and approach an episode took (``current_mode``), as the mh demos label it
+        # Lift / Can / Square: the grasp and approach an episode took (``current_mode``), as the mh demos label it
         self._modes = GraspModeTracker(self.task) if self.task in GRASP_MODE_TASKS else None
         _LIVE_SIMS.add(self)
         self._sample_on_demand()
