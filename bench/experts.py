@@ -5,7 +5,7 @@ Usage: ``python -m bench.experts [--style ph|mh] [--n-episodes 100] [--tasks Lif
 generator's seeds), runs the expert for at most the demo generator's episode cap (ph 400 steps;
 mh ``MH_MAX_STEPS``) and counts success. ``--style mh`` runs the human-like style (``MHExpert``,
 its draw seeded by the episode seed, exactly as ``jumpflow-demos --style mh`` does), so
-``success_rate`` is the fraction of attempts the mh demo generator keeps, and on Lift and Can
+``success_rate`` is the fraction of attempts the mh demo generator keeps, and on Lift, Can and Square
 ``mode_read_back_rate`` the fraction of its successful episodes whose mode, read back from the
 states by the evaluator's rule (``jumpflow.envs.grasp_modes``), is the mode the style drew; ``--style dart`` runs the
 expert's perturbed execution (``DARTExpert``), the fraction the dart generator keeps. Rows are keyed by
