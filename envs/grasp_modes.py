@@ -40,7 +40,7 @@ import numpy as np
 from jumpflow.envs.experts import MH_TASKS, SquareExpert, quat2mat, wrap_angle, yaw_of
 
 LIFT_OFF = 0.004         # metres above the start height: the object has left the table
-HOLD_RADIUS = 0.03       # metres, gripper to object centre, for a lift-off to count as a grasp
+HOLD_RADIUS = 0.03       # metres, gripper to grasp point (object centre; Square: handle), for a lift-off to count as a grasp
 SIDE_OFFSET = 0.03       # metres of y offset that decide the approach side
 ABOVE_MARGIN = 0.02      # the approach is read below ``hover + 3 cm``: from ``hover + ABOVE_MARGIN``
 GRASP_MODE_TASKS = ("Lift", "PickPlaceCan", "NutAssemblySquare")

@@ -152,13 +152,13 @@ def test_square_and_lift_sims_track_modes():
     ``current_mode`` ``None`` until the object leaves the table in the hand."""
     from jumpflow.envs.sim import RobosuiteSim, default_env_meta
 
-    for task, tracks in (("NutAssemblySquare", True), ("Lift", True)):
+    for task in ("NutAssemblySquare", "Lift"):
         sim = RobosuiteSim(default_env_meta(task), obs_keys=("robot0_eef_pos",))
         try:
             sim.reset(seed=0)
             for _ in range(3):
                 sim.step(np.zeros(7))
-            assert sim.tracks_modes is tracks
+            assert sim.tracks_modes is True
             assert sim.current_mode() is None      # nothing lifted yet
         finally:
             sim.close()
