@@ -73,6 +73,29 @@ def row_key(row: dict) -> tuple:
     return row["task"], row["objective"], row.get("variant", ""), row["sampler"], row["nfe"], row["seed"]
 
 
+#: Diffusion Policy's rollout limits (Chi et al. 2023, Sec. 5; ``shared/REFERENCES.md``): robomimic
+#: Lift, Can and Square run 400 steps on proficient-human (ph) demos and 500 on multi-human (mh)
+#: ones, whose slower operators need the room; Block Push 350. Keyed by the task family (a config
+#: name without its ``_lowdim`` / ``_image`` suffix) and the demo style.
+DP_EPISODE_LIMITS = {"lift": {"ph": 400, "mh": 500}, "can": {"ph": 400, "mh": 500},
+                     "square": {"ph": 400, "mh": 500}, "block_push": {"ph": 350}}
+
+
+def dp_episode_limit(task: str, style: str) -> int | None:
+    """Diffusion Policy's episode limit for config ``task`` (``lift_lowdim``, ``square_image``...) on
+    ``style`` demos; None for a task DP did not run (Reach Around, MetaWorld), which keeps its own."""
+    return DP_EPISODE_LIMITS.get(task.rsplit("_", 1)[0], {}).get(style)
+
+
+def dp_protocol_conflict(protocol: str, overrides) -> str | None:
+    """The one-line refusal of an ``--override`` that ``--protocol dp`` would silently replace (the
+    episode limit), or None."""
+    if protocol == "dp" and any(o.startswith("task.eval_max_steps=") for o in overrides):
+        return ("--override task.eval_max_steps: --protocol dp rolls out to Diffusion Policy's own episode "
+                "limit (use --protocol last to set one)")
+    return None
+
+
 def demo_style_recipe(task: str, style: str) -> tuple[str, list[str]]:
     """The rows' task label and the recipe overrides of demo ``style``, the one rule every policy
     bench labels by: ``ph`` (the scripted default) is the task as it is; ``mh`` (human-like demos)

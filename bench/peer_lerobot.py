@@ -78,6 +78,8 @@ try:
         RESULTS,
         config_keeping,
         demo_style_recipe,
+        dp_episode_limit,
+        dp_protocol_conflict,
         load_rows,
         machine,
         print_table,
@@ -91,7 +93,8 @@ except ImportError:        # run as a file from outside the repository root (the
     RESULTS, load_rows, machine = _common.RESULTS, _common.load_rows, _common.machine
     print_table, write_results = _common.print_table, _common.write_results
     config_keeping, row_key = _common.config_keeping, _common.row_key
-    demo_style_recipe = _common.demo_style_recipe
+    demo_style_recipe, dp_episode_limit = _common.demo_style_recipe, _common.dp_episode_limit
+    dp_protocol_conflict = _common.dp_protocol_conflict
 
 OBJECTIVE = "lerobot_dp"
 OBS_STATE, OBS_ENV_STATE, ACTION = "observation.state", "observation.environment_state", "action"
@@ -487,7 +490,9 @@ def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, op
     # episodes run eval_envs at a time (spawned envs, one batched chunk request for all): the test seeds
     # are the rows' (episode i resets with seed 1_000_000 + i); latency is measured apart, at batch 1
     task.eval_envs = args.eval_envs
-    evaluator = task.evaluator(None, n_episodes=args.episodes, n_videos=0)
+    # DP's protocol rolls out to DP's episode limit for the task and demo style, as bench.policy does
+    limit = (dp_episode_limit(task_name, args.style) if args.protocol == "dp" else None) or int(task.eval_max_steps)
+    evaluator = task.evaluator(None, n_episodes=args.episodes, n_videos=0, max_steps=limit)
     try:
         for sampler, nfe in variants:
             evals = []
@@ -500,7 +505,8 @@ def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, op
             lat = measure_latency(adapter, task.train_dataset(), args.latency_calls)
             print(f"   {sampler}-{nfe}: latency p50 {lat['latency_ms_p50']:.1f} ms, p95 {lat['latency_ms_p95']:.1f} ms "
                   "per chunk (batch 1)", flush=True)
-            row = make_row(label, seed, sampler, nfe, evals, lat, trained, cfg, args, down_dims)
+            row = {**make_row(label, seed, sampler, nfe, evals, lat, trained, cfg, args, down_dims),
+                   "eval_max_steps": limit}
             # re-read: another process may have added rows since this one started
             rows = [r for r in load_rows(out) if row_key(r) != row_key(row)] + [row]
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("mode_freq")}), flush=True)
@@ -549,6 +555,8 @@ def main(argv=None):
         options = parse_options(args.lerobot_option)
     except ValueError as err:
         ap.error(str(err))
+    if dp_protocol_conflict(args.protocol, args.override):
+        ap.error(dp_protocol_conflict(args.protocol, args.override))
     if not args.table_only:
         _import_lerobot()                                         # fail here, before any work
         for task_name in tasks:

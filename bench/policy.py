@@ -29,6 +29,8 @@ from bench.common import (
     RESULTS,
     config_keeping,
     demo_style_recipe,
+    dp_episode_limit,
+    dp_protocol_conflict,
     load_rows,
     machine,
     print_table,
@@ -89,10 +91,11 @@ def variant_order() -> list[tuple[str, str, int]]:
 DP_CHECKPOINTS = 5
 
 
-def evaluate_variant(model, episodes: int, run_dir) -> dict:
-    """One rollout evaluation: success, latency, episode length and, on tasks whose demos label
-    behaviour modes, the mode metrics (entropy ratio, TV, switches, frequencies)."""
-    evaluator = model.task.evaluator(run_dir, n_episodes=episodes, n_videos=1)
+def evaluate_variant(model, episodes: int, run_dir, max_steps: int | None = None) -> dict:
+    """One rollout evaluation (episodes of at most ``max_steps``, default the task's limit): success,
+    latency, episode length and, on tasks whose demos label behaviour modes, the mode metrics
+    (entropy ratio, TV, switches, frequencies)."""
+    evaluator = model.task.evaluator(run_dir, n_episodes=episodes, n_videos=1, max_steps=max_steps)
     try:
         ev = evaluator.run(model)
     finally:
@@ -273,7 +276,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--markdown-only", action="store_true", help="rewrite policy.md from policy.json and stop")
     ap.add_argument("--protocol", choices=("last", "dp"), default="last",
                     help="last: evaluate the final EMA policy; dp: Diffusion Policy's protocol, the last "
-                         f"{DP_CHECKPOINTS} checkpoints (second half of training), success_max and success_last_mean")
+                         f"{DP_CHECKPOINTS} checkpoints (second half of training), success_max and success_last_mean, "
+                         "rolled out to DP's episode limit (robomimic tasks 400 on ph demos, 500 on mh; "
+                         "Block Push 350; tasks DP did not run keep their own)")
     return ap
 
 
@@ -295,6 +300,8 @@ def main(argv=None):
         parser().error(f"--tasks: {e}")
     if args.style != "ph" and any(fields for *_, fields in specs):
         parser().error("--style mh: MetaWorld demos come from its own scripted policies (ph only)")
+    if dp_protocol_conflict(args.protocol, args.override):
+        parser().error(dp_protocol_conflict(args.protocol, args.override))
     done = {row_key(r) for r in rows}
     wanted = None if args.variants is None else {v.strip() for v in args.variants.split(",") if v.strip()}
     objectives = args.objectives.split(",")
@@ -339,11 +346,15 @@ def main(argv=None):
                 else:
                     ckpts = ckpts[-1:]
                 models = [load_model(c)[0] for c in ckpts]
+                # DP's protocol rolls out to DP's limit for the task and demo style, whatever the
+                # checkpoint's config says (a run reused from before the limit was set included)
+                limit = (dp_episode_limit(task_name, args.style) if args.protocol == "dp" else None) \
+                    or int(models[-1].task.eval_max_steps)
                 for lbl, nfe, sampler in variants:
                     evals, t_eval = [], time.perf_counter()
                     for ckpt, model in zip(ckpts, models):
                         model.set_inference({"steps": nfe, "sampler": sampler})
-                        evals.append(evaluate_variant(model, args.episodes, result["run_dir"]))
+                        evals.append(evaluate_variant(model, args.episodes, result["run_dir"], limit))
                         # a long evaluation can be followed in the log (stdout is buffered under nohup)
                         print(f"{task} {objective} seed {seed} {lbl}-{nfe} {ckpt.stem}: success "
                               f"{evals[-1]['success_rate']:.2f}", flush=True)
@@ -353,7 +364,8 @@ def main(argv=None):
                            **last, "train_seconds": train_seconds,
                            # every checkpoint this variant evaluated, all its episodes (envs included)
                            "eval_seconds": time.perf_counter() - t_eval, "train_steps": int(result["step"]),
-                           "episodes": args.episodes, "threads": torch.get_num_threads(), "protocol": args.protocol,
+                           "episodes": args.episodes, "eval_max_steps": limit,
+                           "threads": torch.get_num_threads(), "protocol": args.protocol,
                            # > 1: lock-step batches of spawned envs, latency per batch call
                            "eval_envs": int(getattr(models[-1].task, "eval_envs", 1)),
                            **({"variant": args.variant, "variant_overrides": args.override} if args.variant else {})}

@@ -182,11 +182,15 @@ class PolicyTask(Task):
     def train_dataset(self):
         return self._dataset()
 
-    def evaluator(self, run_dir=None, n_episodes: int | None = None, n_videos: int | None = None):
+    def evaluator(self, run_dir=None, n_episodes: int | None = None, n_videos: int | None = None,
+                  max_steps: int | None = None):
+        """The rollout evaluator of this task's settings; ``n_episodes``, ``n_videos`` and the episode
+        limit ``max_steps`` replace the config's for this evaluator only (a bench's protocol)."""
         from jumpflow.eval.rollout import RolloutEvaluator
         n_videos = self.eval_videos if n_videos is None else n_videos
         return RolloutEvaluator(self.env_meta, n_episodes=n_episodes or self.eval_episodes,
-                                n_envs=self.eval_envs, max_steps=self.eval_max_steps, n_obs_steps=self.n_obs_steps,
+                                n_envs=self.eval_envs, max_steps=max_steps or self.eval_max_steps,
+                                n_obs_steps=self.n_obs_steps,
                                 n_action_steps=self.n_action_steps, obs_keys=self.obs_keys,
                                 video_dir=(Path(run_dir) / "videos") if run_dir is not None and n_videos else None,
                                 n_videos=n_videos)

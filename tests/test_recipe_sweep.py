@@ -396,3 +396,65 @@ def test_policy_bench_checkpoint_summary_is_dp_s_two_figures_and_drops_metrics_s
     assert s["success_rate"] == 1.0 and s["task"] == "t"          # the last checkpoint's success stays
     assert "mode_entropy_ratio" not in s and "mode_switches" not in s
     assert row["mode_entropy_ratio"] == 0.7                        # the caller's row is not changed
+
+
+def test_dp_episode_limits_follow_the_paper_per_task_family_and_demo_style():
+    """DP's limits (Chi et al. 2023, Sec. 5): robomimic Lift / Can / Square 400 steps on ph demos and
+    500 on mh, low-dim and image alike; Block Push 350; tasks DP did not run have none."""
+    from bench.common import dp_episode_limit
+
+    for task in ("lift_lowdim", "can_lowdim", "square_lowdim", "lift_image", "square_image"):
+        assert dp_episode_limit(task, "ph") == 400 and dp_episode_limit(task, "mh") == 500
+    assert dp_episode_limit("block_push_lowdim", "ph") == 350
+    assert dp_episode_limit("reach_around_lowdim", "ph") is None and dp_episode_limit("metaworld", "ph") is None
+
+
+def test_policy_bench_dp_protocol_rolls_out_to_dp_s_limit_and_writes_it_in_the_row(tmp_path, monkeypatch, capsys):
+    """Under ``--protocol dp`` every checkpoint's rollouts get DP's limit for the task and demo style
+    (Square mh: 500, though the checkpoint's task says 400; a task DP did not run: its own) and the
+    row records the limit it ran; ``--protocol last`` keeps the checkpoint's. An ``--override`` of
+    the limit under ``--protocol dp`` is refused in one line before any run directory exists."""
+    from types import SimpleNamespace
+
+    from bench import common, policy
+
+    monkeypatch.setattr(policy, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    own_limit = {"square_lowdim": 400, "lift_lowdim": 400, "reach_around_lowdim": 60}
+    limits_seen = []
+
+    def fake_train(cfg):
+        return {"run_dir": str(cfg.run_dir), "step": int(cfg.trainer.max_steps)}
+
+    def fake_load(path):
+        task = SimpleNamespace(eval_max_steps=own_limit[path.parent.name], eval_envs=1)
+        return SimpleNamespace(task=task, set_inference=lambda spec: None), {}
+
+    def fake_evaluate(model, episodes, run_dir, max_steps=None):
+        limits_seen.append(max_steps)
+        return {"success_rate": 0.5, "mean_episode_length": 10.0}
+
+    monkeypatch.setattr(policy, "train", fake_train)
+    monkeypatch.setattr(policy, "load_model", fake_load)
+    monkeypatch.setattr(policy, "evaluate_variant", fake_evaluate)
+    # the fake checkpoint's parent directory names the task whose own limit it carries
+    monkeypatch.setattr(policy, "checkpoint_paths",
+                        lambda d: [d / next(t for t in own_limit if Path(d).parent.name.startswith(t))
+                                   / f"ckpt_{s:09d}.json" for s in (5, 10)])
+    cases = ((["--tasks", "square_lowdim", "--style", "mh", "--protocol", "dp"], "square_lowdim_mh", 500),
+             (["--tasks", "lift_lowdim", "--protocol", "dp"], "lift_lowdim", 400),
+             (["--tasks", "reach_around_lowdim", "--protocol", "dp"], "reach_around_lowdim", 60),
+             (["--tasks", "square_lowdim", "--style", "mh"], "square_lowdim_mh", 400))
+    for argv, label, limit in cases:
+        limits_seen.clear()
+        policy.main([*argv, "--objectives", "regression", "--steps", "10", "--overwrite",
+                     "--runs", str(tmp_path / "runs")])
+        assert limits_seen == ([limit] * 2 if "dp" in argv else [limit])
+        rows = [r for r in json.loads((tmp_path / "policy.json").read_text())["rows"] if r["task"] == label]
+        assert rows[-1]["eval_max_steps"] == limit
+    capsys.readouterr()
+    runs = tmp_path / "runs_refused"
+    with pytest.raises(SystemExit):
+        policy.main(["--protocol", "dp", "--override", "task.eval_max_steps=300", "--runs", str(runs)])
+    assert "--override task.eval_max_steps: --protocol dp rolls out to Diffusion Policy's own episode limit" \
+        in capsys.readouterr().err and not runs.exists()
