@@ -160,7 +160,8 @@ def recipe_for(task: str) -> str:
 
 def seed_summary(rows: list[dict]) -> list[dict]:
     """One row per (task, objective, config variant, sampler, NFE): success mean / min / max over the
-    training seeds that ran; tasks together, variants in the order of ``VARIANTS``."""
+    training seeds that ran, and the training steps and episode limits they ran at; tasks together,
+    variants in the order of ``VARIANTS``."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     order = variant_order()
 
@@ -177,7 +178,10 @@ def seed_summary(rows: list[dict]) -> list[dict]:
                     "nfe": nfe,
                     "seeds": ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"])),
                     "success_mean": sum(rates) / len(rates), "success_min": min(rates), "success_max": max(rates),
-                    "train_steps": ",".join(sorted({str(r["train_steps"]) for r in rs}))})
+                    "train_steps": ",".join(sorted({str(r["train_steps"]) for r in rs})),
+                    # the episode limits the seeds ran at: two values flag a group mixing protocols
+                    # ("task": a row from before rows recorded it, run at its task config's limit)
+                    "eval_max_steps": ",".join(sorted({str(r.get("eval_max_steps", "task")) for r in rs}))})
         for key in ("success_last_mean", "mode_entropy_ratio", "mode_tv", "mode_switches"):
             vals = [r[key] for r in rs if r.get(key) is not None]
             if len(vals) == len(rs):
@@ -201,7 +205,7 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     summary = seed_summary(rows)
     text = ["## Success over training seeds (50 rollouts per seed)", "",
             *_markdown_table(summary, ["task", "objective", "sampler", "nfe", "seeds", "success_mean", "success_min",
-                                       "success_max", "train_steps"]),
+                                       "success_max", "train_steps", "eval_max_steps"]),
             "", "## Every run", "", *_markdown_table(rows, keys)]
     groups = group_summary(rows)
     if groups:

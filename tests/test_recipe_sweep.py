@@ -136,6 +136,9 @@ def test_policy_bench_keeps_config_variants_apart():
     summary = {r["objective"]: r for r in seed_summary(rows)}
     assert summary["transition_matching_ar"]["success_mean"] == 0.6 and summary["transition_matching_ar"]["seeds"] == "0,1"
     assert summary["transition_matching_ar [tokens16]"]["success_mean"] == 1.0
+    # seeds that ran at different episode limits are averaged, and the summary says so
+    mixed = seed_summary([{**base, "seed": 0, "eval_max_steps": 500}, {**base, "seed": 1}])
+    assert mixed[0]["eval_max_steps"] == "500,task" and seed_summary(rows[:2])[0]["eval_max_steps"] == "task"
 
 
 def test_bench_smoke_covers_every_script_and_refuses_unknown_names():
