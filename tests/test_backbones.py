@@ -29,6 +29,8 @@ TINY = {
     "dit1d": ("DiT1D-S", (8, 3), {"hidden_size": 32, "depth": 2, "num_heads": 2}),
     "unet1d": ("UNet1D-S", (8, 3), {"down_dims": (16, 32), "emb_dim": 32}),
     "unet1d_concat": ("UNet1D-S", (8, 3), {"down_dims": (16, 32), "emb_dim": 32, "cond_mode": "concat"}),
+    # a horizon the three levels do not divide (Block Push h2), padded by repeating its last step
+    "unet1d_pad": ("UNet1D-S", (2, 3), {"down_dims": (16, 32, 32), "emb_dim": 32, "pad_horizon": True}),
     "unet2d": ("UNet2D-S", (3, 8, 8), {"model_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1,
                                           "attention_ds": (1, 2), "head_channels": 8}),
     "mlp": ("MLP", (8, 3), {"width": 32, "depth": 2}),
@@ -252,6 +254,28 @@ def test_unet1d_cond_modes_feed_film_as_written_float64():
         concat.condition(t, h, None)
     with pytest.raises(ConfigError, match="cond_mode"):
         build_backbone("UNet1D-S", (8, 3), COND_DIM, cond_mode="film")
+
+
+def test_unet1d_pad_horizon_is_the_unpadded_net_on_the_repeated_last_step_float64():
+    """``pad_horizon``: on a horizon of 2 under three levels (factor 4) the output and features are
+    exactly the same weights at horizon 4 on the chunk with its last step repeated twice, cropped
+    to the 2 real steps; without the option such a horizon is refused naming the fix."""
+    torch.manual_seed(0)
+    padded, shape = tiny("unet1d_pad", dtype=torch.float64)
+    perturb_(padded)
+    name, _, kw = TINY["unet1d_pad"]
+    full = build_backbone(name, (4, 3), COND_DIM, **{**kw, "pad_horizon": False}).to(torch.float64)
+    full.load_state_dict(padded.state_dict())
+    x, t, h, cond = inputs(shape, batch=3, dtype=torch.float64)
+    x4 = torch.cat([x, x[:, -1:], x[:, -1:]], dim=1)                     # (3, 4, 3)
+    out, feats = padded(x, t, h, cond, return_features=True)
+    out4, feats4 = full(x4, t, h, cond, return_features=True)
+    assert out.shape == (3, 2, 3) and feats.shape == (3, 2, 16)
+    torch.testing.assert_close(out, out4[:, :2], rtol=0, atol=0)
+    torch.testing.assert_close(feats, feats4[:, :2], rtol=0, atol=0)
+    assert not torch.allclose(out4[:, :2], full(torch.cat([x, torch.zeros_like(x)], 1), t, h, cond)[:, :2])
+    with pytest.raises(ConfigError, match="set backbone.pad_horizon=true"):
+        build_backbone(name, shape, COND_DIM, **{**kw, "pad_horizon": False})
 
 
 def test_dit_starts_as_zero_map():

@@ -9,7 +9,7 @@ length ``h`` is embedded in every backbone):
 * ``dims=1``: ``x: (B, T, A)``; residual blocks of two ``Conv1d(k=5) -> GroupNorm(8) -> Mish``
   with FiLM (per-channel scale and bias regressed from ``Mish(c)``) after the first; strided
   convolutions down, transposed convolutions up, skip connections; ``T`` must be divisible
-  by ``2 ** (len(down_dims) - 1)``.
+  by ``2 ** (len(down_dims) - 1)``, or ``pad_horizon=True`` pads it there and crops the output.
 * ``dims=2``: ``x: (B, C, H, W)``; ADM residual blocks with scale-shift GroupNorm, attention
   blocks at the downsampling factors in ``attention_ds``, zero-initialised output layers.
 
@@ -99,12 +99,17 @@ class UNet1D(nn.Module):
             ``"concat"``: Diffusion Policy's (and LeRobot's) ``[emb(t) + emb(h), cond]``, so FiLM
             sees ``Mish`` of the raw condition (``bench/results/policy.json`` variants ``unet1d_s``
             and ``unet1d_s_concat`` compare them).
+        pad_horizon: a horizon that the ``2 ** (len(down_dims) - 1)`` downsampling does not divide
+            (Block Push's one-action ``h2`` chunks under UNet1D-S's three levels) is padded on
+            the time axis by repeating its last step, and the output (and features) cropped back
+            to ``T``: the network stays a function of the real steps alone. Off (DP's UNet has no
+            padding): such a horizon is refused.
     """
 
     grouped_condition = True     # t, h, cond may come once per group of consecutive rows (layers.per_row)
 
     def __init__(self, shape, cond_dim: int = 0, down_dims=(256, 512, 1024), kernel_size: int = 5,
-                 n_groups: int = 8, emb_dim: int = 256, cond_mode: str = "sum"):
+                 n_groups: int = 8, emb_dim: int = 256, cond_mode: str = "sum", pad_horizon: bool = False):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) != 2:
@@ -114,9 +119,10 @@ class UNet1D(nn.Module):
             raise ConfigError("down_dims", "must name at least one width")
         horizon, action_dim = self.shape
         factor = 2 ** (len(down_dims) - 1)
-        if horizon % factor:
+        if horizon % factor and not pad_horizon:
             raise ConfigError("horizon", f"the horizon {horizon} must be divisible by 2**(len(down_dims)-1) = {factor} "
-                             f"(down_dims={down_dims}); pad the chunk or use fewer levels")
+                             f"(down_dims={down_dims}); set backbone.pad_horizon=true or use fewer levels")
+        self.padded_horizon = -(-horizon // factor) * factor             # T rounded up to the factor
         if cond_mode not in COND_MODES:
             raise ConfigError("cond_mode", f"must be one of {', '.join(COND_MODES)}, got {cond_mode!r}")
         self.down_dims, self.feature_dim = down_dims, down_dims[0]
@@ -164,7 +170,10 @@ class UNet1D(nn.Module):
                 return_features: bool = False):
         check_input_shape(self, x, t, h, cond)
         emb = self.condition(t, h, cond)                                  # (Bc, E'): Bc divides B (per_row)
+        horizon = x.shape[1]
         y = rearrange(x, "b t a -> b a t")                                # (B, A, T)
+        if self.padded_horizon > horizon:
+            y = F.pad(y, (0, self.padded_horizon - horizon), mode="replicate")   # (B, A, T_pad)
         skips = []
         for res1, res2, down in self.down:
             y = res2(res1(y, emb), emb)                                   # (B, C_i, T_i)
@@ -175,8 +184,8 @@ class UNet1D(nn.Module):
         for res1, res2, up in self.up:
             y = torch.cat([y, skips.pop()], dim=1)                        # (B, 2 C_i, T_i)
             y = up(res2(res1(y, emb), emb))                               # (B, C_{i-1}, T_{i-1})
-        feats = rearrange(y, "b c t -> b t c")                            # (B, T, C_0)
-        out = self.final_conv(self.final_block(y))                        # (B, A, T)
+        feats = rearrange(y[..., :horizon], "b c t -> b t c")             # (B, T, C_0)
+        out = self.final_conv(self.final_block(y))[..., :horizon]         # (B, A, T)
         out = rearrange(out, "b a t -> b t a")                            # (B, T, A)
         if return_features:
             return out, feats                                             # (B, T, A), (B, T, C_0)
