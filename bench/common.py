@@ -87,6 +87,12 @@ def dp_episode_limit(task: str, style: str) -> int | None:
     return DP_EPISODE_LIMITS.get(task.rsplit("_", 1)[0], {}).get(style)
 
 
+def rollout_limit(protocol: str, task: str, style: str, own: int) -> int:
+    """The episode limit a policy bench rolls out to: DP's for ``task`` on ``style`` demos under
+    ``--protocol dp`` (:func:`dp_episode_limit`), else (or where DP has none) the task's ``own``."""
+    return (dp_episode_limit(task, style) if protocol == "dp" else None) or int(own)
+
+
 def dp_protocol_conflict(protocol: str, overrides) -> str | None:
     """The one-line refusal of an ``--override`` that ``--protocol dp`` would silently replace (the
     episode limit), or None."""

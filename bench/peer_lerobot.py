@@ -78,11 +78,11 @@ try:
         RESULTS,
         config_keeping,
         demo_style_recipe,
-        dp_episode_limit,
         dp_protocol_conflict,
         load_rows,
         machine,
         print_table,
+        rollout_limit,
         row_key,
         write_results,
     )
@@ -93,7 +93,7 @@ except ImportError:        # run as a file from outside the repository root (the
     RESULTS, load_rows, machine = _common.RESULTS, _common.load_rows, _common.machine
     print_table, write_results = _common.print_table, _common.write_results
     config_keeping, row_key = _common.config_keeping, _common.row_key
-    demo_style_recipe, dp_episode_limit = _common.demo_style_recipe, _common.dp_episode_limit
+    demo_style_recipe, rollout_limit = _common.demo_style_recipe, _common.rollout_limit
     dp_protocol_conflict = _common.dp_protocol_conflict
 
 OBJECTIVE = "lerobot_dp"
@@ -491,7 +491,7 @@ def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, op
     # are the rows' (episode i resets with seed 1_000_000 + i); latency is measured apart, at batch 1
     task.eval_envs = args.eval_envs
     # DP's protocol rolls out to DP's episode limit for the task and demo style, as bench.policy does
-    limit = (dp_episode_limit(task_name, args.style) if args.protocol == "dp" else None) or int(task.eval_max_steps)
+    limit = rollout_limit(args.protocol, task_name, args.style, task.eval_max_steps)
     evaluator = task.evaluator(None, n_episodes=args.episodes, n_videos=0, max_steps=limit)
     try:
         for sampler, nfe in variants:
@@ -555,8 +555,9 @@ def main(argv=None):
         options = parse_options(args.lerobot_option)
     except ValueError as err:
         ap.error(str(err))
-    if dp_protocol_conflict(args.protocol, args.override):
-        ap.error(dp_protocol_conflict(args.protocol, args.override))
+    conflict = dp_protocol_conflict(args.protocol, args.override)
+    if conflict:
+        ap.error(conflict)
     if not args.table_only:
         _import_lerobot()                                         # fail here, before any work
         for task_name in tasks:

@@ -29,11 +29,11 @@ from bench.common import (
     RESULTS,
     config_keeping,
     demo_style_recipe,
-    dp_episode_limit,
     dp_protocol_conflict,
     load_rows,
     machine,
     print_table,
+    rollout_limit,
     row_key,
     write_results,
 )
@@ -304,8 +304,9 @@ def main(argv=None):
         parser().error(f"--tasks: {e}")
     if args.style != "ph" and any(fields for *_, fields in specs):
         parser().error("--style mh: MetaWorld demos come from its own scripted policies (ph only)")
-    if dp_protocol_conflict(args.protocol, args.override):
-        parser().error(dp_protocol_conflict(args.protocol, args.override))
+    conflict = dp_protocol_conflict(args.protocol, args.override)
+    if conflict:
+        parser().error(conflict)
     done = {row_key(r) for r in rows}
     wanted = None if args.variants is None else {v.strip() for v in args.variants.split(",") if v.strip()}
     objectives = args.objectives.split(",")
@@ -352,8 +353,7 @@ def main(argv=None):
                 models = [load_model(c)[0] for c in ckpts]
                 # DP's protocol rolls out to DP's limit for the task and demo style, whatever the
                 # checkpoint's config says (a run reused from before the limit was set included)
-                limit = (dp_episode_limit(task_name, args.style) if args.protocol == "dp" else None) \
-                    or int(models[-1].task.eval_max_steps)
+                limit = rollout_limit(args.protocol, task_name, args.style, models[-1].task.eval_max_steps)
                 for lbl, nfe, sampler in variants:
                     evals, t_eval = [], time.perf_counter()
                     for ckpt, model in zip(ckpts, models):

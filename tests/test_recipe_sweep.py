@@ -404,12 +404,15 @@ def test_policy_bench_checkpoint_summary_is_dp_s_two_figures_and_drops_metrics_s
 def test_dp_episode_limits_follow_the_paper_per_task_family_and_demo_style():
     """DP's limits (Chi et al. 2023, Sec. 5): robomimic Lift / Can / Square 400 steps on ph demos and
     500 on mh, low-dim and image alike; Block Push 350; tasks DP did not run have none."""
-    from bench.common import dp_episode_limit
+    from bench.common import dp_episode_limit, rollout_limit
 
     for task in ("lift_lowdim", "can_lowdim", "square_lowdim", "lift_image", "square_image"):
         assert dp_episode_limit(task, "ph") == 400 and dp_episode_limit(task, "mh") == 500
     assert dp_episode_limit("block_push_lowdim", "ph") == 350
     assert dp_episode_limit("reach_around_lowdim", "ph") is None and dp_episode_limit("metaworld", "ph") is None
+    # what both policy benches roll out to: DP's limit under --protocol dp, else the task's own
+    assert rollout_limit("dp", "square_lowdim", "mh", 400) == 500 and rollout_limit("last", "square_lowdim", "mh", 400) == 400
+    assert rollout_limit("dp", "reach_around_lowdim", "ph", 60) == 60
 
 
 def test_policy_bench_dp_protocol_rolls_out_to_dp_s_limit_and_writes_it_in_the_row(tmp_path, monkeypatch, capsys):
