@@ -497,6 +497,31 @@ def test_adaptive_weight_gradient_norm_is_pseudo_huber_at_half_and_falls_at_one(
         assert np.abs(got - ref).max() < 1e-12 * max(1.0, ref.max())
 
 
+@pytest.mark.parametrize("p, expected", [(0.0, 0.3), (0.5, 0.0), (1.0, 0.0)])
+def test_adaptive_weight_fixed_point_is_mean_median_mode(p, expected):
+    """What a net trained with ``sg(w) * err^2`` converges to when one input has several targets:
+    the stationary ``u`` of ``E[w (u - Y)^2]`` with ``w`` held fixed solves ``E[w (u - Y)] = 0``,
+    i.e. the fixed point of ``u <- E[w Y] / E[w]`` (iteratively reweighted least squares). For
+    ``Y`` in ``{0, 1}`` with probabilities ``0.7 / 0.3``: ``p = 0`` gives the mean 0.3 (what
+    MeanFlow's identity needs), ``p = 1/2`` the median 0 (pseudo-Huber, L1-like) and ``p = 1``
+    the majority target 0 (mode-seeking), starting from the mean; the actual loss's gradient
+    vanishes there."""
+    from jumpflow.objectives.base import adaptive_loss_weight
+    targets = torch.tensor([0.0, 1.0], dtype=torch.float64).view(2, 1)
+    probs = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    c = 1e-8
+    u = torch.tensor(0.3, dtype=torch.float64)
+    for _ in range(200):
+        w = probs * adaptive_loss_weight(u - targets, p, c)
+        u = (w * targets.view(-1)).sum() / w.sum()
+    assert abs(u.item() - expected) < 1e-3
+    u = u.clone().requires_grad_(True)
+    err = u - targets
+    loss = (probs * adaptive_loss_weight(err, p, c) * err.pow(2).view(-1)).sum()
+    (grad,) = torch.autograd.grad(loss, u)
+    assert abs(grad.item()) < 1e-6
+
+
 def test_meanflow_loss_is_sum_weight_times_mean_error():
     """A constant net ``u = c0``: ``du/dt = 0``, so ``u_tgt = v = eps - x`` and the loss is
     ``mean_d err^2 / (sum_d err^2 + c)^p`` with ``err = c0 - v``."""
