@@ -91,11 +91,19 @@ def variant_order() -> list[tuple[str, str, int]]:
 DP_CHECKPOINTS = 5
 
 
-def evaluate_variant(model, episodes: int, run_dir, max_steps: int | None = None) -> dict:
+#: seeds the policy's sampling noise at each batch of test episodes (``RolloutEvaluator.policy_seed``),
+#: so that re-running a row reproduces it and every checkpoint and NFE meets the same noise; rows
+#: written before 2026-12-07 drew it from torch's unseeded global generator (no ``policy_seed`` field)
+POLICY_SEED = 0
+
+
+def evaluate_variant(model, episodes: int, run_dir, max_steps: int | None = None,
+                     policy_seed: int | None = POLICY_SEED) -> dict:
     """One rollout evaluation (episodes of at most ``max_steps``, default the task's limit): success,
     latency, episode length and, on tasks whose demos label behaviour modes, the mode metrics
     (entropy ratio, TV, switches, frequencies)."""
-    evaluator = model.task.evaluator(run_dir, n_episodes=episodes, n_videos=1, max_steps=max_steps)
+    evaluator = model.task.evaluator(run_dir, n_episodes=episodes, n_videos=1, max_steps=max_steps,
+                                     policy_seed=policy_seed)
     try:
         ev = evaluator.run(model)
     finally:
@@ -370,6 +378,7 @@ def main(argv=None):
                            "eval_seconds": time.perf_counter() - t_eval, "train_steps": int(result["step"]),
                            "episodes": args.episodes, "eval_max_steps": limit,
                            "threads": torch.get_num_threads(), "protocol": args.protocol,
+                           "policy_seed": POLICY_SEED,
                            # > 1: lock-step batches of spawned envs, latency per batch call
                            "eval_envs": int(getattr(models[-1].task, "eval_envs", 1)),
                            **({"variant": args.variant, "variant_overrides": args.override} if args.variant else {})}

@@ -183,9 +183,10 @@ class PolicyTask(Task):
         return self._dataset()
 
     def evaluator(self, run_dir=None, n_episodes: int | None = None, n_videos: int | None = None,
-                  max_steps: int | None = None):
+                  max_steps: int | None = None, policy_seed: int | None = None):
         """The rollout evaluator of this task's settings; ``n_episodes``, ``n_videos`` and the episode
-        limit ``max_steps`` replace the config's for this evaluator only (a bench's protocol)."""
+        limit ``max_steps`` replace the config's for this evaluator only (a bench's protocol);
+        ``policy_seed`` seeds the policy's sampling noise per batch of episodes (``RolloutEvaluator``)."""
         from jumpflow.eval.rollout import RolloutEvaluator
         n_videos = self.eval_videos if n_videos is None else n_videos
         return RolloutEvaluator(self.env_meta, n_episodes=n_episodes or self.eval_episodes,
@@ -193,7 +194,7 @@ class PolicyTask(Task):
                                 n_obs_steps=self.n_obs_steps,
                                 n_action_steps=self.n_action_steps, obs_keys=self.obs_keys,
                                 video_dir=(Path(run_dir) / "videos") if run_dir is not None and n_videos else None,
-                                n_videos=n_videos)
+                                n_videos=n_videos, policy_seed=policy_seed)
 
     def mode_summary(self, result: dict) -> dict[str, float]:
         """``mode_entropy_ratio``, ``mode_tv``, ``mode_switches`` of an evaluator result on a task whose

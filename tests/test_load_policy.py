@@ -34,7 +34,8 @@ def test_policy_acts_from_its_checkpoint_without_the_dataset(tmp_path):
     assert sorted(set(policy.task.demo_modes)) <= ["left", "right"] and len(policy.task.demo_modes) == 6
     obs = {k: torch.zeros(1, 2, 2) for k in policy.obs_keys}
     assert policy.predict_action(obs).shape == (1, 8, 2)
-    evaluator = policy.task.evaluator(None, n_episodes=2, n_videos=0)
+    evaluator = policy.task.evaluator(None, n_episodes=2, n_videos=0, policy_seed=3)
+    assert evaluator.policy_seed == 3                          # bench.policy's seeded noise reaches it
     try:
         result = evaluator.run(policy)
     finally:

@@ -464,3 +464,32 @@ def test_policy_bench_dp_protocol_rolls_out_to_dp_s_limit_and_writes_it_in_the_r
         policy.main(["--protocol", "dp", "--override", "task.eval_max_steps=300", "--runs", str(runs)])
     assert "--override task.eval_max_steps: --protocol dp rolls out to Diffusion Policy's own episode limit" \
         in capsys.readouterr().err and not runs.exists()
+
+
+def test_policy_bench_seeds_the_policy_noise_so_a_rerun_reproduces_its_row(monkeypatch):
+    """``bench.policy`` hands its fixed ``POLICY_SEED`` to the task's evaluator (which seeds the
+    sampling noise per batch of episodes); ``test_load_policy`` checks that the task passes it on."""
+    from types import SimpleNamespace
+
+    from bench import policy as bench_policy
+
+    seen = {}
+
+    class FakeEvaluator:
+        def run(self, model):
+            return {"success_rate": 0.5, "latency_ms_p50": 1.0, "latency_ms_p95": 2.0,
+                    "mean_episode_length": 3.0, "n_env_errors": 0, "episodes": []}
+
+        def close(self):
+            seen["closed"] = True
+
+    def fake_evaluator(run_dir, **kwargs):
+        seen.update(kwargs)
+        return FakeEvaluator()
+
+    task = SimpleNamespace(env_meta={}, evaluator=fake_evaluator, mode_summary=lambda ev: {})
+    monkeypatch.setattr(bench_policy, "success_levels", lambda env_meta: {})
+    out = bench_policy.evaluate_variant(SimpleNamespace(task=task), 4, None, 60)
+    assert seen == {"n_episodes": 4, "n_videos": 1, "max_steps": 60, "policy_seed": bench_policy.POLICY_SEED,
+                    "closed": True}
+    assert out["success_rate"] == 0.5
