@@ -7,6 +7,8 @@ the one trainer; the EMA policy is then rolled out for
 ``--episodes`` test seeds (disjoint from the demos' seeds) at each NFE of ``VARIANTS``:
 DDPM at 100 steps, DDIM at 10, DDPM at 1; Flow Matching at 1 and 10; MeanFlow at 1 and 2;
 TVM at 1; Drifting at 1; DTM at 4. Latency is ``predict_action`` per chunk (one env, batch 1).
+The policy's sampling noise is seeded per batch of test episodes (``POLICY_SEED``), so every
+checkpoint and NFE meets the same noise and a re-run reproduces its row.
 
     python -m bench.policy --tasks lift_lowdim --objectives meanflow,drifting,ddpm --seeds 0
     python -m bench.policy --tasks lift_lowdim,can_lowdim --steps 5000 --episodes 50
