@@ -8,7 +8,7 @@ the one trainer; the EMA policy is then rolled out for
 DDPM at 100 steps, DDIM at 10, DDPM at 1; Flow Matching at 1 and 10; MeanFlow at 1 and 2;
 TVM at 1; Drifting at 1; DTM at 4. Latency is ``predict_action`` per chunk (one env, batch 1).
 The policy's sampling noise is seeded per batch of test episodes (``POLICY_SEED``), so every
-checkpoint and NFE meets the same noise and a re-run reproduces its row.
+checkpoint and NFE meets the same noise, whatever the process evaluated before it.
 
     python -m bench.policy --tasks lift_lowdim --objectives meanflow,drifting,ddpm --seeds 0
     python -m bench.policy --tasks lift_lowdim,can_lowdim --steps 5000 --episodes 50
@@ -94,7 +94,8 @@ DP_CHECKPOINTS = 5
 
 
 #: seeds the policy's sampling noise at each batch of test episodes (``RolloutEvaluator.policy_seed``),
-#: so that re-running a row reproduces it and every checkpoint and NFE meets the same noise; rows
+#: so that a row does not depend on what the process evaluated before it (other checkpoints, NFEs,
+#: seeds, the protocol) and every checkpoint and NFE meets the same noise; rows
 #: written before 2026-12-07 drew it from torch's unseeded global generator (no ``policy_seed`` field)
 POLICY_SEED = 0
 

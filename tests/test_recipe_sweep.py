@@ -466,7 +466,7 @@ def test_policy_bench_dp_protocol_rolls_out_to_dp_s_limit_and_writes_it_in_the_r
         in capsys.readouterr().err and not runs.exists()
 
 
-def test_policy_bench_seeds_the_policy_noise_so_a_rerun_reproduces_its_row(monkeypatch):
+def test_policy_bench_seeds_the_policy_noise_of_every_evaluation(monkeypatch):
     """``bench.policy`` hands its fixed ``POLICY_SEED`` to the task's evaluator (which seeds the
     sampling noise per batch of episodes); ``test_load_policy`` checks that the task passes it on."""
     from types import SimpleNamespace
