@@ -57,6 +57,8 @@ SMALLEST: dict[str, list[str]] = {
     "realtime": ["{work}/runs/reach_around_lowdim_meanflow_s0", "--modes", "sync,async", "--delays", "0,1",
                  "--episodes", "1", "--wallclock-episodes", "1", "--roundtrips", "2"],
     "plot_policy": ["--task", "reach_around_lowdim"],
+    "reproducibility": ["--steps", "10", "--episodes", "1", "--override", "task.n_demos=4",
+                        "--override", "backbone.width=32", "--override", "trainer.batch_size=16"],
     "label_fit": ["--runs", "{work}/runs/block_push_lowdim_regression_s0", "--demos", "1"],
     "block_push_probe": ["probe", "{work}/runs/block_push_lowdim_regression_s0", "--episodes", "1", "--samples", "2"],
     "peer_lerobot": ["--steps", "5", "--episodes", "1", "--eval-envs", "1", "--latency-calls", "2", "--overwrite",
