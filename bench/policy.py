@@ -100,17 +100,24 @@ DP_CHECKPOINTS = 5
 POLICY_SEED = 0
 
 
+def run_evaluator(model, episodes: int, run_dir, max_steps: int | None = None,
+                  policy_seed: int | None = POLICY_SEED, n_videos: int = 1) -> dict:
+    """The task's evaluator's raw result for ``model`` (``episodes`` rollouts of at most ``max_steps``,
+    default the task's limit, ``policy_seed`` seeding the sampling noise); its envs are closed after."""
+    evaluator = model.task.evaluator(run_dir, n_episodes=episodes, n_videos=n_videos, max_steps=max_steps,
+                                     policy_seed=policy_seed)
+    try:
+        return evaluator.run(model)
+    finally:
+        evaluator.close()
+
+
 def evaluate_variant(model, episodes: int, run_dir, max_steps: int | None = None,
                      policy_seed: int | None = POLICY_SEED) -> dict:
     """One rollout evaluation (episodes of at most ``max_steps``, default the task's limit): success,
     latency, episode length and, on tasks whose demos label behaviour modes, the mode metrics
     (entropy ratio, TV, switches, frequencies)."""
-    evaluator = model.task.evaluator(run_dir, n_episodes=episodes, n_videos=1, max_steps=max_steps,
-                                     policy_seed=policy_seed)
-    try:
-        ev = evaluator.run(model)
-    finally:
-        evaluator.close()
+    ev = run_evaluator(model, episodes, run_dir, max_steps, policy_seed)
     out = {"success_rate": ev["success_rate"], "latency_ms_p50": ev["latency_ms_p50"],
            "latency_ms_p95": ev["latency_ms_p95"], "mean_episode_length": ev["mean_episode_length"],
            "env_errors": ev["n_env_errors"]}

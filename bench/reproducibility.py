@@ -35,7 +35,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from bench.common import arg_parser, parse_args, write_results
-from bench.policy import POLICY_SEED, VARIANTS, run_overrides
+from bench.policy import POLICY_SEED, VARIANTS, run_evaluator, run_overrides
 from jumpflow.checkpoint import checkpoint_paths, load_model, read_checkpoint
 from jumpflow.trainer import train
 
@@ -79,11 +79,7 @@ def rollouts(ckpt: Path, episodes: int, nfe: int, sampler: str | None, policy_se
     out = None
     for model in models:
         model.set_inference({"steps": nfe, "sampler": sampler})
-        evaluator = model.task.evaluator(None, n_episodes=episodes, n_videos=0, policy_seed=policy_seed)
-        try:
-            ev = evaluator.run(model)
-        finally:
-            evaluator.close()
+        ev = run_evaluator(model, episodes, None, policy_seed=policy_seed, n_videos=0)
         out = [(bool(e["success"]), int(e["length"])) for e in ev["episodes"]]
     return out
 
