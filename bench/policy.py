@@ -262,6 +262,8 @@ def run_overrides(args, task_name: str, objective: str, seed: int, run_dir: Path
                  f"seed={seed}", "logger=none", "trainer.progress=false", "trainer.eval_at_end=false",
                  f"run_dir={run_dir}", *(o.replace("{seed}", str(seed)) for o in args.override)]
     overrides.append(f"trainer.max_steps={args.steps}")
+    if getattr(args, "resume", False):
+        overrides.append("resume=true")
     if args.protocol == "dp":     # checkpoints every tenth of training, the last five kept
         total = args.steps
         overrides += [f"trainer.ckpt_every={max(1, total // (2 * DP_CHECKPOINTS))}",
@@ -283,6 +285,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--reuse", action="store_true",
                     help="evaluate an existing finished run directory instead of training it again")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run directory from its newest checkpoint (training time: the "
+                         "checkpoints' train_seconds, summed over resumes)")
     ap.add_argument("--override", action="append", default=[],
                     help="extra hydra override (repeatable); {seed} is replaced by the training seed, e.g. "
                          "objective.teacher=runs/lift_lowdim_ddpm_s{seed}")
@@ -353,6 +358,7 @@ def main(argv=None):
                 with initialize_config_module(config_module="jumpflow.configs", version_base=None):
                     cfg = compose("train", overrides=overrides)
                 final = run_dir / "checkpoints" / f"ckpt_{int(cfg.trainer.max_steps):09d}.json"
+                run_fields: dict = {}
                 if args.reuse and final.exists():
                     # evaluate a finished run again (e.g. after a crash in evaluation): the training
                     # time is the span from the run's config file to its final checkpoint
@@ -363,6 +369,10 @@ def main(argv=None):
                     t0 = time.perf_counter()
                     result = train(cfg)
                     train_seconds = time.perf_counter() - t0
+                    if result.get("resumed_from_step"):
+                        # a resumed run: its training loop's time over every segment (setup not included)
+                        train_seconds = result["train_seconds"]
+                        run_fields = {"resumed_from_step": int(result["resumed_from_step"])}
                 ckpts = checkpoint_paths(Path(result["run_dir"]) / "checkpoints")
                 if args.protocol == "dp":
                     ckpts = ckpts[-DP_CHECKPOINTS:]
@@ -381,7 +391,7 @@ def main(argv=None):
                         print(f"{task} {objective} seed {seed} {lbl}-{nfe} {ckpt.stem}: success "
                               f"{evals[-1]['success_rate']:.2f}", flush=True)
                     last = evals[-1]
-                    row = {"task": task, **fields, "objective": objective, "sampler": sampler or lbl, "nfe": nfe,
+                    row = {"task": task, **fields, **run_fields, "objective": objective, "sampler": sampler or lbl, "nfe": nfe,
                            "seed": seed,
                            **last, "train_seconds": train_seconds,
                            # every checkpoint this variant evaluated, all its episodes (envs included)

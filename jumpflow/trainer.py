@@ -325,7 +325,10 @@ def _say(msg: str) -> None:
 
 # ------------------------------------------------------------------------------ the loop
 def train(cfg: DictConfig) -> dict:
-    """Run (or resume) training as configured; returns ``{"run_dir", "step", "metrics"}``.
+    """Run (or resume) training as configured; returns ``{"run_dir", "step", "metrics",
+    "train_seconds", "resumed_from_step"}``: ``train_seconds`` is the wall-clock time of the
+    training loop summed over every resume (each checkpoint records it in its meta), and
+    ``resumed_from_step`` the step this process started at (0 for a fresh run).
 
     Raises :class:`ConfigError` for bad configuration before anything is written."""
     cfg = copy.deepcopy(cfg)
@@ -439,6 +442,9 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
     # -- resume ------------------------------------------------------------------------------
     ckpt_dir = run_dir / "checkpoints"
     step, run_id = 0, None
+    # wall-clock seconds of training before this process (checkpoint meta ``train_seconds``, summed
+    # over resumes); the time between an interrupted segment's last checkpoint and its end is lost
+    prior_seconds = 0.0
     resume = cfg.resume
     if resume:
         if isinstance(resume, str) and resume.lower() not in ("true", "latest"):
@@ -451,6 +457,10 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
         else:
             path, tensors, meta = found
             step, run_id = restore_state(path, tensors, meta, model, ema, optimizer, scheduler, cfg, warn=_say)
+            if "train_seconds" in meta:
+                prior_seconds = float(meta["train_seconds"])
+            elif info.rank == 0 and step > 0:
+                _say(f"warning: {path} does not record its training time; train_seconds counts from this resume")
             saved = tensors.get("rng.data_sampler")
             probe = GlobalBatchSampler(len(dataset), global_batch, shards, [0], seed)
             if saved is not None and not torch.equal(saved, probe.generator(probe.position(step)["epoch"]).get_state()):
@@ -507,6 +517,7 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
             tensors, meta = collect_state(model, ema, optimizer, scheduler, resolved, position, info.world, run_id,
                                           task.artifact(), full=full)
             tensors["rng.data_sampler"] = sampler.generator(position["epoch"]).get_state()
+            meta["train_seconds"] = prior_seconds + (time.perf_counter() - t_start)
             save_checkpoint(ckpt_dir, at, tensors, meta, keep=int(tcfg.keep_checkpoints))
 
     from tqdm.auto import tqdm
@@ -518,6 +529,7 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
     grad_clip = None if tcfg.grad_clip is None else float(tcfg.grad_clip)
     eval_metrics: dict = {}
     last_saved = step if resume and step > 0 else -1
+    start_step = step
     engine = wrap_ddp(loss_module, device) if info.world > 1 and not sharded else loss_module
     coupled = shards > 1 and bool(getattr(objective, "couples_shards", False))
 
@@ -539,7 +551,8 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
         return local
 
     model.train()
-    t_last, steps_since = time.perf_counter(), 0
+    t_start = t_last = time.perf_counter()
+    steps_since = 0
     try:
         while step < max_steps:
             sums: dict[str, float] = {}
@@ -604,4 +617,5 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
         del batches
     if info.world > 1:
         dist.barrier()
-    return {"run_dir": str(run_dir), "step": step, "metrics": eval_metrics}
+    return {"run_dir": str(run_dir), "step": step, "metrics": eval_metrics,
+            "train_seconds": prior_seconds + (time.perf_counter() - t_start), "resumed_from_step": start_step}

@@ -493,3 +493,40 @@ def test_policy_bench_seeds_the_policy_noise_of_every_evaluation(monkeypatch):
     assert seen == {"n_episodes": 4, "n_videos": 1, "max_steps": 60, "policy_seed": bench_policy.POLICY_SEED,
                     "closed": True}
     assert out["success_rate"] == 0.5
+
+
+def test_policy_bench_resume_continues_the_run_and_counts_every_segment(tmp_path, monkeypatch):
+    """``--resume`` hands ``resume=true`` to the trainer; a run it continued gets the trainer's
+    training time over every segment and the step it resumed from, a fresh run neither."""
+    from types import SimpleNamespace
+
+    from bench import common, policy
+
+    monkeypatch.setattr(policy, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    seen = []
+
+    def fake_train(cfg):
+        seen.append(bool(cfg.resume))
+        resumed = 600 if cfg.resume else 0
+        return {"run_dir": str(cfg.run_dir), "step": int(cfg.trainer.max_steps), "train_seconds": 4321.0,
+                "resumed_from_step": resumed}
+
+    def fake_load(path):
+        task = SimpleNamespace(eval_max_steps=60, eval_envs=1)
+        return SimpleNamespace(task=task, set_inference=lambda spec: None), {}
+
+    monkeypatch.setattr(policy, "train", fake_train)
+    monkeypatch.setattr(policy, "load_model", fake_load)
+    monkeypatch.setattr(policy, "evaluate_variant", lambda *a, **k: {"success_rate": 0.5})
+    monkeypatch.setattr(policy, "checkpoint_paths", lambda d: [Path(d) / "ckpt_000000010.json"])
+    base = ["--tasks", "reach_around_lowdim", "--objectives", "regression", "--steps", "10", "--overwrite",
+            "--runs", str(tmp_path / "runs")]
+    for argv, want_resume in ((base, False), ([*base, "--resume"], True)):
+        policy.main(argv)
+        row = json.loads((tmp_path / "policy.json").read_text())["rows"][-1]
+        assert seen[-1] is want_resume
+        if want_resume:
+            assert row["train_seconds"] == 4321.0 and row["resumed_from_step"] == 600
+        else:
+            assert row["train_seconds"] < 60.0 and "resumed_from_step" not in row

@@ -81,6 +81,39 @@ def test_kill9_then_resume_matches_uninterrupted(tmp_path):
     assert diff <= 1e-7
 
 
+def test_training_time_adds_up_over_resumes(tmp_path, capsys):
+    """Each checkpoint records the training loop's wall-clock seconds summed over resumes: a resume
+    continues from the checkpoint's figure (here set to 1000 s by hand) and reports the step it
+    started at; a checkpoint without the figure (written before it existed) restarts the count
+    with a warning."""
+    run_dir = tmp_path / "run"
+    first = train(make_cfg(run_dir, "trainer.max_steps=6", "trainer.ckpt_every=3"))
+    paths = checkpoint_paths(run_dir / "checkpoints")
+    seconds = [read_checkpoint(p)[1]["train_seconds"] for p in paths]
+    assert first["resumed_from_step"] == 0
+    assert 0.0 < seconds[0] < seconds[1] <= first["train_seconds"]
+
+    meta_path = paths[-1].with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "train_seconds": 1000.0}))
+    t0 = time.perf_counter()
+    resumed = train(make_cfg(run_dir, "trainer.max_steps=8", "trainer.ckpt_every=3", "resume=true"))
+    wall = time.perf_counter() - t0
+    assert resumed["resumed_from_step"] == 6
+    assert 1000.0 < resumed["train_seconds"] < 1000.0 + wall
+    assert read_checkpoint(checkpoint_paths(run_dir / "checkpoints")[-1])[1]["train_seconds"] > 1000.0
+
+    meta_path = checkpoint_paths(run_dir / "checkpoints")[-1].with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    del meta["train_seconds"]
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    again = train(make_cfg(run_dir, "trainer.max_steps=10", "trainer.ckpt_every=3", "resume=true"))
+    assert again["resumed_from_step"] == 8
+    assert 0.0 < again["train_seconds"] < 1000.0
+    assert "does not record its training time" in capsys.readouterr().err
+
+
 def test_evaluation_does_not_change_training(tmp_path):
     """Periodic evaluation (sampling, its own RNG) leaves the trained parameters unchanged."""
     common = ["trainer.max_steps=8", "task.conditional=true"]
