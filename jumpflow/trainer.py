@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from jumpflow.build import build_components
 from jumpflow.checkpoint import (
+    CheckpointError,
     collect_state,
     gather_full_state,
     latest_valid_checkpoint,
@@ -458,7 +459,11 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
             path, tensors, meta = found
             step, run_id = restore_state(path, tensors, meta, model, ema, optimizer, scheduler, cfg, warn=_say)
             if "train_seconds" in meta:
-                prior_seconds = float(meta["train_seconds"])
+                prior_seconds = meta["train_seconds"]
+                if not (isinstance(prior_seconds, (int, float)) and math.isfinite(prior_seconds) and prior_seconds >= 0):
+                    raise CheckpointError(f"checkpoint {path}: train_seconds must be a finite number >= 0, "
+                                          f"got {prior_seconds!r}")
+                prior_seconds = float(prior_seconds)
             elif info.rank == 0 and step > 0:
                 _say(f"warning: {path} does not record its training time; train_seconds counts from this resume")
             saved = tensors.get("rng.data_sampler")
