@@ -76,7 +76,7 @@ def plot_modes(rows: list[dict], task: str, demo: dict[str, float] | None = None
     plt.setp(ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
     fig.tight_layout()
     path = plot_path("modes", task, variant)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
     print_table([{"variant": lab, **{m: round(v, 3) for m, v in mean[lab].items()}} for lab in sorted(mean)])
     return path
 
@@ -93,9 +93,9 @@ def plot_nfe(rows: list[dict], task: str, variant: str | None = None, also: tupl
             name += f" [{r['variant']}]" if r.get("variant") else ""
             curves[name][int(r["nfe"])].append(float(r.get("success_last_mean", r["success_rate"])))
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    for name, pts in sorted(curves.items()):
+    for index, (name, pts) in enumerate(sorted(curves.items())):
         nfes = sorted(pts)
-        ax.plot(nfes, [np.mean(pts[n]) for n in nfes], marker="o", label=name)
+        ax.plot(nfes, [np.mean(pts[n]) for n in nfes], label=name, **curve_style(index))
     ax.set_xscale("log")
     ax.set_xlabel("NFE per action chunk")
     ax.set_ylabel("success (mean over seeds)")
@@ -103,8 +103,18 @@ def plot_nfe(rows: list[dict], task: str, variant: str | None = None, also: tupl
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))    # beside: the 1-NFE points sit low
     fig.tight_layout()
     path = plot_path("nfe", task, variant)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
     return path
+
+
+MARKERS = "osD^vPX*<>"
+
+
+def curve_style(index: int) -> dict:
+    """Matplotlib style of the ``index``-th curve of a plot: colour, marker and line style all
+    change, so that more curves than one palette's ten colours stay apart."""
+    return {"color": f"C{index % 10}", "marker": MARKERS[index % len(MARKERS)],
+            "linestyle": ("-", "--", ":")[(index // 10) % 3]}
 
 
 def label_of(row: dict) -> str:
@@ -151,17 +161,17 @@ def plot_checkpoints(rows: list[dict], task: str, variant: str | None = None, al
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.0, 3.8))
-    for lab, pts in sorted(curves.items()):
-        ax.plot(list(pts), [m for m, _ in pts.values()], marker="o", label=legend_label(lab, pts))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    for index, (lab, pts) in enumerate(sorted(curves.items())):
+        ax.plot(list(pts), [m for m, _ in pts.values()], label=legend_label(lab, pts), **curve_style(index))
     ax.set_xlabel("training step of the checkpoint")
     ax.set_ylabel("success (mean over seeds)")
     ax.set_title(f"{task}: success of the last checkpoints (DP protocol)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if len(curves) <= 16 else 2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = plot_path("checkpoints", task, variant)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
     print_table([{"variant": lab, **{str(st): f"{m:.2f}" for st, (m, _) in pts.items()},
                   "seeds": max(n for _, n in pts.values())} for lab, pts in sorted(curves.items())])
     return path

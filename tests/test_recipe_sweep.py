@@ -272,6 +272,17 @@ def test_checkpoint_curves_average_seeds_per_step_and_plot(tmp_path, monkeypatch
         plot_policy.checkpoint_curves(bad, "t")
 
 
+def test_curve_styles_stay_apart_past_one_palette():
+    """The checkpoint and NFE plots hold up to ~25 curves on Reach Around: no two of the first 30
+    share colour, marker and line style at once (ten colours alone repeat from the eleventh)."""
+    from bench import plot_policy
+
+    styles = [tuple(sorted(plot_policy.curve_style(i).items())) for i in range(30)]
+    assert len(set(styles)) == 30
+    assert plot_policy.curve_style(0)["color"] == plot_policy.curve_style(10)["color"]
+    assert plot_policy.curve_style(0)["linestyle"] != plot_policy.curve_style(10)["linestyle"]
+
+
 def test_plot_policy_refuses_an_unknown_variant_before_writing(tmp_path, monkeypatch, capsys):
     """``--variant`` naming no row of the task: one line naming the file and the valid variants,
     and no plot written."""
