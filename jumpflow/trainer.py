@@ -460,7 +460,8 @@ def _train(cfg: DictConfig, info: DistInfo) -> dict:
             step, run_id = restore_state(path, tensors, meta, model, ema, optimizer, scheduler, cfg, warn=_say)
             if "train_seconds" in meta:
                 prior_seconds = meta["train_seconds"]
-                if not (isinstance(prior_seconds, (int, float)) and math.isfinite(prior_seconds) and prior_seconds >= 0):
+                if (isinstance(prior_seconds, bool) or not isinstance(prior_seconds, (int, float))
+                        or not math.isfinite(prior_seconds) or prior_seconds < 0):
                     raise CheckpointError(f"checkpoint {path}: train_seconds must be a finite number >= 0, "
                                           f"got {prior_seconds!r}")
                 prior_seconds = float(prior_seconds)

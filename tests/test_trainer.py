@@ -115,12 +115,14 @@ def test_training_time_adds_up_over_resumes(tmp_path, capsys):
 
     # a damaged figure stops the resume in one line naming the file and the key, before config.yaml is rewritten
     meta_path = checkpoint_paths(run_dir / "checkpoints")[-1].with_suffix(".json")
-    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "train_seconds": float("nan")}))
+    good_meta = json.loads(meta_path.read_text())
     config_before = (run_dir / "config.yaml").read_text()
     from jumpflow.checkpoint import CheckpointError
-    with pytest.raises(CheckpointError, match=f"{meta_path.name}.*train_seconds"):
-        train(make_cfg(run_dir, "trainer.max_steps=12", "trainer.ckpt_every=3", "resume=true", "seed=5"))
-    assert (run_dir / "config.yaml").read_text() == config_before
+    for damaged in (float("nan"), True, -1.0, "12"):    # JSON true would read as 1 s if bools were numbers
+        meta_path.write_text(json.dumps({**good_meta, "train_seconds": damaged}))
+        with pytest.raises(CheckpointError, match=f"{meta_path.name}.*train_seconds"):
+            train(make_cfg(run_dir, "trainer.max_steps=12", "trainer.ckpt_every=3", "resume=true", "seed=5"))
+        assert (run_dir / "config.yaml").read_text() == config_before
 
 
 def test_evaluation_does_not_change_training(tmp_path):
