@@ -96,7 +96,7 @@ def overrides_for(objective: str, args, enc_path: Path, run_dir: Path) -> list[s
     """Hydra overrides of ``experiment=mnist objective=<objective>`` that make every row share the
     backbone, optimiser, batch and steps of this bench run."""
     ov = ["experiment=mnist", f"objective={objective}", "logger=none", "trainer.progress=false", "trainer.eval_every=0",
-          "trainer.eval_at_end=false", f"trainer.ckpt_every={args.steps}", f"trainer.max_steps={args.steps}",
+          "trainer.eval_at_end=false", f"trainer.ckpt_every={args.ckpt_every or args.steps}", f"trainer.max_steps={args.steps}",
           f"trainer.batch_size={args.batch}", f"trainer.cpu_threads={args.threads}", f"optim.lr={args.lr}",
           f"optim.warmup_steps={args.warmup}", f"ema.decay={args.ema}", *backbone_overrides(args),
           f"task.cond_dim={args.cond_dim}", f"task.root={args.data_root}", f"seed={args.seed}", f"run_dir={run_dir}"]
@@ -136,22 +136,29 @@ def row_label(objective: str, args) -> str:
     return objective
 
 
-def train_row(objective: str, args, enc_path: Path, run_dir: Path) -> tuple[torch.nn.Module, float]:
-    """Train ``objective`` with ``jumpflow.trainer.train``; returns the EMA generator and s/step."""
+def train_row(objective: str, args, enc_path: Path, run_dir: Path) -> tuple[torch.nn.Module, float, int]:
+    """Train ``objective`` with ``jumpflow.trainer.train``; returns the EMA generator, s/step and the
+    step training resumed from (0: a fresh run). A row is a fresh run (its folder removed first)
+    unless ``--resume``: then an interrupted run continues from its newest checkpoint, and s/step is
+    the checkpoints' training time summed over every segment (setup not included)."""
     from hydra import compose, initialize_config_module
 
     from jumpflow.checkpoint import load_model
     from jumpflow.trainer import train
 
-    if run_dir.exists():                       # a bench row is a fresh run, never a resume
+    overrides = overrides_for(objective, args, enc_path, run_dir)
+    if args.resume:
+        overrides.append("resume=true")
+    elif run_dir.exists():
         shutil.rmtree(run_dir)
     with initialize_config_module(config_module="jumpflow.configs", version_base=None):
-        cfg = compose("train", overrides=overrides_for(objective, args, enc_path, run_dir))
+        cfg = compose("train", overrides=overrides)
     t0 = time.time()
-    train(cfg)
-    sec = (time.time() - t0) / args.steps
+    result = train(cfg)
+    resumed_from = int(result.get("resumed_from_step") or 0)
+    seconds = result["train_seconds"] if resumed_from else time.time() - t0
     model, _ = load_model(run_dir)
-    return model, sec
+    return model, seconds / args.steps, resumed_from
 
 
 @torch.no_grad()
@@ -303,6 +310,12 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", default="",
                    help="guidance scales to sweep at sampling, e.g. 1,1.5,2,3 (objectives with guidance at sampling; "
                         "rows get a 'guidance' field and the label suffix -w<scale>)")
+    p.add_argument("--ckpt-every", type=int, default=0,
+                   help="checkpoint every N steps (0: only at the end); a run meant to span sessions with "
+                        "--resume sets it")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each row's interrupted run folder (under --runs) from its newest checkpoint "
+                        "instead of training it afresh; s/step: the checkpoints' training time over every segment")
     p.add_argument("--finalize", action="store_true", help="merge the parts, add Inception FID, print the table")
     p.add_argument("--diversity", action="store_true",
                    help="with --finalize: precision / recall / spread for rows from before those columns "
@@ -378,8 +391,8 @@ def main(argv=None) -> int:
     for name in args.objectives.split(","):
         nfes = PLAN[name]
         log(f"== {name}: training {args.steps} steps")
-        ema, sec = train_row(name, args, enc_path, Path(args.runs) / f"{args.tag}_{name}")
-        log(f"  {name}: {sec:.3f} s/step")
+        ema, sec, resumed_from = train_row(name, args, enc_path, Path(args.runs) / f"{args.tag}_{name}")
+        log(f"  {name}: {sec:.3f} s/step" + (f" (resumed from step {resumed_from})" if resumed_from else ""))
         base = row_label(name, args)
         scales = sweep if sweep and ema.objective.guidance_at_sampling else [None]
         panels, sweep_panels = [], []
@@ -398,6 +411,8 @@ def main(argv=None) -> int:
                        "sampler": sampler or ("euler" if name == "flow_matching" else "native"),
                        "sec_per_step": round(sec, 4), "sample_seconds": round(sample_s, 2)}
                 row.update(row_settings(args, w))
+                if resumed_from:
+                    row["resumed_from_step"] = resumed_from
                 if args.n_inception > 0 and (args.inception_rows == "all" or (name, nfe) in KEY_ROWS):
                     keep = imgs[: args.n_inception]
                     atomic_write(out / "cache" / f"samples_{label}_nfe{nfe}.npz",

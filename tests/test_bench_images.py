@@ -18,7 +18,8 @@ from jumpflow.config import validate_config
 def bench_args(**kw) -> argparse.Namespace:
     args = argparse.Namespace(steps=10, batch=8, threads=1, lr=1e-3, warmup=1, ema=0.9, width=64, depth=2,
                               cond_dim=16, data_root="data", seed=0, prediction="data", override=[], backbone="mlp",
-                              unet_size="S", enc_arch="convnet", enc_width=8, drift_gen=4, drift_blocks="location")
+                              unet_size="S", enc_arch="convnet", enc_width=8, drift_gen=4, drift_blocks="location",
+                              ckpt_every=0, resume=False)
     vars(args).update(kw)
     return args
 
@@ -126,3 +127,36 @@ def test_importing_the_bench_scripts_leaves_the_environment_alone():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_row_resumes_only_when_asked_and_then_counts_every_segment(tmp_path, monkeypatch, resume):
+    """Without ``--resume`` a row's old run folder is removed and trained afresh; with it the
+    folder is kept, the trainer gets ``resume=true``, and s/step is the trainer's training time
+    over every segment, not this process's wall time."""
+    import jumpflow.checkpoint
+    import jumpflow.trainer
+    from bench.images import train_row
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "marker").write_text("an earlier segment")
+    seen = {}
+
+    def fake_train(cfg):
+        seen["ckpt_every"] = int(cfg.trainer.ckpt_every)
+        seen["resume"] = bool(cfg.resume)
+        seen["marker_kept"] = (run_dir / "checkpoints" / "marker").exists()
+        return {"run_dir": str(cfg.run_dir), "step": 10, "train_seconds": 4321.0,
+                "resumed_from_step": 600 if cfg.resume else 0}
+
+    monkeypatch.setattr(jumpflow.trainer, "train", fake_train)
+    monkeypatch.setattr(jumpflow.checkpoint, "load_model", lambda path: ("model", {}))
+    args = bench_args(resume=resume, ckpt_every=4 if resume else 0)
+    model, sec, resumed_from = train_row("meanflow", args, Path("enc.safetensors"), run_dir)
+    # a run meant to span sessions checkpoints on the way; a fresh row only at its end
+    assert model == "model" and seen == {"resume": resume, "marker_kept": resume, "ckpt_every": 4 if resume else 10}
+    if resume:
+        assert resumed_from == 600 and sec == pytest.approx(432.1)
+    else:
+        assert resumed_from == 0 and sec < 1.0
