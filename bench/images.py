@@ -327,6 +327,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.drift_blocks == "location" and args.enc_arch != "convnet":
         p.error("--drift-blocks location: needs --enc-arch convnet (the pixel MLP has no feature maps)")
+    if args.ckpt_every < 0:
+        p.error(f"--ckpt-every: must be >= 0 (0: only at the end), got {args.ckpt_every}")
     torch.set_num_threads(args.threads)
     if args.finalize:
         return finalize(args)

@@ -160,3 +160,15 @@ def test_a_row_resumes_only_when_asked_and_then_counts_every_segment(tmp_path, m
         assert resumed_from == 600 and sec == pytest.approx(432.1)
     else:
         assert resumed_from == 0 and sec < 1.0
+
+
+def test_a_negative_checkpoint_interval_is_refused_before_anything_is_written(tmp_path, capsys):
+    """The trainer's schema would refuse it too, but only after the classifiers are trained and
+    the encoder cache is written: the bench refuses it at parse time."""
+    from bench.images import main
+
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit):
+        main(["--ckpt-every", "-1", "--out", str(out), "--runs", str(tmp_path / "runs")])
+    assert "--ckpt-every: must be >= 0" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "runs").exists()
