@@ -136,6 +136,27 @@ def row_label(objective: str, args) -> str:
     return objective
 
 
+def checkpoint_step(parser: argparse.ArgumentParser, args) -> int:
+    """The step of ``--score-checkpoint``'s checkpoint; every way it cannot be scored is refused here,
+    in one line, before the classifiers train or anything is written."""
+    path = Path(args.score_checkpoint)
+    if args.resume or args.finalize or "," in args.objectives:
+        parser.error("--score-checkpoint: one --objectives row, without --resume or --finalize")
+    if path.suffix != ".json" or not path.is_file():
+        parser.error(f"--score-checkpoint: {path} is not a checkpoint's .json file")
+    try:
+        meta = json.loads(path.read_text())
+        step = int(meta["step"])
+        tensors = path.with_name(meta["tensors_file"])
+    except (ValueError, KeyError, TypeError) as err:
+        parser.error(f"--score-checkpoint: {path} is not a jumpflow checkpoint ({type(err).__name__}: {err})")
+    if not tensors.is_file():
+        parser.error(f"--score-checkpoint: {path} names {tensors.name}, which is not beside it")
+    if step < 1:
+        parser.error(f"--score-checkpoint: {path} is at step {step}: nothing trained to score")
+    return step
+
+
 def train_row(objective: str, args, enc_path: Path, run_dir: Path) -> tuple[torch.nn.Module, float, int]:
     """Train ``objective`` with ``jumpflow.trainer.train``; returns the EMA generator, s/step and the
     step training resumed from (0: a fresh run). A row is a fresh run (its folder removed first)
@@ -146,6 +167,12 @@ def train_row(objective: str, args, enc_path: Path, run_dir: Path) -> tuple[torc
     from jumpflow.checkpoint import load_model
     from jumpflow.trainer import train
 
+    if getattr(args, "score_checkpoint", None):
+        # a kept checkpoint of an earlier run, measured as it is: nothing trained, nothing under --runs
+        path = Path(args.score_checkpoint)
+        model, _ = load_model(path)
+        meta = json.loads(path.read_text())
+        return model, float(meta.get("train_seconds", float("nan"))) / int(meta["step"]), 0
     overrides = overrides_for(objective, args, enc_path, run_dir)
     if args.resume:
         overrides.append("resume=true")
@@ -316,6 +343,9 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="continue each row's interrupted run folder (under --runs) from its newest checkpoint "
                         "instead of training it afresh; s/step: the checkpoints' training time over every segment")
+    p.add_argument("--score-checkpoint", default="", metavar="CKPT_JSON",
+                   help="measure this kept checkpoint (ckpt_*.json of an earlier run of one --objectives row) "
+                        "instead of training: --steps becomes its step, s/step its recorded training time over it")
     p.add_argument("--finalize", action="store_true", help="merge the parts, add Inception FID, print the table")
     p.add_argument("--diversity", action="store_true",
                    help="with --finalize: precision / recall / spread for rows from before those columns "
@@ -329,6 +359,8 @@ def main(argv=None) -> int:
         p.error("--drift-blocks location: needs --enc-arch convnet (the pixel MLP has no feature maps)")
     if args.ckpt_every < 0:
         p.error(f"--ckpt-every: must be >= 0 (0: only at the end), got {args.ckpt_every}")
+    if args.score_checkpoint:
+        args.steps = checkpoint_step(p, args)
     torch.set_num_threads(args.threads)
     if args.finalize:
         return finalize(args)
@@ -392,7 +424,8 @@ def main(argv=None) -> int:
 
     for name in args.objectives.split(","):
         nfes = PLAN[name]
-        log(f"== {name}: training {args.steps} steps")
+        log(f"== {name}: " + (f"scoring {args.score_checkpoint} (step {args.steps}; nothing trained)"
+                             if args.score_checkpoint else f"training {args.steps} steps"))
         ema, sec, resumed_from = train_row(name, args, enc_path, Path(args.runs) / f"{args.tag}_{name}")
         log(f"  {name}: {sec:.3f} s/step" + (f" (resumed from step {resumed_from})" if resumed_from else ""))
         base = row_label(name, args)
@@ -415,6 +448,8 @@ def main(argv=None) -> int:
                 row.update(row_settings(args, w))
                 if resumed_from:
                     row["resumed_from_step"] = resumed_from
+                if args.score_checkpoint:     # where --finalize redraws the row from
+                    row["run_dir"] = row["scored_checkpoint"] = str(args.score_checkpoint)
                 if args.n_inception > 0 and (args.inception_rows == "all" or (name, nfe) in KEY_ROWS):
                     keep = imgs[: args.n_inception]
                     atomic_write(out / "cache" / f"samples_{label}_nfe{nfe}.npz",
@@ -476,6 +511,12 @@ def inception_stats(args) -> dict:
     return result
 
 
+def can_redraw(row: dict) -> bool:
+    """Whether a row's run (or the checkpoint it scored) is still there to draw its samples again."""
+    path = Path(row["run_dir"])
+    return path.is_file() if path.suffix == ".json" else (path / "checkpoints").is_dir()
+
+
 def redraw(args, row: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
     """A row's first ``n`` samples drawn again from its run: the same noise seed, labels, sampler and
     guidance as when the row was measured. -> (uint8 NHWC images, labels)."""
@@ -494,7 +535,7 @@ def fill_missing_samples(args, rows: list[dict]) -> None:
         path = cache / f"samples_{r.get('label', r['objective'])}_nfe{r['nfe']}.npz"
         if path.exists():
             continue
-        if not Path(r["run_dir"], "checkpoints").is_dir():
+        if not can_redraw(r):
             print(f"no samples and no run for {path.name}; its Inception FID is left out", flush=True)
             continue
         imgs, _ = redraw(args, r, args.n_inception)
@@ -517,7 +558,7 @@ def fill_diversity(args, config: dict, rows: list[dict]) -> int:
     filled = 0
     for r in todo:
         name = f"{r.get('label', r['objective'])} nfe={r['nfe']}"
-        if not Path(r["run_dir"], "checkpoints").is_dir():
+        if not can_redraw(r):
             print(f"{name}: no run at {r['run_dir']}; its diversity is left out", flush=True)
             continue
         imgs, labels = redraw(args, r, r["n_samples"])

@@ -1,6 +1,7 @@
 """bench/images: the backbone every row shares composes into the trained model's config."""
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -172,3 +173,63 @@ def test_a_negative_checkpoint_interval_is_refused_before_anything_is_written(tm
         main(["--ckpt-every", "-1", "--out", str(out), "--runs", str(tmp_path / "runs")])
     assert "--ckpt-every: must be >= 0" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def fake_checkpoint(folder: Path, step: int = 3500, seconds: float = 7000.0, tensors: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt_{step:09d}"
+    (folder / f"{name}.json").write_text(json.dumps({"step": step, "train_seconds": seconds,
+                                                      "tensors_file": f"{name}.safetensors"}))
+    if tensors:
+        (folder / f"{name}.safetensors").write_bytes(b"")
+    return folder / f"{name}.json"
+
+
+def test_a_scored_checkpoint_is_measured_as_it_is_with_its_own_step_and_time(tmp_path, monkeypatch):
+    """``--score-checkpoint``: the row is the checkpoint's EMA model, nothing is trained, --steps
+    becomes its step and s/step its recorded training time over that step."""
+    import jumpflow.checkpoint
+    import jumpflow.trainer
+    from bench.images import checkpoint_step, train_row
+
+    ckpt = fake_checkpoint(tmp_path / "keep")
+    monkeypatch.setattr(jumpflow.trainer, "train", lambda cfg: pytest.fail("a scored checkpoint must not train"))
+    monkeypatch.setattr(jumpflow.checkpoint, "load_model", lambda path: (f"model of {Path(path).name}", {}))
+    args = bench_args(score_checkpoint=str(ckpt), objectives="meanflow", finalize=False)
+    args.steps = checkpoint_step(argparse.ArgumentParser(), args)
+    run_dir = tmp_path / "runs" / "t_meanflow"
+    model, sec, resumed_from = train_row("meanflow", args, Path("enc.safetensors"), run_dir)
+    assert (model, args.steps, resumed_from) == ("model of ckpt_000003500.json", 3500, 0)
+    assert sec == pytest.approx(2.0) and not run_dir.exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("two objectives", "one --objectives row"),
+    ("with --resume", "one --objectives row"),
+    ("not json", "is not a checkpoint's .json file"),
+    ("missing", "is not a checkpoint's .json file"),
+    ("no tensors", "which is not beside it"),
+    ("not a checkpoint", "is not a jumpflow checkpoint"),
+    ("step 0", "nothing trained to score"),
+])
+def test_a_checkpoint_that_cannot_be_scored_is_refused_before_anything_is_written(tmp_path, capsys, case, message):
+    from bench.images import main
+
+    ckpt = fake_checkpoint(tmp_path / "keep", step=0 if case == "step 0" else 3500, tensors=case != "no tensors")
+    argv = ["--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"), "--objectives", "meanflow"]
+    if case == "two objectives":
+        argv += ["--objectives", "meanflow,tvm"]
+    if case == "with --resume":
+        argv += ["--resume"]
+    if case == "not json":
+        ckpt = ckpt.with_suffix(".safetensors")
+        ckpt.write_bytes(b"")
+    if case == "missing":
+        ckpt = tmp_path / "keep" / "ckpt_000009999.json"
+    if case == "not a checkpoint":
+        ckpt.write_text(json.dumps({"steps": 3500}))
+    with pytest.raises(SystemExit):
+        main(argv + ["--score-checkpoint", str(ckpt)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--score-checkpoint" in err and message in err, err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
