@@ -139,19 +139,18 @@ def row_label(objective: str, args) -> str:
 def checkpoint_step(parser: argparse.ArgumentParser, args) -> int:
     """The step of ``--score-checkpoint``'s checkpoint; every way it cannot be scored is refused here,
     in one line, before the classifiers train or anything is written."""
+    from jumpflow.checkpoint import CheckpointError, read_checkpoint
+
     path = Path(args.score_checkpoint)
     if args.resume or args.finalize or "," in args.objectives:
         parser.error("--score-checkpoint: one --objectives row, without --resume or --finalize")
     if path.suffix != ".json" or not path.is_file():
         parser.error(f"--score-checkpoint: {path} is not a checkpoint's .json file")
-    try:
-        meta = json.loads(path.read_text())
+    try:     # the project's own check: readable JSON, tensors beside it, size and sha256
+        _, meta = read_checkpoint(path)
         step = int(meta["step"])
-        tensors = path.with_name(meta["tensors_file"])
-    except (ValueError, KeyError, TypeError) as err:
-        parser.error(f"--score-checkpoint: {path} is not a jumpflow checkpoint ({type(err).__name__}: {err})")
-    if not tensors.is_file():
-        parser.error(f"--score-checkpoint: {path} names {tensors.name}, which is not beside it")
+    except (CheckpointError, KeyError, TypeError, ValueError) as err:
+        parser.error(f"--score-checkpoint: {err}")
     if step < 1:
         parser.error(f"--score-checkpoint: {path} is at step {step}: nothing trained to score")
     return step

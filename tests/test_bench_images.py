@@ -176,13 +176,15 @@ def test_a_negative_checkpoint_interval_is_refused_before_anything_is_written(tm
 
 
 def fake_checkpoint(folder: Path, step: int = 3500, seconds: float = 7000.0, tensors: bool = True) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"ckpt_{step:09d}"
-    (folder / f"{name}.json").write_text(json.dumps({"step": step, "train_seconds": seconds,
-                                                      "tensors_file": f"{name}.safetensors"}))
-    if tensors:
-        (folder / f"{name}.safetensors").write_bytes(b"")
-    return folder / f"{name}.json"
+    """A checkpoint written by the project's own writer (so it passes ``read_checkpoint``)."""
+    import torch
+
+    from jumpflow.checkpoint import save_checkpoint
+
+    path = save_checkpoint(folder, step, {"w": torch.zeros(2)}, {"step": step, "train_seconds": seconds})
+    if not tensors:
+        path.with_suffix(".safetensors").unlink()
+    return path
 
 
 def test_a_scored_checkpoint_is_measured_as_it_is_with_its_own_step_and_time(tmp_path, monkeypatch):
@@ -208,8 +210,9 @@ def test_a_scored_checkpoint_is_measured_as_it_is_with_its_own_step_and_time(tmp
     ("with --resume", "one --objectives row"),
     ("not json", "is not a checkpoint's .json file"),
     ("missing", "is not a checkpoint's .json file"),
-    ("no tensors", "which is not beside it"),
-    ("not a checkpoint", "is not a jumpflow checkpoint"),
+    ("no tensors", "is missing"),
+    ("damaged tensors", "truncated or damaged"),
+    ("not a checkpoint", "is unreadable"),
     ("step 0", "nothing trained to score"),
 ])
 def test_a_checkpoint_that_cannot_be_scored_is_refused_before_anything_is_written(tmp_path, capsys, case, message):
@@ -226,6 +229,8 @@ def test_a_checkpoint_that_cannot_be_scored_is_refused_before_anything_is_writte
         ckpt.write_bytes(b"")
     if case == "missing":
         ckpt = tmp_path / "keep" / "ckpt_000009999.json"
+    if case == "damaged tensors":
+        ckpt.with_suffix(".safetensors").write_bytes(b"x")
     if case == "not a checkpoint":
         ckpt.write_text(json.dumps({"steps": 3500}))
     with pytest.raises(SystemExit):
