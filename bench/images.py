@@ -273,14 +273,16 @@ def save_guidance_plot(rows: list[dict], path: Path) -> None:
 
     swept = sorted({(r["objective"], r["label"].rsplit("-w", 1)[0], r["nfe"]) for r in rows if "guidance" in r})
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
-    for i, (objective, base, nfe) in enumerate(swept):
+    for objective, base, nfe in swept:
         pts = sorted((r["guidance"], r["fid"]) for r in rows
                      if "guidance" in r and r["label"].rsplit("-w", 1)[0] == base and r["nfe"] == nfe)
-        line, = ax.plot(*zip(*pts), marker="o", label=f"{base} {nfe} NFE")
-        for r in rows:
-            if "guidance" not in r and r["objective"] == objective and r["nfe"] == nfe:
-                ax.axhline(r["fid"], color=line.get_color(), ls="--", lw=1,
-                           label=f"{r.get('label', objective)} {nfe} NFE (no guidance input)")
+        ax.plot(*zip(*pts), marker="o", label=f"{base} {nfe} NFE")
+    # one dashed level per unswept row, however many swept variants (seeds) share its objective and NFE
+    baselines = [r for r in rows if "guidance" not in r
+                 and any(r["objective"] == o and r["nfe"] == n for o, _, n in swept)]
+    for r, ls in zip(baselines, ("--", ":", "-.") * len(baselines)):
+        ax.axhline(r["fid"], color="0.4", ls=ls, lw=1,
+                   label=f"{r.get('label', r['objective'])} {r['nfe']} NFE (no guidance input)")
     ax.set_xlabel("guidance scale at sampling")
     ax.set_ylabel("classifier FID (lower is better)")
     ax.legend(fontsize=7)
