@@ -137,8 +137,9 @@ def row_label(objective: str, args) -> str:
 
 
 def checkpoint_step(parser: argparse.ArgumentParser, args) -> int:
-    """The step of ``--score-checkpoint``'s checkpoint; every way it cannot be scored is refused here,
-    in one line, before the classifiers train or anything is written."""
+    """The step of ``--score-checkpoint``'s checkpoint (its recorded training time goes to
+    ``args.scored_train_seconds``); every way it cannot be scored is refused here, in one line,
+    before the classifiers train or anything is written."""
     from jumpflow.checkpoint import CheckpointError, read_checkpoint
 
     path = Path(args.score_checkpoint)
@@ -149,6 +150,7 @@ def checkpoint_step(parser: argparse.ArgumentParser, args) -> int:
     try:     # the project's own check: readable JSON, tensors beside it, size and sha256
         _, meta = read_checkpoint(path)
         step = int(meta["step"])
+        args.scored_train_seconds = float(meta.get("train_seconds", float("nan")))
     except (CheckpointError, KeyError, TypeError, ValueError) as err:
         parser.error(f"--score-checkpoint: {err}")
     if step < 1:
@@ -168,10 +170,8 @@ def train_row(objective: str, args, enc_path: Path, run_dir: Path) -> tuple[torc
 
     if getattr(args, "score_checkpoint", None):
         # a kept checkpoint of an earlier run, measured as it is: nothing trained, nothing under --runs
-        path = Path(args.score_checkpoint)
-        model, _ = load_model(path)
-        meta = json.loads(path.read_text())
-        return model, float(meta.get("train_seconds", float("nan"))) / int(meta["step"]), 0
+        model, _ = load_model(args.score_checkpoint)
+        return model, args.scored_train_seconds / args.steps, 0
     overrides = overrides_for(objective, args, enc_path, run_dir)
     if args.resume:
         overrides.append("resume=true")

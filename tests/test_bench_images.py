@@ -238,3 +238,26 @@ def test_a_checkpoint_that_cannot_be_scored_is_refused_before_anything_is_writte
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--score-checkpoint" in err and message in err, err
     assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_guidance_plot_draws_each_unguided_baseline_once_whatever_the_number_of_swept_seeds(tmp_path,
+                                                                                              monkeypatch):
+    """Two swept variants (seeds) of one objective share its unguided row: one dashed level, not two
+    overlapping ones coloured after whichever seed came last."""
+    import matplotlib.pyplot as plt
+
+    from bench.images import save_guidance_plot
+
+    rows = [{"objective": "drifting", "label": f"drifting-G16-guided{s}-w{w}", "nfe": 1, "guidance": w,
+             "fid": 10.0 - w} for s in ("", "-s1") for w in (1, 2, 4)]
+    rows.append({"objective": "drifting", "label": "drifting-G16-unguided", "nfe": 1, "fid": 11.8})
+    rows.append({"objective": "tvm", "label": "tvm", "nfe": 1, "fid": 5.0})       # not swept: not drawn
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    save_guidance_plot(rows, tmp_path / "g.png")
+    ax = figures[0].axes[0]
+    levels = [line for line in ax.get_lines() if len(set(line.get_ydata())) == 1]
+    assert [line.get_ydata()[0] for line in levels] == [11.8]
+    assert sorted(line.get_label() for line in ax.get_lines() if line not in levels) == [
+        "drifting-G16-guided 1 NFE", "drifting-G16-guided-s1 1 NFE"]
+    assert (tmp_path / "g.png").stat().st_size > 0
