@@ -42,6 +42,17 @@ the repository root (a bare ``datasets/`` folder on ``sys.path`` would hide Hugg
     cd /tmp && OMP_NUM_THREADS=1 /work/venvs/lerobot/bin/python /work/main/bench/peer_lerobot.py \\
         --tasks reach_around_lowdim --seeds 0 --steps 1000
 
+A task whose action window LeRobot's UNet cannot take (Block Push's 2-step ``h2`` window against
+the 8 that three stages need) is refused in one line unless ``--pad-horizon``: then the window is
+padded by repeating its last action to the next multiple, as LeRobot and Diffusion Policy pad an
+episode's end (marked ``action_is_pad``, trained on unless ``--lerobot-option
+do_mask_loss_for_padding=true``: masked, the added steps' outputs would be untrained while the
+sampler still feeds them back through the UNet's convolutions), and the sampler's chunk is cropped
+back to the task's window (variant ``..._pad8``)::
+
+    cd /tmp && OMP_NUM_THREADS=1 /work/venvs/lerobot/bin/python /work/main/bench/peer_lerobot.py \\
+        --tasks block_push_lowdim --seeds 0 --steps 8000 --pad-horizon
+
 Rows (``objective: lerobot_dp``, ``sampler`` ddpm at 100 NFE and ddim at 10, ``variant`` naming the
 UNet size and optimiser recipe, the fields of jumpflow's rows plus ``params``, ``down_dims``, ``optim``,
 ``lerobot``) go into ``bench/results/policy.json`` beside jumpflow's own rows (keyed as
@@ -99,7 +110,7 @@ except ImportError:        # run as a file from outside the repository root (the
 OBJECTIVE = "lerobot_dp"
 OBS_STATE, OBS_ENV_STATE, ACTION = "observation.state", "observation.environment_state", "action"
 #: observation keys that go to ``observation.state`` (the rest: ``observation.environment_state``)
-STATE_PREFIXES = ("robot", "agent", "eef", "joint", "gripper", "proprio")
+STATE_PREFIXES = ("robot", "agent", "effector", "eef", "joint", "gripper", "proprio")
 #: (sampler, NFE): DDPM at its 100 training steps, DDIM at 10 (the rows of ``bench/policy.py``)
 VARIANTS = [("ddpm", 100), ("ddim", 10)]
 DP_CHECKPOINTS = 5
@@ -138,6 +149,40 @@ def window_pad_masks(indices: np.ndarray, horizon: int, n_obs_steps: int) -> tup
     pos = np.arange(horizon)[None, :]
     pad = (pos < idx[:, 2:3]) | (pos >= idx[:, 3:4])
     return pad, pad[:, :n_obs_steps].copy()
+
+
+def lerobot_horizon(horizon: int, down_dims, pad: bool = False) -> int:
+    """The action horizon LeRobot's UNet is built with for a task of ``horizon`` steps.
+
+    ``DiffusionConfig`` refuses a horizon that is not a multiple of ``2 ** len(down_dims)`` (its
+    stages halve the sequence). Such a task is refused here in one line before anything is trained,
+    unless ``pad``: then the next multiple, the extra steps repeating the window's last action
+    (:func:`pad_action_window`), as jumpflow's own ``backbone.pad_horizon`` pads its UNet1D's chunk."""
+    horizon, factor = int(horizon), 2 ** len(tuple(down_dims))
+    if horizon % factor == 0:
+        return horizon
+    if not pad:
+        raise ValueError(f"the task's horizon {horizon} is not a multiple of LeRobot's UNet downsampling {factor} "
+                         f"(2 ** len(down_dims), down_dims {list(down_dims)}): pass --pad-horizon to pad the "
+                         f"action window to {-(-horizon // factor) * factor} steps")
+    return -(-horizon // factor) * factor
+
+
+def pad_action_window(action, action_is_pad, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend ``action (B, H, A)`` to ``(B, horizon, A)`` by repeating its last step (as an episode's
+    end is padded), and ``action_is_pad (B, H)`` to ``(B, horizon)`` with the added steps marked as
+    padding (``True``, so that LeRobot's ``do_mask_loss_for_padding``, when set, leaves them out of the
+    loss). ``horizon == H`` returns the inputs as tensors."""
+    action = torch.as_tensor(action)
+    is_pad = torch.as_tensor(action_is_pad, dtype=torch.bool)
+    extra = int(horizon) - action.shape[1]
+    if extra < 0:
+        raise ValueError(f"pad_action_window: horizon {horizon} is shorter than the window's {action.shape[1]} steps")
+    if extra == 0:
+        return action, is_pad
+    action = torch.cat([action, action[:, -1:].expand(-1, extra, -1)], dim=1)     # (B, horizon, A)
+    is_pad = torch.cat([is_pad, is_pad.new_ones(is_pad.shape[0], extra)], dim=1)  # (B, horizon)
+    return action, is_pad
 
 
 def to_lerobot_batch(obs: dict, action, normalizer, state_keys, env_keys, action_is_pad=None,
@@ -227,14 +272,18 @@ class LeRobotDPAdapter(torch.nn.Module):
     ``predict_action(obs_dict) -> (B, n_action_steps, A)`` raw actions from ``obs_dict[key]``
     ``(B, n_obs_steps, D)`` raw observations: normalise, LeRobot's ``generate_actions`` (its sampler,
     ``horizon`` actions, the ``n_action_steps`` from the current step kept), unnormalise.
-    ``predict_chunk`` returns all ``horizon`` actions (for the evaluator's async / ensemble modes).
+    ``predict_chunk`` returns the task's ``horizon`` actions (for the evaluator's async / ensemble
+    modes): all of LeRobot's, or their first ``horizon`` when its UNet runs a padded window
+    (:func:`lerobot_horizon`; ``None``: LeRobot's own horizon).
     """
 
-    def __init__(self, policy, normalizer, state_keys, env_keys, n_obs_steps: int, n_action_steps: int):
+    def __init__(self, policy, normalizer, state_keys, env_keys, n_obs_steps: int, n_action_steps: int,
+                 horizon: int | None = None):
         super().__init__()
         self.policy, self.normalizer = policy, normalizer
         self.state_keys, self.env_keys = list(state_keys), list(env_keys)
         self.n_obs_steps, self.n_action_steps = int(n_obs_steps), int(n_action_steps)
+        self.horizon = None if horizon is None else int(horizon)
         self.inference_steps = int(policy.diffusion.num_inference_steps)
         self.eval()
 
@@ -254,8 +303,8 @@ class LeRobotDPAdapter(torch.nn.Module):
         batch = self._batch(obs_dict)
         model = self.policy.diffusion
         cond = model._prepare_global_conditioning(batch)
-        actions = model.conditional_sample(batch[OBS_STATE].shape[0], global_cond=cond)
-        return self.normalizer.unnormalize(ACTION, actions)
+        actions = model.conditional_sample(batch[OBS_STATE].shape[0], global_cond=cond)   # (B, H_lerobot, A)
+        return self.normalizer.unnormalize(ACTION, actions[:, :self.horizon])
 
 
 # ---------------------------------------------------------------------------- training
@@ -270,11 +319,18 @@ def compose_recipe(task: str, steps: int, overrides=()):
                                            f"trainer.max_steps={steps}", *overrides])
 
 
+def task_horizon(cfg) -> int:
+    """The action window (steps) of a composed recipe's task."""
+    return int(cfg.task.horizon)
+
+
 def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: int, keep: int,
-                     log=print, options: dict | None = None) -> dict:
+                     log=print, options: dict | None = None, horizon: int | None = None) -> dict:
     """Train LeRobot's DP on ``task``'s windows for ``cfg.trainer.max_steps`` steps of
     ``cfg.trainer.batch_size``; returns ``{"checkpoints": [(step, state_dict)], "train_seconds",
-    "params", "losses"}`` (the EMA weights with ``optim="jumpflow"``, the trained ones with ``lerobot``)."""
+    "params", "losses", "horizon"}`` (the EMA weights with ``optim="jumpflow"``, the trained ones with
+    ``lerobot``; ``"horizon"`` LeRobot's, ``"task_horizon"`` the task's). ``horizon``: LeRobot's action horizon when longer than the task's (the windows are
+    padded by :func:`pad_action_window`; see :func:`lerobot_horizon`), default the task's."""
     from jumpflow.trainer import GlobalBatchSampler, build_ema, build_optimizer, mix_seed, seed_everything
 
     tcfg, ocfg, ecfg = cfg.trainer, cfg.optim, cfg.ema
@@ -283,7 +339,8 @@ def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: in
     normalizer = dataset.get_normalizer()
     state_keys, env_keys = split_obs_keys(task.obs_keys, getattr(task, "env_state_keys", None))
     seed_everything(seed)
-    config = make_config(task.obs_shapes, state_keys, env_keys, task.action_dim, task.horizon, task.n_obs_steps,
+    horizon = int(task.horizon if horizon is None else horizon)
+    config = make_config(task.obs_shapes, state_keys, env_keys, task.action_dim, horizon, task.n_obs_steps,
                          task.n_action_steps, down_dims=down_dims, options=options)
     policy = make_policy(config)
     policy.train()
@@ -307,6 +364,7 @@ def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: in
     for step in range(steps):
         indices = [i for i, _ in next(sampler)]
         obs, action, a_pad, o_pad = collate_windows(dataset, indices)
+        action, a_pad = pad_action_window(action, a_pad, horizon)
         batch = to_lerobot_batch(obs, action, normalizer, state_keys, env_keys, a_pad, o_pad)
         torch.manual_seed(mix_seed(seed, step, 0, 0x401E))        # the noise / timestep draw of this step
         loss, _ = policy.forward(batch)
@@ -328,19 +386,20 @@ def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: in
             checkpoints = checkpoints[-keep:]
     return {"checkpoints": checkpoints, "train_seconds": time.perf_counter() - t0, "normalizer": normalizer,
             "params": sum(p.numel() for p in params), "losses": losses, "state_keys": state_keys,
-            "env_keys": env_keys, "config": config, "options": dict(options or {})}
+            "env_keys": env_keys, "config": config, "options": dict(options or {}), "horizon": horizon,
+            "task_horizon": int(task.horizon)}
 
 
 def build_adapter(task, trained: dict, state_dict, sampler: str, nfe: int, down_dims) -> LeRobotDPAdapter:
     """A DiffusionPolicy built with noise scheduler ``sampler`` and ``nfe`` inference steps, the
     trained weights loaded (LeRobot's way of changing the sampler), behind :class:`LeRobotDPAdapter`."""
-    config = make_config(task.obs_shapes, trained["state_keys"], trained["env_keys"], task.action_dim, task.horizon,
-                         task.n_obs_steps, task.n_action_steps, sampler=sampler, nfe=nfe, down_dims=down_dims,
+    config = make_config(task.obs_shapes, trained["state_keys"], trained["env_keys"], task.action_dim,
+                         trained.get("horizon", task.horizon), task.n_obs_steps, task.n_action_steps, sampler=sampler, nfe=nfe, down_dims=down_dims,
                          options=trained.get("options"))
     policy = make_policy(config)
     policy.load_state_dict(state_dict)
     return LeRobotDPAdapter(policy, trained["normalizer"], trained["state_keys"], trained["env_keys"],
-                            task.n_obs_steps, task.n_action_steps)
+                            task.n_obs_steps, task.n_action_steps, horizon=task.horizon)
 
 
 def evaluate(evaluator, task, adapter, seed: int) -> dict:
@@ -382,11 +441,13 @@ def peer_rows(task: str, path: Path | None = None) -> list[dict]:
             if r.get("task") == task and r.get("objective") == OBJECTIVE]
 
 
-def peer_variant(optim: str, down_dims, options: dict | None = None) -> str:
-    """The ``variant`` of a peer row: its UNet stages, when not jumpflow's its optimiser recipe,
-    and the ``DiffusionConfig`` options set beyond the defaults (``_do_mask_loss_for_padding=True``)."""
+def peer_variant(optim: str, down_dims, options: dict | None = None, padded_horizon: int | None = None) -> str:
+    """The ``variant`` of a peer row: its UNet stages, when not jumpflow's its optimiser recipe, the
+    horizon LeRobot's UNet runs when the window is padded to it (``_pad8``), and the
+    ``DiffusionConfig`` options set beyond the defaults (``_do_mask_loss_for_padding=True``)."""
     name = "unet" + "-".join(str(int(d)) for d in down_dims)
     name = name if optim == "jumpflow" else f"{name}_{optim}_optim"
+    name = name if padded_horizon is None else f"{name}_pad{int(padded_horizon)}"
     return name + "".join(f"_{k}={v}" for k, v in sorted((options or {}).items()))
 
 
@@ -436,7 +497,10 @@ def make_row(task_name: str, seed: int, sampler: str, nfe: int, evals: list[dict
     the max and mean over the checkpoints, mode metrics averaged over them)."""
     last = evals[-1]
     successes = [e["success_rate"] for e in evals]
-    row = {"task": task_name, "objective": OBJECTIVE, "variant": peer_variant(args.optim, down_dims, trained.get("options")),
+    padded = trained.get("horizon")
+    padded = None if padded == trained.get("task_horizon", padded) else padded   # LeRobot's window, when padded
+    row = {"task": task_name, "objective": OBJECTIVE,
+           "variant": peer_variant(args.optim, down_dims, trained.get("options"), padded),
            "sampler": sampler, "nfe": nfe, "seed": seed, **last, **lat,
            "latency_batch": 1, "eval_envs": args.eval_envs, "train_seconds": trained["train_seconds"],
            "train_steps": int(cfg.trainer.max_steps), "batch_size": int(cfg.trainer.batch_size),
@@ -445,7 +509,7 @@ def make_row(task_name: str, seed: int, sampler: str, nfe: int, evals: list[dict
            # wall time of every checkpoint's rollouts at this sampler (the row's own is the last one's)
            "eval_seconds": sum(e["eval_seconds"] for e in evals),
            "checkpoint_successes": successes, "checkpoint_steps": [s for s, _ in trained["checkpoints"]],
-           "params": trained["params"], "down_dims": list(down_dims),
+           "params": trained["params"], "down_dims": list(down_dims), "lerobot_horizon": trained.get("horizon"),
            "backbone": f"lerobot DiffusionConditionalUnet1d down_dims={list(down_dims)} (CPU size)",
            "optim": args.optim, "lerobot_options": trained.get("options", {}),
            "final_loss": float(np.mean(trained["losses"][-50:])),
@@ -467,9 +531,10 @@ def _write_rows(rows: list[dict], out: Path, args) -> None:
 
 
 def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, options: dict | None = None,
-             label: str | None = None) -> None:
+             label: str | None = None, horizon: int | None = None) -> None:
     """Train one seed, evaluate its checkpoints at every variant, write the rows (task ``label``,
-    default ``task_name``) as they finish."""
+    default ``task_name``) as they finish. ``horizon``: LeRobot's padded action horizon
+    (:func:`lerobot_horizon`), default the task's."""
     from hydra.utils import instantiate
 
     label = label or task_name
@@ -486,7 +551,7 @@ def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, op
           f"{total} steps x batch {int(cfg.trainer.batch_size)}, optim {args.optim}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
     trained = train_lerobot_dp(cfg, task, seed, args.optim, down_dims, ckpt_every, keep, log=partial(print, flush=True),
-                               options=options)
+                               options=options, horizon=horizon)
     # episodes run eval_envs at a time (spawned envs, one batched chunk request for all): the test seeds
     # are the rows' (episode i resets with seed 1_000_000 + i); latency is measured apart, at batch 1
     task.eval_envs = args.eval_envs
@@ -536,6 +601,9 @@ def main(argv=None):
     ap.add_argument("--override", action="append", default=[], help="extra hydra override of the recipe")
     ap.add_argument("--style", choices=("ph", "mh"), default="ph",
                     help="demo style: mh trains on human-like demos (task.demo_style=mh), rows labelled <task>_mh")
+    ap.add_argument("--pad-horizon", action="store_true",
+                    help="pad a task's action window to a multiple of LeRobot's UNet downsampling (2 ** "
+                         "len(down_dims)) by repeating its last action, as an episode's end is padded")
     ap.add_argument("--lerobot-option", action="append", default=[],
                     help="KEY=VALUE: a DiffusionConfig field beyond the defaults (e.g. do_mask_loss_for_padding=true); "
                          "named in the rows' variant")
@@ -559,16 +627,27 @@ def main(argv=None):
     if conflict:
         ap.error(conflict)
     if not args.table_only:
-        _import_lerobot()                                         # fail here, before any work
-        for task_name in tasks:
+        plans = []
+        for task_name in tasks:      # every task's keys and horizon checked before the first one trains
             label, style_overrides = demo_style_recipe(task_name, args.style)
             run_args = argparse.Namespace(**{**vars(args), "override": [*args.override, *style_overrides]})
+            cfg = compose_recipe(task_name, args.steps, run_args.override)
+            own = task_horizon(cfg)
+            try:
+                split_obs_keys(cfg.task.obs_keys, args.env_state_keys.split(",") if args.env_state_keys else None)
+                horizon = lerobot_horizon(own, down_dims, args.pad_horizon)
+            except ValueError as err:
+                ap.error(f"{task_name}: {err}")
+            plans.append((task_name, label, run_args, horizon, horizon if horizon != own else None))
+        _import_lerobot()                                         # fail here, before any work
+        for task_name, label, run_args, horizon, padded in plans:
+            variant = peer_variant(args.optim, down_dims, options, padded)
             for seed in map(int, args.seeds.split(",")):
                 done = {row_key(r) for r in load_rows(out)}
-                variant = peer_variant(args.optim, down_dims, options)
                 if args.overwrite or not all((label, OBJECTIVE, variant, s, n, seed) in done
                                              for s, n in variants):
-                    run_seed(task_name, seed, run_args, variants, down_dims, out, options, label=label)
+                    run_seed(task_name, seed, run_args, variants, down_dims, out, options, label=label,
+                             horizon=horizon)
     for task_name in tasks:
         label = demo_style_recipe(task_name, args.style)[0]
         print(f"\n== {label}: LeRobot DP beside jumpflow's rows ({out}), mean over seeds")

@@ -32,6 +32,8 @@ def windows(tmp_path):
 def test_split_obs_keys_proprioception_and_environment_state():
     assert pl.split_obs_keys(LOWDIM) == (["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"], ["object"])
     assert pl.split_obs_keys(["agent_pos", "goal_pos"]) == (["agent_pos"], ["goal_pos"])
+    assert pl.split_obs_keys(["effector_pos", "block_pos", "target_pos"]) == (["effector_pos"],
+                                                                             ["block_pos", "target_pos"])
     assert pl.split_obs_keys(LOWDIM, ["object", "robot0_eef_quat"]) == (
         ["robot0_eef_pos", "robot0_gripper_qpos"], ["robot0_eef_quat", "object"])
     with pytest.raises(ValueError, match="env-state-keys"):
@@ -226,3 +228,87 @@ def test_peer_row_keeps_the_dp_protocol_figures_and_the_rollout_time(monkeypatch
     assert row["eval_seconds"] == 70.0 and row["checkpoint_steps"] == [5, 10]
     assert row["variant"] == "unet8-16_do_mask_loss_for_padding=True"
     assert row["lerobot_options"] == {"do_mask_loss_for_padding": True} and row["final_loss"] == pytest.approx(0.375)
+    # a window padded for LeRobot's UNet names its horizon in the variant
+    padded = pl.make_row("t", 1, "ddpm", 100, evals, {"latency_ms_p50": 2.0},
+                         {**trained, "horizon": 8, "task_horizon": 2}, cfg, args, (8, 16))
+    assert padded["variant"] == "unet8-16_pad8_do_mask_loss_for_padding=True" and padded["lerobot_horizon"] == 8
+    unpadded = pl.make_row("t", 1, "ddpm", 100, evals, {"latency_ms_p50": 2.0},
+                           {**trained, "horizon": 8, "task_horizon": 8}, cfg, args, (8, 16))
+    assert unpadded["variant"] == row["variant"]
+
+
+def test_lerobot_horizon_pads_to_the_unet_downsampling_or_refuses_in_one_line():
+    assert pl.lerobot_horizon(16, (64, 128, 256)) == 16
+    assert pl.lerobot_horizon(2, (64, 128, 256), pad=True) == 8
+    assert pl.lerobot_horizon(9, (8, 16), pad=True) == 12
+    assert pl.lerobot_horizon(8, (8, 16), pad=True) == 8
+    with pytest.raises(ValueError, match=r"horizon 2 is not a multiple of LeRobot's UNet downsampling 8 .*"
+                                         r"--pad-horizon to pad the action window to 8 steps") as err:
+        pl.lerobot_horizon(2, (64, 128, 256))
+    assert "\n" not in str(err.value)
+
+
+def test_pad_action_window_repeats_the_last_step_and_marks_it_padding():
+    action = torch.arange(2 * 2 * 3, dtype=torch.float64).reshape(2, 2, 3)      # (B=2, H=2, A=3)
+    is_pad = np.array([[True, False], [False, False]])
+    padded, padded_mask = pl.pad_action_window(action, is_pad, 8)
+    assert padded.shape == (2, 8, 3) and padded_mask.shape == (2, 8) and padded_mask.dtype == torch.bool
+    assert torch.equal(padded[:, :2], action)
+    assert torch.equal(padded[:, 2:], action[:, 1:2].expand(-1, 6, -1))
+    assert padded_mask.tolist() == [[True, False] + [True] * 6, [False, False] + [True] * 6]
+    same, same_mask = pl.pad_action_window(action, is_pad, 2)
+    assert torch.equal(same, action) and same_mask.tolist() == is_pad.tolist()
+    with pytest.raises(ValueError, match="horizon 1 is shorter than the window's 2 steps"):
+        pl.pad_action_window(action, is_pad, 1)
+
+
+def test_padded_adapter_crops_the_chunk_and_names_its_variant(windows):
+    ds, norm = windows
+    policy = _StubPolicy(8, N_ACT, 7)                    # LeRobot's UNet runs 8 steps, the task's window is H
+    adapter = pl.LeRobotDPAdapter(policy, norm, *pl.split_obs_keys(LOWDIM), N_OBS, N_ACT, horizon=H)
+    obs, _, _, _ = pl.collate_windows(ds, [0, 3])
+    assert adapter.predict_chunk(obs).shape == (2, H, 7)
+    assert adapter.predict_action(obs).shape == (2, N_ACT, 7)
+    assert pl.peer_variant("jumpflow", (64, 128, 256), {"do_mask_loss_for_padding": True}, 8) == \
+        "unet64-128-256_pad8_do_mask_loss_for_padding=True"
+    assert pl.peer_variant("jumpflow", (64, 128, 256), None, None) == "unet64-128-256"
+
+
+def test_peer_refuses_an_unpaddable_horizon_before_any_work(tmp_path, capsys):
+    out = tmp_path / "policy.json"
+    with pytest.raises(SystemExit):
+        pl.main(["--tasks", "block_push_lowdim", "--seeds", "0", "--steps", "10", "--out", str(out),
+                 "--data", str(tmp_path / "no_data")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "block_push_lowdim: the task's horizon 2 is not a multiple of LeRobot's UNet downsampling 8" in err
+    assert "--pad-horizon" in err
+    assert not out.exists() and not (tmp_path / "no_data").exists()
+    # observation keys LeRobot's low-dim DP cannot split are refused the same way, before any work
+    with pytest.raises(SystemExit):
+        pl.main(["--tasks", "block_push_lowdim", "--pad-horizon", "--env-state-keys", "cube", "--out", str(out),
+                 "--data", str(tmp_path / "no_data")])
+    assert "block_push_lowdim: env_state_keys ['cube'] are not observation keys" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "no_data").exists()
+
+
+def test_lerobot_trains_and_acts_on_a_padded_window(windows):
+    """LeRobot refuses the task's 5-step window on a two-stage UNet; padded to 8 it trains on the
+    padded batch and acts with the task's shapes (LeRobot only)."""
+    pytest.importorskip("lerobot")
+    ds, norm = windows
+    state_keys, env_keys = pl.split_obs_keys(LOWDIM)
+    shapes = {k: tuple(v) for k, v in ds.shape_meta()["obs"].items()}
+    kw = {"down_dims": (8, 16), "diffusion_step_embed_dim": 8, "sampler": "ddim", "nfe": 2}
+    with pytest.raises(ValueError, match="integer multiple of the downsampling factor"):
+        pl.make_config(shapes, state_keys, env_keys, 7, H + 1, N_OBS, N_ACT, **kw)
+    horizon = pl.lerobot_horizon(H + 1, (8, 16), pad=True)
+    assert horizon == 8
+    policy = pl.make_policy(pl.make_config(shapes, state_keys, env_keys, 7, horizon, N_OBS, N_ACT, **kw))
+    obs, action, a_pad, o_pad = pl.collate_windows(ds, list(range(4)))
+    action, a_pad = pl.pad_action_window(action, a_pad, horizon)
+    loss, _ = policy.forward(pl.to_lerobot_batch(obs, action, norm, state_keys, env_keys, a_pad, o_pad))
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+    adapter = pl.LeRobotDPAdapter(policy, norm, state_keys, env_keys, N_OBS, N_ACT, horizon=H)
+    assert adapter.predict_chunk(obs).shape == (4, H, 7)
+    assert adapter.predict_action(obs).shape == (4, N_ACT, 7)
