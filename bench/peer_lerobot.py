@@ -324,22 +324,64 @@ def task_horizon(cfg) -> int:
     return int(cfg.task.horizon)
 
 
+def peer_signature(cfg, seed: int, optim: str, down_dims, options: dict | None, horizon: int) -> dict:
+    """What a resumed peer run must share with the checkpoint it resumes (JSON)."""
+    return {"dataset": str(cfg.task.dataset), "env": str(cfg.task.env), "seed": int(seed), "optim": optim,
+            "down_dims": [int(d) for d in down_dims], "options": dict(options or {}), "horizon": int(horizon),
+            "steps": int(cfg.trainer.max_steps), "batch_size": int(cfg.trainer.batch_size)}
+
+
+def _eval_weights(tensors: dict[str, torch.Tensor], has_ema: bool) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint's rollouts use: the EMA's averaged module, else the trained model."""
+    from jumpflow.checkpoint import unprefixed
+
+    if has_ema:
+        return unprefixed(unprefixed(tensors, "ema"), "module")
+    return unprefixed(tensors, "model")
+
+
 def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: int, keep: int,
-                     log=print, options: dict | None = None, horizon: int | None = None) -> dict:
+                     log=print, options: dict | None = None, horizon: int | None = None,
+                     ckpt_dir: Path | None = None, resume: bool = False) -> dict:
     """Train LeRobot's DP on ``task``'s windows for ``cfg.trainer.max_steps`` steps of
     ``cfg.trainer.batch_size``; returns ``{"checkpoints": [(step, state_dict)], "train_seconds",
     "params", "losses", "horizon"}`` (the EMA weights with ``optim="jumpflow"``, the trained ones with
-    ``lerobot``; ``"horizon"`` LeRobot's, ``"task_horizon"`` the task's). ``horizon``: LeRobot's action horizon when longer than the task's (the windows are
-    padded by :func:`pad_action_window`; see :func:`lerobot_horizon`), default the task's."""
+    ``lerobot``; ``"horizon"`` LeRobot's, ``"task_horizon"`` the task's).
+
+    ``horizon``: LeRobot's action horizon when longer than the task's (the windows are padded by
+    :func:`pad_action_window`; see :func:`lerobot_horizon`), default the task's. ``ckpt_dir``: every
+    checkpoint is also written there (jumpflow's safetensors + JSON format, atomic, the last ``keep``
+    kept: model, EMA, optimiser, LR schedule, losses, training time), and ``resume`` continues from the
+    newest one, which must come from the same task, seed and settings (:func:`peer_signature`); the
+    data order and each step's noise draw are functions of the step, so a resumed run takes the same
+    batches and draws as an uninterrupted one. Checkpoints there without ``resume`` are refused."""
+    from omegaconf import OmegaConf
+
+    from jumpflow.checkpoint import (
+        checkpoint_paths,
+        collect_state,
+        latest_valid_checkpoint,
+        read_checkpoint,
+        restore_state,
+        save_checkpoint,
+    )
     from jumpflow.trainer import GlobalBatchSampler, build_ema, build_optimizer, mix_seed, seed_everything
 
     tcfg, ocfg, ecfg = cfg.trainer, cfg.optim, cfg.ema
     steps, batch_size = int(tcfg.max_steps), int(tcfg.batch_size)
+    horizon = int(task.horizon if horizon is None else horizon)
+    signature = peer_signature(cfg, seed, optim, down_dims, options, horizon)
+    found = latest_valid_checkpoint(ckpt_dir, warn=log) if ckpt_dir is not None else None
+    if found is not None and not resume:
+        raise ValueError(f"{ckpt_dir} holds checkpoints ({found[0].name}): pass --resume to continue them, "
+                         "or another --run-dir")
+    if found is not None and found[2].get("peer") != signature:
+        raise ValueError(f"{found[0]} was trained with {found[2].get('peer')}, not {signature}: "
+                         "use another --run-dir")
     dataset = task.train_dataset()
     normalizer = dataset.get_normalizer()
     state_keys, env_keys = split_obs_keys(task.obs_keys, getattr(task, "env_state_keys", None))
     seed_everything(seed)
-    horizon = int(task.horizon if horizon is None else horizon)
     config = make_config(task.obs_shapes, state_keys, env_keys, task.action_dim, horizon, task.n_obs_steps,
                          task.n_action_steps, down_dims=down_dims, options=options)
     policy = make_policy(config)
@@ -358,10 +400,23 @@ def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: in
     else:
         raise ValueError(f"optim must be 'jumpflow' or 'lerobot', got {optim!r}")
 
+    checkpoints, losses, start, before = [], [], 0, 0.0
+    if found is not None:
+        path, tensors, meta = found
+        start, _ = restore_state(path, tensors, meta, policy, ema, optimizer, scheduler, cfg, warn=log)
+        losses, before = list(meta["losses"]), float(meta["train_seconds"])
+        for kept in checkpoint_paths(ckpt_dir):     # the earlier checkpoints' weights, for DP's protocol
+            kept_tensors, kept_meta = (tensors, meta) if kept == path else read_checkpoint(kept)
+            checkpoints.append((int(kept_meta["step"]), _eval_weights(kept_tensors, ema is not None)))
+        log(f"[lerobot_dp seed {seed}] resumed from {path} at step {start} ({before:.0f} s of training)")
     sampler = iter(GlobalBatchSampler(len(dataset), batch_size, 1, [0], seed))
-    checkpoints, losses = [], []
+    for _ in range(start):                          # the batches the checkpoint's steps took
+        next(sampler)
+    # the recipe parts the peer uses (the backbone's and objective's interpolations need a built task)
+    resolved = {"seed": cfg.get("seed"), **{k: OmegaConf.to_container(cfg[k], resolve=True)
+                                            for k in ("task", "trainer", "optim", "ema")}}
     t0 = time.perf_counter()
-    for step in range(steps):
+    for step in range(start, steps):
         indices = [i for i, _ in next(sampler)]
         obs, action, a_pad, o_pad = collate_windows(dataset, indices)
         action, a_pad = pad_action_window(action, a_pad, horizon)
@@ -379,15 +434,20 @@ def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: in
         done = step + 1
         if done % max(1, int(tcfg.log_every)) == 0 or done == steps:
             log(f"[lerobot_dp seed {seed}] step {done}/{steps} loss {np.mean(losses[-int(tcfg.log_every):]):.4f} "
-                f"lr {optimizer.param_groups[0]['lr']:.2e} ({time.perf_counter() - t0:.0f} s)")
+                f"lr {optimizer.param_groups[0]['lr']:.2e} ({before + time.perf_counter() - t0:.0f} s)")
         if done % ckpt_every == 0 or done == steps:
             target = ema.module if ema is not None else policy
             checkpoints.append((done, copy.deepcopy(target.state_dict())))
             checkpoints = checkpoints[-keep:]
-    return {"checkpoints": checkpoints, "train_seconds": time.perf_counter() - t0, "normalizer": normalizer,
+            if ckpt_dir is not None:
+                tensors, meta = collect_state(policy, ema, optimizer, scheduler, resolved, {"step": done}, 1,
+                                              f"lerobot_dp_s{seed}", {})
+                meta.update(peer=signature, losses=losses, train_seconds=before + time.perf_counter() - t0)
+                save_checkpoint(ckpt_dir, done, tensors, meta, keep=keep)
+    return {"checkpoints": checkpoints, "train_seconds": before + time.perf_counter() - t0, "normalizer": normalizer,
             "params": sum(p.numel() for p in params), "losses": losses, "state_keys": state_keys,
             "env_keys": env_keys, "config": config, "options": dict(options or {}), "horizon": horizon,
-            "task_horizon": int(task.horizon)}
+            "task_horizon": int(task.horizon), "resumed_from_step": start or None}
 
 
 def build_adapter(task, trained: dict, state_dict, sampler: str, nfe: int, down_dims) -> LeRobotDPAdapter:
@@ -512,7 +572,7 @@ def make_row(task_name: str, seed: int, sampler: str, nfe: int, evals: list[dict
            "params": trained["params"], "down_dims": list(down_dims), "lerobot_horizon": trained.get("horizon"),
            "backbone": f"lerobot DiffusionConditionalUnet1d down_dims={list(down_dims)} (CPU size)",
            "optim": args.optim, "lerobot_options": trained.get("options", {}),
-           "final_loss": float(np.mean(trained["losses"][-50:])),
+           "final_loss": float(np.mean(trained["losses"][-50:])), "resumed_from_step": trained.get("resumed_from_step"),
            "lerobot": lerobot_version(), "torch": torch.__version__,
            "state_keys": trained["state_keys"], "env_state_keys": trained["env_keys"]}
     for k in ("mode_entropy_ratio", "mode_tv", "mode_switches"):
@@ -534,12 +594,21 @@ def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, op
              label: str | None = None, horizon: int | None = None) -> None:
     """Train one seed, evaluate its checkpoints at every variant, write the rows (task ``label``,
     default ``task_name``) as they finish. ``horizon``: LeRobot's padded action horizon
-    (:func:`lerobot_horizon`), default the task's."""
+    (:func:`lerobot_horizon`), default the task's. With ``args.run_dir`` the run keeps its
+    checkpoints and each checkpoint's rollout results in ``<run_dir>/<label>_<variant>_s<seed>``, so
+    ``args.resume`` picks up an interrupted run where it stopped, in training or in evaluation."""
     from hydra.utils import instantiate
+
+    from jumpflow.io import atomic_write_text
 
     label = label or task_name
 
     cfg = compose_recipe(task_name, args.steps, args.override)
+    horizon = task_horizon(cfg) if horizon is None else int(horizon)
+    variant = peer_variant(args.optim, down_dims, options, horizon if horizon != task_horizon(cfg) else None)
+    run = Path(args.run_dir) / f"{label}_{variant}_s{seed}" if getattr(args, "run_dir", None) else None
+    evals_path = run / "evals.json" if run is not None else None
+    cached = json.loads(evals_path.read_text()) if evals_path is not None and evals_path.is_file() else {}
     task = instantiate(cfg.task)
     if args.env_state_keys:
         task.env_state_keys = args.env_state_keys.split(",")
@@ -551,7 +620,8 @@ def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, op
           f"{total} steps x batch {int(cfg.trainer.batch_size)}, optim {args.optim}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
     trained = train_lerobot_dp(cfg, task, seed, args.optim, down_dims, ckpt_every, keep, log=partial(print, flush=True),
-                               options=options, horizon=horizon)
+                               options=options, horizon=horizon, ckpt_dir=None if run is None else run / "checkpoints",
+                               resume=bool(getattr(args, "resume", False)))
     # episodes run eval_envs at a time (spawned envs, one batched chunk request for all): the test seeds
     # are the rows' (episode i resets with seed 1_000_000 + i); latency is measured apart, at batch 1
     task.eval_envs = args.eval_envs
@@ -564,9 +634,17 @@ def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, op
             for step, state_dict in trained["checkpoints"]:
                 t0 = time.perf_counter()
                 adapter = build_adapter(task, trained, state_dict, sampler, nfe, down_dims)
-                evals.append(evaluate(evaluator, task, adapter, seed))
+                key = f"{sampler}:{nfe}:step{step}:episodes{args.episodes}:limit{limit}"
+                was_cached = key in cached          # rolled out before the run was interrupted
+                if was_cached:
+                    evals.append(cached[key])
+                else:
+                    evals.append(evaluate(evaluator, task, adapter, seed))
+                    if evals_path is not None:
+                        cached[key] = evals[-1]
+                        atomic_write_text(evals_path, json.dumps(cached, indent=1, allow_nan=True))
                 print(f"   {sampler}-{nfe} step {step}: success {evals[-1]['success_rate']:.2f} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                      f"({time.perf_counter() - t0:.0f} s{', cached' if was_cached else ''})", flush=True)
             lat = measure_latency(adapter, task.train_dataset(), args.latency_calls)
             print(f"   {sampler}-{nfe}: latency p50 {lat['latency_ms_p50']:.1f} ms, p95 {lat['latency_ms_p95']:.1f} ms "
                   "per chunk (batch 1)", flush=True)
@@ -601,6 +679,10 @@ def main(argv=None):
     ap.add_argument("--override", action="append", default=[], help="extra hydra override of the recipe")
     ap.add_argument("--style", choices=("ph", "mh"), default="ph",
                     help="demo style: mh trains on human-like demos (task.demo_style=mh), rows labelled <task>_mh")
+    ap.add_argument("--run-dir", default=None,
+                    help="keep each seed's checkpoints (safetensors + JSON) and rollout results in a folder "
+                         "<run-dir>/<task>_<variant>_s<seed>, so that --resume continues an interrupted run")
+    ap.add_argument("--resume", action="store_true", help="continue the runs under --run-dir")
     ap.add_argument("--pad-horizon", action="store_true",
                     help="pad a task's action window to a multiple of LeRobot's UNet downsampling (2 ** "
                          "len(down_dims)) by repeating its last action, as an episode's end is padded")
@@ -626,6 +708,8 @@ def main(argv=None):
     conflict = dp_protocol_conflict(args.protocol, args.override)
     if conflict:
         ap.error(conflict)
+    if args.resume and not args.run_dir:
+        ap.error("--resume continues the runs of a --run-dir: name it")
     if not args.table_only:
         plans = []
         for task_name in tasks:      # every task's keys and horizon checked before the first one trains

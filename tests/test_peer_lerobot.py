@@ -312,3 +312,57 @@ def test_lerobot_trains_and_acts_on_a_padded_window(windows):
     adapter = pl.LeRobotDPAdapter(policy, norm, state_keys, env_keys, N_OBS, N_ACT, horizon=H)
     assert adapter.predict_chunk(obs).shape == (4, H, 7)
     assert adapter.predict_action(obs).shape == (4, N_ACT, 7)
+
+
+class _TinyDP(torch.nn.Module):
+    """Stands in for LeRobot's DiffusionPolicy in training: ``forward(batch) -> (loss, None)`` with a
+    noise draw, so the resumed run must restore the weights, optimiser, EMA and per-step draws."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(9 + 10, 7)          # robot0_* (9) and object (10) of the last step
+
+    def forward(self, batch):
+        cond = torch.cat([batch["observation.state"][:, -1], batch["observation.environment_state"][:, -1]], -1)
+        pred = self.lin(cond) + 0.1 * torch.randn(cond.shape[0], 7)
+        return ((pred - batch["action"][:, 0]) ** 2).mean(), None
+
+
+def _train_tiny(monkeypatch, ds, ckpt_dir, resume=False, stop_at=None, seed=0):
+    monkeypatch.setattr(pl, "make_config", lambda *a, **k: SimpleNamespace())
+    monkeypatch.setattr(pl, "make_policy", lambda config: _TinyDP())
+    cfg = pl.compose_recipe("lift_lowdim", 6, ["trainer.batch_size=4", "trainer.log_every=1"])
+    task = SimpleNamespace(train_dataset=lambda: ds, obs_keys=LOWDIM, action_dim=7, horizon=H, n_obs_steps=N_OBS,
+                           n_action_steps=N_ACT, obs_shapes={k: tuple(v) for k, v in ds.shape_meta()["obs"].items()})
+
+    def log(line):
+        if stop_at is not None and f"step {stop_at}/" in line:
+            raise KeyboardInterrupt(line)
+    return pl.train_lerobot_dp(cfg, task, seed, "jumpflow", (8, 16), ckpt_every=2, keep=5, log=log,
+                               ckpt_dir=ckpt_dir, resume=resume)
+
+
+def test_interrupted_peer_run_resumes_to_the_uninterrupted_weights(windows, tmp_path, monkeypatch):
+    ds, _ = windows
+    whole = _train_tiny(monkeypatch, ds, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        _train_tiny(monkeypatch, ds, tmp_path / "cut", stop_at=5)            # killed after checkpoint 4
+    from jumpflow.checkpoint import checkpoint_paths
+    assert [p.name for p in checkpoint_paths(tmp_path / "cut")] == ["ckpt_000000002.json", "ckpt_000000004.json"]
+    with pytest.raises(ValueError, match="holds checkpoints .*pass --resume"):
+        _train_tiny(monkeypatch, ds, tmp_path / "cut")
+    with pytest.raises(ValueError, match="use another --run-dir"):
+        _train_tiny(monkeypatch, ds, tmp_path / "cut", resume=True, seed=1)
+    resumed = _train_tiny(monkeypatch, ds, tmp_path / "cut", resume=True)
+    assert resumed["resumed_from_step"] == 4 and whole["resumed_from_step"] is None
+    assert [s for s, _ in resumed["checkpoints"]] == [s for s, _ in whole["checkpoints"]] == [2, 4, 6]
+    for (_, a), (_, b) in zip(whole["checkpoints"], resumed["checkpoints"]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)     # the EMA weights
+    assert resumed["losses"] == pytest.approx(whole["losses"], rel=0, abs=0)
+    assert len(resumed["losses"]) == 6 and resumed["train_seconds"] > 0
+
+
+def test_resume_needs_a_run_dir(capsys):
+    with pytest.raises(SystemExit):
+        pl.main(["--tasks", "reach_around_lowdim", "--resume"])
+    assert "--resume continues the runs of a --run-dir: name it" in capsys.readouterr().err
