@@ -48,10 +48,11 @@ padded by repeating its last action to the next multiple, as LeRobot and Diffusi
 episode's end (marked ``action_is_pad``, trained on unless ``--lerobot-option
 do_mask_loss_for_padding=true``: masked, the added steps' outputs would be untrained while the
 sampler still feeds them back through the UNet's convolutions), and the sampler's chunk is cropped
-back to the task's window (variant ``..._pad8``)::
+back to the task's window (variant ``..._pad8``). Such a seed takes hours on a CPU: ``--run-dir`` keeps
+its checkpoints and each checkpoint's rollouts, and ``--resume`` continues where it was stopped::
 
     cd /tmp && OMP_NUM_THREADS=1 /work/venvs/lerobot/bin/python /work/main/bench/peer_lerobot.py \\
-        --tasks block_push_lowdim --seeds 0 --steps 8000 --pad-horizon
+        --tasks block_push_lowdim --seeds 0 --steps 8000 --pad-horizon --run-dir /work/persist/peer_runs --resume
 
 Rows (``objective: lerobot_dp``, ``sampler`` ddpm at 100 NFE and ddim at 10, ``variant`` naming the
 UNet size and optimiser recipe, the fields of jumpflow's rows plus ``params``, ``down_dims``, ``optim``,
