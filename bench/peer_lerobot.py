@@ -332,6 +332,35 @@ def peer_signature(cfg, seed: int, optim: str, down_dims, options: dict | None, 
             "steps": int(cfg.trainer.max_steps), "batch_size": int(cfg.trainer.batch_size)}
 
 
+def padded_horizon(horizon: int, task_horizon: int) -> int | None:
+    """LeRobot's horizon when it pads the task's window (it names the rows' variant), else ``None``."""
+    return None if int(horizon) == int(task_horizon) else int(horizon)
+
+
+def seed_run_dir(run_dir, label: str, variant: str, seed: int) -> Path:
+    """The folder of one seed's checkpoints and rollout results under ``--run-dir``."""
+    return Path(run_dir) / f"{label}_{variant}_s{seed}"
+
+
+def check_run_dir(ckpt_dir, signature: dict, resume: bool, warn=print):
+    """``(path, tensors, meta)`` of the newest valid checkpoint in ``ckpt_dir`` to resume, or ``None``
+    when there is none. Refuses (``ValueError``, one line naming the file) checkpoints without
+    ``resume``, and a checkpoint whose :func:`peer_signature` differs, naming the keys that differ."""
+    from jumpflow.checkpoint import latest_valid_checkpoint
+
+    found = latest_valid_checkpoint(ckpt_dir, warn=warn) if ckpt_dir is not None else None
+    if found is None:
+        return None
+    if not resume:
+        raise ValueError(f"{ckpt_dir} holds checkpoints ({found[0].name}): pass --resume to continue them, "
+                         "or another --run-dir")
+    old = found[2].get("peer") or {}
+    differ = [f"{k} {old.get(k)!r} there, {v!r} now" for k, v in signature.items() if old.get(k) != v]
+    if differ:
+        raise ValueError(f"{found[0]} was trained with other settings ({'; '.join(differ)}): use another --run-dir")
+    return found
+
+
 def _eval_weights(tensors: dict[str, torch.Tensor], has_ema: bool) -> dict[str, torch.Tensor]:
     """The weights a checkpoint's rollouts use: the EMA's averaged module, else the trained model."""
     from jumpflow.checkpoint import unprefixed
@@ -361,7 +390,6 @@ def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: in
     from jumpflow.checkpoint import (
         checkpoint_paths,
         collect_state,
-        latest_valid_checkpoint,
         read_checkpoint,
         restore_state,
         save_checkpoint,
@@ -372,13 +400,7 @@ def train_lerobot_dp(cfg, task, seed: int, optim: str, down_dims, ckpt_every: in
     steps, batch_size = int(tcfg.max_steps), int(tcfg.batch_size)
     horizon = int(task.horizon if horizon is None else horizon)
     signature = peer_signature(cfg, seed, optim, down_dims, options, horizon)
-    found = latest_valid_checkpoint(ckpt_dir, warn=log) if ckpt_dir is not None else None
-    if found is not None and not resume:
-        raise ValueError(f"{ckpt_dir} holds checkpoints ({found[0].name}): pass --resume to continue them, "
-                         "or another --run-dir")
-    if found is not None and found[2].get("peer") != signature:
-        raise ValueError(f"{found[0]} was trained with {found[2].get('peer')}, not {signature}: "
-                         "use another --run-dir")
+    found = check_run_dir(ckpt_dir, signature, resume, warn=log)
     dataset = task.train_dataset()
     normalizer = dataset.get_normalizer()
     state_keys, env_keys = split_obs_keys(task.obs_keys, getattr(task, "env_state_keys", None))
@@ -455,8 +477,8 @@ def build_adapter(task, trained: dict, state_dict, sampler: str, nfe: int, down_
     """A DiffusionPolicy built with noise scheduler ``sampler`` and ``nfe`` inference steps, the
     trained weights loaded (LeRobot's way of changing the sampler), behind :class:`LeRobotDPAdapter`."""
     config = make_config(task.obs_shapes, trained["state_keys"], trained["env_keys"], task.action_dim,
-                         trained.get("horizon", task.horizon), task.n_obs_steps, task.n_action_steps, sampler=sampler, nfe=nfe, down_dims=down_dims,
-                         options=trained.get("options"))
+                         trained.get("horizon", task.horizon), task.n_obs_steps, task.n_action_steps,
+                         sampler=sampler, nfe=nfe, down_dims=down_dims, options=trained.get("options"))
     policy = make_policy(config)
     policy.load_state_dict(state_dict)
     return LeRobotDPAdapter(policy, trained["normalizer"], trained["state_keys"], trained["env_keys"],
@@ -558,8 +580,8 @@ def make_row(task_name: str, seed: int, sampler: str, nfe: int, evals: list[dict
     the max and mean over the checkpoints, mode metrics averaged over them)."""
     last = evals[-1]
     successes = [e["success_rate"] for e in evals]
-    padded = trained.get("horizon")
-    padded = None if padded == trained.get("task_horizon", padded) else padded   # LeRobot's window, when padded
+    padded = None if "horizon" not in trained else padded_horizon(trained["horizon"],
+                                                                   trained.get("task_horizon", trained["horizon"]))
     row = {"task": task_name, "objective": OBJECTIVE,
            "variant": peer_variant(args.optim, down_dims, trained.get("options"), padded),
            "sampler": sampler, "nfe": nfe, "seed": seed, **last, **lat,
@@ -606,10 +628,16 @@ def run_seed(task_name: str, seed: int, args, variants, down_dims, out: Path, op
 
     cfg = compose_recipe(task_name, args.steps, args.override)
     horizon = task_horizon(cfg) if horizon is None else int(horizon)
-    variant = peer_variant(args.optim, down_dims, options, horizon if horizon != task_horizon(cfg) else None)
-    run = Path(args.run_dir) / f"{label}_{variant}_s{seed}" if getattr(args, "run_dir", None) else None
+    variant = peer_variant(args.optim, down_dims, options, padded_horizon(horizon, task_horizon(cfg)))
+    run = seed_run_dir(args.run_dir, label, variant, seed) if getattr(args, "run_dir", None) else None
     evals_path = run / "evals.json" if run is not None else None
-    cached = json.loads(evals_path.read_text()) if evals_path is not None and evals_path.is_file() else {}
+    cached = {}
+    if evals_path is not None and evals_path.is_file():
+        try:
+            cached = json.loads(evals_path.read_text())
+        except ValueError as err:
+            raise ValueError(f"rollout results {evals_path} are unreadable ({err}): delete the file to "
+                             "roll the checkpoints out again") from None
     task = instantiate(cfg.task)
     if args.env_state_keys:
         task.env_state_keys = args.env_state_keys.split(",")
@@ -723,10 +751,17 @@ def main(argv=None):
                 horizon = lerobot_horizon(own, down_dims, args.pad_horizon)
             except ValueError as err:
                 ap.error(f"{task_name}: {err}")
-            plans.append((task_name, label, run_args, horizon, horizon if horizon != own else None))
+            variant = peer_variant(args.optim, down_dims, options, padded_horizon(horizon, own))
+            for seed in map(int, args.seeds.split(",")) if args.run_dir else ():
+                ckpt_dir = seed_run_dir(args.run_dir, label, variant, seed) / "checkpoints"
+                try:        # a run folder that cannot be resumed is refused now, not after the first seeds
+                    check_run_dir(ckpt_dir, peer_signature(cfg, seed, args.optim, down_dims, options, horizon),
+                                  args.resume)
+                except ValueError as err:
+                    ap.error(str(err))
+            plans.append((task_name, label, run_args, horizon, variant))
         _import_lerobot()                                         # fail here, before any work
-        for task_name, label, run_args, horizon, padded in plans:
-            variant = peer_variant(args.optim, down_dims, options, padded)
+        for task_name, label, run_args, horizon, variant in plans:
             for seed in map(int, args.seeds.split(",")):
                 done = {row_key(r) for r in load_rows(out)}
                 if args.overwrite or not all((label, OBJECTIVE, variant, s, n, seed) in done

@@ -351,7 +351,8 @@ def test_interrupted_peer_run_resumes_to_the_uninterrupted_weights(windows, tmp_
     assert [p.name for p in checkpoint_paths(tmp_path / "cut")] == ["ckpt_000000002.json", "ckpt_000000004.json"]
     with pytest.raises(ValueError, match="holds checkpoints .*pass --resume"):
         _train_tiny(monkeypatch, ds, tmp_path / "cut")
-    with pytest.raises(ValueError, match="use another --run-dir"):
+    with pytest.raises(ValueError, match=r"ckpt_000000004.json was trained with other settings \(seed 0 there, "
+                                         r"1 now\): use another --run-dir"):
         _train_tiny(monkeypatch, ds, tmp_path / "cut", resume=True, seed=1)
     resumed = _train_tiny(monkeypatch, ds, tmp_path / "cut", resume=True)
     assert resumed["resumed_from_step"] == 4 and whole["resumed_from_step"] is None
@@ -366,3 +367,21 @@ def test_resume_needs_a_run_dir(capsys):
     with pytest.raises(SystemExit):
         pl.main(["--tasks", "reach_around_lowdim", "--resume"])
     assert "--resume continues the runs of a --run-dir: name it" in capsys.readouterr().err
+
+
+def test_peer_refuses_a_run_folder_it_cannot_resume_before_any_work(tmp_path, capsys):
+    from jumpflow.checkpoint import save_checkpoint
+    ckpt_dir = pl.seed_run_dir(tmp_path / "runs", "lift_lowdim", "unet64-128-256", 0) / "checkpoints"
+    save_checkpoint(ckpt_dir, 100, {"model.w": torch.zeros(1)}, {"peer": {"seed": 0}})
+    out = tmp_path / "policy.json"
+    common = ["--tasks", "lift_lowdim", "--seeds", "0", "--run-dir", str(tmp_path / "runs"), "--out", str(out),
+              "--data", str(tmp_path / "no_data")]
+    with pytest.raises(SystemExit):
+        pl.main(common)
+    assert f"{ckpt_dir} holds checkpoints (ckpt_000000100.json): pass --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pl.main([*common, "--resume"])
+    err = capsys.readouterr().err
+    assert "ckpt_000000100.json was trained with other settings (" in err and "steps None there, 1000 now" in err
+    assert not out.exists() and not (tmp_path / "no_data").exists()
+    assert pl.padded_horizon(8, 2) == 8 and pl.padded_horizon(16, 16) is None
